@@ -1,0 +1,158 @@
+"""``swquant`` command line: run a quantization job locally with a progress bar per block."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from quant_core.engine import BlockRecord
+from quant_core.errors import CancelledError, ConfigError
+from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.lightcompress_config import read_lightcompress
+from quant_core.losses import LOSSES
+from quant_core.methods import METHODS
+from quant_core.pipeline import REPORT_NAME, JobHooks, run_job
+from quant_core.quantizer import QuantSpec
+
+DEFAULTS: dict[str, Any] = {
+    "method": "omniquant",
+    "bits": 4,
+    "group_size": 128,
+    "symmetric": False,
+    "loss": "mse",
+    "calib": "austen",
+    "n_samples": 128,
+    "seq_len": 512,
+    "eval": ["persuasion"],
+    "eval_seq_len": None,
+    "eval_max_windows": None,
+    "seed": 0,
+    "device": "cpu",
+}
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``name=value`` with the value read as YAML, so numbers, null and mappings come typed."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), yaml.safe_load(value)
+
+
+PER_CHANNEL = 0
+
+
+def _group_size(text: str) -> int:
+    """``0``, ``-1`` or ``none`` mean per-channel (one scale per output row), kept as 0 until the spec."""
+    if text.lower() in ("0", "-1", "none", "per-channel"):
+        return PER_CHANNEL
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swquant", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    q = commands.add_parser("quantize", help="quantize a model locally and write DIR/model and DIR/report.json")
+    # Defaults are None so that flags given on the command line override a --config file.
+    q.add_argument("--config", type=Path, help="LightCompress-style YAML; command-line flags override it")
+    q.add_argument("--model", help="Hugging Face directory (safetensors) or hub id")
+    q.add_argument("--method", choices=sorted(METHODS))
+    q.add_argument("--bits", type=int)
+    q.add_argument("--group-size", type=_group_size, help="columns per scale; 0 or -1 for per-channel")
+    q.add_argument("--symmetric", action="store_true", default=None)
+    q.add_argument("--loss", choices=list(LOSSES))
+    q.add_argument("--loss-opt", type=_key_value, action="append", default=[], metavar="NAME=VALUE")
+    q.add_argument("--method-opt", type=_key_value, action="append", default=[], metavar="NAME=VALUE")
+    q.add_argument("--calib", help="bundled corpus (austen) or text file")
+    q.add_argument("--n-samples", type=int)
+    q.add_argument("--seq-len", type=int)
+    q.add_argument("--eval", action="append", help="bundled corpus (persuasion) or text file; repeatable")
+    q.add_argument("--eval-seq-len", type=int)
+    q.add_argument("--eval-max-windows", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--device", help="cpu, cuda or cuda:N")
+    q.add_argument("--out", type=Path, help="output directory (default: the config's save_path)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the config file, then explicit flags."""
+    settings = dict(DEFAULTS, loss_options={}, method_options={})
+    if args.config is not None:
+        settings.update(read_lightcompress(args.config))
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    settings["loss_options"] = {**settings["loss_options"], **dict(args.loss_opt)}
+    settings["method_options"] = {**settings["method_options"], **dict(args.method_opt)}
+    if args.model is not None:
+        settings["model"] = args.model
+    if args.out is not None:
+        settings["save_path"] = str(args.out)
+    for required in ("model", "save_path"):
+        if not settings.get(required):
+            raise ConfigError(f"--{'out' if required == 'save_path' else required} is required", required)
+    return settings
+
+
+def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
+    return JobSpec(
+        model=settings["model"],
+        quant=QuantSpec(
+            bits=settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"] or None
+        ),
+        method=settings["method"],
+        method_options=settings["method_options"],
+        loss=settings["loss"],
+        loss_options=settings["loss_options"],
+        calib=CalibSpec(text=settings["calib"], n_samples=settings["n_samples"], seq_len=settings["seq_len"]),
+        eval=EvalSpec(
+            texts=tuple(settings["eval"]),
+            seq_len=settings["eval_seq_len"],
+            max_windows=settings["eval_max_windows"],
+        ),
+        seed=settings["seed"],
+        device=settings["device"],
+    )
+
+
+def quantize(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    spec = spec_from_settings(settings)
+    out_dir = Path(settings["save_path"])
+    bar = tqdm(desc="blocks", unit="block", dynamic_ncols=True)
+
+    def on_block(record: BlockRecord) -> None:
+        bar.total = record.num_blocks
+        bar.set_postfix(loss=f"{record.loss_before:.4g}->{record.loss_after:.4g}", s=f"{record.seconds:.1f}")
+        bar.update(1)
+
+    report = run_job(spec, out_dir, JobHooks(on_block=on_block, on_stage=lambda m: tqdm.write(f"• {m}")))
+    bar.close()
+    for name, ppl in report["perplexity"].items():
+        print(f"perplexity {name}: {ppl['before']:.3f} -> {ppl['after']:.3f}")
+    print(f"calibration {report['seconds']['calibration']:.1f}s, peak host memory {report['peak_host_mb']:.0f} MiB")
+    print(f"wrote {report['model_dir']} and {out_dir / REPORT_NAME}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return quantize(args)
+    except ConfigError as exc:
+        print(f"swquant: error: {exc}", file=sys.stderr)
+        return 2
+    except CancelledError as exc:
+        print(f"swquant: {exc}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

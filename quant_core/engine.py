@@ -1,0 +1,201 @@
+"""The blockwise calibration engine: capture block-0 inputs, then quantize blocks in order.
+
+For each block the engine computes the full-precision target (fp block on the fp chain's inputs),
+lets the method calibrate the block on the quantized chain's inputs, and feeds the quantized output
+forward as the next block's input, as OmniQuant and GPTQ do. The engine never knows a method's math;
+a method never sees more than one block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from quant_core.errors import CancelledError
+from quant_core.losses import Loss, mse
+from quant_core.methods.base import BlockData, QuantMethod, rtn_weights
+from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
+
+
+@dataclass
+class BlockRecord:
+    """What happened to one block: losses with round-to-nearest (before) and after calibration."""
+
+    index: int
+    num_blocks: int
+    loss_before: float
+    loss_after: float
+    mse_before: float
+    mse_after: float
+    seconds: float
+    peak_host_mb: float
+    peak_device_mb: float | None
+    method_stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering block 0 and the keyword arguments the model passes every block."""
+
+    hidden: Tensor
+    kwargs: dict[str, Any]
+
+
+class _InputsCaptured(Exception):
+    """Raised by the capture hook to stop the model's forward right at block 0."""
+
+
+def to_device(obj: Any, device: str | torch.device) -> Any:
+    """Move every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, windows: Tensor, device: str) -> BlockInputs:
+    """Run the model on each window until block 0 and keep what block 0 receives.
+
+    One window per call, so batch-shaped keyword arguments (masks) have batch size 1 and broadcast
+    over any calibration batch later. Whatever the installed transformers passes (causal mask, rotary
+    ``position_embeddings``, ``position_ids``, cache flags) is kept as is.
+    """
+    blocks = find_decoder_blocks(model)
+    move_outside_blocks(model, blocks, device)
+    hidden: list[Tensor] = []
+    captured_kwargs: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        if not captured_kwargs:
+            captured_kwargs.update(kwargs)
+        raise _InputsCaptured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for window in windows:
+            with contextlib.suppress(_InputsCaptured):
+                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        handle.remove()
+    captured_kwargs["use_cache"] = False
+    return BlockInputs(torch.cat(hidden), captured_kwargs)
+
+
+def run_block(
+    block: nn.Module, hidden: Tensor, kwargs: Mapping[str, Any], overrides: Mapping[str, Tensor] | None = None
+) -> Tensor:
+    """One block forward; ``overrides`` replaces parameters by name without touching the module."""
+    out = functional_call(block, dict(overrides), (hidden,), dict(kwargs)) if overrides else block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def run_block_batched(
+    block: nn.Module,
+    hidden: Tensor,
+    kwargs: Mapping[str, Any],
+    batch_size: int,
+    overrides: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    return torch.cat([run_block(block, h, kwargs, overrides) for h in hidden.split(batch_size)])
+
+
+def _batched_loss(loss: Loss, outputs: Tensor, targets: Tensor, batch_size: int, seed: int) -> float:
+    """Sample-weighted mean of the loss over batches; reseeded so before/after see the same draws."""
+    loss.reseed(seed)
+    pairs = zip(outputs.split(batch_size), targets.split(batch_size), strict=True)
+    total = sum(loss(o, t).item() * o.shape[0] for o, t in pairs)
+    return total / outputs.shape[0]
+
+
+def _mse(outputs: Tensor, targets: Tensor) -> float:
+    return mse(outputs.float(), targets.float()).item()
+
+
+def peak_host_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def calibrate_blocks(
+    model: nn.Module,
+    windows: Tensor,
+    method: QuantMethod,
+    eval_loss: Loss,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    forward_batch_size: int = 8,
+    on_block: Callable[[BlockRecord], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> list[BlockRecord]:
+    """Quantize every decoder block of ``model`` in place and return one record per block.
+
+    ``eval_loss`` measures each block before (round-to-nearest weights) and after calibration with
+    fixed random draws; the method trains with its own loss object. ``should_cancel`` is checked
+    between blocks, so a cancelled run never leaves a half-quantized block behind.
+    """
+    model.eval()
+    blocks = find_decoder_blocks(model)
+    captured = capture_block_inputs(model, windows, device)
+    kwargs = captured.kwargs
+    fp_inputs, q_inputs = captured.hidden, captured.hidden.clone()
+    records: list[BlockRecord] = []
+    for index, block in enumerate(blocks):
+        if should_cancel is not None and should_cancel():
+            raise CancelledError(f"cancelled before block {index}")
+        started = time.perf_counter()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        block.to(device).eval().requires_grad_(False)
+        block_seed = seed + index
+        targets = run_block_batched(block, fp_inputs, kwargs, forward_batch_size)
+        before = run_block_batched(block, q_inputs, kwargs, forward_batch_size, rtn_weights(block, method.spec))
+        loss_before = _batched_loss(eval_loss, before, targets, forward_batch_size, block_seed)
+        mse_before = _mse(before, targets)
+        del before
+        method.loss.reseed(block_seed)
+        data = BlockData(
+            index=index,
+            inputs=q_inputs,
+            targets=targets,
+            forward=lambda h, overrides, block=block: run_block(block, h, kwargs, overrides),
+            generator=torch.Generator().manual_seed(block_seed),
+        )
+        stats = method.calibrate(block, data)
+        q_outputs = run_block_batched(block, q_inputs, kwargs, forward_batch_size)
+        record = BlockRecord(
+            index=index,
+            num_blocks=len(blocks),
+            loss_before=loss_before,
+            loss_after=_batched_loss(eval_loss, q_outputs, targets, forward_batch_size, block_seed),
+            mse_before=mse_before,
+            mse_after=_mse(q_outputs, targets),
+            seconds=time.perf_counter() - started,
+            peak_host_mb=peak_host_mb(),
+            peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
+            method_stats=stats,
+        )
+        block.to("cpu")
+        fp_inputs, q_inputs = targets, q_outputs
+        records.append(record)
+        if on_block is not None:
+            on_block(record)
+    return records

@@ -1,0 +1,102 @@
+"""A quantization job's settings: one validated description shared by the CLI, the report and the service."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quant_core.errors import ConfigError
+from quant_core.losses import BLOCK_SIZE_ERROR, Loss, build_loss
+from quant_core.methods import QuantMethod, build_method
+from quant_core.quantizer import QuantSpec
+
+
+@contextmanager
+def registry_fields(name_field: str, options_field: str) -> Iterator[None]:
+    """Place a registry's ConfigError under the job's field names.
+
+    Registries report an unknown name as field ``method`` and a bad option by its bare name; in a job
+    those are ``loss``/``method`` and ``loss_options.<name>``/``method_options.<name>``.
+    """
+    try:
+        yield
+    except ConfigError as exc:
+        field_name = name_field if exc.field == "method" else f"{options_field}.{exc.field}"
+        raise ConfigError(str(exc), field_name) from exc
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer", name)
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data: a bundled corpus name or a text file, cut into seeded random windows."""
+
+    text: str = "austen"
+    n_samples: int = 128
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        _positive_int(self.n_samples, "calib.n_samples")
+        _positive_int(self.seq_len, "calib.seq_len")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Perplexity evaluation: texts, window length (default: the calibration length), optional cap."""
+
+    texts: tuple[str, ...] = ("persuasion",)
+    seq_len: int | None = None
+    max_windows: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.seq_len is not None:
+            _positive_int(self.seq_len, "eval.seq_len")
+        if self.max_windows is not None:
+            _positive_int(self.max_windows, "eval.max_windows")
+        _positive_int(self.batch_size, "eval.batch_size")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything that determines a quantization run; with the seed, it fixes the result."""
+
+    model: str
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    method: str = "omniquant"
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    loss: str = "mse"
+    loss_options: Mapping[str, Any] = field(default_factory=dict)
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    seed: int = 0
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError("seed must be an integer", "seed")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
+        block_size = self.loss_options.get("sw_block_size")
+        if isinstance(block_size, int) and block_size > 0 and self.calib.seq_len % block_size:
+            raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")
+        self.build_method()
+
+    def build_loss(self) -> Loss:
+        """The training loss; its direction draws are seeded by the job seed unless set explicitly."""
+        with registry_fields("loss", "loss_options"):
+            return build_loss(self.loss, **{"seed": self.seed, **self.loss_options})
+
+    def build_method(self) -> QuantMethod:
+        loss = self.build_loss()
+        with registry_fields("method", "method_options"):
+            return build_method(self.method, self.quant, loss, self.method_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,83 @@
+"""Reading a LightCompress (llmc) YAML config into our job settings, so existing configs run as is.
+
+Mapped: ``model.path``, ``calib.path/n_samples/seq_len/seed``, ``eval.path/seq_len/bs``,
+``quant.method``, ``quant.weight.bit/symmetric/granularity/group_size``, ``quant.special.loss_method``,
+``quant.special.loss_kwargs`` and OmniQuant's ``epochs``, ``lwc_lr``, ``wd``, ``batch_size``.
+Switches that only matter to llmc's own runtime are accepted and ignored; anything that would
+silently change the algorithm (``let: True``, ``lwc: False``) is refused with the field named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quant_core.errors import ConfigError
+
+_SPECIAL_TO_OPTION = {"epochs": "epochs", "lwc_lr": "lr", "wd": "weight_decay", "batch_size": "batch_size"}
+_IGNORED_SPECIAL = {"aug_loss", "let_lr", "use_shift", "alpha", "deactive_amp", "search_clip_init"}
+_REQUIRED_SPECIAL = {"lwc": True, "let": False}
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    value = config.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping", name)
+    return value
+
+
+def read_lightcompress(path: Path) -> dict[str, Any]:
+    """Keyword settings (the CLI's names) found in an llmc YAML file; absent keys are left out."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc}", "config") from exc
+    if not isinstance(config, dict):
+        raise ConfigError("config: the YAML file must hold a mapping", "config")
+    model, calib, evaluation = _section(config, "model"), _section(config, "calib"), _section(config, "eval")
+    quant = _section(config, "quant")
+    weight, special = _section(quant, "weight"), _section(quant, "special")
+    settings: dict[str, Any] = {}
+    for key, value in (
+        ("model", model.get("path")),
+        ("calib", calib.get("path")),
+        ("n_samples", calib.get("n_samples")),
+        ("seq_len", calib.get("seq_len")),
+        ("seed", calib.get("seed")),
+        ("eval_seq_len", evaluation.get("seq_len")),
+        ("method", str(quant["method"]).lower() if "method" in quant else None),
+        ("bits", weight.get("bit")),
+        ("symmetric", weight.get("symmetric")),
+        ("loss", special.get("loss_method")),
+        ("save_path", _section(config, "save").get("save_path")),
+    ):
+        if value is not None:
+            settings[key] = value
+    if evaluation.get("path") is not None:
+        settings["eval"] = [evaluation["path"]]
+    if weight.get("granularity") == "per_channel":
+        settings["group_size"] = None
+    elif "group_size" in weight:
+        settings["group_size"] = weight["group_size"]
+    settings["loss_options"] = dict(special.get("loss_kwargs") or {})
+    settings["method_options"] = _method_options(special)
+    return settings
+
+
+def _method_options(special: dict[str, Any]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in special.items():
+        if key in ("loss_method", "loss_kwargs") or key in _IGNORED_SPECIAL:
+            continue
+        if key in _REQUIRED_SPECIAL:
+            if value != _REQUIRED_SPECIAL[key]:
+                raise ConfigError(
+                    f"quant.special.{key}: only {key}: {_REQUIRED_SPECIAL[key]} is supported", f"quant.special.{key}"
+                )
+            continue
+        if key not in _SPECIAL_TO_OPTION:
+            raise ConfigError(f"quant.special.{key} is not a recognised setting", f"quant.special.{key}")
+        options[_SPECIAL_TO_OPTION[key]] = value
+    return options

@@ -1,0 +1,93 @@
+"""What a quantization method is: a small object that calibrates one block at a time.
+
+The engine owns the data flow (capturing inputs, running blocks in order, feeding outputs forward);
+a method only sees one block and its calibration data, and leaves fake-quantized weights in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from quant_core.errors import ConfigError
+from quant_core.losses import Loss
+from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.quantizer import QuantSpec, fake_quantize
+
+# Runs the block on a batch of inputs, optionally with some parameters replaced (by full name).
+BlockForward = Callable[[Tensor, Mapping[str, Tensor] | None], Tensor]
+
+
+@dataclass
+class BlockData:
+    """One block's calibration data, as the engine hands it to a method."""
+
+    index: int
+    inputs: Tensor  # outputs of the already-quantized previous blocks, [n, seq, hidden]
+    targets: Tensor  # full-precision block applied to full-precision inputs, [n, seq, hidden]
+    forward: BlockForward
+    generator: torch.Generator  # seeded per block, for shuffling and any other draw
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Base for a method's options; subclasses add fields with defaults."""
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> MethodOptions:
+        valid = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in valid:
+                listed = ", ".join(valid) if valid else "none"
+                raise ConfigError(f"Unknown method option: {name}. Valid options: {listed}", name)
+        return cls(**options)
+
+
+class QuantMethod:
+    """Base class: ``calibrate`` fits the method on one block and writes quantized weights into it."""
+
+    name: ClassVar[str]
+    options_type: ClassVar[type[MethodOptions]] = MethodOptions
+
+    def __init__(self, spec: QuantSpec, loss: Loss, options: MethodOptions) -> None:
+        self.spec, self.loss, self.options = spec, loss, options
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        """Quantize ``block`` in place; return method-specific statistics for the report."""
+        raise NotImplementedError
+
+
+def rtn_weights(block: nn.Module, spec: QuantSpec) -> dict[str, Tensor]:
+    """Round-to-nearest weights of every linear in the block, by parameter name, in storage layout."""
+    return {
+        f"{name}.weight": stored_layout(layer, fake_quantize(weight_matrix(layer).detach(), spec))
+        for name, layer in quantizable_linears(block).items()
+    }
+
+
+def write_weights(block: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """Copy new values into the block's parameters, keeping each parameter's dtype."""
+    params = dict(block.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+METHODS: dict[str, type[QuantMethod]] = {}
+
+
+def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(name: str, spec: QuantSpec, loss: Loss, options: Mapping[str, Any] | None = None) -> QuantMethod:
+    """The method registered as ``name`` with validated options."""
+    if name not in METHODS:
+        raise ConfigError(f"Unknown quantization method: {name}. Valid methods: {', '.join(METHODS)}", "method")
+    cls = METHODS[name]
+    return cls(spec, loss, cls.options_type.from_dict(options or {}))

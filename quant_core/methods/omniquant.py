@@ -1,0 +1,104 @@
+"""OmniQuant's learnable weight clipping (LWC), with any alignment loss.
+
+Shao et al., "OmniQuant: Omnidirectionally Calibrated Quantization for LLMs" (ICLR 2024), Sec. 3.2:
+each output channel (or group) gets two learnable factors that shrink the weight range before
+rounding, ``low * sigmoid(gamma)`` and ``high * sigmoid(beta)``. They are trained with AdamW so that
+the quantized block's output matches the full-precision target under the chosen loss, with
+straight-through rounding. Here each factor is ``sigmoid(theta) / sigmoid(theta0)`` so training starts
+at exactly the full range (round-to-nearest) and keeps the sigmoid's useful gradient around theta0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quant_core.errors import ConfigError
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.quantizer import fake_quantize, num_groups
+
+
+@dataclass(frozen=True)
+class OmniQuantOptions(MethodOptions):
+    """``epochs=None`` picks the paper's schedule: 40 epochs at 2 bits, 20 above."""
+
+    epochs: int | None = None
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 1
+    init_logit: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
+            raise ConfigError("epochs must be a non-negative integer", "epochs")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError("batch_size must be a positive integer", "batch_size")
+        for name in ("lr", "weight_decay", "init_logit"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number", name)
+        if self.lr <= 0 or self.weight_decay < 0:
+            bad = "lr" if self.lr <= 0 else "weight_decay"
+            raise ConfigError("lr must be positive and weight_decay non-negative", bad)
+
+
+@register_method
+class OmniQuant(QuantMethod):
+    name = "omniquant"
+    options_type = OmniQuantOptions
+    options: OmniQuantOptions
+
+    @property
+    def epochs(self) -> int:
+        if self.options.epochs is not None:
+            return self.options.epochs
+        return 40 if self.spec.bits <= 2 else 20
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        layers = quantizable_linears(block)
+        weights = {name: weight_matrix(layer).detach() for name, layer in layers.items()}
+        logits = {name: self._initial_logits(w) for name, w in weights.items()}
+        optimizer = torch.optim.AdamW(
+            [t for pair in logits.values() for t in pair], lr=self.options.lr, weight_decay=self.options.weight_decay
+        )
+        epoch_losses: list[float] = []
+        n = data.inputs.shape[0]
+        for _ in range(self.epochs):
+            total = 0.0
+            for idx in torch.randperm(n, generator=data.generator).split(self.options.batch_size):
+                idx = idx.to(data.inputs.device)
+                overrides = {
+                    f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=True))
+                    for name in layers
+                }
+                loss = self.loss(data.forward(data.inputs[idx], overrides), data.targets[idx])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"OmniQuant loss became {loss.item()} in block {data.index}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * idx.numel()
+            epoch_losses.append(total / n)
+        with torch.no_grad():
+            final = {
+                f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=False))
+                for name in layers
+            }
+        write_weights(block, final)
+        return {"epochs": self.epochs, "epoch_losses": epoch_losses}
+
+    def _initial_logits(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (weight.shape[0], num_groups(weight.shape[1], self.spec.group_size), 1)
+        init = torch.full(shape, float(self.options.init_logit), device=weight.device, dtype=torch.float32)
+        return init.clone().requires_grad_(True), init.clone().requires_grad_(True)
+
+    def _clipped(self, weight: Tensor, low_logit: Tensor, high_logit: Tensor, ste: bool) -> Tensor:
+        reference = torch.sigmoid(torch.tensor(float(self.options.init_logit)))
+        low = torch.sigmoid(low_logit) / reference
+        high = torch.sigmoid(high_logit) / reference
+        return fake_quantize(weight.float(), self.spec, low, high, ste=ste).to(weight.dtype)

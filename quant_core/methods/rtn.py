@@ -1,0 +1,18 @@
+"""Round-to-nearest: every weight to its nearest grid point. The baseline every method must beat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from quant_core.methods.base import BlockData, QuantMethod, register_method, rtn_weights, write_weights
+
+
+@register_method
+class RTN(QuantMethod):
+    name = "rtn"
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        write_weights(block, rtn_weights(block, self.spec))
+        return {}

@@ -1,0 +1,40 @@
+"""Loading decoder models safely and saving the fake-quantized result.
+
+Only safetensors weights are read (a pickle checkpoint can run code when unpickled), and remote code
+stays off unless the caller explicitly allows it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from quant_core.errors import ConfigError
+
+
+def load_model(
+    source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local directory or a hub id (safetensors only)."""
+    path = Path(source).expanduser()
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise ConfigError(f"model: {source} holds no .safetensors weights (pickled weights are refused)", "model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model: cannot load '{source}': {exc}", "model") from exc
+    return model, tokenizer
+
+
+def save_fake_quant(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """Write a Hugging Face directory (safetensors, config, tokenizer) holding dequantized weights."""
+    target = out_dir / "model"
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target

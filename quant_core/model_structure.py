@@ -1,0 +1,70 @@
+"""Finding the parts of a Hugging Face decoder that blockwise calibration works on.
+
+Architectures name their block list differently (``model.layers`` for Llama/Qwen2/Mistral/Gemma3/
+Phi-3, ``model.decoder.layers`` for OPT, ``transformer.h`` for GPT-2), so the list is found by its
+shape (a ``ModuleList`` with one entry per hidden layer) rather than by a table of names.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from quant_core.errors import ConfigError
+
+LinearLike = nn.Linear | Conv1D
+
+
+def num_hidden_layers(model: nn.Module) -> int:
+    config = model.config.get_text_config()
+    return int(config.num_hidden_layers)
+
+
+def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder's block list: the shallowest ``ModuleList`` holding ``num_hidden_layers`` blocks."""
+    expected = num_hidden_layers(model)
+    candidates = [
+        (name.count("."), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == expected and _has_linears(module[0])
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"Cannot find the decoder blocks of {type(model).__name__}: no list of {expected} blocks", "model"
+        )
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def _has_linears(module: nn.Module) -> bool:
+    return any(isinstance(m, LinearLike) for m in module.modules())
+
+
+def quantizable_linears(block: nn.Module) -> dict[str, LinearLike]:
+    """Every linear layer of a block by its name inside the block (weights to quantize)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, LinearLike)}
+
+
+def weight_matrix(layer: LinearLike) -> Tensor:
+    """The weight as ``[out, in]`` whatever the layer's storage (GPT-2's Conv1D stores ``[in, out]``)."""
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def stored_layout(layer: LinearLike, matrix: Tensor) -> Tensor:
+    """Convert an ``[out, in]`` matrix back to the layer's own storage layout."""
+    return matrix.t() if isinstance(layer, Conv1D) else matrix
+
+
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: str) -> None:
+    """Move every parameter and buffer that is not inside a decoder block to ``device``.
+
+    The embeddings, rotary tables and final norm are small and needed to compute block-0 inputs; the
+    blocks stay where they are and visit the compute device one at a time.
+    """
+    inside = {id(m) for m in blocks.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)

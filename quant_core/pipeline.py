@@ -1,0 +1,126 @@
+"""One whole quantization job: load, measure, calibrate, measure again, save the model and a report.
+
+This is the plain function the CLI calls and the service's worker wraps; it knows nothing of either.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import quant_core
+from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
+from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
+from quant_core.job import JobSpec
+from quant_core.model_io import load_model, save_fake_quant
+from quant_core.perplexity import perplexity
+
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class JobHooks:
+    """How a caller follows and steers a run: per-block progress, stage messages, cancellation."""
+
+    on_block: Callable[[BlockRecord], None] | None = None
+    on_stage: Callable[[str], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+    def stage(self, message: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(message)
+
+
+def library_versions() -> dict[str, str]:
+    return {
+        "swquant": quant_core.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_job(spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None) -> dict[str, Any]:
+    """Run ``spec`` and write ``out_dir/model`` (fake-quant HF directory) and ``out_dir/report.json``."""
+    hooks = hooks or JobHooks()
+    started = time.perf_counter()
+    method = spec.build_method()
+    eval_loss = spec.build_loss()
+    calib_path = resolve_text(spec.calib.text, "calib.text")
+    eval_paths = {name: resolve_text(name, "eval.texts") for name in spec.eval.texts}
+    torch.manual_seed(spec.seed)
+
+    hooks.stage(f"loading {spec.model}")
+    model, tokenizer = load_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    windows = calibration_windows(
+        tokenize_file(tokenizer, calib_path), spec.calib.n_samples, spec.calib.seq_len, spec.seed
+    )
+    eval_seq_len = spec.eval.seq_len or spec.calib.seq_len
+    eval_sets = {
+        name: evaluation_windows(tokenize_file(tokenizer, path), eval_seq_len, spec.eval.max_windows)
+        for name, path in eval_paths.items()
+    }
+
+    def evaluate() -> dict[str, float]:
+        model.to(spec.device)
+        scores = {name: perplexity(model, w, spec.eval.batch_size, spec.device) for name, w in eval_sets.items()}
+        model.to("cpu")
+        return scores
+
+    hooks.stage("evaluating the full-precision model")
+    eval_started = time.perf_counter()
+    ppl_before = evaluate()
+    eval_seconds = time.perf_counter() - eval_started
+
+    hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
+    calib_started = time.perf_counter()
+    records = calibrate_blocks(
+        model,
+        windows,
+        method,
+        eval_loss,
+        device=spec.device,
+        seed=spec.seed,
+        on_block=hooks.on_block,
+        should_cancel=hooks.should_cancel,
+    )
+    calib_seconds = time.perf_counter() - calib_started
+
+    hooks.stage("evaluating the quantized model")
+    eval_started = time.perf_counter()
+    ppl_after = evaluate()
+    eval_seconds += time.perf_counter() - eval_started
+
+    hooks.stage(f"saving to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = save_fake_quant(model, tokenizer, out_dir)
+    report = {
+        "spec": spec.to_dict(),
+        "quant_label": spec.quant.label,
+        "seed": spec.seed,
+        "calibration_tokens": int(windows.numel()),
+        "eval_seq_len": eval_seq_len,
+        "eval_windows": {name: int(w.shape[0]) for name, w in eval_sets.items()},
+        "perplexity": {name: {"before": ppl_before[name], "after": ppl_after[name]} for name in eval_sets},
+        "blocks": [r.to_dict() for r in records],
+        "seconds": {
+            "calibration": calib_seconds,
+            "evaluation": eval_seconds,
+            "total": time.perf_counter() - started,
+        },
+        "peak_host_mb": peak_host_mb(),
+        "peak_device_mb": max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None,
+        "device": spec.device,
+        "versions": library_versions(),
+        "model_dir": str(model_dir),
+    }
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    return report
