@@ -151,7 +151,6 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     # The weights are plain fp32 now; without this the saved config would claim GGUF
     # quantization and the reload would look for a .gguf file.
     model.hf_quantizer = None
-    model.config.quantization_config = None
     del model.config.quantization_config
     if hasattr(model.config, "_model_name_or_path"):
         del model.config._model_name_or_path  # GGUF "general.name" metadata, not a config field

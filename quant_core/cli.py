@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,11 @@ def _key_value(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads "5e-2" as a string; users mean a number
+        with contextlib.suppress(ValueError):
+            parsed = float(parsed)
+    return name.strip(), parsed
 
 
 PER_CHANNEL = 0
@@ -126,15 +131,17 @@ def quantize(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     spec = spec_from_settings(settings)
     out_dir = Path(settings["save_path"])
-    bar = tqdm(desc="blocks", unit="block", dynamic_ncols=True)
+    bars: list[tqdm] = []
 
     def on_block(record: BlockRecord) -> None:
-        bar.total = record.num_blocks
-        bar.set_postfix(loss=f"{record.loss_before:.4g}->{record.loss_after:.4g}", s=f"{record.seconds:.1f}")
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=record.num_blocks, desc="blocks", unit="block", dynamic_ncols=True))
+        bars[0].set_postfix(loss=f"{record.loss_before:.4g}->{record.loss_after:.4g}", s=f"{record.seconds:.1f}")
+        bars[0].update(1)
+        if record.index + 1 == record.num_blocks:
+            bars[0].close()
 
     report = run_job(spec, out_dir, JobHooks(on_block=on_block, on_stage=lambda m: tqdm.write(f"• {m}")))
-    bar.close()
     for name, ppl in report["perplexity"].items():
         print(f"perplexity {name}: {ppl['before']:.3f} -> {ppl['after']:.3f}")
     print(f"calibration {report['seconds']['calibration']:.1f}s, peak host memory {report['peak_host_mb']:.0f} MiB")
@@ -147,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return quantize(args)
     except ConfigError as exc:
-        print(f"swquant: error: {exc}", file=sys.stderr)
+        where = f"{exc.field}: " if exc.field and not str(exc).startswith(exc.field) else ""
+        print(f"swquant: error: {where}{exc}", file=sys.stderr)
         return 2
     except CancelledError as exc:
         print(f"swquant: {exc}", file=sys.stderr)

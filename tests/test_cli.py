@@ -1,0 +1,158 @@
+"""The ``swquant quantize`` command end to end on a tiny saved model, and its configuration errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quant_core.cli import main
+from quant_core.errors import ConfigError
+from quant_core.job import CalibSpec, JobSpec
+from quant_core.lightcompress_config import read_lightcompress
+from quant_core.model_io import load_model
+
+SMALL = ["--n-samples", "4", "--seq-len", "32", "--eval-max-windows", "3", "--bits", "3", "--group-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("omni")
+    argv = [
+        "quantize",
+        "--model",
+        str(tiny_llama_dir),
+        "--method",
+        "omniquant",
+        "--loss",
+        "mse_sw",
+        "--loss-opt",
+        "sw_num_projections=8",
+        "--method-opt",
+        "epochs=1",
+        "--out",
+        str(out),
+        *SMALL,
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_report_holds_settings_blocks_perplexity_and_versions(quantized: Path) -> None:
+    report = json.loads((quantized / "report.json").read_text())
+    assert report["spec"]["method"] == "omniquant" and report["spec"]["loss"] == "mse_sw"
+    assert report["spec"]["loss_options"] == {"sw_num_projections": 8}
+    assert report["seed"] == 0 and report["calibration_tokens"] == 4 * 32
+    assert [b["index"] for b in report["blocks"]] == [0, 1]
+    assert all(b["loss_before"] > 0 and b["seconds"] > 0 for b in report["blocks"])
+    ppl = report["perplexity"]["persuasion"]
+    assert ppl["before"] > 1 and ppl["after"] > 1
+    assert {"torch", "transformers", "swquant", "python"} <= set(report["versions"])
+    assert report["peak_host_mb"] > 0
+
+
+def test_saved_model_loads_with_transformers_and_reproduces_the_reported_perplexity(quantized: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(quantized / "model", dtype=torch.float32)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    levels = torch.tensor([g.unique().numel() for g in weight.reshape(-1, 32)])
+    assert (levels <= 8).all()  # 3 bits: each group of 32 holds at most 8 distinct values
+    from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
+    from quant_core.perplexity import perplexity
+
+    _, tokenizer = load_model(str(quantized / "model"))
+    windows = evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 32, 3)
+    report = json.loads((quantized / "report.json").read_text())
+    assert perplexity(model, windows) == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
+
+
+def test_lightcompress_yaml_config_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "omni.yml"
+    config.write_text(f"""
+model: {{type: Llama, path: {tiny_llama_dir}, torch_dtype: auto}}
+calib: {{name: custom, path: austen, n_samples: 4, bs: -1, seq_len: 32, seed: 7}}
+eval: {{path: persuasion, seq_len: 32}}
+quant:
+  method: RTN
+  weight: {{bit: 4, symmetric: True, granularity: per_group, group_size: 32}}
+save: {{save_fake: True, save_path: {tmp_path / "out"}}}
+""")
+    assert main(["quantize", "--config", str(config), "--eval-max-windows", "2"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["spec"]["quant"] == {"bits": 4, "symmetric": True, "group_size": 32}
+    assert report["spec"]["method"] == "rtn" and report["seed"] == 7
+
+
+def test_lightcompress_omniquant_special_section_maps_to_options(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("""
+quant:
+  method: OmniQuant
+  weight: {bit: 2, symmetric: False, granularity: per_channel}
+  special: {aug_loss: False, lwc: True, let: False, lwc_lr: 0.005, epochs: 40, wd: 0,
+            loss_method: l2_sw, loss_kwargs: {sw_num_projections: 32, sw_block_size: 64}}
+""")
+    settings = read_lightcompress(config)
+    assert settings["method"] == "omniquant" and settings["group_size"] is None and settings["bits"] == 2
+    assert settings["method_options"] == {"lr": 0.005, "epochs": 40, "weight_decay": 0}
+    assert settings["loss"] == "l2_sw"
+    assert settings["loss_options"] == {"sw_num_projections": 32, "sw_block_size": 64}
+
+
+def test_lightcompress_let_is_refused_rather_than_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("quant: {method: OmniQuant, special: {let: True}}\n")
+    with pytest.raises(ConfigError) as info:
+        read_lightcompress(config)
+    assert info.value.field == "quant.special.let"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"method": "awq2"}, "method"),
+        ({"loss": "huber"}, "loss"),
+        ({"loss_options": {"sw_p": 5}}, "loss_options.sw_p"),
+        ({"loss_options": {"sw_block_size": 48}}, "loss_options.sw_block_size"),
+        ({"method_options": {"epochs": -1}}, "method_options.epochs"),
+        ({"method_options": {"lr_typo": 1}}, "method_options.lr_typo"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_job_settings_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        JobSpec(model="m", **kwargs)
+    assert info.value.field == field
+
+
+def test_non_positive_sample_count_names_the_calibration_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        CalibSpec(n_samples=0)
+    assert info.value.field == "calib.n_samples"
+
+
+def test_block_size_that_does_not_divide_seq_len_fails_up_front_with_the_contract_message() -> None:
+    with pytest.raises(ConfigError, match=r"^seq_len must be divisible by sw_block_size$"):
+        JobSpec(model="m", loss="mse_sw", loss_options={"sw_block_size": 100}, calib=CalibSpec(seq_len=512))
+
+
+def test_pickled_weights_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ConfigError, match=r"no \.safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_cli_prints_a_clear_error_and_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "quant_core.cli", "quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "swquant: error: model:" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,82 @@
+"""Tiny decoder models and a tokenizer built in code, so tests need no download."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from quant_core.corpus import BUNDLED_TEXTS
+
+VOCAB = 320
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BPE trained on the bundled corpus: real words, real token statistics, no file needed."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    text = BUNDLED_TEXTS["austen"].read_text(encoding="utf-8")[:200_000]
+    tok.train_from_iterator(text.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _common(**extra):
+    return dict(vocab_size=VOCAB, **extra)
+
+
+def build_model(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A seeded random model of the given architecture, hidden 64, in fp32."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(
+            **_common(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+            )
+        )
+        model = LlamaForCausalLM(config)
+    elif arch == "qwen2":
+        config = Qwen2Config(
+            **_common(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+            )
+        )
+        model = Qwen2ForCausalLM(config)
+    elif arch == "opt":
+        config = OPTConfig(
+            **_common(
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                max_position_embeddings=256,
+                word_embed_proj_dim=64,
+            )
+        )
+        model = OPTForCausalLM(config)
+    elif arch == "gpt2":
+        config = GPT2Config(**_common(n_embd=64, n_layer=layers, n_head=4, n_positions=256))
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(arch)
+    return model.eval()
