@@ -31,52 +31,27 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def _common(**extra):
-    return dict(vocab_size=VOCAB, **extra)
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(_LLAMA_LIKE, max_position_embeddings=256), "num_hidden_layers"),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(_LLAMA_LIKE, max_position_embeddings=256), "num_hidden_layers"),
+    "opt": (
+        OPTConfig,
+        OPTForCausalLM,
+        dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+        "num_hidden_layers",
+    ),
+    "gpt2": (
+        GPT2Config,
+        GPT2LMHeadModel,
+        dict(n_embd=64, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2),
+        "n_layer",
+    ),
+}
 
 
 def build_model(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
     """A seeded random model of the given architecture, hidden 64, in fp32."""
+    config_cls, model_cls, sizes, layers_key = ARCHITECTURES[arch]
     torch.manual_seed(seed)
-    if arch == "llama":
-        config = LlamaConfig(
-            **_common(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-            )
-        )
-        model = LlamaForCausalLM(config)
-    elif arch == "qwen2":
-        config = Qwen2Config(
-            **_common(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-            )
-        )
-        model = Qwen2ForCausalLM(config)
-    elif arch == "opt":
-        config = OPTConfig(
-            **_common(
-                hidden_size=64,
-                ffn_dim=128,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                max_position_embeddings=256,
-                word_embed_proj_dim=64,
-            )
-        )
-        model = OPTForCausalLM(config)
-    elif arch == "gpt2":
-        config = GPT2Config(**_common(n_embd=64, n_layer=layers, n_head=4, n_positions=256))
-        model = GPT2LMHeadModel(config)
-    else:
-        raise ValueError(arch)
-    return model.eval()
+    return model_cls(config_cls(vocab_size=VOCAB, **sizes, **{layers_key: layers})).eval()
