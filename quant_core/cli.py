@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
     """``name=value`` with the value read as YAML, so numbers, null and mappings come typed."""
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -59,11 +59,11 @@ def _group_size(text: str) -> int:
     return int(text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swquant", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    q = commands.add_parser("quantize", help="quantize a model locally and write DIR/model and DIR/report.json")
-    # Defaults are None so that flags given on the command line override a --config file.
+def add_job_arguments(q: argparse.ArgumentParser) -> None:
+    """The flags that describe a job, shared by ``quantize`` (local) and ``submit`` (to a server).
+
+    Defaults are None so that flags given on the command line override a --config file.
+    """
     q.add_argument("--config", type=Path, help="LightCompress-style YAML; command-line flags override it")
     q.add_argument("--model", help="Hugging Face directory (safetensors) or hub id")
     q.add_argument("--method", choices=sorted(METHODS))
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=_group_size, help="columns per scale; 0 or -1 for per-channel")
     q.add_argument("--symmetric", action="store_true", default=None)
     q.add_argument("--loss", choices=list(LOSSES))
-    q.add_argument("--loss-opt", type=_key_value, action="append", default=[], metavar="NAME=VALUE")
-    q.add_argument("--method-opt", type=_key_value, action="append", default=[], metavar="NAME=VALUE")
+    q.add_argument("--loss-opt", type=key_value, action="append", default=[], metavar="NAME=VALUE")
+    q.add_argument("--method-opt", type=key_value, action="append", default=[], metavar="NAME=VALUE")
     q.add_argument("--calib", help="bundled corpus (austen) or text file")
     q.add_argument("--n-samples", type=int)
     q.add_argument("--seq-len", type=int)
@@ -80,8 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-seq-len", type=int)
     q.add_argument("--eval-max-windows", type=int)
     q.add_argument("--seed", type=int)
+
+
+def add_quantize_command(commands: argparse._SubParsersAction) -> None:
+    q = commands.add_parser("quantize", help="quantize a model locally and write DIR/model and DIR/report.json")
+    add_job_arguments(q)
     q.add_argument("--device", help="cpu, cuda or cuda:N")
     q.add_argument("--out", type=Path, help="output directory (default: the config's save_path)")
+    q.set_defaults(handler=quantize)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swquant", description=__doc__)
+    add_quantize_command(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -98,20 +109,18 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     settings["method_options"] = {**settings["method_options"], **dict(args.method_opt)}
     if args.model is not None:
         settings["model"] = args.model
-    if args.out is not None:
+    if getattr(args, "out", None) is not None:
         settings["save_path"] = str(args.out)
-    for required in ("model", "save_path"):
-        if not settings.get(required):
-            raise ConfigError(f"--{'out' if required == 'save_path' else required} is required", required)
+    if not settings.get("model"):
+        raise ConfigError("--model is required", "model")
+    settings["group_size"] = settings["group_size"] or None
     return settings
 
 
 def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
     return JobSpec(
         model=settings["model"],
-        quant=QuantSpec(
-            bits=settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"] or None
-        ),
+        quant=QuantSpec(bits=settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"]),
         method=settings["method"],
         method_options=settings["method_options"],
         loss=settings["loss"],
@@ -129,6 +138,8 @@ def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
 
 def quantize(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if not settings.get("save_path"):
+        raise ConfigError("--out is required", "save_path")
     spec = spec_from_settings(settings)
     out_dir = Path(settings["save_path"])
     bars: list[tqdm] = []
@@ -149,10 +160,10 @@ def quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
-        return quantize(args)
+        return args.handler(args)
     except ConfigError as exc:
         where = f"{exc.field}: " if exc.field and not str(exc).startswith(exc.field) else ""
         print(f"swquant: error: {where}{exc}", file=sys.stderr)

@@ -34,6 +34,11 @@ def read_lightcompress(path: Path) -> dict[str, Any]:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"config: cannot read {path}: {exc}", "config") from exc
+    return parse_lightcompress(config)
+
+
+def parse_lightcompress(config: Any) -> dict[str, Any]:
+    """Keyword settings (the CLI's names) from a parsed llmc document."""
     if not isinstance(config, dict):
         raise ConfigError("config: the YAML file must hold a mapping", "config")
     model, calib, evaluation = _section(config, "model"), _section(config, "calib"), _section(config, "eval")

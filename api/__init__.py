@@ -1,0 +1,1 @@
+"""The REST API (FastAPI): submit, follow, cancel and download quantization jobs."""

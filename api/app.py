@@ -1,0 +1,29 @@
+"""The FastAPI application: ``uvicorn api.app:create_app --factory``. OpenAPI at /docs."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from api import health_routes, jobs_routes, uploads_routes
+from api.errors import install_error_handlers
+from swq_shared.queue import make_celery
+from swq_shared.settings import Settings, get_settings
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="SWQuant",
+        version="1",
+        description="Quantize LLMs with blockwise calibration and the Sliced-Wasserstein alignment loss.",
+    )
+    app.state.settings = settings or get_settings()
+    app.state.celery = make_celery(app.state.settings)
+    install_error_handlers(app)
+    app.include_router(health_routes.router)
+    app.include_router(jobs_routes.router)
+    app.include_router(uploads_routes.router)
+    return app

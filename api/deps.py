@@ -1,0 +1,45 @@
+"""Request-scoped dependencies: settings, a database session, the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from swq_shared.auth import tenant_for_key
+from swq_shared.db import session_scope
+from swq_shared.models import Tenant
+from swq_shared.settings import Settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Iterator[Session]:
+    with session_scope(settings.resolved_database_url) as session:
+        yield session
+
+
+def get_tenant(
+    session: Annotated[Session, Depends(get_session)],
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> Tenant:
+    """The tenant of the API key in ``Authorization: Bearer <key>`` or ``X-API-Key``."""
+    key = x_api_key
+    if authorization and authorization.lower().startswith("bearer "):
+        key = authorization[7:].strip()
+    if not key:
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+    tenant = tenant_for_key(session, key)
+    if tenant is None:
+        raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]

@@ -1,0 +1,54 @@
+"""Turning library and infrastructure errors into HTTP answers that name what went wrong.
+
+Validation problems are 422 with the same ``detail`` shape FastAPI uses (``loc`` ends with the
+field), whether pydantic or quant_core found them; an unreachable database or storage is a 503 with
+a message, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from swq_shared.storage import StorageError
+
+from quant_core.errors import ConfigError
+from swq_shared.jobs import InvalidCursorError
+
+log = logging.getLogger(__name__)
+
+
+def validation_error(exc: ValidationError) -> HTTPException:
+    detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors(include_url=False)]
+    return HTTPException(422, detail)
+
+
+def _config_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ConfigError)
+    loc = ["body", *(exc.field.split(".") if exc.field else [])]
+    return JSONResponse({"detail": [{"loc": loc, "msg": str(exc), "type": "value_error"}]}, 422)
+
+
+def _cursor_error(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": ["query", "cursor"], "msg": str(exc), "type": "value_error"}]}, 422)
+
+
+def _database_down(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("database unavailable: %s", type(exc).__name__)
+    return JSONResponse({"detail": "database unavailable; retry shortly"}, 503, {"Retry-After": "5"})
+
+
+def _storage_down(_request: Request, exc: Exception) -> JSONResponse:
+    log.warning("storage unavailable: %s", exc)
+    return JSONResponse({"detail": f"storage unavailable: {exc}"}, 503, {"Retry-After": "5"})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ConfigError, _config_error)
+    app.add_exception_handler(InvalidCursorError, _cursor_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(InterfaceError, _database_down)
+    app.add_exception_handler(StorageError, _storage_down)

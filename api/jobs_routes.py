@@ -1,0 +1,205 @@
+"""``/v1/jobs``: submit, list, inspect, cancel, follow events, download artifacts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
+from kombu.exceptions import OperationalError as KombuOperationalError
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import validation_error
+from api.ranges import parse_range
+from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut
+from swq_shared import jobs
+from swq_shared.artifacts import open_settings_storage
+from swq_shared.jobspec import JobRequest, request_from_lightcompress
+from swq_shared.models import Artifact, Job, JobStatus, Upload
+from swq_shared.queue import enqueue_job, revoke_job
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+            "application/yaml": {"schema": {"type": "string", "description": "LightCompress-style YAML config"}},
+        },
+    }
+}
+
+
+async def _parse_request(request: Request) -> JobRequest:
+    """A JSON JobRequest, or a LightCompress YAML document when sent as YAML."""
+    raw = await request.body()
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    try:
+        if content_type in YAML_TYPES:
+            return request_from_lightcompress(raw.decode("utf-8", errors="replace"))
+        return JobRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def _own_job(session: SessionDep, tenant: TenantDep, job_id: str) -> Job:
+    """The caller's job; another tenant's job is reported missing, not forbidden (no existence leak)."""
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant.id:
+        raise HTTPException(404, f"job {job_id} not found")
+    return job
+
+
+def _check_uploads(session: SessionDep, tenant: TenantDep, spec: JobRequest) -> None:
+    for upload_id in spec.upload_ids():
+        upload = session.get(Upload, upload_id)
+        if upload is None or upload.tenant_id != tenant.id:
+            raise HTTPException(422, f"upload:{upload_id} not found among your uploads")
+
+
+@router.post("", status_code=201, response_model=JobOut, openapi_extra=_BODY_SCHEMA)
+async def submit_job(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    """Queue a job. Retrying with the same ``Idempotency-Key`` returns the same job (200)."""
+    spec = await _parse_request(request)
+    spec.to_job_spec()  # semantic checks (method, loss and their options) before anything is stored
+    _check_uploads(session, tenant, spec)
+    job, created = jobs.create_job(session, tenant.id, spec.model_dump(mode="json"), spec.metadata, idempotency_key)
+    session.commit()
+    if created or job.status == JobStatus.queued.value:
+        # Re-sending a still-queued job is harmless: only one worker can claim it.
+        try:
+            enqueue_job(request.app.state.celery, job.id)
+        except KombuOperationalError as exc:
+            log.warning("queue unavailable for job %s: %s", job.id, exc)
+            raise HTTPException(
+                503,
+                f"job {job.id} is stored but the queue is unavailable; retry with the same Idempotency-Key",
+                {"Retry-After": "5"},
+            ) from exc
+    if not created:
+        response.status_code = 200
+    session.refresh(job)
+    return JobOut.of(job)
+
+
+@router.post("/validate", response_model=JobRequest, tags=["jobs"])
+def validate_job(spec: JobRequest, tenant: TenantDep) -> JobRequest:
+    """Check a job spec without submitting it; returns it with every default filled in."""
+    del tenant
+    spec.to_job_spec()
+    return spec
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: Annotated[list[JobStatus] | None, Query()] = None,
+    metadata: Annotated[list[str] | None, Query(description="KEY=VALUE; repeat to require several labels")] = None,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobList:
+    labels: dict[str, str] = {}
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HTTPException(422, "metadata filters must look like KEY=VALUE")
+        labels[key] = value
+    page = jobs.list_jobs(
+        session, tenant.id, limit=limit, cursor=cursor, statuses=[s.value for s in status or []], labels=labels
+    )
+    return JobList(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    return JobOut.of(_own_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(
+    request: Request,
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    force: Annotated[bool, Query(description="also kill the worker process at once")] = False,
+) -> JobOut:
+    """Cancel: a queued job at once; a running one stops after its current block (or now, with force)."""
+    job = _own_job(session, tenant, job_id)
+    try:
+        job = jobs.request_cancel(session, job)
+    except jobs.JobStateError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    if force and job.status == JobStatus.running.value:
+        session.commit()
+        revoke_job(request.app.state.celery, job.id)
+        jobs.finish_job(session, job.id, JobStatus.cancelled)
+        session.refresh(job)
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}/events", response_model=EventList)
+def job_events(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    cursor: Annotated[int, Query(ge=0, description="last event id seen; 0 for the start")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventList:
+    _own_job(session, tenant, job_id)
+    page = jobs.list_events(session, job_id, after=cursor, limit=limit)
+    return EventList(items=[EventOut.of(e) for e in page.items], next_cursor=page.next_cursor, has_more=page.has_more)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
+    job = _own_job(session, tenant, job_id)
+    return [ArtifactOut.of(a) for a in sorted(job.artifacts, key=lambda a: a.name)]
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "partial content"},
+        416: {"description": "range not satisfiable"},
+    },
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Any:
+    """Stream an artifact; honours a single HTTP byte range so large downloads can resume."""
+    _own_job(session, tenant, job_id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    if artifact is None:
+        raise HTTPException(404, f"artifact {name} not found")
+    storage = open_settings_storage(settings)
+    if settings.presigned_downloads and (url := storage.presigned_url(artifact.storage_key)):
+        return RedirectResponse(url, status_code=307)
+    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{artifact.name}"'}
+    span = parse_range(range_header, artifact.size)
+    if span is None:
+        headers["Content-Length"] = str(artifact.size)
+        return StreamingResponse(storage.iter_range(artifact.storage_key), 200, headers, artifact.content_type)
+    start, end = span
+    headers["Content-Range"] = f"bytes {start}-{end}/{artifact.size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(storage.iter_range(artifact.storage_key, start, end), 206, headers, artifact.content_type)

@@ -1,0 +1,116 @@
+"""Response bodies of the REST API (request bodies live in swq_shared.jobspec)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from swq_shared.models import Artifact, Job, JobEvent, Upload
+
+
+class Progress(BaseModel):
+    blocks_done: int
+    num_blocks: int | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str
+    spec: dict[str, Any]
+    metadata: dict[str, Any]
+    progress: Progress
+    attempts: int
+    cancel_requested: bool
+    error: JobError | None
+    metrics: dict[str, float]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            status=job.status,
+            spec=job.spec,
+            metadata=job.labels,
+            progress=Progress(blocks_done=job.blocks_done, num_blocks=job.num_blocks),
+            attempts=job.attempts,
+            cancel_requested=job.cancel_requested,
+            error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            metrics={m.name: m.value for m in job.metrics},
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+        )
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: int
+    kind: str
+    created_at: datetime
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventOut:
+        return cls(id=event.id, kind=event.kind, created_at=event.created_at, data=event.data)
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+    next_cursor: str
+    has_more: bool
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    content_type: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, artifact: Artifact) -> ArtifactOut:
+        return cls(
+            name=artifact.name, size=artifact.size, content_type=artifact.content_type, created_at=artifact.created_at
+        )
+
+
+class UploadOut(BaseModel):
+    id: str
+    kind: str
+    name: str
+    size: int
+    files: int
+    reference: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, upload: Upload) -> UploadOut:
+        return cls(
+            id=upload.id,
+            kind=upload.kind,
+            name=upload.name,
+            size=upload.size,
+            files=upload.files,
+            reference=f"upload:{upload.id}",
+            created_at=upload.created_at,
+        )
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

@@ -1,0 +1,135 @@
+"""``/v1/models`` and ``/v1/datasets``: upload a safetensors model directory or a text corpus."""
+
+from __future__ import annotations
+
+import codecs
+import tempfile
+from pathlib import Path
+from typing import Annotated, BinaryIO
+
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from sqlalchemy import select
+
+from api.archives import ArchiveError, model_files, open_members, read_member
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.schemas import UploadOut
+from swq_shared.artifacts import open_settings_storage, upload_prefix
+from swq_shared.models import Upload, new_id
+
+router = APIRouter(prefix="/v1", tags=["uploads"])
+CHUNK = 1 << 20
+NameField = Annotated[str, Form(min_length=1, max_length=200)]
+
+
+def _refuse_oversized(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload larger than the limit of {limit} bytes")
+
+
+def _copy_limited(source: BinaryIO, target: Path, limit: int) -> int:
+    """Copy in chunks, refusing (413) as soon as more than ``limit`` bytes arrived."""
+    written = 0
+    with target.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > limit:
+                raise HTTPException(413, f"upload larger than the limit of {limit} bytes")
+            out.write(chunk)
+    return written
+
+
+@router.post("/models", status_code=201, response_model=UploadOut)
+def upload_model(
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="tar, tar.gz or zip of a safetensors model directory")],
+    name: NameField,
+) -> UploadOut:
+    _refuse_oversized(request, settings.max_upload_bytes)
+    storage = open_settings_storage(settings)
+    upload_id = new_id()
+    prefix = upload_prefix(tenant.id, upload_id)
+    with tempfile.TemporaryDirectory(prefix="swquant-upload-") as tmp:
+        archive = Path(tmp) / "archive"
+        _copy_limited(file.file, archive, settings.max_upload_bytes)
+        total = 0
+        try:
+            with open_members(archive) as members:
+                files = model_files(members, settings.max_upload_files, settings.max_upload_bytes)
+                for relative, member in files:
+                    extracted = Path(tmp) / "file"
+                    with read_member(member) as handle:
+                        total += _copy_limited(handle, extracted, settings.max_upload_bytes)
+                    storage.put_file(f"{prefix}/{relative}", extracted)
+        except ArchiveError as exc:
+            storage.delete_prefix(prefix)
+            raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc), "type": "value_error"}]) from exc
+    upload = Upload(
+        id=upload_id, tenant_id=tenant.id, kind="model", name=name, storage_prefix=prefix, size=total, files=len(files)
+    )
+    session.add(upload)
+    session.flush()
+    return UploadOut.of(upload)
+
+
+@router.post("/datasets", status_code=201, response_model=UploadOut)
+def upload_dataset(
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="UTF-8 plain text")],
+    name: NameField,
+) -> UploadOut:
+    _refuse_oversized(request, settings.max_text_upload_bytes)
+    storage = open_settings_storage(settings)
+    upload_id = new_id()
+    prefix = upload_prefix(tenant.id, upload_id)
+    with tempfile.TemporaryDirectory(prefix="swquant-upload-") as tmp:
+        text = Path(tmp) / "corpus.txt"
+        size = _copy_limited(file.file, text, settings.max_text_upload_bytes)
+        _require_utf8_text(text, size)
+        storage.put_file(f"{prefix}/corpus.txt", text)
+    upload = Upload(
+        id=upload_id, tenant_id=tenant.id, kind="dataset", name=name, storage_prefix=prefix, size=size, files=1
+    )
+    session.add(upload)
+    session.flush()
+    return UploadOut.of(upload)
+
+
+def _require_utf8_text(path: Path, size: int) -> None:
+    if size == 0:
+        raise HTTPException(422, [{"loc": ["body", "file"], "msg": "the text is empty", "type": "value_error"}])
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                if b"\x00" in chunk:
+                    raise UnicodeDecodeError("utf-8", chunk, 0, 1, "NUL byte")
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise HTTPException(
+            422, [{"loc": ["body", "file"], "msg": "the text must be UTF-8 plain text", "type": "value_error"}]
+        ) from exc
+
+
+def _list(session: SessionDep, tenant_id: str, kind: str) -> list[UploadOut]:
+    rows = session.scalars(
+        select(Upload).where(Upload.tenant_id == tenant_id, Upload.kind == kind).order_by(Upload.created_at.desc())
+    )
+    return [UploadOut.of(u) for u in rows]
+
+
+@router.get("/models", response_model=list[UploadOut])
+def list_models(session: SessionDep, tenant: TenantDep) -> list[UploadOut]:
+    return _list(session, tenant.id, "model")
+
+
+@router.get("/datasets", response_model=list[UploadOut])
+def list_datasets(session: SessionDep, tenant: TenantDep) -> list[UploadOut]:
+    return _list(session, tenant.id, "dataset")

@@ -1,0 +1,20 @@
+"""Where job outputs and uploads live in storage, and the storage a deployment is configured with."""
+
+from __future__ import annotations
+
+from swq_shared.settings import Settings
+from swq_shared.storage import Storage, open_storage
+
+MODEL_ARCHIVE = "model.tar"
+
+
+def open_settings_storage(settings: Settings) -> Storage:
+    return open_storage(settings.resolved_storage_url, settings.s3_endpoint_url, settings.s3_region)
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/{name}"
+
+
+def upload_prefix(tenant_id: str, upload_id: str) -> str:
+    return f"uploads/{tenant_id}/{upload_id}"

@@ -1,0 +1,200 @@
+"""Job state rules, in one place for the API and the workers.
+
+A job moves queued -> running -> succeeded | failed | cancelled. Every change is a conditional
+UPDATE (``WHERE status = ...``), so two processes racing on one job cannot both win, and every change
+appends an event to the job's log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, utcnow
+
+
+class JobStateError(RuntimeError):
+    """The requested change does not apply to the job's current status (e.g. cancelling a finished job)."""
+
+
+class InvalidCursorError(ValueError):
+    """A pagination cursor that this service did not issue."""
+
+
+def add_event(session: Session, job_id: str, kind: str, **data: Any) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+
+
+def create_job(
+    session: Session, tenant_id: str, spec: dict[str, Any], labels: dict[str, str], idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """A new queued job, or the tenant's existing job for the same idempotency key (``created`` False)."""
+    if idempotency_key is not None:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return existing, False
+    job = Job(tenant_id=tenant_id, spec=spec, labels=labels, idempotency_key=idempotency_key)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:
+        # A concurrent request with the same key won the insert: answer with its job.
+        session.rollback()
+        return session.scalars(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
+        ).one(), False
+    add_event(session, job.id, "status", status=JobStatus.queued.value)
+    return job, True
+
+
+def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
+    """Move a queued job to running for ``worker``; None if it is not queued (taken, cancelled, gone)."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .values(
+            status=JobStatus.running.value, worker=worker, started_at=now, updated_at=now, attempts=Job.attempts + 1
+        )
+    ).rowcount
+    if not claimed:
+        return None
+    add_event(session, job_id, "status", status=JobStatus.running.value, worker=worker)
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def record_block(session: Session, job_id: str, block: dict[str, Any]) -> None:
+    """Store a finished block's record as an event and advance the job's progress."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(blocks_done=block["index"] + 1, num_blocks=block["num_blocks"], updated_at=utcnow())
+    )
+    add_event(session, job_id, "block", **block)
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Cancel a queued job at once; flag a running one so its worker stops between blocks."""
+    if JobStatus(job.status).terminal:
+        raise JobStateError(f"job {job.id} is already {job.status}")
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.queued.value)
+        .values(status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.status == JobStatus.running.value).values(cancel_requested=True)
+    )
+    session.refresh(job)
+    if job.status == JobStatus.cancelled.value:
+        add_event(session, job.id, "status", status=JobStatus.cancelled.value)
+    else:
+        add_event(session, job.id, "message", message="cancellation requested")
+    return job
+
+
+def finish_job(
+    session: Session,
+    job_id: str,
+    status: JobStatus,
+    *,
+    metrics: dict[str, float] | None = None,
+    artifacts: list[dict[str, Any]] | None = None,
+    error_code: str | None = None,
+    error_message: str | None = None,
+) -> bool:
+    """Record the outcome of a running job with its metrics and artifacts, all in one transaction.
+
+    Returns False (and changes nothing) when the job is no longer running, e.g. it was finished by
+    someone else; a succeeded job always has its artifacts, because both are written together.
+    """
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value)
+        .values(
+            status=status.value, finished_at=now, updated_at=now, error_code=error_code, error_message=error_message
+        )
+    ).rowcount
+    if not done:
+        return False
+    for name, value in (metrics or {}).items():
+        session.add(Metric(job_id=job_id, name=name, value=value))
+    for artifact in artifacts or []:
+        session.add(Artifact(job_id=job_id, **artifact))
+    details = {"error_code": error_code, "error_message": error_message} if error_code else {}
+    add_event(session, job_id, "status", status=status.value, **details)
+    return True
+
+
+# --- pagination ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Any]
+    next_cursor: str | None
+    has_more: bool
+
+
+def encode_cursor(created_at: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursorError("cursor is not valid") from exc
+
+
+def list_jobs(
+    session: Session,
+    tenant_id: str,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    statuses: list[str] | None = None,
+    labels: dict[str, str] | None = None,
+) -> Page:
+    """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+    for key, value in (labels or {}).items():
+        query = query.where(Job.labels[key].as_string() == value)
+    if cursor is not None:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None, more)
+
+
+def list_events(session: Session, job_id: str, *, after: int = 0, limit: int = 100) -> Page:
+    """Events in order; the cursor is the last event id seen (always set), so polling never misses one."""
+    rows = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit + 1)
+        )
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, str(rows[-1].id) if rows else str(after), more)

@@ -1,0 +1,50 @@
+"""The Celery application both sides use: the API to enqueue and revoke, the worker to consume.
+
+Settings chosen for long GPU jobs: a task is acknowledged only after it finishes (``acks_late``) and
+is handed back to the queue if its worker process dies, each worker takes one job at a time, and
+each child process runs one job and exits, so CUDA state never leaks from one job to the next.
+The job id doubles as the task id, so a job can be revoked without a lookup.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from swq_shared.settings import Settings, get_settings
+
+RUN_JOB_TASK = "swquant.run_job"
+# Longer than the longest job a worker may run, so Redis never re-delivers a job still in progress.
+VISIBILITY_TIMEOUT_S = 3 * 24 * 3600
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("swquant", broker=settings.broker_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        task_default_queue=settings.queue,
+        task_routes={RUN_JOB_TASK: {"queue": settings.queue}},
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue_job(app: Celery, job_id: str) -> None:
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue)
+
+
+def revoke_job(app: Celery, job_id: str) -> None:
+    """Kill a running job's worker child: the fallback when the between-blocks check is too slow."""
+    app.control.revoke(job_id, terminate=True, signal="SIGTERM")

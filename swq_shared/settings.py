@@ -1,0 +1,44 @@
+"""Service settings: one object, read from ``SWQUANT_*`` environment variables, with embedded defaults.
+
+The defaults need nothing installed beyond the package: SQLite and a local folder under
+``SWQUANT_DATA_DIR`` (``./swquant-data``), and a Redis on localhost.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWQUANT_", extra="ignore")
+
+    data_dir: Path = Path("swquant-data")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite in data_dir")
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str | None = Field(default=None, description="file:///path or s3://bucket; default: data_dir/storage")
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    presigned_downloads: bool = False
+    queue: str = Field(default="gpu", description="Celery queue jobs are routed to (gpu or cpu workers)")
+    max_upload_bytes: int = 20 * 2**30
+    max_upload_files: int = 1000
+    max_text_upload_bytes: int = 512 * 2**20
+    trust_remote_code: bool = False
+    device: str = "cpu"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'swquant.db').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "storage").resolve().as_uri()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
