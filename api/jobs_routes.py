@@ -80,7 +80,7 @@ async def submit_job(
     if created or job.status == JobStatus.queued.value:
         # Re-sending a still-queued job is harmless: only one worker can claim it.
         try:
-            enqueue_job(request.app.state.celery, job.id)
+            enqueue_job(request.app.state.celery, job.id, job.spec.get("queue"))
         except KombuOperationalError as exc:
             log.warning("queue unavailable for job %s: %s", job.id, exc)
             raise HTTPException(

@@ -57,6 +57,7 @@ class JobRequest(BaseModel):
     evaluation: EvaluationRequest = Field(default_factory=EvaluationRequest)
     export_formats: list[Literal["fake_quant"]] = Field(default_factory=lambda: ["fake_quant"], min_length=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    queue: Literal["gpu", "cpu"] | None = Field(None, description="worker pool to run on; default: the server's")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
     def to_job_spec(self, resolve: Callable[[str], str] = lambda s: s, device: str = "cpu") -> JobSpec:

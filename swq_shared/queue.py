@@ -41,8 +41,9 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_job(app: Celery, job_id: str) -> None:
-    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=app.conf.task_default_queue)
+def enqueue_job(app: Celery, job_id: str, queue: str | None = None) -> None:
+    """Send the job to ``queue`` (``gpu`` or ``cpu`` workers), or to the deployment's default queue."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=queue or app.conf.task_default_queue)
 
 
 def revoke_job(app: Celery, job_id: str) -> None:

@@ -1,0 +1,171 @@
+"""Running the real service for tests: uvicorn and a Celery worker as processes, or ``swquant serve``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.s3_server import free_ports
+
+STARTUP_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class Stack:
+    url: str
+    api_key: str
+    env: dict[str, str]
+    logs: list[Path]
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(
+            f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) for log in self.logs
+        )
+
+
+def _wait_ready(url: str, processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                tails = "\n".join(log.read_text(errors="replace")[-3000:] for log in logs)
+                raise RuntimeError(f"a service process exited with {process.returncode}:\n{tails}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"service at {url} not ready after {STARTUP_TIMEOUT_S}s")
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    try:
+        yield process
+    finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 20) -> None:
+    """SIGTERM the process and its children (Celery's pool), then SIGKILL what remains."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def worker_command(queue: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--queues",
+        queue,
+        "--concurrency",
+        "1",
+        "--max-tasks-per-child",
+        "1",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+@contextmanager
+def production_stack(
+    workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str]
+) -> Iterator[Stack]:
+    """uvicorn + one Celery worker against the given PostgreSQL, Redis and S3, as in docker-compose."""
+    env = {
+        **os.environ,
+        **extra_env,
+        "SWQUANT_DATABASE_URL": database_url,
+        "SWQUANT_BROKER_URL": broker_url,
+        "SWQUANT_STORAGE_URL": storage_url,
+        "SWQUANT_DATA_DIR": str(workdir),
+        "SWQUANT_QUEUE": f"test-{workdir.name}",
+        "HF_HUB_OFFLINE": "1",
+        "SWQUANT_MAX_TEXT_UPLOAD_BYTES": "2000000",
+    }
+    key = (
+        subprocess.run(
+            [sys.executable, "-m", "api.cli", "create-key", "--tenant", "e2e"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    (port,) = free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    logs = [workdir / "api.log", workdir / "worker.log"]
+    with ExitStack() as stack:
+        api = stack.enter_context(
+            _process(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.app:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env,
+                logs[0],
+            )
+        )
+        worker = stack.enter_context(_process(worker_command(env["SWQUANT_QUEUE"]), env, logs[1]))
+        _wait_ready(url, [api, worker], logs)
+        yield Stack(url, key, env, logs)
+
+
+@contextmanager
+def embedded_stack(workdir: Path) -> Iterator[Stack]:
+    """``swquant serve``: API, one worker and its own Redis, SQLite and a local folder, no other service."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWQUANT_")} | {"HF_HUB_OFFLINE": "1"}
+    port, redis_port = free_ports(2)
+    url = f"http://127.0.0.1:{port}"
+    logs = [workdir / "serve.log"]
+    args = [
+        sys.executable,
+        "-m",
+        "api.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--redis-port",
+        str(redis_port),
+        "--data-dir",
+        str(workdir / "data"),
+    ]
+    with _process(args, env, logs[0]) as serve:
+        _wait_ready(url, [serve], logs)
+        key = (workdir / "data" / "api_key").read_text().strip()
+        yield Stack(url, key, env, logs)

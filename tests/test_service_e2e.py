@@ -1,0 +1,259 @@
+"""End to end over real HTTP: PostgreSQL + Redis + S3 (SeaweedFS) + Celery worker, and ``swquant serve``.
+
+Each test submits jobs on a tiny model, polls until they end, and checks what a user gets back.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from api.client import SWQuantClient
+from tests.databases import fresh_postgres_database
+from tests.s3_server import S3Endpoint, s3_server  # noqa: F401  (fixture)
+from tests.service_stack import Stack, embedded_stack, production_stack
+from tests.tiny_models import build_model
+
+JOB = {
+    "bits": 3,
+    "group_size": 32,
+    "method": "omniquant",
+    "method_options": {"epochs": 1, "batch_size": 4},
+    "loss": "mse_sw",
+    "loss_options": {"sw_num_projections": 8},
+    "calibration": {"n_samples": 4, "seq_len": 32},
+    "evaluation": {"max_windows": 2},
+    "metadata": {"suite": "e2e"},
+}
+TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def production(
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_server: S3Endpoint,  # noqa: F811
+) -> Iterator[Stack]:
+    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    extra = {**s3_server.env(), "SWQUANT_S3_ENDPOINT_URL": s3_server.url}
+    with fresh_postgres_database() as database_url:
+        from swq_shared.migrate import upgrade
+
+        upgrade(database_url)
+        workdir = tmp_path_factory.mktemp("prod")
+        with production_stack(workdir, database_url, "redis://127.0.0.1:6379/3", f"s3://{bucket}", extra) as stack:
+            yield stack
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with embedded_stack(tmp_path_factory.mktemp("embedded")) as stack:
+        yield stack
+
+
+def _client(stack: Stack) -> SWQuantClient:
+    return SWQuantClient(stack.url, stack.api_key)
+
+
+def _wait(client: SWQuantClient, stack: Stack, job_id: str) -> dict:
+    try:
+        return client.wait(job_id, timeout_s=TIMEOUT_S, poll_s=0.5)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{stack.log_tail()}") from exc
+
+
+def _model_archive(model_dir: Path, dest: Path) -> Path:
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(model_dir, arcname="tiny-llama")
+    return dest
+
+
+def _check_succeeded_job(client: SWQuantClient, stack: Stack, job_id: str, tmp_path: Path) -> None:
+    job = _wait(client, stack, job_id)
+    assert job["status"] == "succeeded", f"{job['error']}\n{stack.log_tail()}"
+    assert job["progress"] == {"blocks_done": 2, "num_blocks": 2}
+    assert job["metrics"]["perplexity.after.persuasion"] > 1
+    events = client.events(job_id, limit=1000)["items"]
+    blocks = [e["data"] for e in events if e["kind"] == "block"]
+    assert [b["index"] for b in blocks] == [0, 1]
+    assert all(b["loss_after"] <= b["loss_before"] * 1.5 and b["seconds"] > 0 for b in blocks)
+    statuses = [e["data"]["status"] for e in events if e["kind"] == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+    names = {a["name"] for a in client.artifacts(job_id)}
+    assert names == {"model.tar", "report.json"}
+
+    # Download in two pieces through HTTP Range (a resumed download), then load it with transformers.
+    size = next(a["size"] for a in client.artifacts(job_id) if a["name"] == "model.tar")
+    headers = {"Authorization": f"Bearer {stack.api_key}", "Range": f"bytes=0-{size // 2}"}
+    first = httpx.get(f"{stack.url}/v1/jobs/{job_id}/artifacts/model.tar", headers=headers, timeout=30)
+    assert first.status_code == 206 and first.headers["content-range"] == f"bytes 0-{size // 2}/{size}"
+    partial = tmp_path / "model.tar"
+    partial.write_bytes(first.content)
+    client.download(job_id, "model.tar", partial)
+    assert partial.stat().st_size == size
+    with tarfile.open(partial) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked" / "model", dtype=torch.float32)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert max(g.unique().numel() for g in weight.reshape(-1, 32)) <= 8  # 3-bit grid, group 32
+
+
+def test_job_from_uploaded_model_succeeds_on_postgres_redis_s3(
+    production: Stack, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    client = _client(production)
+    with _model_archive(tiny_llama_dir, tmp_path / "m.tar.gz").open("rb") as handle:
+        upload = client.http.post("/v1/models", files={"file": ("m.tar.gz", handle)}, data={"name": "tiny"})
+    assert upload.status_code == 201, upload.text
+    reference = upload.json()["reference"]
+    job = client.submit({**JOB, "model": reference}, idempotency_key="e2e-upload-1")
+    assert client.submit({**JOB, "model": reference}, idempotency_key="e2e-upload-1")["id"] == job["id"]
+    _check_succeeded_job(client, production, job["id"], tmp_path)
+    listed = client.jobs(metadata="suite=e2e", status="succeeded")["items"]
+    assert job["id"] in [j["id"] for j in listed]
+
+
+def test_job_on_embedded_defaults_succeeds(embedded: Stack, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    client = _client(embedded)
+    job = client.submit({**JOB, "model": str(tiny_llama_dir)})
+    _check_succeeded_job(client, embedded, job["id"], tmp_path)
+
+
+def test_running_job_is_cancelled_between_blocks(production: Stack, tmp_path: Path) -> None:
+    model_dir = tmp_path / "deep"
+    build_model("llama", layers=6).save_pretrained(model_dir)
+    from tests.tiny_models import build_tokenizer
+
+    build_tokenizer().save_pretrained(model_dir)
+    client = _client(production)
+    slow = {**JOB, "model": str(model_dir), "method_options": {"epochs": 40, "batch_size": 1}}
+    job_id = client.submit(slow)["id"]
+    deadline = time.monotonic() + TIMEOUT_S
+    while client.job(job_id)["progress"]["blocks_done"] < 1:
+        assert time.monotonic() < deadline, production.log_tail()
+        time.sleep(0.3)
+    assert client.cancel(job_id)["cancel_requested"]
+    job = _wait(client, production, job_id)
+    assert job["status"] == "cancelled"
+    assert job["progress"]["blocks_done"] < 6
+    assert client.artifacts(job_id) == []
+
+
+def test_a_job_that_fails_reports_a_code_and_message(production: Stack) -> None:
+    client = _client(production)
+    job_id = client.submit({**JOB, "model": "/nonexistent/model"})["id"]
+    job = _wait(client, production, job_id)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "invalid_spec" and "model" in job["error"]["message"]
+
+
+def test_artifacts_are_in_s3(production: Stack, tiny_llama_dir: Path, s3_server: S3Endpoint) -> None:  # noqa: F811
+    client = _client(production)
+    job = _wait(
+        client,
+        production,
+        client.submit({**JOB, "model": str(tiny_llama_dir), "method": "rtn", "method_options": {}})["id"],
+    )
+    bucket = production.env["SWQUANT_STORAGE_URL"].removeprefix("s3://")
+    s3 = s3_server.client()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"jobs/{job['id']}/")["Contents"]}
+    assert keys == {f"jobs/{job['id']}/model.tar", f"jobs/{job['id']}/report.json"}
+    body = s3.get_object(Bucket=bucket, Key=f"jobs/{job['id']}/report.json")["Body"].read()
+    assert b'"method": "rtn"' in body
+
+
+def test_uploaded_dataset_calibrates_a_job(production: Stack, tiny_llama_dir: Path) -> None:
+    client = _client(production)
+    text = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 400).encode()
+    upload = client.http.post("/v1/datasets", files={"file": ("corpus.txt", text)}, data={"name": "orwell"})
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["size"] == len(text)
+    spec = {
+        **JOB,
+        "model": str(tiny_llama_dir),
+        "method": "rtn",
+        "method_options": {},
+        "calibration": {"text": upload.json()["reference"], "n_samples": 4, "seq_len": 32},
+    }
+    job = _wait(client, production, client.submit(spec)["id"])
+    assert job["status"] == "succeeded", job["error"]
+    report = client.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert report["spec"]["calib"]["text"].endswith("corpus.txt")
+
+
+def test_uploads_are_checked_and_limited(production: Stack, tmp_path: Path) -> None:
+    client = _client(production)
+    too_big = b"a" * (int(production.env["SWQUANT_MAX_TEXT_UPLOAD_BYTES"]) + 1)
+    response = client.http.post("/v1/datasets", files={"file": ("big.txt", too_big)}, data={"name": "big"})
+    assert response.status_code == 413
+    binary = client.http.post("/v1/datasets", files={"file": ("x.txt", b"\xff\xfe\x00bin")}, data={"name": "x"})
+    assert binary.status_code == 422 and "UTF-8" in binary.text
+    pickled = tmp_path / "evil.tar.gz"
+    with tarfile.open(pickled, "w:gz") as tar:
+        for name, data in {"m/config.json": b"{}", "m/pytorch_model.bin": b"\x80\x04pickle"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    refused = client.http.post(
+        "/v1/models", files={"file": ("evil.tar.gz", pickled.read_bytes())}, data={"name": "evil"}
+    )
+    assert refused.status_code == 422 and "pytorch_model.bin" in refused.text
+
+
+def test_another_tenant_sees_nothing(production: Stack, tiny_llama_dir: Path) -> None:
+    owner = _client(production)
+    job_id = owner.submit({**JOB, "model": str(tiny_llama_dir), "method": "rtn", "method_options": {}})["id"]
+    other_key = (
+        subprocess.run(
+            [sys.executable, "-m", "api.cli", "create-key", "--tenant", "other"],
+            env=production.env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    other = SWQuantClient(production.url, other_key)
+    for path in (
+        f"/v1/jobs/{job_id}",
+        f"/v1/jobs/{job_id}/events",
+        f"/v1/jobs/{job_id}/artifacts",
+        f"/v1/jobs/{job_id}/artifacts/model.tar",
+    ):
+        assert other.http.get(path).status_code == 404, path
+    assert other.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+    assert job_id not in [j["id"] for j in other.jobs()["items"]]
+    _wait(owner, production, job_id)
+
+
+def test_bad_specs_are_refused_with_the_field_named(production: Stack) -> None:
+    client = _client(production)
+    cases = {
+        "bits": {"model": "m", "bits": 1},
+        "method": {"model": "m", "method": "nope"},
+        "loss": {"model": "m", "loss": "nope"},
+        "loss_options.sw_block_size": {"model": "m", "loss": "mse_sw", "loss_options": {"sw_block_size": 100}},
+        "calibration.n_samples": {"model": "m", "calibration": {"n_samples": -1}},
+        "method_options.epochs": {"model": "m", "method_options": {"epochs": "many"}},
+    }
+    for field, body in cases.items():
+        response = client.http.post("/v1/jobs", json=body)
+        assert response.status_code == 422, (field, response.text)
+        locs = [".".join(str(p) for p in d["loc"][1:]) for d in response.json()["detail"]]
+        assert any(loc.startswith(field) for loc in locs), (field, locs)
+    assert (
+        client.http.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}).status_code
+        == 422
+    )
