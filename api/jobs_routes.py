@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import SessionDep, SettingsDep, TenantDep, get_tenant
 from api.errors import validation_error
 from api.ranges import parse_range
 from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut
@@ -94,10 +94,9 @@ async def submit_job(
     return JobOut.of(job)
 
 
-@router.post("/validate", response_model=JobRequest, tags=["jobs"])
-def validate_job(spec: JobRequest, tenant: TenantDep) -> JobRequest:
+@router.post("/validate", response_model=JobRequest, dependencies=[Depends(get_tenant)])
+def validate_job(spec: JobRequest) -> JobRequest:
     """Check a job spec without submitting it; returns it with every default filled in."""
-    del tenant
     spec.to_job_spec()
     return spec
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, utcnow
 
@@ -171,7 +171,7 @@ def list_jobs(
     labels: dict[str, str] | None = None,
 ) -> Page:
     """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
+    query = select(Job).where(Job.tenant_id == tenant_id).options(selectinload(Job.metrics))
     if statuses:
         query = query.where(Job.status.in_(statuses))
     for key, value in (labels or {}).items():

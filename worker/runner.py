@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from swq_shared.storage import Storage, StorageError
-
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.pipeline import REPORT_NAME, JobHooks, run_job
@@ -24,6 +22,7 @@ from swq_shared.jobs import add_event, claim_job, finish_job, is_cancel_requeste
 from swq_shared.jobspec import UPLOAD_PREFIX, JobRequest
 from swq_shared.models import JobStatus, Upload
 from swq_shared.settings import Settings
+from swq_shared.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,6 @@ class UploadResolver:
         return str(target if kind == "model" else next(target.iterdir()))
 
 
-def _write(settings: Settings, fn, *args: Any) -> None:  # type: ignore[no-untyped-def]
-    with session_scope(settings.resolved_database_url) as session:
-        fn(session, *args)
-
-
 def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
     """Run the job if it is still queued; return its final status (or ``skipped``)."""
     with session_scope(settings.resolved_database_url) as session:
@@ -71,7 +65,7 @@ def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
             core_spec = request.to_job_spec(UploadResolver(settings, storage, tenant_id, workdir), settings.device)
             hooks = JobHooks(
                 on_block=lambda record: _block(settings, job_id, record),
-                on_stage=lambda message: _write(settings, _message, job_id, message),
+                on_stage=lambda message: _message(settings, job_id, message),
                 should_cancel=lambda: _cancel_requested(settings, job_id),
             )
             report = run_job(core_spec, workdir / "out", hooks)
@@ -94,12 +88,14 @@ def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
     return outcome.value
 
 
-def _message(session, job_id: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    add_event(session, job_id, "message", message=message)
+def _message(settings: Settings, job_id: str, message: str) -> None:
+    with session_scope(settings.resolved_database_url) as session:
+        add_event(session, job_id, "message", message=message)
 
 
 def _block(settings: Settings, job_id: str, record: BlockRecord) -> None:
-    _write(settings, record_block, job_id, record.to_dict())
+    with session_scope(settings.resolved_database_url) as session:
+        record_block(session, job_id, record.to_dict())
 
 
 def _cancel_requested(settings: Settings, job_id: str) -> bool:
