@@ -115,6 +115,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from api.app import create_app
     from swq_shared.migrate import upgrade
+    from swq_shared.queue import worker_argv
     from swq_shared.settings import Settings
 
     data_dir = _data_dir(args).resolve()
@@ -153,28 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     upgrade(settings.resolved_database_url)
     key = ensure_local_key(settings.resolved_database_url, data_dir)
     if not args.no_worker:
-        children.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "worker.celery_app",
-                    "worker",
-                    "--loglevel",
-                    "INFO",
-                    "--queues",
-                    settings.queue,
-                    "--concurrency",
-                    "1",
-                    "--max-tasks-per-child",
-                    "1",
-                    "--hostname",
-                    "embedded@%h",
-                ],
-            )
-        )
+        children.append(subprocess.Popen(worker_argv(settings.queue, "embedded@%h")))
     print(f"SWQuant at http://{args.host}:{args.port}  (docs: /docs)", flush=True)
     print(f"API key (also in {data_dir / KEY_FILE}): {key}", flush=True)
     try:

@@ -8,6 +8,7 @@ The job id doubles as the task id, so a job can be revoked without a lookup.
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 from celery import Celery
@@ -49,3 +50,24 @@ def enqueue_job(app: Celery, job_id: str, queue: str | None = None) -> None:
 def revoke_job(app: Celery, job_id: str) -> None:
     """Kill a running job's worker child: the fallback when the between-blocks check is too slow."""
     app.control.revoke(job_id, terminate=True, signal="SIGTERM")
+
+
+def worker_argv(queue: str, hostname: str | None = None) -> list[str]:
+    """The command that runs one worker on ``queue``: one job at a time, a fresh child per job."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--queues",
+        queue,
+        "--concurrency",
+        "1",
+        "--max-tasks-per-child",
+        "1",
+    ]
+    return argv + (["--hostname", hostname] if hostname else [])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from swq_shared.queue import worker_argv
 from tests.s3_server import free_ports
 
 STARTUP_TIMEOUT_S = 90
@@ -72,27 +73,6 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 20) -> None
         process.wait()
 
 
-def worker_command(queue: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--loglevel",
-        "INFO",
-        "--queues",
-        queue,
-        "--concurrency",
-        "1",
-        "--max-tasks-per-child",
-        "1",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-
-
 @contextmanager
 def production_stack(
     workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str]
@@ -141,7 +121,9 @@ def production_stack(
                 logs[0],
             )
         )
-        worker = stack.enter_context(_process(worker_command(env["SWQUANT_QUEUE"]), env, logs[1]))
+        worker = stack.enter_context(
+            _process([*worker_argv(env["SWQUANT_QUEUE"]), "--without-gossip", "--without-mingle"], env, logs[1])
+        )
         _wait_ready(url, [api, worker], logs)
         yield Stack(url, key, env, logs)
 
