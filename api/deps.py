@@ -12,10 +12,15 @@ from swq_shared.auth import tenant_for_key
 from swq_shared.db import session_scope
 from swq_shared.models import Tenant
 from swq_shared.settings import Settings
+from swq_shared.storage import Storage
 
 
 def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
 
 
 def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Iterator[Session]:
@@ -43,3 +48,4 @@ def get_tenant(
 SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]

@@ -13,10 +13,10 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
-from swq_shared.storage import StorageError
 
 from quant_core.errors import ConfigError
 from swq_shared.jobs import InvalidCursorError
+from swq_shared.storage import NotFoundError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,15 @@ def _storage_down(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"storage unavailable: {exc}"}, 503, {"Retry-After": "5"})
 
 
+def _storage_object_missing(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("storage object missing: %s", exc)
+    return JSONResponse({"detail": f"not found in storage: {exc}"}, 404)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ConfigError, _config_error)
     app.add_exception_handler(InvalidCursorError, _cursor_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(InterfaceError, _database_down)
+    app.add_exception_handler(NotFoundError, _storage_object_missing)
     app.add_exception_handler(StorageError, _storage_down)

@@ -7,9 +7,8 @@ from fastapi.responses import JSONResponse
 from kombu import Connection
 from sqlalchemy import text
 
-from api.deps import SettingsDep
+from api.deps import SettingsDep, StorageDep
 from api.schemas import Health
-from swq_shared.artifacts import open_settings_storage
 from swq_shared.db import get_engine
 
 router = APIRouter(tags=["health"])
@@ -22,7 +21,7 @@ def healthz() -> Health:
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
-def readyz(settings: SettingsDep) -> JSONResponse:
+def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         with get_engine(settings.resolved_database_url).connect() as connection:
@@ -37,7 +36,7 @@ def readyz(settings: SettingsDep) -> JSONResponse:
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
     try:
-        open_settings_storage(settings).check()
+        storage.check()
         checks["storage"] = "ok"
     except Exception as exc:
         checks["storage"] = f"unavailable: {exc}"

@@ -11,12 +11,11 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from api.deps import SessionDep, SettingsDep, TenantDep, get_tenant
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
 from api.errors import validation_error
 from api.ranges import parse_range
 from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut
 from swq_shared import jobs
-from swq_shared.artifacts import open_settings_storage
 from swq_shared.jobspec import JobRequest, request_from_lightcompress
 from swq_shared.models import Artifact, Job, JobStatus, Upload
 from swq_shared.queue import enqueue_job, revoke_job
@@ -183,6 +182,7 @@ def download_artifact(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    storage: StorageDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Any:
     """Stream an artifact; honours a single HTTP byte range so large downloads can resume."""
@@ -190,7 +190,6 @@ def download_artifact(
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if artifact is None:
         raise HTTPException(404, f"artifact {name} not found")
-    storage = open_settings_storage(settings)
     if settings.presigned_downloads and (url := storage.presigned_url(artifact.storage_key)):
         return RedirectResponse(url, status_code=307)
     headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{artifact.name}"'}

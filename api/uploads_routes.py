@@ -11,10 +11,11 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from sqlalchemy import select
 
 from api.archives import ArchiveError, model_files, open_members, read_member
-from api.deps import SessionDep, SettingsDep, TenantDep
+from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from api.schemas import UploadOut
-from swq_shared.artifacts import open_settings_storage, upload_prefix
+from swq_shared.artifacts import upload_prefix
 from swq_shared.models import Upload, new_id
+from swq_shared.storage import InvalidKeyError
 
 router = APIRouter(prefix="/v1", tags=["uploads"])
 CHUNK = 1 << 20
@@ -45,11 +46,11 @@ def upload_model(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    storage: StorageDep,
     file: Annotated[UploadFile, File(description="tar, tar.gz or zip of a safetensors model directory")],
     name: NameField,
 ) -> UploadOut:
     _refuse_oversized(request, settings.max_upload_bytes)
-    storage = open_settings_storage(settings)
     upload_id = new_id()
     prefix = upload_prefix(tenant.id, upload_id)
     with tempfile.TemporaryDirectory(prefix="swquant-upload-") as tmp:
@@ -64,7 +65,7 @@ def upload_model(
                     with read_member(member) as handle:
                         total += _copy_limited(handle, extracted, settings.max_upload_bytes)
                     storage.put_file(f"{prefix}/{relative}", extracted)
-        except ArchiveError as exc:
+        except (ArchiveError, InvalidKeyError) as exc:
             storage.delete_prefix(prefix)
             raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc), "type": "value_error"}]) from exc
     upload = Upload(
@@ -81,11 +82,11 @@ def upload_dataset(
     session: SessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
+    storage: StorageDep,
     file: Annotated[UploadFile, File(description="UTF-8 plain text")],
     name: NameField,
 ) -> UploadOut:
     _refuse_oversized(request, settings.max_text_upload_bytes)
-    storage = open_settings_storage(settings)
     upload_id = new_id()
     prefix = upload_prefix(tenant.id, upload_id)
     with tempfile.TemporaryDirectory(prefix="swquant-upload-") as tmp:

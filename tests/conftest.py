@@ -9,6 +9,8 @@ import torch
 
 from tests.tiny_models import build_model, build_tokenizer
 
+pytest_plugins = ["tests.s3_server"]
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

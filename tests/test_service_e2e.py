@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
 from tests.databases import fresh_postgres_database
-from tests.s3_server import S3Endpoint, s3_server  # noqa: F401  (fixture)
+from tests.s3_server import S3Endpoint
 from tests.service_stack import Stack, embedded_stack, production_stack
 from tests.tiny_models import build_model
 
@@ -42,7 +42,7 @@ TIMEOUT_S = 240
 @pytest.fixture(scope="module")
 def production(
     tmp_path_factory: pytest.TempPathFactory,
-    s3_server: S3Endpoint,  # noqa: F811
+    s3_server: S3Endpoint,
 ) -> Iterator[Stack]:
     bucket = f"e2e-{uuid.uuid4().hex[:8]}"
     s3_server.client().create_bucket(Bucket=bucket)
@@ -158,7 +158,7 @@ def test_a_job_that_fails_reports_a_code_and_message(production: Stack) -> None:
     assert job["error"]["code"] == "invalid_spec" and "model" in job["error"]["message"]
 
 
-def test_artifacts_are_in_s3(production: Stack, tiny_llama_dir: Path, s3_server: S3Endpoint) -> None:  # noqa: F811
+def test_artifacts_are_in_s3(production: Stack, tiny_llama_dir: Path, s3_server: S3Endpoint) -> None:
     client = _client(production)
     job = _wait(
         client,

@@ -23,7 +23,7 @@ from swq_shared.storage import (
     StorageError,
     open_storage,
 )
-from tests.s3_server import S3Endpoint, free_ports, s3_server  # noqa: F401  (s3_server is a fixture)
+from tests.s3_server import S3Endpoint, free_ports
 
 DATA = random.Random(0).randbytes(4096)
 LAST = len(DATA) - 1
@@ -38,7 +38,7 @@ RANGES = {  # (start, inclusive end), as an HTTP Range header gives them
 
 
 @pytest.fixture
-def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:  # noqa: F811  (the fixture)
+def s3_env(s3_server: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoint:
     """The test server's credentials in the environment, where S3Storage reads them as in production."""
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
