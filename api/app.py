@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
-from api import health_routes, jobs_routes, uploads_routes
+from api import dashboard, health_routes, jobs_routes, uploads_routes
 from api.errors import install_error_handlers
 from swq_shared.artifacts import open_settings_storage
 from swq_shared.queue import make_celery
@@ -29,4 +29,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_routes.router)
     app.include_router(jobs_routes.router)
     app.include_router(uploads_routes.router)
+    dashboard.install_dashboard(app)
     return app

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from fastapi.responses import RedirectResponse, StreamingResponse
-from kombu.exceptions import OperationalError as KombuOperationalError
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
-from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
 from api.errors import validation_error
-from api.ranges import parse_range
 from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut
+from api.submission import artifact_response, own_job, submit_job_request
 from swq_shared import jobs
 from swq_shared.jobspec import JobRequest, request_from_lightcompress
-from swq_shared.models import Artifact, Job, JobStatus, Upload
-from swq_shared.queue import enqueue_job, revoke_job
+from swq_shared.models import JobStatus
+from swq_shared.queue import revoke_job
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -47,21 +43,6 @@ async def _parse_request(request: Request) -> JobRequest:
         raise validation_error(exc) from exc
 
 
-def _own_job(session: SessionDep, tenant: TenantDep, job_id: str) -> Job:
-    """The caller's job; another tenant's job is reported missing, not forbidden (no existence leak)."""
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
-        raise HTTPException(404, f"job {job_id} not found")
-    return job
-
-
-def _check_uploads(session: SessionDep, tenant: TenantDep, spec: JobRequest) -> None:
-    for upload_id in spec.upload_ids():
-        upload = session.get(Upload, upload_id)
-        if upload is None or upload.tenant_id != tenant.id:
-            raise HTTPException(422, f"upload:{upload_id} not found among your uploads")
-
-
 @router.post("", status_code=201, response_model=JobOut, openapi_extra=_BODY_SCHEMA)
 async def submit_job(
     request: Request,
@@ -72,24 +53,9 @@ async def submit_job(
 ) -> JobOut:
     """Queue a job. Retrying with the same ``Idempotency-Key`` returns the same job (200)."""
     spec = await _parse_request(request)
-    spec.to_job_spec()  # semantic checks (method, loss and their options) before anything is stored
-    _check_uploads(session, tenant, spec)
-    job, created = jobs.create_job(session, tenant.id, spec.model_dump(mode="json"), spec.metadata, idempotency_key)
-    session.commit()
-    if created or job.status == JobStatus.queued.value:
-        # Re-sending a still-queued job is harmless: only one worker can claim it.
-        try:
-            enqueue_job(request.app.state.celery, job.id, job.spec.get("queue"))
-        except KombuOperationalError as exc:
-            log.warning("queue unavailable for job %s: %s", job.id, exc)
-            raise HTTPException(
-                503,
-                f"job {job.id} is stored but the queue is unavailable; retry with the same Idempotency-Key",
-                {"Retry-After": "5"},
-            ) from exc
+    job, created = submit_job_request(request.app.state.celery, session, tenant, spec, idempotency_key)
     if not created:
         response.status_code = 200
-    session.refresh(job)
     return JobOut.of(job)
 
 
@@ -123,7 +89,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return JobOut.of(_own_job(session, tenant, job_id))
+    return JobOut.of(own_job(session, tenant, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
@@ -135,7 +101,7 @@ def cancel_job(
     force: Annotated[bool, Query(description="also kill the worker process at once")] = False,
 ) -> JobOut:
     """Cancel: a queued job at once; a running one stops after its current block (or now, with force)."""
-    job = _own_job(session, tenant, job_id)
+    job = own_job(session, tenant, job_id)
     try:
         job = jobs.request_cancel(session, job)
     except jobs.JobStateError as exc:
@@ -156,14 +122,14 @@ def job_events(
     cursor: Annotated[int, Query(ge=0, description="last event id seen; 0 for the start")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
-    _own_job(session, tenant, job_id)
+    own_job(session, tenant, job_id)
     page = jobs.list_events(session, job_id, after=cursor, limit=limit)
     return EventList(items=[EventOut.of(e) for e in page.items], next_cursor=page.next_cursor, has_more=page.has_more)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
 def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
-    job = _own_job(session, tenant, job_id)
+    job = own_job(session, tenant, job_id)
     return [ArtifactOut.of(a) for a in sorted(job.artifacts, key=lambda a: a.name)]
 
 
@@ -186,18 +152,4 @@ def download_artifact(
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Any:
     """Stream an artifact; honours a single HTTP byte range so large downloads can resume."""
-    _own_job(session, tenant, job_id)
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
-    if artifact is None:
-        raise HTTPException(404, f"artifact {name} not found")
-    if settings.presigned_downloads and (url := storage.presigned_url(artifact.storage_key)):
-        return RedirectResponse(url, status_code=307)
-    headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{artifact.name}"'}
-    span = parse_range(range_header, artifact.size)
-    if span is None:
-        headers["Content-Length"] = str(artifact.size)
-        return StreamingResponse(storage.iter_range(artifact.storage_key), 200, headers, artifact.content_type)
-    start, end = span
-    headers["Content-Range"] = f"bytes {start}-{end}/{artifact.size}"
-    headers["Content-Length"] = str(end - start + 1)
-    return StreamingResponse(storage.iter_range(artifact.storage_key, start, end), 206, headers, artifact.content_type)
+    return artifact_response(session, tenant, settings, storage, job_id, name, range_header)

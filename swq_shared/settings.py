@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     max_upload_files: int = 1000
     max_text_upload_bytes: int = 512 * 2**20
     trust_remote_code: bool = False
+    secret_key: str | None = Field(default=None, description="signs dashboard sessions; default: random per process")
     device: str = "cpu"
 
     @property

@@ -1,0 +1,405 @@
+"""What the dashboard's pages show, built from the same business functions as the REST API.
+
+Nothing here touches SQL: jobs, events and their ownership come from ``swq_shared.jobs`` and the
+API's own lookups; the submit form is turned into the same ``JobRequest`` and refused with the same
+field paths (pydantic ``loc`` and quant_core ``ConfigError.field``) the API answers with in a 422.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, get_args
+
+from fastapi import HTTPException
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api.submission import own_job
+from quant_core.errors import ConfigError
+from quant_core.losses import LOSSES
+from quant_core.methods import METHODS
+from swq_shared import jobs
+from swq_shared.jobspec import JobRequest
+from swq_shared.models import Job, JobStatus, Tenant, utcnow
+
+log = logging.getLogger(__name__)
+
+SORTS = {"created": "newest first", "duration": "longest first", "ppl": "lowest perplexity after first"}
+LIST_LIMIT = 100
+PPL_PREFIX = "perplexity."
+NOTICES = {
+    "cancel-requested": "Cancellation requested: a queued job stops at once, a running one after its current block.",
+    "already-finished": "This job had already finished; nothing was cancelled.",
+}
+
+
+class PageError(Exception):
+    """An error page (404 for another tenant's job, 503 for a queue that is down...)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+class LoginRequired(Exception):
+    """No valid browser session: the user is sent to the login page and back to ``next_url``."""
+
+    def __init__(self, next_url: str) -> None:
+        super().__init__(next_url)
+        self.next_url = next_url
+
+
+# --- submitting ------------------------------------------------------------------------------------
+
+
+# --- the submit form -------------------------------------------------------------------------------
+
+INT_FIELDS = ("bits", "seed", "calibration.n_samples", "calibration.seq_len")
+OPTIONAL_INT_FIELDS = ("group_size", "evaluation.seq_len", "evaluation.max_windows")
+JSON_FIELDS = ("method_options", "loss_options", "metadata")
+TEXT_FIELDS = ("model", "method", "loss", "calibration.text", "queue")
+FORM_FIELDS = (
+    *TEXT_FIELDS,
+    *INT_FIELDS,
+    *OPTIONAL_INT_FIELDS,
+    *JSON_FIELDS,
+    "symmetric",
+    "evaluation.texts",
+    "export_formats",
+)
+EXPORT_FORMATS: tuple[str, ...] = get_args(get_args(JobRequest.model_fields["export_formats"].annotation)[0])
+
+
+def form_choices() -> dict[str, list[str]]:
+    """Names the registries know today: a method or loss added to quant_core shows up here by itself."""
+    return {"method": sorted(METHODS), "loss": list(LOSSES), "export_formats": list(EXPORT_FORMATS)}
+
+
+def form_defaults() -> dict[str, Any]:
+    """The form's initial values: JobRequest's own defaults, so the form and the API never disagree."""
+    spec = JobRequest(model="-").model_dump(mode="json")
+    values = form_values_of(spec)
+    values["model"] = ""
+    return values
+
+
+def form_values_of(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored job spec as form values, to submit it again with changes."""
+    calibration, evaluation = spec["calibration"], spec["evaluation"]
+    return {
+        "model": spec["model"],
+        "bits": str(spec["bits"]),
+        "group_size": "" if spec["group_size"] is None else str(spec["group_size"]),
+        "symmetric": bool(spec["symmetric"]),
+        "method": spec["method"],
+        "method_options": json.dumps(spec["method_options"]) if spec["method_options"] else "",
+        "loss": spec["loss"],
+        "loss_options": json.dumps(spec["loss_options"]) if spec["loss_options"] else "",
+        "calibration.text": calibration["text"],
+        "calibration.n_samples": str(calibration["n_samples"]),
+        "calibration.seq_len": str(calibration["seq_len"]),
+        "evaluation.texts": ", ".join(evaluation["texts"]),
+        "evaluation.seq_len": "" if evaluation["seq_len"] is None else str(evaluation["seq_len"]),
+        "evaluation.max_windows": "" if evaluation["max_windows"] is None else str(evaluation["max_windows"]),
+        "export_formats": list(spec["export_formats"]),
+        "seed": str(spec["seed"]),
+        "metadata": json.dumps(spec["metadata"]) if spec["metadata"] else "",
+        "queue": spec["queue"] or "",
+    }
+
+
+def form_values(form: Mapping[str, Any], export_formats: list[str]) -> dict[str, Any]:
+    """What the user typed, to show again next to the errors."""
+    values: dict[str, Any] = {name: str(form.get(name, "")).strip() for name in FORM_FIELDS}
+    values["symmetric"] = form.get("symmetric") is not None
+    values["export_formats"] = export_formats
+    return values
+
+
+def _nest(body: dict[str, Any], path: str, value: Any) -> None:
+    head, _, rest = path.partition(".")
+    if rest:
+        body.setdefault(head, {})[rest] = value
+    else:
+        body[head] = value
+
+
+def request_from_form(values: Mapping[str, Any]) -> tuple[JobRequest | None, dict[str, str]]:
+    """A JobRequest from the form's values, or the errors keyed by form field ("" for the whole form).
+
+    Integers are passed as typed so that pydantic's own messages and ``loc`` apply; an empty optional
+    field means null (group size: per channel), an empty required one its default.
+    """
+    body: dict[str, Any] = {"symmetric": bool(values.get("symmetric")), "export_formats": values["export_formats"]}
+    errors: dict[str, str] = {}
+    for name in TEXT_FIELDS + INT_FIELDS:
+        if values.get(name):
+            _nest(body, name, values[name])
+    for name in OPTIONAL_INT_FIELDS:
+        raw = values.get(name, "")
+        empty = raw == "" or (name == "group_size" and raw in ("0", "-1"))
+        _nest(body, name, None if empty else raw)
+    for name in JSON_FIELDS:
+        raw = values.get(name, "")
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as exc:
+            errors[name] = f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            continue
+        if not isinstance(parsed, dict):
+            errors[name] = 'must be a JSON object, e.g. {"key": "value"}'
+            continue
+        body[name] = parsed
+    texts = [t.strip() for t in str(values.get("evaluation.texts", "")).split(",") if t.strip()]
+    if texts:
+        _nest(body, "evaluation.texts", texts)
+    if errors:
+        return None, errors
+    try:
+        spec = JobRequest.model_validate(body)
+        spec.to_job_spec()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            errors.setdefault(form_field_for(error["loc"]), error["msg"])
+        return None, errors
+    except ConfigError as exc:
+        return None, {form_field_for(tuple(exc.field.split(".")) if exc.field else ()): str(exc)}
+    return spec, {}
+
+
+def form_field_for(loc: Iterable[Any]) -> str:
+    """The form field an error path belongs to (``loss_options.sw_block_size`` -> ``loss_options``)."""
+    parts = [str(p) for p in loc if p != "body"]
+    for size in range(len(parts), 0, -1):
+        name = ".".join(parts[:size])
+        if name in FORM_FIELDS:
+            return name
+    return ""
+
+
+# --- jobs as rows ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as the list and the compare view show it."""
+
+    id: str
+    status: str
+    model: str
+    method: str
+    loss: str
+    bits: int
+    group_size: int | None
+    labels: dict[str, Any]
+    created_at: datetime
+    duration_s: float | None
+    blocks_done: int
+    num_blocks: int | None
+    ppl: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    @property
+    def first_ppl(self) -> tuple[str, float | None, float | None]:
+        if not self.ppl:
+            return "", None, None
+        text, (before, after) = next(iter(self.ppl.items()))
+        return text, before, after
+
+    @property
+    def terminal(self) -> bool:
+        return JobStatus(self.status).terminal
+
+
+def job_row(job: Job, now: datetime | None = None) -> JobRow:
+    spec = job.spec
+    metrics = {m.name: m.value for m in job.metrics}
+    texts = list(spec.get("evaluation", {}).get("texts", []))
+    texts += [n.split(".", 2)[2] for n in metrics if n.startswith(PPL_PREFIX) and n.split(".", 2)[2] not in texts]
+    ppl = {
+        text: (metrics.get(f"{PPL_PREFIX}before.{text}"), metrics.get(f"{PPL_PREFIX}after.{text}")) for text in texts
+    }
+    end = job.finished_at or (now or utcnow())
+    return JobRow(
+        id=job.id,
+        status=job.status,
+        model=str(spec.get("model", "")),
+        method=str(spec.get("method", "")),
+        loss=str(spec.get("loss", "")),
+        bits=int(spec.get("bits", 0)),
+        group_size=spec.get("group_size"),
+        labels=dict(job.labels or {}),
+        created_at=job.created_at,
+        duration_s=(end - job.started_at).total_seconds() if job.started_at else None,
+        blocks_done=job.blocks_done,
+        num_blocks=job.num_blocks,
+        ppl={t: v for t, v in ppl.items() if v != (None, None)},
+    )
+
+
+def parse_label_filter(text: str) -> tuple[dict[str, str], str | None]:
+    """``team=nlp, run=3`` -> labels; an error message for a pair without '='."""
+    labels: dict[str, str] = {}
+    for item in text.replace(",", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return {}, f"'{item}' is not KEY=VALUE"
+        labels[key] = value
+    return labels, None
+
+
+def list_job_rows(
+    session: Session, tenant: Tenant, status: str, labels: dict[str, str], sort: str, cursor: str | None
+) -> tuple[list[JobRow], str | None]:
+    """One page of the tenant's jobs (newest first, as the API pages them), sorted for display."""
+    statuses = [status] if status in JobStatus.__members__ else []
+    page = jobs.list_jobs(session, tenant.id, limit=LIST_LIMIT, cursor=cursor, statuses=statuses, labels=labels)
+    rows = [job_row(j) for j in page.items]
+    if sort == "duration":
+        rows.sort(key=lambda r: -(r.duration_s or -1))
+    elif sort == "ppl":
+        rows.sort(key=lambda r: (r.first_ppl[2] is None, r.first_ppl[2] or 0.0))
+    return rows, page.next_cursor
+
+
+# --- one job ---------------------------------------------------------------------------------------
+
+
+def owned_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    """The tenant's job; another tenant's is missing (404), as in the REST API."""
+    try:
+        return own_job(session, tenant, job_id)
+    except HTTPException as exc:
+        raise PageError(exc.status_code, str(exc.detail)) from exc
+
+
+def job_events(session: Session, job_id: str) -> list[dict[str, Any]]:
+    """The job's whole event log, oldest first."""
+    events: list[dict[str, Any]] = []
+    cursor = 0
+    while True:
+        page = jobs.list_events(session, job_id, after=cursor, limit=1000)
+        events += [{"id": e.id, "kind": e.kind, "at": e.created_at, "data": e.data} for e in page.items]
+        cursor = int(page.next_cursor)
+        if not page.has_more:
+            return events
+
+
+def block_records(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last record per block (a resumed job may report a block twice), in block order."""
+    latest = {e["data"]["index"]: e["data"] for e in events if e["kind"] == "block"}
+    return [latest[i] for i in sorted(latest)]
+
+
+def event_summary(event: dict[str, Any]) -> str:
+    data = event["data"]
+    if event["kind"] == "status":
+        detail = f": {data['error_code']}: {data.get('error_message', '')}" if data.get("error_code") else ""
+        worker = f" on {data['worker']}" if data.get("worker") else ""
+        return f"{data.get('status')}{worker}{detail}"
+    if event["kind"] == "block":
+        return (
+            f"block {data['index'] + 1}/{data['num_blocks']}: loss {data['loss_before']:.4g} → "
+            f"{data['loss_after']:.4g}, {data['seconds']:.2f} s"
+        )
+    return str(data.get("message", json.dumps(data, default=str)))
+
+
+def chart(x: list[int], series: list[dict[str, Any]], y_label: str, log_scale: bool = True) -> dict[str, Any]:
+    """The data a uPlot chart is drawn from; a log axis only when every value is positive."""
+    values = [v for s in series for v in s["values"] if v is not None]
+    return {"x": x, "series": series, "y_label": y_label, "log": log_scale and bool(values) and min(values) > 0}
+
+
+def job_charts(blocks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    x = [b["index"] for b in blocks]
+    return {
+        "loss": chart(
+            x,
+            [
+                {"label": "after calibration", "values": [b["loss_after"] for b in blocks], "color": 0},
+                {"label": "with RTN weights", "values": [b["loss_before"] for b in blocks], "color": 1, "dash": True},
+            ],
+            "loss",
+        ),
+        "mse": chart(
+            x,
+            [
+                {"label": "after calibration", "values": [b["mse_after"] for b in blocks], "color": 0},
+                {"label": "with RTN weights", "values": [b["mse_before"] for b in blocks], "color": 1, "dash": True},
+            ],
+            "MSE",
+        ),
+    }
+
+
+# --- comparing runs --------------------------------------------------------------------------------
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"calibration": {"seq_len": 32}}`` -> ``{"calibration.seq_len": 32}``; an empty mapping adds nothing."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def spec_diff(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every spec field as a row of values per run, ``differs`` set where the runs disagree (those first)."""
+    flat = [flatten(s) for s in specs]
+    rows = []
+    for name in sorted({name for f in flat for name in f}):
+        values = [f.get(name) for f in flat]
+        shown = ["—" if v is None else json.dumps(v) if isinstance(v, list | dict | bool) else str(v) for v in values]
+        rows.append({"field": name, "values": shown, "differs": len(set(shown)) > 1})
+    return sorted(rows, key=lambda r: not r["differs"])
+
+
+LABEL_FIELDS = ("method", "loss", "bits", "group_size", "symmetric")
+
+
+def run_labels(rows: list[JobRow], diff: list[dict[str, Any]], fields: int = 3) -> list[str]:
+    """Short legend names: the job id and what sets the run apart (``3f2a1c0b loss=mse_sw``)."""
+    differing = [d for d in diff if d["differs"] and not d["field"].startswith("metadata")]
+    differing.sort(key=lambda d: LABEL_FIELDS.index(d["field"]) if d["field"] in LABEL_FIELDS else len(LABEL_FIELDS))
+    labels = []
+    for i, row in enumerate(rows):
+        parts = [f"{d['field'].split('.')[-1]}={d['values'][i]}" for d in differing if d["values"][i] != "—"]
+        labels.append(" ".join([row.short_id, *parts[:fields]]))
+    return labels
+
+
+def compare_charts(runs: list[list[dict[str, Any]]], labels: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-block curves of several runs on one x axis (block index); a missing block is a gap."""
+    x = sorted({b["index"] for blocks in runs for b in blocks})
+
+    def aligned(blocks: list[dict[str, Any]], key: str) -> list[float | None]:
+        by_index = {b["index"]: b[key] for b in blocks}
+        return [by_index.get(i) for i in x]
+
+    named = list(enumerate(zip(labels, runs, strict=True)))
+    mse = [{"label": label, "values": aligned(blocks, "mse_after"), "color": i} for i, (label, blocks) in named]
+    mse += [
+        {"label": f"{label} (RTN)", "values": aligned(blocks, "mse_before"), "color": i, "dash": True}
+        for i, (label, blocks) in named
+    ]
+    loss = [{"label": label, "values": aligned(blocks, "loss_after"), "color": i} for i, (label, blocks) in named]
+    return {"mse": chart(x, mse, "MSE"), "loss": chart(x, loss, "loss")}
+
+
+def ppl_table(rows: list[JobRow]) -> list[dict[str, Any]]:
+    """One row per evaluation text, one (before, after) pair per run."""
+    texts: list[str] = []
+    for row in rows:
+        texts += [t for t in row.ppl if t not in texts]
+    return [{"text": t, "values": [row.ppl.get(t, (None, None)) for row in rows]} for t in texts]
