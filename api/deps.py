@@ -28,8 +28,13 @@ def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Ite
         yield session
 
 
+# "function" scope: the transaction commits before the response is sent, so a client that acts on
+# the response (submits a job naming a fresh upload, reads a cancelled job) sees what it was told.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
 def get_tenant(
-    session: Annotated[Session, Depends(get_session)],
+    session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> Tenant:
@@ -45,7 +50,6 @@ def get_tenant(
     return tenant
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
