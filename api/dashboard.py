@@ -174,9 +174,19 @@ def logout(viewer: ViewerDep, csrf_token: Annotated[str, Form()] = "") -> Redire
 # --- job list --------------------------------------------------------------------------------------
 
 
-def _list_context(
-    session: SessionDep, viewer: Viewer, status: str, label: str, sort: str, ids: list[str], cursor: str | None
+ListQuery = Annotated[str, Query(max_length=200)]
+
+
+def list_context(
+    session: SessionDep,
+    viewer: ViewerDep,
+    status: ListQuery = "",
+    label: ListQuery = "",
+    sort: ListQuery = "created",
+    ids: Annotated[list[str] | None, Query()] = None,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
 ) -> dict[str, Any]:
+    """The job list's filters and rows, shared by the page and its live-refreshed table fragment."""
     labels, label_error = views.parse_label_filter(label)
     sort = sort if sort in views.SORTS else "created"
     rows, next_cursor = (
@@ -188,43 +198,23 @@ def _list_context(
         "filters": query,
         "label_error": label_error,
         "sorts": views.SORTS,
-        "selected": set(ids),
+        "selected": set(ids or []),
         "cursor": cursor,
         "next_url": f"{PREFIX}/jobs?{urlencode({**query, 'cursor': next_cursor})}" if next_cursor else None,
         "live": any(not r.terminal for r in rows) or cursor is None,
     }
 
 
-ListQuery = Annotated[str, Query(max_length=200)]
+ListContext = Annotated[dict[str, Any], Depends(list_context)]
 
 
 @router.get("/jobs", response_class=HTMLResponse)
-def job_list(
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    status: ListQuery = "",
-    label: ListQuery = "",
-    sort: ListQuery = "created",
-    ids: Annotated[list[str] | None, Query()] = None,
-    cursor: Annotated[str | None, Query(max_length=400)] = None,
-) -> HTMLResponse:
-    context = _list_context(session, viewer, status, label, sort, ids or [], cursor)
+def job_list(request: Request, viewer: ViewerDep, context: ListContext) -> HTMLResponse:
     return render(request, "jobs.html", context, viewer)
 
 
 @router.get("/jobs/table", response_class=HTMLResponse)
-def job_table(
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    status: ListQuery = "",
-    label: ListQuery = "",
-    sort: ListQuery = "created",
-    ids: Annotated[list[str] | None, Query()] = None,
-    cursor: Annotated[str | None, Query(max_length=400)] = None,
-) -> HTMLResponse:
-    context = _list_context(session, viewer, status, label, sort, ids or [], cursor)
+def job_table(request: Request, viewer: ViewerDep, context: ListContext) -> HTMLResponse:
     return render(request, "_jobs_table.html", context, viewer)
 
 

@@ -40,6 +40,18 @@ def _copy_limited(source: BinaryIO, target: Path, limit: int) -> int:
     return written
 
 
+def _file_error(message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, naming the uploaded file field."""
+    return HTTPException(422, [{"loc": ["body", "file"], "msg": message, "type": "value_error"}])
+
+
+def _record(session: SessionDep, upload: Upload) -> UploadOut:
+    """Register an upload once its files are all in storage, so a listed upload is always complete."""
+    session.add(upload)
+    session.flush()
+    return UploadOut.of(upload)
+
+
 @router.post("/models", status_code=201, response_model=UploadOut)
 def upload_model(
     request: Request,
@@ -67,13 +79,19 @@ def upload_model(
                     storage.put_file(f"{prefix}/{relative}", extracted)
         except (ArchiveError, InvalidKeyError) as exc:
             storage.delete_prefix(prefix)
-            raise HTTPException(422, [{"loc": ["body", "file"], "msg": str(exc), "type": "value_error"}]) from exc
-    upload = Upload(
-        id=upload_id, tenant_id=tenant.id, kind="model", name=name, storage_prefix=prefix, size=total, files=len(files)
+            raise _file_error(str(exc)) from exc
+    return _record(
+        session,
+        Upload(
+            id=upload_id,
+            tenant_id=tenant.id,
+            kind="model",
+            name=name,
+            storage_prefix=prefix,
+            size=total,
+            files=len(files),
+        ),
     )
-    session.add(upload)
-    session.flush()
-    return UploadOut.of(upload)
 
 
 @router.post("/datasets", status_code=201, response_model=UploadOut)
@@ -94,17 +112,15 @@ def upload_dataset(
         size = _copy_limited(file.file, text, settings.max_text_upload_bytes)
         _require_utf8_text(text, size)
         storage.put_file(f"{prefix}/corpus.txt", text)
-    upload = Upload(
-        id=upload_id, tenant_id=tenant.id, kind="dataset", name=name, storage_prefix=prefix, size=size, files=1
+    return _record(
+        session,
+        Upload(id=upload_id, tenant_id=tenant.id, kind="dataset", name=name, storage_prefix=prefix, size=size, files=1),
     )
-    session.add(upload)
-    session.flush()
-    return UploadOut.of(upload)
 
 
 def _require_utf8_text(path: Path, size: int) -> None:
     if size == 0:
-        raise HTTPException(422, [{"loc": ["body", "file"], "msg": "the text is empty", "type": "value_error"}])
+        raise _file_error("the text is empty")
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
         with path.open("rb") as handle:
@@ -114,9 +130,7 @@ def _require_utf8_text(path: Path, size: int) -> None:
                 decoder.decode(chunk)
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as exc:
-        raise HTTPException(
-            422, [{"loc": ["body", "file"], "msg": "the text must be UTF-8 plain text", "type": "value_error"}]
-        ) from exc
+        raise _file_error("the text must be UTF-8 plain text") from exc
 
 
 def _list(session: SessionDep, tenant_id: str, kind: str) -> list[UploadOut]:
