@@ -99,7 +99,7 @@ def run_job(spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None) -> dict
     ppl_after = evaluate()
     eval_seconds += time.perf_counter() - eval_started
 
-    hooks.stage(f"saving to {out_dir}")
+    hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = save_fake_quant(model, tokenizer, out_dir)
     report = {
