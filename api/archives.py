@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -26,7 +26,7 @@ class ArchiveError(ValueError):
 class Member:
     name: str  # normalised relative path inside the model directory
     size: int
-    open: object  # zero-argument callable returning a binary file object
+    open: Callable[[], IO[bytes] | None]
 
 
 def _clean_name(raw: str) -> str:
@@ -89,7 +89,7 @@ def model_files(members: list[Member], max_files: int, max_bytes: int) -> list[t
 
 
 def read_member(member: Member) -> IO[bytes]:
-    handle = member.open()  # type: ignore[operator]
+    handle = member.open()
     if handle is None:
         raise ArchiveError(f"{member.name}: cannot be read")
     return handle

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,22 +204,10 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def _has_overrides(args: argparse.Namespace) -> bool:
-    flags = (
-        "model",
-        "method",
-        "bits",
-        "group_size",
-        "symmetric",
-        "loss",
-        "calib",
-        "n_samples",
-        "seq_len",
-        "eval",
-        "eval_seq_len",
-        "eval_max_windows",
-        "seed",
+    """Whether any job flag was given beside ``--config`` (then the flags win and JSON is sent)."""
+    return any(getattr(args, f, None) is not None for f in core_cli.DEFAULTS) or bool(
+        args.loss_opt or args.method_opt or args.label
     )
-    return any(getattr(args, f) is not None for f in flags) or bool(args.loss_opt or args.method_opt or args.label)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -298,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", type=Path)
     t.set_defaults(handler=stop)
 
-    def client_command(name: str, help_text: str, handler) -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def client_command(
+        name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
         c = commands.add_parser(name, help=help_text)
         c.add_argument("--server", default=os.environ.get("SWQUANT_SERVER", DEFAULT_SERVER))
         c.add_argument("--api-key")

@@ -98,7 +98,7 @@ class OmniQuant(QuantMethod):
         return init.clone().requires_grad_(True), init.clone().requires_grad_(True)
 
     def _clipped(self, weight: Tensor, low_logit: Tensor, high_logit: Tensor, ste: bool) -> Tensor:
-        reference = torch.sigmoid(torch.tensor(float(self.options.init_logit)))
+        reference = 1.0 / (1.0 + math.exp(-self.options.init_logit))  # sigmoid(theta0): factor 1 at init
         low = torch.sigmoid(low_logit) / reference
         high = torch.sigmoid(high_logit) / reference
         return fake_quantize(weight.float(), self.spec, low, high, ste=ste).to(weight.dtype)
