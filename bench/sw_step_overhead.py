@@ -36,7 +36,7 @@ def step_ms(block: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     trained = copy.deepcopy(block)
     method = build_method("omniquant", QuantSpec(bits=3, group_size=64), build_loss(loss), {"epochs": 1})
     data = BlockData(
-        0, inputs, targets, lambda x, o: run_block(trained, x, kwargs, o), torch.Generator().manual_seed(0)
+        0, 1, inputs, targets, lambda x, o: run_block(trained, x, kwargs, o), torch.Generator().manual_seed(0)
     )
     started = time.perf_counter()
     method.calibrate(trained, data)

@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "bits": 4,
     "group_size": 128,
     "symmetric": False,
-    "loss": "mse",
+    "loss": None,
     "calib": "austen",
     "n_samples": 128,
     "seq_len": 512,

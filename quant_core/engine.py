@@ -154,6 +154,7 @@ def calibrate_blocks(
     """
     model.eval()
     blocks = find_decoder_blocks(model)
+    method.check(blocks)
     captured = capture_block_inputs(model, windows, device)
     kwargs = captured.kwargs
     fp_inputs, q_inputs = captured.hidden, captured.hidden.clone()
@@ -174,6 +175,7 @@ def calibrate_blocks(
         method.loss.reseed(block_seed)
         data = BlockData(
             index=index,
+            num_blocks=len(blocks),
             inputs=q_inputs,
             targets=targets,
             forward=lambda h, overrides, block=block: run_block(block, h, kwargs, overrides),

@@ -10,6 +10,7 @@ from typing import Any
 from quant_core.errors import ConfigError
 from quant_core.losses import BLOCK_SIZE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
+from quant_core.methods.base import method_class
 from quant_core.quantizer import QuantSpec
 
 
@@ -70,7 +71,7 @@ class JobSpec:
     quant: QuantSpec = field(default_factory=QuantSpec)
     method: str = "omniquant"
     method_options: Mapping[str, Any] = field(default_factory=dict)
-    loss: str = "mse"
+    loss: str | None = None  # None: the method's own default (l2 for TesseraQ, mse otherwise)
     loss_options: Mapping[str, Any] = field(default_factory=dict)
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -83,6 +84,8 @@ class JobSpec:
             raise ConfigError("seed must be an integer", "seed")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
+        if self.loss is None:
+            object.__setattr__(self, "loss", method_class(self.method).default_loss)
         block_size = self.loss_options.get("sw_block_size")
         if isinstance(block_size, int) and block_size > 0 and self.calib.seq_len % block_size:
             raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")

@@ -21,6 +21,7 @@ from quant_core.corpus import calibration_windows, evaluation_windows, resolve_t
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.job import JobSpec
 from quant_core.model_io import load_model, save_fake_quant
+from quant_core.model_structure import find_decoder_blocks
 from quant_core.perplexity import perplexity
 
 REPORT_NAME = "report.json"
@@ -60,6 +61,7 @@ def run_job(spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None) -> dict
 
     hooks.stage(f"loading {spec.model}")
     model, tokenizer = load_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    method.check(find_decoder_blocks(model))
     windows = calibration_windows(
         tokenize_file(tokenizer, calib_path), spec.calib.n_samples, spec.calib.seq_len, spec.seed
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from quant_core.errors import ConfigError
+from quant_core.job import JobSpec
 from quant_core.losses import build_loss
 from quant_core.methods import METHODS, build_method
 from quant_core.quantizer import QuantSpec
@@ -22,21 +23,56 @@ def test_explicit_epochs_override_the_schedule() -> None:
 
 
 def test_unknown_method_lists_the_registered_ones() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown quantization method: gptq9\. Valid methods: omniquant, rtn"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown quantization method: gptq9\. Valid methods: awq, gptq, normtweak, omniquant, rtn"
+    ):
         build_method("gptq9", QuantSpec(), build_loss("mse"))
-    assert {"rtn", "omniquant"} <= set(METHODS)
+    assert set(METHODS) == {"awq", "gptq", "normtweak", "omniquant", "rtn", "tesseraq"}
 
 
 @pytest.mark.parametrize(
-    ("options", "field"),
-    [({"epochs": 2.5}, "epochs"), ({"lr": 0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"momentum": 1}, "momentum")],
+    ("method", "options", "field"),
+    [
+        ("omniquant", {"epochs": 2.5}, "epochs"),
+        ("omniquant", {"lr": 0}, "lr"),
+        ("omniquant", {"batch_size": 0}, "batch_size"),
+        ("omniquant", {"momentum": 1}, "momentum"),
+        ("omniquant", {"init_logit": float("nan")}, "init_logit"),
+        ("gptq", {"damp": -0.1}, "damp"),
+        ("gptq", {"block_size": 0}, "block_size"),
+        ("gptq", {"act_order": "yes"}, "act_order"),
+        ("awq", {"n_grid": 0}, "n_grid"),
+        ("awq", {"max_shrink": 1.5}, "max_shrink"),
+        ("awq", {"search_samples": None}, "search_samples"),
+        ("normtweak", {"base": "awq"}, "base"),
+        ("normtweak", {"depth_scale": -1}, "depth_scale"),
+        ("tesseraq", {"rounds": 0}, "rounds"),
+        ("tesseraq", {"init": "omniquant"}, "init"),
+        ("tesseraq", {"scale_lr": True}, "scale_lr"),
+    ],
 )
-def test_bad_omniquant_options_name_the_field(options: dict, field: str) -> None:
+def test_bad_options_name_the_field(method: str, options: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        build_method("omniquant", QuantSpec(), build_loss("mse"), options)
+        build_method(method, QuantSpec(), build_loss("mse"), options)
     assert info.value.field == field
 
 
 def test_rtn_takes_no_options() -> None:
     with pytest.raises(ConfigError, match=r"Unknown method option: epochs\. Valid options: none"):
         build_method("rtn", QuantSpec(), build_loss("mse"), {"epochs": 1})
+
+
+def test_each_method_has_a_default_loss_for_jobs_that_name_none() -> None:
+    assert JobSpec(model="m", method="tesseraq").loss == "l2"
+    assert JobSpec(model="m", method="gptq").loss == "mse"
+    assert JobSpec(model="m", method="tesseraq", loss="l2_sw").loss == "l2_sw"
+    with pytest.raises(ConfigError) as info:
+        JobSpec(model="m", method="nope")
+    assert info.value.field == "method"
+
+
+def test_normtweak_learning_rate_grows_linearly_with_depth() -> None:
+    method = build_method("normtweak", QuantSpec(), build_loss("mse"), {"lr": 1e-4, "depth_scale": 4.0})
+    assert method.learning_rate(0, 5) == pytest.approx(1e-4)
+    assert method.learning_rate(2, 5) == pytest.approx(3e-4)
+    assert method.learning_rate(4, 5) == pytest.approx(5e-4)

@@ -6,6 +6,7 @@ a method only sees one block and its calibration data, and leaves fake-quantized
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -27,15 +28,50 @@ class BlockData:
     """One block's calibration data, as the engine hands it to a method."""
 
     index: int
+    num_blocks: int
     inputs: Tensor  # outputs of the already-quantized previous blocks, [n, seq, hidden]
     targets: Tensor  # full-precision block applied to full-precision inputs, [n, seq, hidden]
     forward: BlockForward
     generator: torch.Generator  # seeded per block, for shuffling and any other draw
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+_OPTION_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num": (_is_number, "a finite number"),
+    "int>0": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int>=0": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "num>0": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "num>=0": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "frac": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+}
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     """Base for a method's options; subclasses add fields with defaults."""
+
+    def require(self, kind: str, *names: str) -> None:
+        """Check options by kind (``num``, ``int>0``, ``int>=0``, ``num>0``, ``num>=0``, ``frac``), naming the bad one.
+
+        ``frac`` is a number in [0, 1]. ``None`` passes for options whose default is ``None``.
+        """
+        for name in names:
+            value = getattr(self, name)
+            if value is None and getattr(type(self), name, 0) is None:
+                continue
+            if not _OPTION_KINDS[kind][0](value):
+                raise ConfigError(f"{name} must be {_OPTION_KINDS[kind][1]}", name)
+
+    def require_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            raise ConfigError(f"{name} must be one of: {', '.join(choices)}", name)
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any]) -> MethodOptions:
@@ -51,10 +87,14 @@ class QuantMethod:
     """Base class: ``calibrate`` fits the method on one block and writes quantized weights into it."""
 
     name: ClassVar[str]
+    default_loss: ClassVar[str] = "mse"  # the loss a job gets when it names none
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(self, spec: QuantSpec, loss: Loss, options: MethodOptions) -> None:
         self.spec, self.loss, self.options = spec, loss, options
+
+    def check(self, blocks: nn.ModuleList) -> None:
+        """Refuse a model this method cannot handle before any time is spent on it (default: any model)."""
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         """Quantize ``block`` in place; return method-specific statistics for the report."""
@@ -85,9 +125,14 @@ def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
     return cls
 
 
-def build_method(name: str, spec: QuantSpec, loss: Loss, options: Mapping[str, Any] | None = None) -> QuantMethod:
-    """The method registered as ``name`` with validated options."""
+def method_class(name: str) -> type[QuantMethod]:
+    """The method registered as ``name``, or an error that lists the registered ones."""
     if name not in METHODS:
         raise ConfigError(f"Unknown quantization method: {name}. Valid methods: {', '.join(METHODS)}", "method")
-    cls = METHODS[name]
+    return METHODS[name]
+
+
+def build_method(name: str, spec: QuantSpec, loss: Loss, options: Mapping[str, Any] | None = None) -> QuantMethod:
+    """The method registered as ``name`` with validated options."""
+    cls = method_class(name)
     return cls(spec, loss, cls.options_type.from_dict(options or {}))

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quant_core.errors import ConfigError
 from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.training import epochs_to_steps, train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import fake_quantize, num_groups
 
@@ -34,17 +34,11 @@ class OmniQuantOptions(MethodOptions):
     init_logit: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
-            raise ConfigError("epochs must be a non-negative integer", "epochs")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError("batch_size must be a positive integer", "batch_size")
-        for name in ("lr", "weight_decay", "init_logit"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number", name)
-        if self.lr <= 0 or self.weight_decay < 0:
-            bad = "lr" if self.lr <= 0 else "weight_decay"
-            raise ConfigError("lr must be positive and weight_decay non-negative", bad)
+        self.require("int>=0", "epochs")
+        self.require("int>0", "batch_size")
+        self.require("num>0", "lr")
+        self.require("num>=0", "weight_decay")
+        self.require("num", "init_logit")
 
 
 @register_method
@@ -66,24 +60,18 @@ class OmniQuant(QuantMethod):
         optimizer = torch.optim.AdamW(
             [t for pair in logits.values() for t in pair], lr=self.options.lr, weight_decay=self.options.weight_decay
         )
-        epoch_losses: list[float] = []
-        n = data.inputs.shape[0]
-        for _ in range(self.epochs):
-            total = 0.0
-            for idx in torch.randperm(n, generator=data.generator).split(self.options.batch_size):
-                idx = idx.to(data.inputs.device)
-                overrides = {
-                    f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=True))
-                    for name in layers
-                }
-                loss = self.loss(data.forward(data.inputs[idx], overrides), data.targets[idx])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"OmniQuant loss became {loss.item()} in block {data.index}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * idx.numel()
-            epoch_losses.append(total / n)
+        epoch_losses = train_parameters(
+            self.loss,
+            data,
+            lambda: {
+                f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=True))
+                for name in layers
+            },
+            optimizer,
+            epochs_to_steps(self.epochs, data, self.options.batch_size),
+            self.options.batch_size,
+            "OmniQuant",
+        )
         with torch.no_grad():
             final = {
                 f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=False))

@@ -1,0 +1,204 @@
+"""Method x loss x bits on SmolLM2-135M: perplexity on two texts, calibration wall time, peak memory.
+
+Every row quantizes the same model on the same seeded Austen calibration windows and is evaluated on
+the same windows of persuasion.txt and brown.txt. Each row runs in its own process, so its peak
+memory is its own; finished rows are kept in the JSON and skipped when the script is run again, so
+an interrupted run resumes. ``--jobs 2`` runs two rows at a time (one thread each).
+
+The default settings fit two CPU cores (halved calibration set, one epoch-equivalent of training);
+``--full`` uses 128 x 512 calibration windows and each method's published schedule (GPU scale).
+
+    python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.assets import austen_calibration_text, prepare_smollm2, text_path
+from quant_core.corpus import calibration_windows, evaluation_windows, tokenize_file
+from quant_core.engine import calibrate_blocks, peak_host_mb
+from quant_core.losses import build_loss
+from quant_core.methods import build_method
+from quant_core.model_io import load_model
+from quant_core.perplexity import perplexity
+from quant_core.quantizer import QuantSpec
+
+RESULTS = Path(__file__).with_name("results") / "quality.json"
+EVAL_TEXTS = ("persuasion", "brown")
+GROUP_SIZE = 64
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a method, its loss, and its options at CPU scale and at full scale."""
+
+    label: str
+    method: str
+    loss: str
+    quick: dict[str, Any] = field(default_factory=dict)
+    full: dict[str, Any] = field(default_factory=dict)
+
+
+_OMNI_QUICK = {"epochs": 1, "lr": 0.05}
+_TESSERA_QUICK = {"rounds": 4, "steps_per_round": 4, "batch_size": 4, "lr": 1e-2, "scale_lr": 1e-3}
+_NORM_QUICK = {"epochs": 1, "lr": 1e-4}
+ROWS = {
+    row.label: row
+    for row in (
+        Row("rtn", "rtn", "mse"),
+        Row("gptq", "gptq", "mse"),
+        Row("awq", "awq", "mse"),
+        Row("awq+sw", "awq", "mse_sw"),
+        Row("omniquant mse", "omniquant", "mse", _OMNI_QUICK),
+        Row("omniquant mse_sw", "omniquant", "mse_sw", _OMNI_QUICK),
+        Row("tesseraq l2", "tesseraq", "l2", _TESSERA_QUICK),
+        Row("tesseraq l2_sw", "tesseraq", "l2_sw", _TESSERA_QUICK),
+        Row("gptq+normtweak mse", "normtweak", "mse", _NORM_QUICK),
+        Row("gptq+normtweak mse_sw", "normtweak", "mse_sw", _NORM_QUICK),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    n_samples: int
+    seq_len: int
+    eval_windows: int
+
+    @classmethod
+    def of(cls, full: bool) -> Settings:
+        return cls(128, 512, 0) if full else cls(64, 512, 40)
+
+
+def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    windows = calibration_windows(
+        tokenize_file(tokenizer, austen_calibration_text()), settings.n_samples, settings.seq_len, SEED
+    )
+    cap = settings.eval_windows or None
+    evals = {
+        name: evaluation_windows(tokenize_file(tokenizer, text_path(name)), settings.seq_len, cap)
+        for name in EVAL_TEXTS
+    }
+    return windows, evals
+
+
+def run_row(label: str, bits: int | None, full: bool) -> dict[str, Any]:
+    """Quantize (or, with ``bits=None``, only evaluate) and measure one row in this process."""
+    settings = Settings.of(full)
+    model, tokenizer = load_model(str(prepare_smollm2()))
+    windows, evals = _data(tokenizer, settings)
+    result: dict[str, Any] = {"label": label, "bits": bits}
+    started = time.perf_counter()
+    if bits is not None:
+        row = ROWS[label]
+        spec = QuantSpec(bits=bits, group_size=GROUP_SIZE)
+        options = row.full if full else row.quick
+        method = build_method(row.method, spec, build_loss(row.loss, seed=SEED), options)
+        records = calibrate_blocks(model, windows, method, build_loss(row.loss, seed=SEED), seed=SEED)
+        result.update(
+            method=row.method,
+            loss=row.loss,
+            options=options,
+            mse_ratio=sum(r.mse_after for r in records) / sum(r.mse_before for r in records),
+        )
+    result["calibration_s"] = time.perf_counter() - started
+    result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
+    result["peak_host_mb"] = peak_host_mb()
+    return result
+
+
+def _key(label: str, bits: int | None) -> str:
+    return f"{label}@W{bits}" if bits is not None else label
+
+
+def _run_subprocess(label: str, bits: int | None, full: bool, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.quality", "--one", label, "--threads", str(threads)]
+    cmd += ["--one-bits", str(bits)] if bits is not None else []
+    cmd += ["--full"] if full else []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        return {"label": label, "bits": bits, "error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| row | bits | persuasion ppl | brown ppl | calibration | peak host |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['bits']} | failed: {r['error']} | | | |")
+            continue
+        ppl = r["perplexity"]
+        bits = f"W{r['bits']}" if r["bits"] is not None else "fp32"
+        lines.append(
+            f"| {r['label']} | {bits} | {ppl['persuasion']:.2f} | {ppl['brown']:.2f} | "
+            f"{r['calibration_s'] / 60:.1f} min | {r['peak_host_mb'] / 1024:.2f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 2])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    parser.add_argument("--full", action="store_true", help="128 x 512 calibration and the methods' own schedules")
+    parser.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(run_row(args.one, args.one_bits, args.full)))
+        return
+    prepare_smollm2()
+    austen_calibration_text()
+    saved = json.loads(args.out.read_text()) if args.out.is_file() and not args.fresh else {}
+    results: dict[str, Any] = saved.get("rows", {}) if saved.get("full") == args.full else {}
+    todo = [("fp32", None)] + [(label, bits) for bits in args.bits for label in args.rows]
+    todo = [
+        (label, bits)
+        for label, bits in todo
+        if _key(label, bits) not in results or "error" in results[_key(label, bits)]
+    ]
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        settings = Settings.of(args.full)
+        machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_row": args.threads}
+        payload = {"full": args.full, "settings": settings.__dict__, "machine": machine, "rows": results}
+        args.out.write_text(json.dumps(payload, indent=2))
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {
+            pool.submit(_run_subprocess, label, bits, args.full, args.threads): (label, bits) for label, bits in todo
+        }
+        for future, (label, bits) in futures.items():
+            results[_key(label, bits)] = future.result()
+            save()
+            print(format_table([results[_key(label, bits)]]).splitlines()[-1], flush=True)
+    order = [_key("fp32", None)] + [_key(label, bits) for bits in args.bits for label in args.rows]
+    print(format_table([results[k] for k in order if k in results]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""AWQ: activation-aware per-channel scales and clipping, searched with any loss.
+
+Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration"
+(MLSys 2024). Input channels that carry large activations matter most, so each group of linears
+that reads one input is quantized as ``Q(W diag(s)) diag(s)^-1`` with ``s = mean|x|^alpha``
+(normalized), and ``diag(s)^-1`` is folded into the module that produces the input (a norm, or the
+linear before). The exponent ``alpha`` is a grid search that compares the output of the smallest
+module containing the group (attention for q/k/v, the MLP for gate/up, the linear itself otherwise)
+with its full-precision output. Then each linear's clipping ratio is searched the same way on its
+own output. Query and key are not clipped: the softmax amplifies their error.
+
+The search criterion is the job's loss (``mse`` reproduces AWQ's; ``mse_sw`` gives AWQ+SW). Every
+candidate is scored with the same random SW directions, so the comparison is not noise.
+
+Which module feeds which linears is a per-architecture layout, checked against a real forward pass
+(the norm's output must be the very tensor the linears read) and by folding without quantization,
+which must leave the block's output unchanged; an unknown architecture gets a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from quant_core.errors import ConfigError
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.layer_inputs import capture_call, input_groups, layer_input
+from quant_core.model_structure import LinearLike, quantizable_linears, stored_layout, weight_matrix
+from quant_core.quantizer import fake_quantize
+
+FOLD_TOLERANCE = 1e-3  # relative change of the block output allowed by folding scales (float round-off)
+
+
+@dataclass(frozen=True)
+class ScaleMapping:
+    """``previous``'s output is the input of ``layers``: scales divide the one and multiply the others."""
+
+    previous: str
+    layers: tuple[str, ...]
+
+
+_LLAMA_STYLE = (
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+_OPT = (
+    ScaleMapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("self_attn.v_proj", ("self_attn.out_proj",)),
+    ScaleMapping("final_layer_norm", ("fc1",)),
+    ScaleMapping("fc1", ("fc2",)),  # ReLU between them commutes with positive scales
+)
+LAYOUTS: dict[str, tuple[ScaleMapping, ...]] = {"llama-style (Llama, Mistral, Qwen2, Qwen3)": _LLAMA_STYLE, "OPT": _OPT}
+UNCLIPPED = ("q_proj", "k_proj")
+
+
+@dataclass(frozen=True)
+class AwqOptions(MethodOptions):
+    """AWQ's search grid: 20 exponents; clipping ratios 1, 0.95, ... down to ``1 - max_shrink``."""
+
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    search_samples: int = 32
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        self.require("int>0", "n_grid", "search_samples")
+        self.require("frac", "max_shrink")
+        if not isinstance(self.clip, bool):
+            raise ConfigError("clip must be true or false", "clip")
+
+
+def find_layout(block: nn.Module) -> tuple[ScaleMapping, ...]:
+    """The scale layout whose module names all exist in ``block``."""
+    names = {name for name, _ in block.named_modules()}
+    for layout in LAYOUTS.values():
+        if all(m.previous in names and set(m.layers) <= names for m in layout):
+            return layout
+    raise ConfigError(f"AWQ has no scale layout for {type(block).__name__}; supported: {', '.join(LAYOUTS)}", "method")
+
+
+def _inspected(layers: tuple[str, ...]) -> str:
+    """The smallest module containing every layer of the group (the layer itself when alone)."""
+    parts = [name.split(".") for name in layers]
+    common: list[str] = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) > 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _scale_rows(module: nn.Module, scales: Tensor) -> None:
+    """Divide a producer's output channels by ``scales``: a norm's weight (and bias) or a linear's rows."""
+    with torch.no_grad():
+        if isinstance(module, LinearLike):
+            weight_matrix(module).div_(scales.to(module.weight.dtype).unsqueeze(1))
+        else:
+            module.weight.div_(scales.to(module.weight.dtype))
+        if getattr(module, "bias", None) is not None:
+            module.bias.div_(scales.to(module.bias.dtype))
+
+
+def _scale_columns(layer: LinearLike, scales: Tensor) -> None:
+    with torch.no_grad():
+        weight_matrix(layer).mul_(scales.to(layer.weight.dtype))
+
+
+@register_method
+class Awq(QuantMethod):
+    name = "awq"
+    options_type = AwqOptions
+    options: AwqOptions
+
+    def check(self, blocks: nn.ModuleList) -> None:
+        find_layout(blocks[0])
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        stats = self.prepare(block, data)
+        layers = quantizable_linears(block)
+        write_weights(
+            block,
+            {
+                f"{name}.weight": stored_layout(layer, self.clipped(layer, stats["clip"].get(name, 1.0)))
+                for name, layer in layers.items()
+            },
+        )
+        return stats
+
+    def clipped(self, layer: LinearLike, ratio: float) -> Tensor:
+        """The layer's weight quantized with its range shrunk by ``ratio``."""
+        factor = torch.tensor(ratio, dtype=torch.float32)
+        return fake_quantize(weight_matrix(layer).detach().float(), self.spec, factor, factor).to(layer.weight.dtype)
+
+    def prepare(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        """Fold the searched scales into the block (still full precision) and choose clipping ratios."""
+        layout = find_layout(block)
+        self._check_layout(block, data, layout)
+        count = min(data.inputs.shape[0], self.options.search_samples)
+        sample = data.inputs[torch.randperm(data.inputs.shape[0], generator=data.generator)[:count].sort().values]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=data.generator))
+        reference = data.forward(sample, None).detach()
+        alphas: dict[str, float] = {}
+        for mapping in layout:
+            alpha = self._search_scales(block, data, sample, mapping, seed)
+            if alpha is not None:
+                alphas["+".join(mapping.layers)] = alpha
+        folded = data.forward(sample, None).detach()
+        drift = float((folded - reference).norm() / reference.norm().clamp(min=1e-12))
+        if drift > FOLD_TOLERANCE:
+            raise ConfigError(
+                f"AWQ scale folding changed the output of {type(block).__name__} by {drift:.2e} (relative); "
+                "this architecture's normalization cannot absorb the scales",
+                "method",
+            )
+        clip = self._search_clipping(block, data, sample, seed) if self.options.clip else {}
+        return {"alpha": alphas, "clip": clip}
+
+    def _check_layout(self, block: nn.Module, data: BlockData, layout: tuple[ScaleMapping, ...]) -> None:
+        """Each mapping's layers must read one input, produced by ``previous`` when that is a norm."""
+        groups = {frozenset(g) for g in input_groups(block, data)}
+        for mapping in layout:
+            previous = block.get_submodule(mapping.previous)
+            if frozenset(mapping.layers) not in groups:
+                raise ConfigError(f"AWQ layout mismatch in {type(block).__name__}: {mapping.layers} differ", "method")
+            if isinstance(previous, LinearLike):
+                continue
+            outputs: list[Tensor] = []
+            handle = previous.register_forward_hook(lambda _m, _a, out, seen=outputs: seen.append(_first(out)))
+            try:
+                received = layer_input(block, data, data.inputs[:1], mapping.layers[0])
+            finally:
+                handle.remove()
+            if not outputs or outputs[-1] is not received:
+                raise ConfigError(
+                    f"AWQ layout mismatch in {type(block).__name__}: {mapping.previous} does not feed {mapping.layers}",
+                    "method",
+                )
+
+    def _score(self, output: Tensor, target: Tensor, seed: int) -> float:
+        self.loss.reseed(seed)
+        return float(self.loss(output, target))
+
+    @torch.no_grad()
+    def _search_scales(
+        self, block: nn.Module, data: BlockData, sample: Tensor, mapping: ScaleMapping, seed: int
+    ) -> float | None:
+        """Best exponent for one mapping, folded into the block; None when the shapes cannot be folded."""
+        previous = block.get_submodule(mapping.previous)
+        layers = {name: block.get_submodule(name) for name in mapping.layers}
+        width = weight_matrix(next(iter(layers.values()))).shape[1]
+        if isinstance(previous, LinearLike) and weight_matrix(previous).shape[0] != width:
+            return None  # grouped-query attention: v has fewer output channels than o has inputs
+        x = layer_input(block, data, sample, mapping.layers[0]).float()
+        x_mean = x.abs().reshape(-1, width).mean(0)
+        inspect_name = _inspected(mapping.layers)
+        inspect = block.get_submodule(inspect_name)
+        args, kwargs = capture_call(block, data, sample, inspect)
+        target = _first(inspect(*args, **kwargs)).float()
+        prefix = f"{inspect_name}." if inspect_name not in mapping.layers else ""
+        best: tuple[float, float, Tensor] | None = None
+        for step in range(self.options.n_grid):
+            alpha = step / self.options.n_grid
+            scales = x_mean.pow(alpha).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            overrides = {}
+            for name, layer in layers.items():
+                weight = weight_matrix(layer).float()
+                candidate = fake_quantize(weight * scales, self.spec) / scales
+                key = f"{name.removeprefix(prefix)}.weight" if prefix else "weight"
+                overrides[key] = stored_layout(layer, candidate.to(layer.weight.dtype))
+            output = _first(functional_call(inspect, overrides, args, kwargs)).float()
+            score = self._score(output, target, seed)
+            if best is None or score < best[0]:
+                best = (score, alpha, scales)
+        assert best is not None
+        _scale_rows(previous, best[2])
+        for layer in layers.values():
+            _scale_columns(layer, best[2])
+        return best[1]
+
+    @torch.no_grad()
+    def _search_clipping(self, block: nn.Module, data: BlockData, sample: Tensor, seed: int) -> dict[str, float]:
+        """Per linear, the range-shrink ratio whose quantized output best matches the float output."""
+        ratios = [1 - step / self.options.n_grid for step in range(int(self.options.max_shrink * self.options.n_grid))]
+        chosen: dict[str, float] = {}
+        for name, layer in quantizable_linears(block).items():
+            if name.rsplit(".", 1)[-1] in UNCLIPPED or len(ratios) < 2:
+                continue
+            x = layer_input(block, data, sample, name).float()
+            weight = weight_matrix(layer).float()
+            target = x @ weight.T
+            scores = [self._score(x @ self.clipped(layer, r).float().T, target, seed) for r in ratios]
+            chosen[name] = ratios[min(range(len(ratios)), key=scores.__getitem__)]
+        return chosen

@@ -1,0 +1,191 @@
+"""GPTQ: quantize one column at a time and spread each column's rounding error over the rest.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers"
+(ICLR 2023). For a linear with inputs ``X`` the layer-output error is a quadratic form in the weight
+error with Hessian ``H = 2 X^T X / n``. Walking the columns in order, each is rounded onto the grid
+and the remaining columns are corrected by the error times a row of the upper Cholesky factor of
+``H^-1`` (the optimal brain surgeon update). Corrections are applied lazily, ``block_size`` columns
+at a time, which is what makes it fast.
+
+- Damping: ``damp * mean(diag H)`` is added to the diagonal; if the Cholesky factorization still
+  fails, the damping grows tenfold up to ``MAX_DAMP_RETRIES`` times before giving up with a clear error.
+- Act-order: columns with the largest ``H_ii`` go first. Groups stay the contiguous column ranges of
+  the uniform grid (the layout the export packs), so a group's scale and zero are fixed either from
+  the original weights (``static_groups``) or from the error-corrected weights when the first of its
+  columns is reached.
+- True-sequential: linears that share an input are one stage and one Hessian; stages run in the
+  block's order, and each stage's Hessian is computed with the earlier stages already quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quant_core.errors import ConfigError
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.layer_inputs import input_groups, layer_input
+from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero
+
+MAX_DAMP_RETRIES = 6
+
+
+@dataclass(frozen=True)
+class GptqOptions(MethodOptions):
+    """The reference defaults: 1% damping, lazy batches of 128 columns, natural column order."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.require("int>0", "block_size", "batch_size")
+        self.require("num>0", "damp")
+        for name in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false", name)
+
+
+def _group_index(in_features: int, spec: QuantSpec) -> Tensor:
+    """Each input column's group on the uniform grid (contiguous runs of ``group_size``)."""
+    columns = torch.arange(in_features)
+    return torch.zeros_like(columns) if spec.group_size is None else columns // spec.group_size
+
+
+def _group_params(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero per row and group, as ``[out, groups]``."""
+    scale, zero = scale_and_zero(group_columns(weight, spec.group_size), spec)
+    return scale.squeeze(-1), zero.squeeze(-1)
+
+
+def _factor_inverse(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian, damping more when it is not positive definite."""
+    diag = torch.arange(hessian.shape[0], device=hessian.device)
+    mean_diag = hessian.diagonal().mean()
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        damped = hessian.clone()
+        damped[diag, diag] += damp * 10**attempt * mean_diag
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+    raise FloatingPointError(f"GPTQ: the Hessian is not positive definite even with damping {damp * 10**attempt}")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    spec: QuantSpec,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[Tensor, float]:
+    """GPTQ-quantized ``[out, in]`` weight (on the grid) and the Hessian-weighted error it leaves.
+
+    The error is ``sum_i (w_i - q_i)^2 / [H^-1]_ii / 2`` over rounded columns, the quantity GPTQ's
+    updates minimize; it is zero only if the weight was already on the grid.
+    """
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(dtype).clone()
+    h = hessian.detach().to(dtype).clone()
+    in_features = w.shape[1]
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    groups = _group_index(in_features, spec).to(w.device)
+    num_groups = int(groups.max()) + 1
+    scale = torch.zeros(w.shape[0], num_groups, dtype=dtype, device=w.device)
+    zero = torch.zeros_like(scale)
+    ready = torch.zeros(num_groups, dtype=torch.bool)
+    if static_groups or spec.group_size is None:
+        scale, zero = _group_params(w, spec)
+        ready[:] = True
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=w.device)
+    w, h = w[:, order], h[order][:, order]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(in_features, device=w.device)
+    h_inv = _factor_inverse(h, damp)
+    quantized = torch.zeros_like(w)
+    error_total = 0.0
+    for start in range(0, in_features, block_size):
+        end = min(start + block_size, in_features)
+        w_block = w[:, start:end].clone()
+        errors = torch.zeros_like(w_block)
+        h_inv_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column = int(order[start + i])
+            group = int(groups[column])
+            if not ready[group]:
+                members = position[groups == group]  # this group's columns, none quantized yet
+                inside = members < end
+                current = w[:, members] - errors[:, :i] @ h_inv[start : start + i, members]  # pending updates
+                current[:, inside] = w_block[:, members[inside] - start]
+                group_scale, group_zero = _group_params(current, QuantSpec(spec.bits, spec.symmetric, None))
+                scale[:, group], zero[:, group] = group_scale[:, 0], group_zero[:, 0]
+                ready[group] = True
+            col = w_block[:, i]
+            codes = (torch.round(col / scale[:, group]) + zero[:, group]).clamp(spec.qmin, spec.qmax)
+            q = dequantize(codes, scale[:, group], zero[:, group])
+            quantized[:, start + i] = q
+            d = h_inv_block[i, i]
+            err = (col - q) / d
+            error_total += float(((col - q) ** 2).sum() / d**2 / 2)
+            w_block[:, i:] -= err.unsqueeze(1) @ h_inv_block[i, i:].unsqueeze(0)
+            errors[:, i] = err
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return quantized[:, position].to(weight.dtype), error_total
+
+
+@torch.no_grad()
+def stage_hessian(block: nn.Module, data: BlockData, name: str, batch_size: int) -> Tensor:
+    """``2 X^T X / n`` over every calibration token entering the linear ``name``, in float32."""
+    hessian: Tensor | None = None
+    count = 0
+    for hidden in data.inputs.split(batch_size):
+        x = layer_input(block, data, hidden, name).detach().float()
+        x = x.reshape(-1, x.shape[-1])
+        product = x.T @ x
+        hessian = product if hessian is None else hessian + product
+        count += x.shape[0]
+    assert hessian is not None
+    return hessian * (2.0 / count)
+
+
+@register_method
+class Gptq(QuantMethod):
+    name = "gptq"
+    options_type = GptqOptions
+    options: GptqOptions
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        """Quantize stage by stage; ``error`` is GPTQ's own objective per stage, for the report."""
+        layers = quantizable_linears(block)
+        stats: dict[str, float] = {}
+        for stage in input_groups(block, data):
+            hessian = stage_hessian(block, data, stage[0], self.options.batch_size)
+            matrices = [weight_matrix(layers[name]).detach() for name in stage]
+            stacked, error = gptq_quantize(
+                torch.cat(matrices),  # one Hessian for all linears that read this input
+                hessian,
+                self.spec,
+                self.options.block_size,
+                self.options.damp,
+                self.options.act_order,
+                self.options.static_groups,
+            )
+            parts = stacked.split([m.shape[0] for m in matrices])
+            write_weights(
+                block, {f"{name}.weight": stored_layout(layers[name], q) for name, q in zip(stage, parts, strict=True)}
+            )
+            stats["+".join(stage)] = error
+        return {"error": stats}

@@ -1,0 +1,86 @@
+"""Which linears of a block read the same input, and what a module inside a block receives.
+
+GPTQ accumulates one Hessian per shared input and quantizes the block stage by stage in the order the
+block runs (true-sequential); AWQ computes one scale vector per shared input. Both learn the sharing
+by watching one forward pass instead of a per-architecture table: q/k/v receive the very same tensor
+object, and so do gate/up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quant_core.methods.base import BlockData
+from quant_core.model_structure import quantizable_linears
+
+
+class _Captured(Exception):
+    """Stops a block forward as soon as the watched module has been called."""
+
+
+def input_groups(block: nn.Module, data: BlockData) -> list[tuple[str, ...]]:
+    """Names of the block's linears grouped by shared input, groups in the order the block runs them."""
+    layers = quantizable_linears(block)
+    calls: list[tuple[str, Tensor]] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
+        for name, layer in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            data.forward(data.inputs[:1], None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    group_inputs: list[Tensor] = []
+    seen: set[str] = set()
+    for name, tensor in calls:
+        if name in seen:
+            continue
+        seen.add(name)
+        for group, shared in zip(groups, group_inputs, strict=True):
+            if shared is tensor:
+                group.append(name)
+                break
+        else:
+            groups.append([name])
+            group_inputs.append(tensor)
+    return [tuple(g) for g in groups]
+
+
+@torch.no_grad()
+def capture_call(
+    block: nn.Module, data: BlockData, hidden: Tensor, module: nn.Module
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments ``module`` receives when the block runs on ``hidden``.
+
+    The block's forward stops right there, so capturing the input of an early layer costs only the
+    part of the block before it.
+    """
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        data.forward(hidden, None)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"block {data.index}: the module was not called during the forward pass")
+    return captured[0]
+
+
+def layer_input(block: nn.Module, data: BlockData, hidden: Tensor, name: str) -> Tensor:
+    """What the linear ``name`` receives when the block runs on ``hidden``."""
+    args, kwargs = capture_call(block, data, hidden, block.get_submodule(name))
+    return args[0] if args else next(iter(kwargs.values()))

@@ -1,0 +1,167 @@
+"""TesseraQ: progressive adaptive rounding plus dequantization-scale tuning, with any loss.
+
+Li et al., "TesseraQ: Ultra Low-Bit LLM Post-Training Quantization with Block Reconstruction"
+(ICLR 2025). Each weight ``w`` with grid step ``s`` is ``floor(w/s) + h(v)`` steps from the zero
+point, where ``h`` is AdaRound's rectified sigmoid and ``v`` starts where ``h(v)`` equals the
+fractional part, i.e. where the block reproduces its float weights. Then, over ``rounds`` rounds:
+
+1. harden: the soft variables that are most decided (``|h(v) - 1/2|`` largest) are fixed to 0 or 1,
+   until the hardened fraction reaches ``1 - (1 - r/R)^2`` (most in the first rounds, all in the last);
+2. train the variables still soft, and the per-group scale factors ``2 sigmoid(u)`` (starting at 1),
+   to match the full-precision block output under the loss.
+
+After the last round every variable is hard, so the weights are integer codes times the tuned
+scales: plain rounding of a stored weight by its stored scale gives back exactly the learned code.
+Scales start from round-to-nearest or from AWQ (its activation-aware scales folded into the block
+and its clipping ratios).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from quant_core.methods.awq import Awq, AwqOptions, find_layout
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.training import train_parameters
+from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+INITS = ("awq", "rtn")
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def hardened_fraction(round_index: int, rounds: int) -> float:
+    """Fraction of rounding variables fixed after round ``round_index`` (1-based) of ``rounds``."""
+    return 1.0 - (1.0 - round_index / rounds) ** 2
+
+
+class LearnedRounding:
+    """One linear's rounding variables, hardening mask and scale factors."""
+
+    def __init__(self, weight: Tensor, spec: QuantSpec, clip_ratio: float = 1.0) -> None:
+        self.spec, self.in_features = spec, weight.shape[1]
+        grouped = group_columns(weight.detach().float(), spec.group_size)
+        factor = torch.tensor(clip_ratio, dtype=torch.float32, device=weight.device)
+        scale, zero = scale_and_zero(grouped, spec, factor, factor)
+        self.scale, self.zero = scale.detach(), zero.detach()
+        steps = grouped / self.scale
+        self.floor = steps.floor()
+        fraction = ((steps - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.logits = torch.log(fraction / (1 - fraction)).requires_grad_(True)
+        self.scale_logits = torch.zeros_like(self.scale, requires_grad=True)
+        self.hard = torch.zeros_like(self.floor, dtype=torch.bool)
+        self.hard_value = torch.zeros_like(self.floor)
+
+    def offsets(self) -> Tensor:
+        """0..1 per weight: the learned round-up amount, hard where decided."""
+        return torch.where(self.hard, self.hard_value, rectified_sigmoid(self.logits))
+
+    def tuned_scale(self) -> Tensor:
+        return self.scale * 2 * torch.sigmoid(self.scale_logits)
+
+    def codes(self) -> Tensor:
+        return (self.floor + self.offsets() + self.zero).clamp(self.spec.qmin, self.spec.qmax)
+
+    def weight(self) -> Tensor:
+        """The ``[out, in]`` weight these variables produce, differentiable in both."""
+        return ungroup_columns(dequantize(self.codes(), self.tuned_scale(), self.zero), self.in_features)
+
+    @torch.no_grad()
+    def harden(self, fraction: float) -> None:
+        """Fix the most decided soft variables until ``fraction`` of all are hard."""
+        target = math.ceil(fraction * self.hard.numel())
+        count = target - int(self.hard.sum())
+        if count <= 0:
+            return
+        soft = rectified_sigmoid(self.logits)
+        confidence = torch.where(self.hard, -1.0, (soft - 0.5).abs()).flatten()
+        chosen = confidence.topk(count).indices
+        self.hard.view(-1)[chosen] = True
+        self.hard_value.view(-1)[chosen] = (soft.flatten()[chosen] >= 0.5).float()
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """The stored grid of the final weight: tuned scale and zero point per group."""
+        return self.tuned_scale().detach(), self.zero
+
+
+@dataclass(frozen=True)
+class TesseraQOptions(MethodOptions):
+    """The paper's schedule is 20 rounds of 250 steps on batches of 4."""
+
+    rounds: int = 20
+    steps_per_round: int = 250
+    batch_size: int = 4
+    lr: float = 1e-3
+    scale_lr: float = 1e-4
+    init: str = "awq"
+
+    def __post_init__(self) -> None:
+        self.require("int>0", "rounds", "batch_size")
+        self.require("int>=0", "steps_per_round")
+        self.require("num>0", "lr", "scale_lr")
+        self.require_choice("init", INITS)
+
+
+@register_method
+class TesseraQ(QuantMethod):
+    name = "tesseraq"
+    default_loss = "l2"
+    options_type = TesseraQOptions
+    options: TesseraQOptions
+
+    def check(self, blocks: nn.ModuleList) -> None:
+        if self.options.init == "awq":
+            find_layout(blocks[0])
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        init_stats: dict[str, Any] = {}
+        if self.options.init == "awq":
+            init_stats = Awq(self.spec, self.loss, AwqOptions()).prepare(block, data)
+        layers = quantizable_linears(block)
+        clip = init_stats.get("clip", {})
+        rounding = {
+            name: LearnedRounding(weight_matrix(layer), self.spec, clip.get(name, 1.0))
+            for name, layer in layers.items()
+        }
+        optimizer = torch.optim.Adam(
+            [
+                {"params": [r.logits for r in rounding.values()], "lr": self.options.lr},
+                {"params": [r.scale_logits for r in rounding.values()], "lr": self.options.scale_lr},
+            ]
+        )
+
+        def overrides() -> dict[str, Tensor]:
+            return {
+                f"{name}.weight": stored_layout(layers[name], r.weight().to(layers[name].weight.dtype))
+                for name, r in rounding.items()
+            }
+
+        round_losses: list[float] = []
+        for round_index in range(1, self.options.rounds + 1):
+            for r in rounding.values():
+                r.harden(hardened_fraction(round_index, self.options.rounds))
+            if self.options.steps_per_round:
+                losses = train_parameters(
+                    self.loss,
+                    data,
+                    overrides,
+                    optimizer,
+                    self.options.steps_per_round,
+                    self.options.batch_size,
+                    "TesseraQ",
+                )
+                round_losses.append(losses[-1])
+        with torch.no_grad():
+            write_weights(block, overrides())
+        rounded_up = sum(int(r.hard_value.sum()) for r in rounding.values())
+        total = sum(r.hard_value.numel() for r in rounding.values())
+        return {"init": init_stats, "round_losses": round_losses, "rounded_up_fraction": rounded_up / total}
