@@ -5,7 +5,8 @@ the same windows of persuasion.txt and brown.txt. Each row runs in its own proce
 memory is its own; finished rows are kept in the JSON and skipped when the script is run again, so
 an interrupted run resumes. ``--jobs 2`` runs two rows at a time (one thread each).
 
-The default settings fit two CPU cores (halved calibration set, one epoch-equivalent of training);
+The default settings fit two CPU cores (32 x 512 calibration windows, 20 x 512 evaluation windows per
+text, about one epoch of training);
 ``--full`` uses 128 x 512 calibration windows and each method's published schedule (GPU scale).
 
     python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh]
@@ -19,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,26 +53,59 @@ class Row:
     loss: str
     quick: dict[str, Any] = field(default_factory=dict)
     full: dict[str, Any] = field(default_factory=dict)
+    peer: str | None = None  # llm-compressor's scheme, run by bench/peer_llmcompressor.py
 
 
 _OMNI_QUICK = {"epochs": 1, "lr": 0.05}
-_TESSERA_QUICK = {"rounds": 4, "steps_per_round": 4, "batch_size": 4, "lr": 1e-2, "scale_lr": 1e-3}
+_TESSERA_QUICK = {"rounds": 4, "steps_per_round": 4, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3}
 _NORM_QUICK = {"epochs": 1, "lr": 1e-4}
 ROWS = {
     row.label: row
     for row in (
         Row("rtn", "rtn", "mse"),
         Row("gptq", "gptq", "mse"),
+        Row("gptq act-order", "gptq", "mse", {"act_order": True, "static_groups": True}),
         Row("awq", "awq", "mse"),
         Row("awq+sw", "awq", "mse_sw"),
         Row("omniquant mse", "omniquant", "mse", _OMNI_QUICK),
         Row("omniquant mse_sw", "omniquant", "mse_sw", _OMNI_QUICK),
         Row("tesseraq l2", "tesseraq", "l2", _TESSERA_QUICK),
         Row("tesseraq l2_sw", "tesseraq", "l2_sw", _TESSERA_QUICK),
-        Row("gptq+normtweak mse", "normtweak", "mse", _NORM_QUICK),
-        Row("gptq+normtweak mse_sw", "normtweak", "mse_sw", _NORM_QUICK),
+        Row("gptq+normtweak mse", "normtweaking", "mse", _NORM_QUICK),
+        Row("gptq+normtweak mse_sw", "normtweaking", "mse_sw", _NORM_QUICK),
+        Row("llm-compressor rtn", "rtn", "mse", peer="rtn"),
+        Row("llm-compressor gptq", "gptq", "mse", peer="gptq"),
     )
 }
+DEFAULT_ROWS = [label for label in ROWS if label != "gptq act-order"]
+PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
+
+
+def peer_python() -> Path:
+    """The interpreter of the separate environment llm-compressor lives in (see bench/README.md)."""
+    env = os.environ.get("SWQUANT_PEER_PYTHON")
+    return Path(env) if env else Path.home() / ".cache" / "swquant" / "peer-venv" / "bin" / "python"
+
+
+def run_peer(row: Row, bits: int, model_dir: Path, windows: torch.Tensor, work: Path) -> dict[str, Any]:
+    """Quantize with llm-compressor on the same windows; return its report (the model is in ``work/model``)."""
+    python = peer_python()
+    if not python.is_file():
+        raise FileNotFoundError(f"llm-compressor environment not found at {python}; see bench/README.md")
+    torch.save(windows, work / "windows.pt")
+    cmd = [str(python), str(PEER_SCRIPT), "--model", str(model_dir), "--windows", str(work / "windows.pt")]
+    cmd += [
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(GROUP_SIZE),
+        "--scheme",
+        str(row.peer),
+        "--out",
+        str(work / "model"),
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((work / "model" / "peer.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -81,7 +116,7 @@ class Settings:
 
     @classmethod
     def of(cls, full: bool) -> Settings:
-        return cls(128, 512, 0) if full else cls(64, 512, 40)
+        return cls(128, 512, 0) if full else cls(32, 512, 20)
 
 
 def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -99,12 +134,18 @@ def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, t
 def run_row(label: str, bits: int | None, full: bool) -> dict[str, Any]:
     """Quantize (or, with ``bits=None``, only evaluate) and measure one row in this process."""
     settings = Settings.of(full)
-    model, tokenizer = load_model(str(prepare_smollm2()))
+    model_dir = prepare_smollm2()
+    model, tokenizer = load_model(str(model_dir))
     windows, evals = _data(tokenizer, settings)
     result: dict[str, Any] = {"label": label, "bits": bits}
     started = time.perf_counter()
-    if bits is not None:
-        row = ROWS[label]
+    row = ROWS.get(label)
+    if row is not None and row.peer is not None and bits is not None:
+        with tempfile.TemporaryDirectory() as work:
+            peer = run_peer(row, bits, model_dir, windows, Path(work))
+            model, _ = load_model(str(Path(work) / "model"))
+        result.update(peer=peer, calibration_s=peer["seconds"], peak_host_mb=peer["peak_host_mb"])
+    elif row is not None and bits is not None:
         spec = QuantSpec(bits=bits, group_size=GROUP_SIZE)
         options = row.full if full else row.quick
         method = build_method(row.method, spec, build_loss(row.loss, seed=SEED), options)
@@ -115,9 +156,9 @@ def run_row(label: str, bits: int | None, full: bool) -> dict[str, Any]:
             options=options,
             mse_ratio=sum(r.mse_after for r in records) / sum(r.mse_before for r in records),
         )
-    result["calibration_s"] = time.perf_counter() - started
+    result.setdefault("calibration_s", time.perf_counter() - started)
     result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
-    result["peak_host_mb"] = peak_host_mb()
+    result.setdefault("peak_host_mb", peak_host_mb())
     return result
 
 
@@ -157,7 +198,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 2])
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS, metavar="ROW")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--full", action="store_true", help="128 x 512 calibration and the methods' own schedules")

@@ -2,9 +2,11 @@
 
 Mapped: ``model.path``, ``calib.path/n_samples/seq_len/seed``, ``eval.path/seq_len/bs``,
 ``quant.method``, ``quant.weight.bit/symmetric/granularity/group_size``, ``quant.special.loss_method``,
-``quant.special.loss_kwargs`` and OmniQuant's ``epochs``, ``lwc_lr``, ``wd``, ``batch_size``.
+``quant.special.loss_kwargs`` and each method's own special keys (OmniQuant's ``epochs``, ``lwc_lr``,
+``wd``, ``batch_size``; GPTQ's ``blocksize``, ``percdamp``, ``actorder``, ``static_groups``).
 Switches that only matter to llmc's own runtime are accepted and ignored; anything that would
-silently change the algorithm (``let: True``, ``lwc: False``) is refused with the field named.
+silently change the algorithm (``let: True``, ``lwc: False``, ``true_sequential: False``) is refused
+with the field named.
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ import yaml
 
 from quant_core.errors import ConfigError
 
-_SPECIAL_TO_OPTION = {"epochs": "epochs", "lwc_lr": "lr", "wd": "weight_decay", "batch_size": "batch_size"}
-_IGNORED_SPECIAL = {"aug_loss", "let_lr", "use_shift", "alpha", "deactive_amp", "search_clip_init"}
-_REQUIRED_SPECIAL = {"lwc": True, "let": False}
+# Per method: llmc special key -> our option; keys ignored; keys that must hold one value.
+_SPECIAL_TO_OPTION = {
+    "omniquant": {"epochs": "epochs", "lwc_lr": "lr", "wd": "weight_decay", "batch_size": "batch_size"},
+    "gptq": {"blocksize": "block_size", "percdamp": "damp", "actorder": "act_order", "static_groups": "static_groups"},
+}
+_IGNORED_SPECIAL = {
+    "omniquant": {"aug_loss", "let_lr", "use_shift", "alpha", "deactive_amp", "search_clip_init"},
+    "gptq": {"chunk_num", "owq"},
+}
+_REQUIRED_SPECIAL = {"omniquant": {"lwc": True, "let": False}, "gptq": {"true_sequential": True}}
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -67,22 +76,23 @@ def parse_lightcompress(config: Any) -> dict[str, Any]:
     elif "group_size" in weight:
         settings["group_size"] = weight["group_size"]
     settings["loss_options"] = dict(special.get("loss_kwargs") or {})
-    settings["method_options"] = _method_options(special)
+    settings["method_options"] = _method_options(special, settings.get("method", ""))
     return settings
 
 
-def _method_options(special: dict[str, Any]) -> dict[str, Any]:
+def _method_options(special: dict[str, Any], method: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
+    to_option, required = _SPECIAL_TO_OPTION.get(method, {}), _REQUIRED_SPECIAL.get(method, {})
     for key, value in special.items():
-        if key in ("loss_method", "loss_kwargs") or key in _IGNORED_SPECIAL:
+        if key in ("loss_method", "loss_kwargs") or key in _IGNORED_SPECIAL.get(method, ()):
             continue
-        if key in _REQUIRED_SPECIAL:
-            if value != _REQUIRED_SPECIAL[key]:
+        if key in required:
+            if value != required[key]:
                 raise ConfigError(
-                    f"quant.special.{key}: only {key}: {_REQUIRED_SPECIAL[key]} is supported", f"quant.special.{key}"
+                    f"quant.special.{key}: only {key}: {required[key]} is supported", f"quant.special.{key}"
                 )
             continue
-        if key not in _SPECIAL_TO_OPTION:
-            raise ConfigError(f"quant.special.{key} is not a recognised setting", f"quant.special.{key}")
-        options[_SPECIAL_TO_OPTION[key]] = value
+        if key not in to_option:
+            raise ConfigError(f"quant.special.{key} is not a recognised {method} setting", f"quant.special.{key}")
+        options[to_option[key]] = value
     return options

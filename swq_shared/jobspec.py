@@ -51,7 +51,7 @@ class JobRequest(BaseModel):
     symmetric: bool = False
     method: str = Field("omniquant", max_length=64)
     method_options: dict[str, Any] = Field(default_factory=dict)
-    loss: str | None = Field(None, max_length=64, description="training loss; default: the method's (l2 for tesseraq, mse otherwise)")
+    loss: str | None = Field(None, max_length=64, description="training loss; default: the method's own")
     loss_options: dict[str, Any] = Field(default_factory=dict)
     calibration: CalibrationRequest = Field(default_factory=CalibrationRequest)
     evaluation: EvaluationRequest = Field(default_factory=EvaluationRequest)

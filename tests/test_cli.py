@@ -103,6 +103,17 @@ quant:
     assert settings["loss_options"] == {"sw_num_projections": 32, "sw_block_size": 64}
 
 
+def test_lightcompress_gptq_special_section_maps_to_options(tmp_path: Path) -> None:
+    config = tmp_path / "gptq.yml"
+    config.write_text(
+        "quant:\n  method: GPTQ\n  weight: {bit: 3, symmetric: False, granularity: per_group, group_size: 64}\n"
+        "  special: {actorder: True, static_groups: True, percdamp: 0.02, blocksize: 64, true_sequential: True}\n"
+    )
+    settings = read_lightcompress(config)
+    assert settings["method"] == "gptq"
+    assert settings["method_options"] == {"act_order": True, "static_groups": True, "damp": 0.02, "block_size": 64}
+
+
 def test_lightcompress_let_is_refused_rather_than_ignored(tmp_path: Path) -> None:
     config = tmp_path / "c.yml"
     config.write_text("quant: {method: OmniQuant, special: {let: True}}\n")

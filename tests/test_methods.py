@@ -24,10 +24,10 @@ def test_explicit_epochs_override_the_schedule() -> None:
 
 def test_unknown_method_lists_the_registered_ones() -> None:
     with pytest.raises(
-        ConfigError, match=r"Unknown quantization method: gptq9\. Valid methods: awq, gptq, normtweak, omniquant, rtn"
+        ConfigError, match=r"Unknown quantization method: gptq9\. Valid methods: awq, gptq, normtweaking, omniquant"
     ):
         build_method("gptq9", QuantSpec(), build_loss("mse"))
-    assert set(METHODS) == {"awq", "gptq", "normtweak", "omniquant", "rtn", "tesseraq"}
+    assert set(METHODS) == {"awq", "gptq", "normtweaking", "omniquant", "rtn", "tesseraq"}
 
 
 @pytest.mark.parametrize(
@@ -44,8 +44,8 @@ def test_unknown_method_lists_the_registered_ones() -> None:
         ("awq", {"n_grid": 0}, "n_grid"),
         ("awq", {"max_shrink": 1.5}, "max_shrink"),
         ("awq", {"search_samples": None}, "search_samples"),
-        ("normtweak", {"base": "awq"}, "base"),
-        ("normtweak", {"depth_scale": -1}, "depth_scale"),
+        ("normtweaking", {"base": "awq"}, "base"),
+        ("normtweaking", {"depth_scale": -1}, "depth_scale"),
         ("tesseraq", {"rounds": 0}, "rounds"),
         ("tesseraq", {"init": "omniquant"}, "init"),
         ("tesseraq", {"scale_lr": True}, "scale_lr"),
@@ -72,7 +72,7 @@ def test_each_method_has_a_default_loss_for_jobs_that_name_none() -> None:
 
 
 def test_normtweak_learning_rate_grows_linearly_with_depth() -> None:
-    method = build_method("normtweak", QuantSpec(), build_loss("mse"), {"lr": 1e-4, "depth_scale": 4.0})
+    method = build_method("normtweaking", QuantSpec(), build_loss("mse"), {"lr": 1e-4, "depth_scale": 4.0})
     assert method.learning_rate(0, 5) == pytest.approx(1e-4)
     assert method.learning_rate(2, 5) == pytest.approx(3e-4)
     assert method.learning_rate(4, 5) == pytest.approx(5e-4)

@@ -1,6 +1,6 @@
 """Quantization methods, registered by name. Importing this package registers all of them."""
 
-from quant_core.methods import awq, gptq, normtweak, omniquant, rtn, tesseraq
+from quant_core.methods import awq, gptq, normtweaking, omniquant, rtn, tesseraq
 from quant_core.methods.base import METHODS, BlockData, QuantMethod, build_method, register_method
 
 __all__ = [
@@ -10,7 +10,7 @@ __all__ = [
     "awq",
     "build_method",
     "gptq",
-    "normtweak",
+    "normtweaking",
     "omniquant",
     "register_method",
     "rtn",

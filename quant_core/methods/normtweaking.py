@@ -53,7 +53,7 @@ def norm_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
 
 @register_method
 class NormTweak(QuantMethod):
-    name = "normtweak"
+    name = "normtweaking"
     options_type = NormTweakOptions
     options: NormTweakOptions
 
