@@ -70,6 +70,36 @@ def test_saved_model_loads_with_transformers_and_reproduces_the_reported_perplex
     assert perplexity(model, windows) == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("method", "options", "loss"),
+    [
+        ("gptq", ["act_order=true"], "mse"),
+        ("awq", ["n_grid=4"], "mse"),
+        ("tesseraq", ["rounds=2", "steps_per_round=2"], "l2_sw"),
+        ("normtweaking", ["lr=1e-3"], "mse_sw"),
+    ],
+)
+def test_every_method_runs_through_the_same_command_and_report(
+    method: str, options: list[str], loss: str, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", method, "--out", str(tmp_path), *SMALL]
+    for option in options:
+        argv += ["--method-opt", option]
+    assert main([*argv, "--loss", loss]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spec"]["method"] == method and report["spec"]["loss"] == loss
+    assert len(report["blocks"]) == 2 and all(b["method_stats"] for b in report["blocks"])
+    if method != "awq":  # on 4 x 32 tokens AWQ's module-level search need not carry to the block output
+        assert sum(b["mse_after"] for b in report["blocks"]) < sum(b["mse_before"] for b in report["blocks"])
+    assert report["perplexity"]["persuasion"]["after"] > 0
+
+
+def test_tesseraq_jobs_default_to_the_l2_loss(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "tesseraq", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--method-opt", "rounds=1", "--method-opt", "steps_per_round=1"]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["spec"]["loss"] == "l2"
+
+
 def test_lightcompress_yaml_config_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "omni.yml"
     config.write_text(f"""
