@@ -87,6 +87,9 @@ def add_quantize_command(commands: argparse._SubParsersAction) -> None:
     add_job_arguments(q)
     q.add_argument("--device", help="cpu, cuda or cuda:N")
     q.add_argument("--out", type=Path, help="output directory (default: the config's save_path)")
+    q.add_argument(
+        "--checkpoint", type=Path, help="keep progress here after every block; rerunning the same job resumes from it"
+    )
     q.set_defaults(handler=quantize)
 
 
@@ -152,7 +155,8 @@ def quantize(args: argparse.Namespace) -> int:
         if record.index + 1 == record.num_blocks:
             bars[0].close()
 
-    report = run_job(spec, out_dir, JobHooks(on_block=on_block, on_stage=lambda m: tqdm.write(f"• {m}")))
+    hooks = JobHooks(on_block=on_block, on_stage=lambda m: tqdm.write(f"• {m}"))
+    report = run_job(spec, out_dir, hooks, args.checkpoint)
     for name, ppl in report["perplexity"].items():
         print(f"perplexity {name}: {ppl['before']:.3f} -> {ppl['after']:.3f}")
     print(f"calibration {report['seconds']['calibration']:.1f}s, peak host memory {report['peak_host_mb']:.0f} MiB")

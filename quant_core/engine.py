@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from quant_core.checkpoint import BlockCheckpoint
 from quant_core.errors import CancelledError
 from quant_core.losses import Loss, mse
 from quant_core.methods.base import BlockData, QuantMethod, rtn_weights
@@ -145,12 +146,15 @@ def calibrate_blocks(
     forward_batch_size: int = 8,
     on_block: Callable[[BlockRecord], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
     ``eval_loss`` measures each block before (round-to-nearest weights) and after calibration with
     fixed random draws; the method trains with its own loss object. ``should_cancel`` is checked
-    between blocks, so a cancelled run never leaves a half-quantized block behind.
+    between blocks, so a cancelled run never leaves a half-quantized block behind. With a
+    ``checkpoint``, progress is stored after every block and a run continues where a previous run of
+    the same job stopped.
     """
     model.eval()
     blocks = find_decoder_blocks(model)
@@ -159,7 +163,12 @@ def calibrate_blocks(
     kwargs = captured.kwargs
     fp_inputs, q_inputs = captured.hidden, captured.hidden.clone()
     records: list[BlockRecord] = []
-    for index, block in enumerate(blocks):
+    resume = checkpoint.load(blocks) if checkpoint is not None else None
+    if resume is not None:
+        fp_inputs, q_inputs = resume.fp_inputs.to(device), resume.q_inputs.to(device)
+        records = [BlockRecord(**r) for r in resume.records]
+    for index in range(len(records), len(blocks)):
+        block = blocks[index]
         if should_cancel is not None and should_cancel():
             raise CancelledError(f"cancelled before block {index}")
         started = time.perf_counter()
@@ -198,6 +207,8 @@ def calibrate_blocks(
         block.to("cpu")
         fp_inputs, q_inputs = targets, q_outputs
         records.append(record)
+        if checkpoint is not None:
+            checkpoint.save(index, block, fp_inputs, q_inputs, [r.to_dict() for r in records])
         if on_block is not None:
             on_block(record)
     return records

@@ -5,6 +5,7 @@ This is the plain function the CLI calls and the service's worker wraps; it know
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -17,6 +18,7 @@ import torch
 import transformers
 
 import quant_core
+from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.job import JobSpec
@@ -49,8 +51,19 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def run_job(spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None) -> dict[str, Any]:
-    """Run ``spec`` and write ``out_dir/model`` (fake-quant HF directory) and ``out_dir/report.json``."""
+def job_fingerprint(spec: JobSpec) -> str:
+    """What a checkpoint must match to be resumed: every setting of the job."""
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_job(
+    spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None, checkpoint_dir: Path | None = None
+) -> dict[str, Any]:
+    """Run ``spec`` and write ``out_dir/model`` (fake-quant HF directory) and ``out_dir/report.json``.
+
+    With ``checkpoint_dir``, progress is kept there after every block and a rerun of the same job
+    continues from the last finished block.
+    """
     hooks = hooks or JobHooks()
     started = time.perf_counter()
     method = spec.build_method()
@@ -93,6 +106,7 @@ def run_job(spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None) -> dict
         seed=spec.seed,
         on_block=hooks.on_block,
         should_cancel=hooks.should_cancel,
+        checkpoint=BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None,
     )
     calib_seconds = time.perf_counter() - calib_started
 
