@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib import pyplot as plt
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.corpus import calibration_windows, evaluation_windows, tokenize_file
@@ -195,6 +196,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    """Perplexity (log scale) against bits, one line per method and loss, fp32 as a dashed line."""
+    fig, axes = plt.subplots(1, len(EVAL_TEXTS), figsize=(12, 5), sharey=True)
+    for ax, text in zip(axes, EVAL_TEXTS, strict=True):
+        for label in ROWS:
+            points = sorted(
+                (r["bits"], r["perplexity"][text])
+                for r in rows.values()
+                if r["label"] == label and r["bits"] is not None and "perplexity" in r
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+        if "fp32" in rows and "perplexity" in rows["fp32"]:
+            ax.axhline(rows["fp32"]["perplexity"][text], color="black", linestyle="--", label="fp32")
+        ax.set(title=f"SmolLM2-135M, asym g{GROUP_SIZE}: {text}", xlabel="bits", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("perplexity")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 2])
@@ -239,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             print(format_table([results[_key(label, bits)]]).splitlines()[-1], flush=True)
     order = [_key("fp32", None)] + [_key(label, bits) for bits in args.bits for label in args.rows]
     print(format_table([results[k] for k in order if k in results]))
+    plot(results, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

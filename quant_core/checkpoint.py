@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
+from quant_core.methods.base import GRID_BUFFERS, layer_grid
+from quant_core.model_structure import quantizable_linears
 
 STATE_FILE = "state.safetensors"
 RECORDS_FILE = "records.json"
@@ -43,6 +45,24 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     os.replace(tmp, path)
 
 
+def _grid_state(block: nn.Module) -> dict[str, Tensor]:
+    """The quantization grids methods keep on the block's linears (not part of ``state_dict``)."""
+    state = {}
+    for name, layer in quantizable_linears(block).items():
+        grid = layer_grid(layer)
+        if grid is not None:
+            state.update({f"{name}.{buffer}": value for buffer, value in zip(GRID_BUFFERS, grid, strict=True)})
+    return state
+
+
+def _load_block(block: nn.Module, tensors: dict[str, Tensor]) -> None:
+    grids = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in GRID_BUFFERS}
+    block.load_state_dict({k: v for k, v in tensors.items() if k not in grids})
+    for key, value in grids.items():
+        module_name, buffer = key.rsplit(".", 1)
+        block.get_submodule(module_name).register_buffer(buffer, value, persistent=False)
+
+
 class BlockCheckpoint:
     """A directory holding a run's progress, tied to one job by ``fingerprint``."""
 
@@ -56,7 +76,7 @@ class BlockCheckpoint:
         """Record that block ``index`` (the last of ``records``) is finished; the next block gets these inputs."""
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"fingerprint": self.fingerprint}
-        _atomic_save(dict(block.state_dict()), self._block_path(index), meta)
+        _atomic_save({**block.state_dict(), **_grid_state(block)}, self._block_path(index), meta)
         state_meta = {**meta, "records": json.dumps(records)}
         _atomic_save({"fp_inputs": fp_inputs, "q_inputs": q_inputs}, self.directory / STATE_FILE, state_meta)
 
@@ -74,6 +94,6 @@ class BlockCheckpoint:
             )
         records = json.loads(meta["records"])
         for index in range(len(records)):
-            blocks[index].load_state_dict(load_file(str(self._block_path(index))))
+            _load_block(blocks[index], load_file(str(self._block_path(index))))
         tensors = load_file(str(state_path))
         return ResumePoint(tensors["fp_inputs"], tensors["q_inputs"], records)

@@ -117,6 +117,14 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return (codes - zero) * scale
 
 
+def grid_params(
+    weight: Tensor, spec: QuantSpec, low_factor: Tensor | None = None, high_factor: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The grid :func:`fake_quantize` puts ``weight`` on: scale and zero point as ``[out, groups]``."""
+    scale, zero = scale_and_zero(group_columns(weight.detach().float(), spec.group_size), spec, low_factor, high_factor)
+    return scale.squeeze(-1).detach(), zero.squeeze(-1).detach()
+
+
 def fake_quantize(
     weight: Tensor,
     spec: QuantSpec,

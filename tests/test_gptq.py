@@ -64,7 +64,7 @@ def test_matches_the_naive_reference_in_natural_order(group_size: int | None) ->
     spec = QuantSpec(bits=3, group_size=group_size)
     weight[:, 5] = 0.0  # what GPTQ does to a dead column, done up front for the reference
     hessian[5, 5] = 1.0
-    ours, _ = gptq_quantize(weight, hessian, spec, block_size=16, damp=0.01)
+    ours = gptq_quantize(weight, hessian, spec, block_size=16, damp=0.01).weight
     reference = naive_gptq(weight, hessian, spec, 0.01, torch.arange(weight.shape[1]))
     assert torch.allclose(ours, reference, atol=1e-9)
 
@@ -74,7 +74,7 @@ def test_act_order_matches_the_naive_reference_in_that_order() -> None:
     weight[:, 5] = 0.0
     hessian[5, 5] = 1.0
     spec = QuantSpec(bits=2, group_size=8)
-    ours, _ = gptq_quantize(weight, hessian, spec, block_size=7, damp=0.01, act_order=True)
+    ours = gptq_quantize(weight, hessian, spec, block_size=7, damp=0.01, act_order=True).weight
     order = torch.argsort(hessian.diagonal(), descending=True)
     assert torch.allclose(ours, naive_gptq(weight, hessian, spec, 0.01, order), atol=1e-9)
 
@@ -82,7 +82,7 @@ def test_act_order_matches_the_naive_reference_in_that_order() -> None:
 def test_lazy_batch_size_does_not_change_the_result() -> None:
     weight, hessian = _problem(seed=2)
     spec = QuantSpec(bits=3, group_size=8)
-    results = [gptq_quantize(weight, hessian, spec, block_size=b)[0] for b in (1, 5, 128)]
+    results = [gptq_quantize(weight, hessian, spec, block_size=b).weight for b in (1, 5, 128)]
     assert torch.allclose(results[0], results[1], atol=1e-10) and torch.allclose(results[0], results[2], atol=1e-10)
 
 
@@ -94,7 +94,7 @@ def test_output_error_is_below_round_to_nearest_and_weights_are_on_the_grid(
 ) -> None:
     weight, hessian = _problem(seed=3, out=32, width=64, tokens=500)
     spec = QuantSpec(bits=bits, symmetric=symmetric, group_size=16)
-    q, _ = gptq_quantize(weight, hessian, spec, **options)
+    q = gptq_quantize(weight, hessian, spec, **options).weight
     rtn = fake_quantize(weight, spec)
     assert _output_error(weight, q, hessian) < 0.85 * _output_error(weight, rtn, hessian)
     levels = torch.tensor([[g.unique().numel() for g in row] for row in group_columns(q, 16)])
@@ -106,8 +106,10 @@ def test_static_groups_use_the_original_weights_scales() -> None:
     weight, hessian = _problem(seed=4)
     weight[:, 5] = 0.0
     spec = QuantSpec(bits=3, group_size=8)
-    q, _ = gptq_quantize(weight, hessian, spec, act_order=True, static_groups=True)
+    result = gptq_quantize(weight, hessian, spec, act_order=True, static_groups=True)
+    q = result.weight
     scale, zero = scale_and_zero(group_columns(weight, 8), spec)
+    assert torch.equal(result.scale, scale.squeeze(-1)) and torch.equal(result.zero, zero.squeeze(-1))
     codes = torch.round(group_columns(q, 8) / scale) + zero
     assert torch.allclose((codes - zero) * scale, group_columns(q, 8), atol=1e-9)
     assert codes.min() >= spec.qmin and codes.max() <= spec.qmax
@@ -116,5 +118,5 @@ def test_static_groups_use_the_original_weights_scales() -> None:
 def test_singular_hessian_gets_more_damping_instead_of_failing() -> None:
     weight = torch.randn(4, 8, dtype=torch.float64)
     hessian = torch.ones(8, 8, dtype=torch.float64)  # rank one
-    q, error = gptq_quantize(weight, hessian, QuantSpec(bits=4), damp=1e-12)
-    assert torch.isfinite(q).all() and error >= 0
+    result = gptq_quantize(weight, hessian, QuantSpec(bits=4), damp=1e-12)
+    assert torch.isfinite(result.weight).all() and result.error >= 0

@@ -15,12 +15,12 @@ from quant_core.errors import ConfigError
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.methods.awq import Awq, AwqOptions
-from quant_core.methods.base import BlockData
+from quant_core.methods.base import BlockData, layer_grid
 from quant_core.methods.layer_inputs import input_groups
 from quant_core.methods.normtweaking import norm_parameters
 from quant_core.methods.tesseraq import LearnedRounding, hardened_fraction
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
-from quant_core.quantizer import QuantSpec, fake_quantize, group_columns
+from quant_core.quantizer import QuantSpec, dequantize, fake_quantize, group_columns
 from tests.tiny_models import build_model
 
 GROUP = 32
@@ -84,6 +84,21 @@ def test_weights_lie_on_the_grid(method: str, windows) -> None:
         for layer in quantizable_linears(block).values():
             levels = torch.tensor([[g.unique().numel() for g in row] for row in group_columns(layer.weight, GROUP)])
             assert (levels <= 4).all()
+
+
+@pytest.mark.parametrize("method", [*FAST_OPTIONS, "rtn", "omniquant"])
+def test_every_linear_keeps_the_grid_its_weights_lie_on(method: str, windows) -> None:
+    """What the packed export relies on: ``round(w / scale) + zero`` gives codes that reproduce ``w``."""
+    options = {"rtn": {}, "omniquant": {"epochs": 1}}.get(method, FAST_OPTIONS.get(method))
+    model = build_model("llama")
+    spec = QuantSpec(bits=3, group_size=GROUP)
+    calibrate_blocks(model, windows, build_method(method, spec, build_loss("mse"), options), build_loss("mse"))
+    for name, layer in quantizable_linears(find_decoder_blocks(model)).items():
+        scale, zero = layer_grid(layer)
+        grouped = group_columns(layer.weight.detach(), GROUP)
+        codes = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+        assert codes.min() >= spec.qmin and codes.max() <= spec.qmax, name
+        assert torch.allclose(dequantize(codes, scale.unsqueeze(-1), zero.unsqueeze(-1)), grouped, atol=1e-6), name
 
 
 @pytest.mark.parametrize("method", list(FAST_OPTIONS))
@@ -196,7 +211,9 @@ def test_hardened_weights_round_back_to_their_codes_with_the_stored_scales() -> 
     rounding.harden(1.0)
     final = rounding.weight().detach()
     scale, zero = rounding.qparams()
-    recovered = (torch.round(group_columns(final, 16) / scale) + zero).clamp(spec.qmin, spec.qmax)
+    recovered = (torch.round(group_columns(final, 16) / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(
+        spec.qmin, spec.qmax
+    )
     assert torch.equal(recovered[:, :, :16].reshape(8, -1)[:, :40], rounding.codes().reshape(8, -1)[:, :40])
 
 

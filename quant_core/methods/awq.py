@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quant_core.errors import ConfigError
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
 from quant_core.methods.layer_inputs import capture_call, input_groups, layer_input
 from quant_core.model_structure import LinearLike, quantizable_linears, stored_layout, weight_matrix
-from quant_core.quantizer import fake_quantize
+from quant_core.quantizer import fake_quantize, grid_params
 
 FOLD_TOLERANCE = 1e-3  # relative change of the block output allowed by folding scales (float round-off)
 
@@ -126,14 +126,12 @@ class Awq(QuantMethod):
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         stats = self.prepare(block, data)
-        layers = quantizable_linears(block)
-        write_weights(
-            block,
-            {
-                f"{name}.weight": stored_layout(layer, self.clipped(layer, stats["clip"].get(name, 1.0)))
-                for name, layer in layers.items()
-            },
-        )
+        quantized = {}
+        for name, layer in quantizable_linears(block).items():
+            factor = torch.tensor(stats["clip"].get(name, 1.0))
+            weight = weight_matrix(layer).detach().float()
+            quantized[name] = (self.clipped(layer, factor.item()), *grid_params(weight, self.spec, factor, factor))
+        write_quantized(block, quantized)
         return stats
 
     def clipped(self, layer: LinearLike, ratio: float) -> Tensor:

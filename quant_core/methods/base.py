@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from quant_core.errors import ConfigError
 from quant_core.losses import Loss
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
-from quant_core.quantizer import QuantSpec, fake_quantize
+from quant_core.quantizer import QuantSpec, fake_quantize, grid_params
 
 # Runs the block on a batch of inputs, optionally with some parameters replaced (by full name).
 BlockForward = Callable[[Tensor, Mapping[str, Tensor] | None], Tensor]
@@ -101,12 +101,44 @@ class QuantMethod:
         raise NotImplementedError
 
 
+GRID_BUFFERS = ("quant_scale", "quant_zero")
+
+
+def write_quantized(block: nn.Module, quantized: Mapping[str, tuple[Tensor, Tensor, Tensor]]) -> None:
+    """Write each linear's fake-quantized ``[out, in]`` weight and keep its grid on the layer.
+
+    The grid (scale and zero point, ``[out, groups]``) cannot be read back from the weights when a
+    method clipped or tuned it, and the packed export needs it, so it travels with the layer as
+    non-persistent buffers (moved with the module, never saved into the fake-quant checkpoint).
+    """
+    layers = quantizable_linears(block)
+    for name, (matrix, scale, zero) in quantized.items():
+        layer = layers[name]
+        with torch.no_grad():
+            layer.weight.copy_(stored_layout(layer, matrix))
+        for buffer, value in zip(GRID_BUFFERS, (scale, zero), strict=True):
+            layer.register_buffer(buffer, value.detach().float().to(layer.weight.device), persistent=False)
+
+
+def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The ``(scale, zero)`` a method stored on ``layer``, or None for a layer left in full precision."""
+    scale, zero = (getattr(layer, name, None) for name in GRID_BUFFERS)
+    return None if scale is None or zero is None else (scale, zero)
+
+
+def rtn_quantized(block: nn.Module, spec: QuantSpec) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Round-to-nearest weight and grid of every linear in the block."""
+    result = {}
+    for name, layer in quantizable_linears(block).items():
+        weight = weight_matrix(layer).detach()
+        result[name] = (fake_quantize(weight, spec), *grid_params(weight, spec))
+    return result
+
+
 def rtn_weights(block: nn.Module, spec: QuantSpec) -> dict[str, Tensor]:
     """Round-to-nearest weights of every linear in the block, by parameter name, in storage layout."""
-    return {
-        f"{name}.weight": stored_layout(layer, fake_quantize(weight_matrix(layer).detach(), spec))
-        for name, layer in quantizable_linears(block).items()
-    }
+    layers = quantizable_linears(block)
+    return {f"{name}.weight": stored_layout(layers[name], q[0]) for name, q in rtn_quantized(block, spec).items()}
 
 
 def write_weights(block: nn.Module, weights: Mapping[str, Tensor]) -> None:

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
 from quant_core.methods.layer_inputs import input_groups, layer_input
-from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.model_structure import quantizable_linears, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero
 
 MAX_DAMP_RETRIES = 6
@@ -80,6 +80,14 @@ def _factor_inverse(hessian: Tensor, damp: float) -> Tensor:
     raise FloatingPointError(f"GPTQ: the Hessian is not positive definite even with damping {damp * 10**attempt}")
 
 
+@dataclass
+class GptqResult:
+    weight: Tensor  # [out, in], on the grid
+    scale: Tensor  # [out, groups]
+    zero: Tensor  # [out, groups]
+    error: float
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor,
@@ -89,8 +97,8 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
-) -> tuple[Tensor, float]:
-    """GPTQ-quantized ``[out, in]`` weight (on the grid) and the Hessian-weighted error it leaves.
+) -> GptqResult:
+    """GPTQ-quantized ``[out, in]`` weight, its grid, and the Hessian-weighted error it leaves.
 
     The error is ``sum_i (w_i - q_i)^2 / [H^-1]_ii / 2`` over rounded columns, the quantity GPTQ's
     updates minimize; it is zero only if the weight was already on the grid.
@@ -143,7 +151,7 @@ def gptq_quantize(
             w_block[:, i:] -= err.unsqueeze(1) @ h_inv_block[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    return quantized[:, position].to(weight.dtype), error_total
+    return GptqResult(quantized[:, position].to(weight.dtype), scale, zero, error_total)
 
 
 @torch.no_grad()
@@ -174,7 +182,7 @@ class Gptq(QuantMethod):
         for stage in input_groups(block, data):
             hessian = stage_hessian(block, data, stage[0], self.options.batch_size)
             matrices = [weight_matrix(layers[name]).detach() for name in stage]
-            stacked, error = gptq_quantize(
+            result = gptq_quantize(
                 torch.cat(matrices),  # one Hessian for all linears that read this input
                 hessian,
                 self.spec,
@@ -183,9 +191,8 @@ class Gptq(QuantMethod):
                 self.options.act_order,
                 self.options.static_groups,
             )
-            parts = stacked.split([m.shape[0] for m in matrices])
-            write_weights(
-                block, {f"{name}.weight": stored_layout(layers[name], q) for name, q in zip(stage, parts, strict=True)}
-            )
-            stats["+".join(stage)] = error
+            rows = [m.shape[0] for m in matrices]
+            parts = zip(result.weight.split(rows), result.scale.split(rows), result.zero.split(rows), strict=True)
+            write_quantized(block, dict(zip(stage, parts, strict=True)))
+            stats["+".join(stage)] = result.error
         return {"error": stats}

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
 from quant_core.methods.training import epochs_to_steps, train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
-from quant_core.quantizer import fake_quantize, num_groups
+from quant_core.quantizer import fake_quantize, grid_params, num_groups
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,13 @@ class OmniQuant(QuantMethod):
         )
         with torch.no_grad():
             final = {
-                f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=False))
+                name: (
+                    self._clipped(weights[name], *logits[name], ste=False),
+                    *grid_params(weights[name], self.spec, *self._factors(*logits[name])),
+                )
                 for name in layers
             }
-        write_weights(block, final)
+        write_quantized(block, final)
         return {"epochs": self.epochs, "epoch_losses": epoch_losses}
 
     def _initial_logits(self, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,8 +88,10 @@ class OmniQuant(QuantMethod):
         init = torch.full(shape, float(self.options.init_logit), device=weight.device, dtype=torch.float32)
         return init.clone().requires_grad_(True), init.clone().requires_grad_(True)
 
-    def _clipped(self, weight: Tensor, low_logit: Tensor, high_logit: Tensor, ste: bool) -> Tensor:
+    def _factors(self, low_logit: Tensor, high_logit: Tensor) -> tuple[Tensor, Tensor]:
         reference = 1.0 / (1.0 + math.exp(-self.options.init_logit))  # sigmoid(theta0): factor 1 at init
-        low = torch.sigmoid(low_logit) / reference
-        high = torch.sigmoid(high_logit) / reference
+        return torch.sigmoid(low_logit) / reference, torch.sigmoid(high_logit) / reference
+
+    def _clipped(self, weight: Tensor, low_logit: Tensor, high_logit: Tensor, ste: bool) -> Tensor:
+        low, high = self._factors(low_logit, high_logit)
         return fake_quantize(weight.float(), self.spec, low, high, ste=ste).to(weight.dtype)

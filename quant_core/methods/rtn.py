@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from quant_core.methods.base import BlockData, QuantMethod, register_method, rtn_weights, write_weights
+from quant_core.methods.base import BlockData, QuantMethod, register_method, rtn_quantized, write_quantized
 
 
 @register_method
@@ -14,5 +14,5 @@ class RTN(QuantMethod):
     name = "rtn"
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
-        write_weights(block, rtn_weights(block, self.spec))
+        write_quantized(block, rtn_quantized(block, self.spec))
         return {}

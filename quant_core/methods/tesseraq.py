@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.methods.awq import Awq, AwqOptions, find_layout
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_weights
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
 from quant_core.methods.training import train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
@@ -89,8 +89,8 @@ class LearnedRounding:
         self.hard_value.view(-1)[chosen] = (soft.flatten()[chosen] >= 0.5).float()
 
     def qparams(self) -> tuple[Tensor, Tensor]:
-        """The stored grid of the final weight: tuned scale and zero point per group."""
-        return self.tuned_scale().detach(), self.zero
+        """The stored grid of the final weight: tuned scale and zero point, ``[out, groups]``."""
+        return self.tuned_scale().detach().squeeze(-1), self.zero.squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,9 @@ class TesseraQ(QuantMethod):
                 )
                 round_losses.append(losses[-1])
         with torch.no_grad():
-            write_weights(block, overrides())
+            write_quantized(
+                block, {name: (r.weight().to(layers[name].weight.dtype), *r.qparams()) for name, r in rounding.items()}
+            )
         rounded_up = sum(int(r.hard_value.sum()) for r in rounding.values())
         total = sum(r.hard_value.numel() for r in rounding.values())
         return {"init": init_stats, "round_losses": round_losses, "rounded_up_fraction": rounded_up / total}
