@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import EXPORT_FORMATS, CalibSpec, EvalSpec, JobSpec
 from quant_core.lightcompress_config import read_lightcompress
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_max_windows": None,
     "seed": 0,
     "device": "cpu",
+    "export": ["fake_quant"],
 }
 
 
@@ -80,10 +81,15 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--eval-seq-len", type=int)
     q.add_argument("--eval-max-windows", type=int)
     q.add_argument("--seed", type=int)
+    q.add_argument(
+        "--export", nargs="+", choices=EXPORT_FORMATS, help="fake_quant (dequantized) and/or pack_quantized (vLLM)"
+    )
 
 
 def add_quantize_command(commands: argparse._SubParsersAction) -> None:
-    q = commands.add_parser("quantize", help="quantize a model locally and write DIR/model and DIR/report.json")
+    q = commands.add_parser(
+        "quantize", help="quantize a model locally and write DIR/model (or DIR/packed) and DIR/report.json"
+    )
     add_job_arguments(q)
     q.add_argument("--device", help="cpu, cuda or cuda:N")
     q.add_argument("--out", type=Path, help="output directory (default: the config's save_path)")
@@ -136,6 +142,7 @@ def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
         ),
         seed=settings["seed"],
         device=settings["device"],
+        export_formats=tuple(settings["export"]),
     )
 
 
@@ -160,7 +167,12 @@ def quantize(args: argparse.Namespace) -> int:
     for name, ppl in report["perplexity"].items():
         print(f"perplexity {name}: {ppl['before']:.3f} -> {ppl['after']:.3f}")
     print(f"calibration {report['seconds']['calibration']:.1f}s, peak host memory {report['peak_host_mb']:.0f} MiB")
-    print(f"wrote {report['model_dir']} and {out_dir / REPORT_NAME}")
+    for name, export in report["exports"].items():
+        blockers = export.get("vllm_blockers")
+        print(
+            f"wrote {name}: {export['path']}" + (f" (vLLM cannot serve it: {'; '.join(blockers)})" if blockers else "")
+        )
+    print(f"wrote {out_dir / REPORT_NAME}")
     return 0
 
 

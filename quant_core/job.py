@@ -63,6 +63,9 @@ class EvalSpec:
         _positive_int(self.batch_size, "eval.batch_size")
 
 
+EXPORT_FORMATS = ("fake_quant", "pack_quantized")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """Everything that determines a quantization run; with the seed, it fixes the result."""
@@ -78,8 +81,12 @@ class JobSpec:
     seed: int = 0
     device: str = "cpu"
     trust_remote_code: bool = False
+    export_formats: tuple[str, ...] = ("fake_quant",)
 
     def __post_init__(self) -> None:
+        unknown = [f for f in self.export_formats if f not in EXPORT_FORMATS]
+        if unknown or not self.export_formats:
+            raise ConfigError(f"export_formats must be some of: {', '.join(EXPORT_FORMATS)}", "export_formats")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError("seed must be an integer", "seed")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from quant_core.errors import ConfigError
 
+FAKE_QUANT_DIR = "model"
+
 
 def load_model(
     source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
@@ -34,7 +36,7 @@ def load_model(
 
 def save_fake_quant(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
     """Write a Hugging Face directory (safetensors, config, tokenizer) holding dequantized weights."""
-    target = out_dir / "model"
+    target = out_dir / FAKE_QUANT_DIR
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
     return target

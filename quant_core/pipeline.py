@@ -21,12 +21,14 @@ import quant_core
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
+from quant_core.export import check_packable, write_packed
 from quant_core.job import JobSpec
 from quant_core.model_io import load_model, save_fake_quant
-from quant_core.model_structure import find_decoder_blocks
+from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
 
 REPORT_NAME = "report.json"
+PACKED_DIR = "packed"
 
 
 @dataclass
@@ -74,7 +76,11 @@ def run_job(
 
     hooks.stage(f"loading {spec.model}")
     model, tokenizer = load_model(spec.model, trust_remote_code=spec.trust_remote_code)
-    method.check(find_decoder_blocks(model))
+    blocks = find_decoder_blocks(model)
+    method.check(blocks)
+    if "pack_quantized" in spec.export_formats:
+        block_linears = {id(m) for m in quantizable_linears(blocks).values()}
+        check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], spec.quant)
     windows = calibration_windows(
         tokenize_file(tokenizer, calib_path), spec.calib.n_samples, spec.calib.seq_len, spec.seed
     )
@@ -117,7 +123,11 @@ def run_job(
 
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = save_fake_quant(model, tokenizer, out_dir)
+    exports: dict[str, Any] = {}
+    if "fake_quant" in spec.export_formats:
+        exports["fake_quant"] = {"path": str(save_fake_quant(model, tokenizer, out_dir))}
+    if "pack_quantized" in spec.export_formats:
+        exports["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)
     report = {
         "spec": spec.to_dict(),
         "quant_label": spec.quant.label,
@@ -136,7 +146,7 @@ def run_job(
         "peak_device_mb": max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None,
         "device": spec.device,
         "versions": library_versions(),
-        "model_dir": str(model_dir),
+        "exports": exports,
     }
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     return report

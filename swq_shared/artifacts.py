@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from quant_core.model_io import FAKE_QUANT_DIR
+from quant_core.pipeline import PACKED_DIR
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage, open_storage
 
-MODEL_ARCHIVE = "model.tar"
+# Export directory in a job's output -> the archive it is uploaded as.
+EXPORT_ARCHIVES = {FAKE_QUANT_DIR: "model.tar", PACKED_DIR: "packed.tar"}
 
 
 def open_settings_storage(settings: Settings) -> Storage:

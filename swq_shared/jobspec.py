@@ -55,7 +55,9 @@ class JobRequest(BaseModel):
     loss_options: dict[str, Any] = Field(default_factory=dict)
     calibration: CalibrationRequest = Field(default_factory=CalibrationRequest)
     evaluation: EvaluationRequest = Field(default_factory=EvaluationRequest)
-    export_formats: list[Literal["fake_quant"]] = Field(default_factory=lambda: ["fake_quant"], min_length=1)
+    export_formats: list[Literal["fake_quant", "pack_quantized"]] = Field(
+        default_factory=lambda: ["fake_quant"], min_length=1, max_length=2
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     queue: Literal["gpu", "cpu"] | None = Field(None, description="worker pool to run on; default: the server's")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
@@ -85,6 +87,7 @@ class JobRequest(BaseModel):
                 ),
                 seed=self.seed,
                 device=device,
+                export_formats=tuple(dict.fromkeys(self.export_formats)),
             )
         except ConfigError as exc:
             raise ConfigError(str(exc), _request_field(exc.field)) from exc
@@ -113,6 +116,8 @@ def request_from_settings(settings: dict[str, Any]) -> JobRequest:
     }
     if "group_size" in settings:
         body["group_size"] = settings["group_size"] or None
+    if settings.get("export"):
+        body["export_formats"] = settings["export"]
     pairs = {
         "calibration": (("text", "calib"), ("n_samples", "n_samples"), ("seq_len", "seq_len")),
         "evaluation": (("texts", "eval"), ("seq_len", "eval_seq_len"), ("max_windows", "eval_max_windows")),

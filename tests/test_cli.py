@@ -94,6 +94,28 @@ def test_every_method_runs_through_the_same_command_and_report(
     assert report["perplexity"]["persuasion"]["after"] > 0
 
 
+def test_packed_export_loads_with_plain_transformers_and_matches_the_fake_quant_logits(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--export", "fake_quant", "pack_quantized"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    packed = report["exports"]["pack_quantized"]
+    assert packed["compressed_tensors"] == "0.20.0" and packed["bytes"] < packed["fp16_bytes"]
+    assert any("3-bit" in reason for reason in packed["vllm_blockers"])
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        fake = AutoModelForCausalLM.from_pretrained(report["exports"]["fake_quant"]["path"])(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(packed["path"])(ids).logits
+    assert torch.allclose(loaded, fake, atol=1e-5 * fake.abs().max().item())
+
+
+def test_an_unpackable_group_size_is_refused_before_calibration(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--group-size", "48", "--export", "pack_quantized"]) == 2
+    assert "ragged last group" in capsys.readouterr().err and not (tmp_path / "report.json").exists()
+
+
 def test_tesseraq_jobs_default_to_the_l2_loss(tiny_llama_dir: Path, tmp_path: Path) -> None:
     argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "tesseraq", "--out", str(tmp_path), *SMALL]
     assert main([*argv, "--method-opt", "rounds=1", "--method-opt", "steps_per_round=1"]) == 0

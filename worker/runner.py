@@ -16,7 +16,7 @@ from typing import Any
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.pipeline import REPORT_NAME, JobHooks, run_job
-from swq_shared.artifacts import MODEL_ARCHIVE, artifact_key, open_settings_storage
+from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, open_settings_storage
 from swq_shared.db import session_scope
 from swq_shared.jobs import add_event, claim_job, finish_job, is_cancel_requested, record_block
 from swq_shared.jobspec import UPLOAD_PREFIX, JobRequest
@@ -104,15 +104,17 @@ def _cancel_requested(settings: Settings, job_id: str) -> bool:
 
 
 def _upload_artifacts(storage: Storage, job_id: str, out_dir: Path) -> list[dict[str, Any]]:
-    """The checkpoint as one uncompressed tar (safetensors do not compress; tar streams and resumes)."""
-    archive = out_dir / MODEL_ARCHIVE
-    with tarfile.open(archive, "w") as tar:
-        tar.add(out_dir / "model", arcname="model")
+    """Each exported checkpoint as one uncompressed tar (safetensors do not compress; tar streams and resumes)."""
+    files = []
+    for directory, archive_name in EXPORT_ARCHIVES.items():
+        if (out_dir / directory).is_dir():
+            archive = out_dir / archive_name
+            with tarfile.open(archive, "w") as tar:
+                tar.add(out_dir / directory, arcname=directory)
+            files.append((archive_name, archive, "application/x-tar"))
+    files.append((REPORT_NAME, out_dir / REPORT_NAME, "application/json"))
     uploaded = []
-    for name, path, content_type in (
-        (MODEL_ARCHIVE, archive, "application/x-tar"),
-        (REPORT_NAME, out_dir / REPORT_NAME, "application/json"),
-    ):
+    for name, path, content_type in files:
         key = artifact_key(job_id, name)
         size = storage.put_file(key, path)
         uploaded.append({"name": name, "storage_key": key, "size": size, "content_type": content_type})

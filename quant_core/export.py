@@ -1,0 +1,228 @@
+"""Packed export in compressed-tensors' ``pack-quantized`` format, which vLLM and transformers load.
+
+Layout written for each quantized ``nn.Linear`` (``PackedQuantizationCompressor``, compressed-tensors
+0.20; vLLM's ``CompressedTensorsWNA16`` reads the same tensors):
+
+- ``weight_packed``, int32 ``[out, ceil(in * b / 32)]``: each code ``q`` in ``[-2^(b-1), 2^(b-1) - 1]``
+  is stored as ``q + 2^(b-1)`` and packed densely, 32 codes into ``b`` words, a code crossing a word
+  boundary when ``b`` does not divide 32. Dense packing of 3/5/6/7 bits dates from compressed-tensors
+  0.17 (before, those widths were padded to ``32 // b`` codes a word); 2, 4 and 8 bits never changed.
+- ``weight_scale``, float32 ``[out, groups]``: the grid's own precision. Loaders cast it to the dtype
+  they compute in; transformers' ``dequantize`` load computes ``(q - zero) * scale`` in float32 and
+  rounds once to the model dtype, which is how the fake-quantized weight was made.
+- ``weight_zero_point`` (asymmetric grids only): the signed integer zero points packed the same way
+  but along the output dimension, int32 ``[ceil(out * b / 32), groups]``.
+- ``weight_shape``, int64 ``[out, in]``.
+
+Loaders dequantize as ``(q - zero) * scale``: the grid of :mod:`quant_core.quantizer`, so a weight
+that lies on its grid is exported without loss. Every other tensor is written unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import ModelCompressor
+from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+from compressed_tensors.config import CompressionFormat
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    QuantizationStrategy,
+)
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import CONFIG_NAME
+
+from quant_core.errors import ConfigError
+from quant_core.methods.base import layer_grid
+from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, num_groups
+
+# vLLM serves weight-only pack-quantized checkpoints through CompressedTensorsWNA16 on its Marlin kernel
+# (vllm/model_executor/layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py and
+# vllm/model_executor/layers/quantization/utils/marlin_utils.py: query_marlin_supported_quant_types,
+# MARLIN_SUPPORTED_GROUP_SIZES).
+_MARLIN_BITS = (4, 8)
+_MARLIN_ZERO_POINT_BITS = (4,)
+_MARLIN_GROUP_SIZES = (None, 32, 64, 128)
+
+
+def export_pack_quantized(
+    model: nn.Module,
+    qparams: Mapping[str, tuple[Tensor, Tensor]],
+    spec: QuantSpec,
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Write ``model`` as a ``pack-quantized`` checkpoint; the layers named in ``qparams`` are packed.
+
+    ``qparams`` maps a linear's full module name to the ``(scale, zero)`` of its grid, each
+    ``[out, groups]``; that layer must already hold its fake-quantized weight. Each layer's codes are
+    recomputed and checked before anything is written: a weight that its grid does not reproduce to
+    the round-off of its dtype raises ``ValueError`` naming the layer. GPT-2's ``Conv1D`` layers are
+    refused (compressed-tensors packs only ``nn.Linear`` weights, so transformers could not load them),
+    and so is a group size that leaves a ragged last group (compressed-tensors' group strategy needs
+    the input width to be a multiple of the group size).
+
+    The quantization config also sets transformers' ``dequantize`` load option: with compressed-tensors
+    0.20 its default path expects unpacked asymmetric zero points and refuses these checkpoints, while
+    ``dequantize`` unpacks every layer through the same compressor. vLLM ignores the option.
+    """
+    layers = _packed_linears(model, qparams, spec)
+    scheme = _scheme(spec)
+    state = model.state_dict()
+    for name, layer in layers.items():
+        del state[f"{name}.weight"]
+        packed = _packed_layer(name, layer.weight, *qparams[name], spec, scheme)
+        state.update({f"{name}.{key}": value for key, value in packed.items()})
+
+    out = Path(out_dir)
+    model.save_pretrained(out, state_dict=state)
+    ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in layers]
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=CompressionFormat.pack_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        ignore=ignore,
+    )
+    ModelCompressor(quantization_config=config).update_config(str(out))
+    config_path = out / CONFIG_NAME
+    written = json.loads(config_path.read_text(encoding="utf-8"))
+    written["quantization_config"]["dequantize"] = True
+    config_path.write_text(json.dumps(written, indent=2, sort_keys=True), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def write_packed(
+    model: nn.Module, spec: QuantSpec, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> dict[str, Any]:
+    """Pack every layer that holds a grid from calibration; return what the report says of the export."""
+    qparams = {name: grid for name, module in model.named_modules() if (grid := layer_grid(module)) is not None}
+    path = export_pack_quantized(model, qparams, spec, out_dir, tokenizer)
+    unique = {id(p): p for p in model.parameters()}.values()
+    return {
+        "path": str(path),
+        "format": CompressionFormat.pack_quantized.value,
+        "compressed_tensors": version("compressed-tensors"),
+        "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+        "fp16_bytes": sum(p.numel() * 2 for p in unique),
+        "vllm_blockers": vllm_serving_blockers(spec),
+    }
+
+
+def check_packable(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
+    """Refuse up front, before any calibration, a model whose linears ``names`` cannot be packed."""
+    _packed_linears(model, dict.fromkeys(names), spec)
+
+
+def vllm_serving_blockers(spec: QuantSpec) -> list[str]:
+    """Why vLLM cannot serve an export of this grid on an NVIDIA GPU; empty when it can.
+
+    The export still loads in transformers either way. Rules read from vLLM's sources (main, 2026):
+    static weight-only channel/group schemes in ``pack-quantized`` format go to the WNA16 scheme, whose
+    built-in CUDA kernel is Marlin: 4- and 8-bit weights (``uint4b8``/``uint8b128``), zero points with
+    4-bit weights only (``uint4``; zero points came with vLLM PR #14211), per-channel or 32/64/128
+    groups. Builds with the optional ``humming`` kernel package (vLLM PR #34556) also serve symmetric
+    2-8-bit weights; kernels behind other optional packages (conch) are not counted. Layer shapes
+    matter too: older releases need ``in_features % 128 == 0`` and ``out_features % 64 == 0`` per
+    tensor-parallel shard, where newer ones pad.
+    """
+    blockers = []
+    if spec.bits not in _MARLIN_BITS:
+        blockers.append(
+            f"{spec.bits}-bit weights: vLLM's Marlin kernel takes 4- or 8-bit weights only "
+            "(newer vLLM with the optional humming kernel also serves symmetric 2-8-bit weights)"
+        )
+    elif not spec.symmetric and spec.bits not in _MARLIN_ZERO_POINT_BITS:
+        blockers.append(f"asymmetric {spec.bits}-bit weights: vLLM's Marlin kernel takes zero points with 4-bit only")
+    if spec.group_size not in _MARLIN_GROUP_SIZES:
+        blockers.append(
+            f"group size {spec.group_size}: vLLM's Marlin kernel takes per-channel or groups of 32, 64 or 128"
+        )
+    return blockers
+
+
+def _packed_linears(
+    model: nn.Module, qparams: Mapping[str, tuple[Tensor, Tensor]], spec: QuantSpec
+) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers named in ``qparams``, refusing layers the format cannot hold."""
+    modules = dict(model.named_modules())
+    layers: dict[str, nn.Linear] = {}
+    for name in qparams:
+        module = modules.get(name)
+        if isinstance(module, Conv1D):
+            raise ConfigError(
+                f"{name} is a GPT-2 Conv1D layer: compressed-tensors packs only nn.Linear weights, so GPT-2 "
+                "models cannot be exported packed (their fake-quantized checkpoint is unaffected)",
+                "model",
+            )
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name}: the model has no nn.Linear of that name")
+        in_features = module.weight.shape[1]
+        if spec.group_size is not None and in_features % spec.group_size:
+            raise ConfigError(
+                f"group_size {spec.group_size} leaves a ragged last group in {name} (in_features {in_features}): "
+                "compressed-tensors needs every input width to be a multiple of the group size",
+                "group_size",
+            )
+        layers[name] = module
+    return layers
+
+
+def _scheme(spec: QuantSpec) -> QuantizationScheme:
+    strategy = QuantizationStrategy.CHANNEL if spec.group_size is None else QuantizationStrategy.GROUP
+    weights = QuantizationArgs(
+        num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=strategy, group_size=spec.group_size
+    )
+    return QuantizationScheme(targets=["Linear"], weights=weights, format=CompressionFormat.pack_quantized.value)
+
+
+def _packed_layer(
+    name: str, weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec, scheme: QuantizationScheme
+) -> dict[str, Tensor]:
+    """One layer's packed tensors, after checking that its grid reproduces its weight."""
+    weight = weight.detach().cpu()
+    scale, zero = scale.detach().cpu().float(), zero.detach().cpu().float()
+    _check_on_grid(name, weight, scale, zero, spec)
+    return PackedQuantizationCompressor.compress(
+        {"weight": weight.float(), "weight_scale": scale, "weight_zero_point": zero.to(torch.int8)}, scheme
+    )
+
+
+def _check_on_grid(name: str, weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> None:
+    """Raise unless ``(code - zero) * scale`` gives back ``weight`` to its dtype's round-off.
+
+    The tolerance is one unit of the weight dtype's relative precision of the grid value, so fp32
+    weights must match to fp32 round-off; an off-grid weight misses by a sizeable part of a step.
+    """
+    out_features, in_features = weight.shape
+    expected = (out_features, num_groups(in_features, spec.group_size))
+    if tuple(scale.shape) != expected or tuple(zero.shape) != expected:
+        raise ValueError(
+            f"{name}: scale and zero must be shaped {list(expected)}, got {list(scale.shape)} and {list(zero.shape)}"
+        )
+    if not torch.equal(zero, zero.round()) or zero.min() < spec.qmin or zero.max() > spec.qmax:
+        raise ValueError(f"{name}: zero points must be integers in [{spec.qmin}, {spec.qmax}]")
+    if spec.symmetric and zero.any():
+        raise ValueError(f"{name}: a symmetric grid has all zero points 0")
+    grouped = group_columns(weight.float(), spec.group_size)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = grid_codes(grouped, scale, zero, spec)
+    error = (dequantize(codes, scale, zero) - grouped).abs()
+    tolerance = torch.finfo(weight.dtype).eps * ((codes - zero).abs() + 1) * scale
+    if not bool((error <= tolerance).all()):
+        raise ValueError(
+            f"{name}: the weight is not on the {spec.label} grid of its scale and zero point "
+            f"(off by up to {(error / scale).max().item():.3g} steps); export needs each layer's "
+            "fake-quantized weight with the scale and zero point that produced it"
+        )
