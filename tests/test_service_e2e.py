@@ -79,7 +79,9 @@ def _model_archive(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def _check_succeeded_job(client: SWQuantClient, stack: Stack, job_id: str, tmp_path: Path) -> None:
+def _check_succeeded_job(
+    client: SWQuantClient, stack: Stack, job_id: str, tmp_path: Path, packed: bool = False
+) -> None:
     job = _wait(client, stack, job_id)
     assert job["status"] == "succeeded", f"{job['error']}\n{stack.log_tail()}"
     assert job["progress"] == {"blocks_done": 2, "num_blocks": 2}
@@ -91,7 +93,7 @@ def _check_succeeded_job(client: SWQuantClient, stack: Stack, job_id: str, tmp_p
     statuses = [e["data"]["status"] for e in events if e["kind"] == "status"]
     assert statuses == ["queued", "running", "succeeded"]
     names = {a["name"] for a in client.artifacts(job_id)}
-    assert names == {"model.tar", "report.json"}
+    assert names == {"model.tar", "report.json"} | ({"packed.tar"} if packed else set())
 
     # Download in two pieces through HTTP Range (a resumed download), then load it with transformers.
     size = next(a["size"] for a in client.artifacts(job_id) if a["name"] == "model.tar")
@@ -126,8 +128,8 @@ def test_job_from_uploaded_model_succeeds_on_postgres_redis_s3(
 
 def test_job_on_embedded_defaults_succeeds(embedded: Stack, tiny_llama_dir: Path, tmp_path: Path) -> None:
     client = _client(embedded)
-    job = client.submit({**JOB, "model": str(tiny_llama_dir)})
-    _check_succeeded_job(client, embedded, job["id"], tmp_path)
+    job = client.submit({**JOB, "model": str(tiny_llama_dir), "export_formats": ["fake_quant", "pack_quantized"]})
+    _check_succeeded_job(client, embedded, job["id"], tmp_path, packed=True)
 
 
 def test_running_job_is_cancelled_between_blocks(production: Stack, tmp_path: Path) -> None:
@@ -257,3 +259,5 @@ def test_bad_specs_are_refused_with_the_field_named(production: Stack) -> None:
         client.http.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"}).status_code
         == 422
     )
+    anonymous = httpx.post(f"{production.url}/v1/jobs", json={"model": "m", "bits": 1}, timeout=30)
+    assert anonymous.status_code == 401  # authentication is checked before the body is read
