@@ -57,8 +57,9 @@ class Row:
     peer: str | None = None  # llm-compressor's scheme, run by bench/peer_llmcompressor.py
 
 
+_AWQ_QUICK = {"search_samples": 8}  # the grid search runs 20 forwards per mapping: 4k tokens on CPU
 _OMNI_QUICK = {"epochs": 1, "lr": 0.05}
-_TESSERA_QUICK = {"rounds": 4, "steps_per_round": 4, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3}
+_TESSERA_QUICK = {"rounds": 4, "steps_per_round": 4, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3, "init": "rtn"}
 _NORM_QUICK = {"epochs": 1, "lr": 1e-4}
 ROWS = {
     row.label: row
@@ -66,8 +67,8 @@ ROWS = {
         Row("rtn", "rtn", "mse"),
         Row("gptq", "gptq", "mse"),
         Row("gptq act-order", "gptq", "mse", {"act_order": True, "static_groups": True}),
-        Row("awq", "awq", "mse"),
-        Row("awq+sw", "awq", "mse_sw"),
+        Row("awq", "awq", "mse", _AWQ_QUICK),
+        Row("awq+sw", "awq", "mse_sw", _AWQ_QUICK),
         Row("omniquant mse", "omniquant", "mse", _OMNI_QUICK),
         Row("omniquant mse_sw", "omniquant", "mse_sw", _OMNI_QUICK),
         Row("tesseraq l2", "tesseraq", "l2", _TESSERA_QUICK),
@@ -174,7 +175,8 @@ def _run_subprocess(label: str, bits: int | None, full: bool, threads: int) -> d
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        return {"label": label, "bits": bits, "error": done.stderr.strip().splitlines()[-1:]}
+        last = done.stderr.strip().splitlines()[-1:] or [""]
+        return {"label": label, "bits": bits, "error": f"exit {done.returncode}: {last[0][-200:]}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -169,7 +169,10 @@ class Awq(QuantMethod):
         for mapping in layout:
             previous = block.get_submodule(mapping.previous)
             if frozenset(mapping.layers) not in groups:
-                raise ConfigError(f"AWQ layout mismatch in {type(block).__name__}: {mapping.layers} differ", "method")
+                raise ConfigError(
+                    f"AWQ layout mismatch in {type(block).__name__}: {', '.join(mapping.layers)} do not read one input",
+                    "method",
+                )
             if isinstance(previous, LinearLike):
                 continue
             outputs: list[Tensor] = []
