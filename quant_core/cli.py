@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.job import EXPORT_FORMATS, CalibSpec, EvalSpec, JobSpec
+from quant_core.job import DTYPES, EXPORT_FORMATS, CalibSpec, EvalSpec, JobSpec
 from quant_core.lightcompress_config import read_lightcompress
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_max_windows": None,
     "seed": 0,
     "device": "cpu",
+    "dtype": "float32",
     "export": ["fake_quant"],
 }
 
@@ -81,6 +82,7 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--eval-seq-len", type=int)
     q.add_argument("--eval-max-windows", type=int)
     q.add_argument("--seed", type=int)
+    q.add_argument("--dtype", choices=DTYPES, help="model dtype for calibration forwards (grids and losses stay fp32)")
     q.add_argument(
         "--export", nargs="+", choices=EXPORT_FORMATS, help="fake_quant (dequantized) and/or pack_quantized (vLLM)"
     )
@@ -142,6 +144,7 @@ def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
         ),
         seed=settings["seed"],
         device=settings["device"],
+        dtype=settings["dtype"],
         export_formats=tuple(settings["export"]),
     )
 

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from quant_core.errors import ConfigError
 from quant_core.losses import BLOCK_SIZE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
@@ -64,6 +66,9 @@ class EvalSpec:
 
 
 EXPORT_FORMATS = ("fake_quant", "pack_quantized")
+# Dtype the model is loaded and run in. Quantization parameters, Hessians and losses stay in float32
+# whatever this is; bfloat16 halves the memory of weights and activations on a GPU.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class JobSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "float32"
     trust_remote_code: bool = False
     export_formats: tuple[str, ...] = ("fake_quant",)
 
@@ -91,6 +97,8 @@ class JobSpec:
             raise ConfigError("seed must be an integer", "seed")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of: {', '.join(DTYPES)}", "dtype")
         if self.loss is None:
             object.__setattr__(self, "loss", method_class(self.method).default_loss)
         block_size = self.loss_options.get("sw_block_size")

@@ -22,7 +22,7 @@ from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.export import check_packable, write_packed
-from quant_core.job import JobSpec
+from quant_core.job import DTYPES, JobSpec
 from quant_core.model_io import load_model, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
@@ -75,7 +75,7 @@ def run_job(
     torch.manual_seed(spec.seed)
 
     hooks.stage(f"loading {spec.model}")
-    model, tokenizer = load_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    model, tokenizer = load_model(spec.model, DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code)
     blocks = find_decoder_blocks(model)
     method.check(blocks)
     if "pack_quantized" in spec.export_formats:

@@ -59,6 +59,9 @@ class JobRequest(BaseModel):
         default_factory=lambda: ["fake_quant"], min_length=1, max_length=2
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="model dtype for calibration; grids, Hessians and losses stay float32"
+    )
     queue: Literal["gpu", "cpu"] | None = Field(None, description="worker pool to run on; default: the server's")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
@@ -87,6 +90,7 @@ class JobRequest(BaseModel):
                 ),
                 seed=self.seed,
                 device=device,
+                dtype=self.dtype,
                 export_formats=tuple(dict.fromkeys(self.export_formats)),
             )
         except ConfigError as exc:
@@ -111,7 +115,7 @@ def request_from_settings(settings: dict[str, Any]) -> JobRequest:
     """A JobRequest from the CLI's flat settings (``swquant submit`` flags or a LightCompress file)."""
     body: dict[str, Any] = {
         key: settings[key]
-        for key in ("model", "bits", "symmetric", "method", "loss", "loss_options", "method_options", "seed")
+        for key in ("model", "bits", "symmetric", "method", "loss", "loss_options", "method_options", "seed", "dtype")
         if settings.get(key) is not None
     }
     if "group_size" in settings:

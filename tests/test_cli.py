@@ -94,12 +94,14 @@ def test_every_method_runs_through_the_same_command_and_report(
     assert report["perplexity"]["persuasion"]["after"] > 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_export_loads_with_plain_transformers_and_matches_the_fake_quant_logits(
-    tiny_llama_dir: Path, tmp_path: Path
+    dtype: str, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--out", str(tmp_path), *SMALL]
-    assert main([*argv, "--export", "fake_quant", "pack_quantized"]) == 0
+    assert main([*argv, "--dtype", dtype, "--export", "fake_quant", "pack_quantized"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spec"]["dtype"] == dtype
     packed = report["exports"]["pack_quantized"]
     assert packed["compressed_tensors"] == "0.20.0" and packed["bytes"] < packed["fp16_bytes"]
     assert any("3-bit" in reason for reason in packed["vllm_blockers"])

@@ -102,6 +102,20 @@ def test_every_linear_keeps_the_grid_its_weights_lie_on(method: str, windows) ->
 
 
 @pytest.mark.parametrize("method", list(FAST_OPTIONS))
+def test_bfloat16_blocks_calibrate_with_float32_grids_and_losses(method: str, windows) -> None:
+    """The block forward runs in bfloat16; every method still improves on RTN and stays on its grid."""
+    model = build_model("llama").to(torch.bfloat16)
+    spec = QuantSpec(bits=3, group_size=GROUP)
+    quant = build_method(method, spec, build_loss("mse_sw", seed=0), FAST_OPTIONS[method])
+    records = calibrate_blocks(model, windows, quant, build_loss("mse"), seed=0)
+    assert sum(r.mse_after for r in records) < sum(r.mse_before for r in records)
+    for layer in quantizable_linears(find_decoder_blocks(model)).values():
+        assert layer.weight.dtype == torch.bfloat16 and layer_grid(layer)[0].dtype == torch.float32
+        levels = torch.tensor([[g.unique().numel() for g in row] for row in group_columns(layer.weight, GROUP)])
+        assert (levels <= 8).all()
+
+
+@pytest.mark.parametrize("method", list(FAST_OPTIONS))
 def test_calibration_is_deterministic_under_a_seed(method: str, windows) -> None:
     first, rec1 = _calibrate("llama", windows, method, 3, "mse_sw")
     second, rec2 = _calibrate("llama", windows, method, 3, "mse_sw")
