@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
     "dtype": "float32",
+    "lazy_load": None,
     "export": ["fake_quant"],
 }
 
@@ -82,6 +83,9 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--eval-seq-len", type=int)
     q.add_argument("--eval-max-windows", type=int)
     q.add_argument("--seed", type=int)
+    q.add_argument(
+        "--lazy-load", action="store_true", default=None, help="stream blocks from disk (models larger than memory)"
+    )
     q.add_argument("--dtype", choices=DTYPES, help="model dtype for calibration forwards (grids and losses stay fp32)")
     q.add_argument(
         "--export", nargs="+", choices=EXPORT_FORMATS, help="fake_quant (dequantized) and/or pack_quantized (vLLM)"
@@ -145,6 +149,7 @@ def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
         seed=settings["seed"],
         device=settings["device"],
         dtype=settings["dtype"],
+        lazy_load=bool(settings["lazy_load"]),
         export_formats=tuple(settings["export"]),
     )
 

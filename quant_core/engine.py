@@ -13,7 +13,7 @@ import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,18 @@ from quant_core.errors import CancelledError
 from quant_core.losses import Loss, mse
 from quant_core.methods.base import BlockData, QuantMethod, rtn_weights
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
+
+
+class BlockResidency(Protocol):
+    """Where blocks live between visits: ``enter`` puts block ``index`` in memory, ``leave`` lets it go.
+
+    The default (None) keeps the whole model in memory; a streaming residency loads each block from
+    disk on ``enter`` and writes it out and frees it on ``leave``.
+    """
+
+    def enter(self, index: int) -> None: ...
+
+    def leave(self, index: int) -> None: ...
 
 
 @dataclass
@@ -147,6 +159,7 @@ def calibrate_blocks(
     on_block: Callable[[BlockRecord], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: BlockCheckpoint | None = None,
+    residency: BlockResidency | None = None,
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
@@ -154,18 +167,19 @@ def calibrate_blocks(
     fixed random draws; the method trains with its own loss object. ``should_cancel`` is checked
     between blocks, so a cancelled run never leaves a half-quantized block behind. With a
     ``checkpoint``, progress is stored after every block and a run continues where a previous run of
-    the same job stopped.
+    the same job stopped. Both chains' activations wait on the CPU; only the block in work and its
+    inputs are on ``device``.
     """
     model.eval()
     blocks = find_decoder_blocks(model)
     method.check(blocks)
     captured = capture_block_inputs(model, windows, device)
     kwargs = captured.kwargs
-    fp_inputs, q_inputs = captured.hidden, captured.hidden.clone()
+    fp_inputs, q_inputs = captured.hidden.cpu(), captured.hidden.cpu().clone()
     records: list[BlockRecord] = []
     resume = checkpoint.load(blocks) if checkpoint is not None else None
     if resume is not None:
-        fp_inputs, q_inputs = resume.fp_inputs.to(device), resume.q_inputs.to(device)
+        fp_inputs, q_inputs = resume.fp_inputs, resume.q_inputs
         records = [BlockRecord(**r) for r in resume.records]
     for index in range(len(records), len(blocks)):
         block = blocks[index]
@@ -174,10 +188,14 @@ def calibrate_blocks(
         started = time.perf_counter()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
+        if residency is not None:
+            residency.enter(index)
         block.to(device).eval().requires_grad_(False)
         block_seed = seed + index
-        targets = run_block_batched(block, fp_inputs, kwargs, forward_batch_size)
-        before = run_block_batched(block, q_inputs, kwargs, forward_batch_size, rtn_weights(block, method.spec))
+        fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
+        targets = run_block_batched(block, fp_in, kwargs, forward_batch_size)
+        del fp_in
+        before = run_block_batched(block, q_in, kwargs, forward_batch_size, rtn_weights(block, method.spec))
         loss_before = _batched_loss(eval_loss, before, targets, forward_batch_size, block_seed)
         mse_before = _mse(before, targets)
         del before
@@ -185,13 +203,13 @@ def calibrate_blocks(
         data = BlockData(
             index=index,
             num_blocks=len(blocks),
-            inputs=q_inputs,
+            inputs=q_in,
             targets=targets,
             forward=lambda h, overrides, block=block: run_block(block, h, kwargs, overrides),
             generator=torch.Generator().manual_seed(block_seed),
         )
         stats = method.calibrate(block, data)
-        q_outputs = run_block_batched(block, q_inputs, kwargs, forward_batch_size)
+        q_outputs = run_block_batched(block, q_in, kwargs, forward_batch_size)
         record = BlockRecord(
             index=index,
             num_blocks=len(blocks),
@@ -205,10 +223,13 @@ def calibrate_blocks(
             method_stats=stats,
         )
         block.to("cpu")
-        fp_inputs, q_inputs = targets, q_outputs
+        fp_inputs, q_inputs = targets.cpu(), q_outputs.cpu()
+        del data, q_in, targets, q_outputs
         records.append(record)
         if checkpoint is not None:
             checkpoint.save(index, block, fp_inputs, q_inputs, [r.to_dict() for r in records])
+        if residency is not None:
+            residency.leave(index)
         if on_block is not None:
             on_block(record)
     return records

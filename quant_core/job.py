@@ -86,6 +86,7 @@ class JobSpec:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    lazy_load: bool = False  # stream blocks from the safetensors shards: for models larger than memory
     trust_remote_code: bool = False
     export_formats: tuple[str, ...] = ("fake_quant",)
 
@@ -99,6 +100,8 @@ class JobSpec:
             raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of: {', '.join(DTYPES)}", "dtype")
+        if self.lazy_load and "pack_quantized" in self.export_formats:
+            raise ConfigError("pack_quantized export is not available with lazy_load yet", "export_formats")
         if self.loss is None:
             object.__setattr__(self, "loss", method_class(self.method).default_loss)
         block_size = self.loss_options.get("sw_block_size")

@@ -24,14 +24,21 @@ def load_model(
     path = Path(source).expanduser()
     if path.is_dir() and not any(path.glob("*.safetensors")):
         raise ConfigError(f"model: {source} holds no .safetensors weights (pickled weights are refused)", "model")
+    tokenizer = load_tokenizer(source, trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: cannot load '{source}': {exc}", "model") from exc
     return model, tokenizer
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model: cannot load the tokenizer of '{source}': {exc}", "model") from exc
 
 
 def save_fake_quant(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:

@@ -21,9 +21,11 @@ import quant_core
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
+from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
 from quant_core.job import DTYPES, JobSpec
-from quant_core.model_io import load_model, save_fake_quant
+from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
+from quant_core.model_io import FAKE_QUANT_DIR, load_model, load_tokenizer, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
 
@@ -75,7 +77,18 @@ def run_job(
     torch.manual_seed(spec.seed)
 
     hooks.stage(f"loading {spec.model}")
-    model, tokenizer = load_model(spec.model, DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code)
+    lazy: LazyModel | None = None
+    residency: StreamingBlocks | None = None
+    if spec.lazy_load:
+        if checkpoint_dir is not None:
+            raise ConfigError("a checkpoint cannot be combined with lazy_load yet", "lazy_load")
+        if not Path(spec.model).is_dir():
+            raise ConfigError("lazy_load needs a local model directory", "model")
+        lazy = LazyModel(Path(spec.model), DTYPES[spec.dtype], spec.trust_remote_code)
+        model, tokenizer = lazy.model, load_tokenizer(spec.model, spec.trust_remote_code)
+        residency = StreamingBlocks(lazy, ShardWriter(lazy, out_dir / FAKE_QUANT_DIR))
+    else:
+        model, tokenizer = load_model(spec.model, DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code)
     blocks = find_decoder_blocks(model)
     method.check(blocks)
     if "pack_quantized" in spec.export_formats:
@@ -90,7 +103,13 @@ def run_job(
         for name, path in eval_paths.items()
     }
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(weights: ShardedWeights | None) -> dict[str, float]:
+        """Perplexity per text: of the model in memory, or streaming the blocks stored in ``weights``."""
+        if lazy is not None and weights is not None:
+            return {
+                name: blockwise_perplexity(lazy, w, weights, spec.eval.batch_size, spec.device)
+                for name, w in eval_sets.items()
+            }
         model.to(spec.device)
         scores = {name: perplexity(model, w, spec.eval.batch_size, spec.device) for name, w in eval_sets.items()}
         model.to("cpu")
@@ -98,7 +117,7 @@ def run_job(
 
     hooks.stage("evaluating the full-precision model")
     eval_started = time.perf_counter()
-    ppl_before = evaluate()
+    ppl_before = evaluate(lazy.weights if lazy is not None else None)
     eval_seconds = time.perf_counter() - eval_started
 
     hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
@@ -113,18 +132,22 @@ def run_job(
         on_block=hooks.on_block,
         should_cancel=hooks.should_cancel,
         checkpoint=BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None,
+        residency=residency,
     )
     calib_seconds = time.perf_counter() - calib_started
+    written = residency.writer.finish(tokenizer) if residency is not None else None
 
     hooks.stage("evaluating the quantized model")
     eval_started = time.perf_counter()
-    ppl_after = evaluate()
+    ppl_after = evaluate(ShardedWeights(written) if written is not None else None)
     eval_seconds += time.perf_counter() - eval_started
 
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
     exports: dict[str, Any] = {}
-    if "fake_quant" in spec.export_formats:
+    if written is not None:
+        exports["fake_quant"] = {"path": str(written)}
+    elif "fake_quant" in spec.export_formats:
         exports["fake_quant"] = {"path": str(save_fake_quant(model, tokenizer, out_dir))}
     if "pack_quantized" in spec.export_formats:
         exports["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)

@@ -62,6 +62,7 @@ class JobRequest(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="model dtype for calibration; grids, Hessians and losses stay float32"
     )
+    lazy_load: bool = Field(False, description="stream blocks from the checkpoint: for models larger than memory")
     queue: Literal["gpu", "cpu"] | None = Field(None, description="worker pool to run on; default: the server's")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
@@ -91,6 +92,7 @@ class JobRequest(BaseModel):
                 seed=self.seed,
                 device=device,
                 dtype=self.dtype,
+                lazy_load=self.lazy_load,
                 export_formats=tuple(dict.fromkeys(self.export_formats)),
             )
         except ConfigError as exc:
@@ -115,7 +117,18 @@ def request_from_settings(settings: dict[str, Any]) -> JobRequest:
     """A JobRequest from the CLI's flat settings (``swquant submit`` flags or a LightCompress file)."""
     body: dict[str, Any] = {
         key: settings[key]
-        for key in ("model", "bits", "symmetric", "method", "loss", "loss_options", "method_options", "seed", "dtype")
+        for key in (
+            "model",
+            "bits",
+            "symmetric",
+            "method",
+            "loss",
+            "loss_options",
+            "method_options",
+            "seed",
+            "dtype",
+            "lazy_load",
+        )
         if settings.get(key) is not None
     }
     if "group_size" in settings:
