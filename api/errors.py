@@ -12,7 +12,7 @@ import logging
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
 from quant_core.errors import ConfigError
 from swq_shared.jobs import InvalidCursorError
@@ -51,10 +51,18 @@ def _storage_object_missing(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"not found in storage: {exc}"}, 404)
 
 
+def _unstorable_value(_request: Request, exc: Exception) -> JSONResponse:
+    """Last line of defence: a value the database cannot hold is the request's fault, not a 500."""
+    log.warning("request value refused by the database: %s", type(getattr(exc, "orig", exc)).__name__)
+    detail = [{"loc": ["request"], "msg": "a value in the request cannot be stored", "type": "value_error"}]
+    return JSONResponse({"detail": detail}, 422)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ConfigError, _config_error)
     app.add_exception_handler(InvalidCursorError, _cursor_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(InterfaceError, _database_down)
+    app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(NotFoundError, _storage_object_missing)
     app.add_exception_handler(StorageError, _storage_down)

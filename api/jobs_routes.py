@@ -10,14 +10,16 @@ from pydantic import ValidationError
 
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
 from api.errors import validation_error
-from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut
+from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut, error_responses
 from api.submission import artifact_response, own_job, submit_job_request
 from swq_shared import jobs
 from swq_shared.jobspec import JobRequest, request_from_lightcompress
 from swq_shared.models import JobStatus
 from swq_shared.queue import revoke_job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
+_JOB_MISSING = error_responses(404)
+_ARTIFACT_TYPES = {t: {} for t in ("application/x-tar", "application/json", "application/octet-stream")}
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 _BODY_SCHEMA = {
@@ -47,7 +49,14 @@ async def _parse_request(request: Request) -> JobRequest:
         raise validation_error(exc) from exc
 
 
-@router.post("", status_code=201, response_model=JobOut, openapi_extra=_BODY_SCHEMA)
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobOut,
+    openapi_extra=_BODY_SCHEMA,
+    responses={200: {"model": JobOut, "description": "the job an Idempotency-Key already created"}}
+    | error_responses(400),
+)
 def submit_job(
     request: Request,
     response: Response,
@@ -63,7 +72,7 @@ def submit_job(
     return JobOut.of(job)
 
 
-@router.post("/validate", response_model=JobRequest, dependencies=[Depends(get_tenant)])
+@router.post("/validate", response_model=JobRequest, dependencies=[Depends(get_tenant)], responses=error_responses(400))
 def validate_job(spec: JobRequest) -> JobRequest:
     """Check a job spec without submitting it; returns it with every default filled in."""
     spec.to_job_spec()
@@ -82,8 +91,9 @@ def list_jobs(
     labels: dict[str, str] = {}
     for item in metadata or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise HTTPException(422, "metadata filters must look like KEY=VALUE")
+        if not sep or not key or "\x00" in item:
+            message = "metadata filters must look like KEY=VALUE, without NUL characters"
+            raise HTTPException(422, [{"loc": ["query", "metadata"], "msg": message, "type": "value_error"}])
         labels[key] = value
     page = jobs.list_jobs(
         session, tenant.id, limit=limit, cursor=cursor, statuses=[s.value for s in status or []], labels=labels
@@ -91,12 +101,12 @@ def list_jobs(
     return JobList(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=_JOB_MISSING)
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
     return JobOut.of(own_job(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
 def cancel_job(
     request: Request,
     job_id: str,
@@ -118,12 +128,12 @@ def cancel_job(
     return JobOut.of(job)
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{job_id}/events", response_model=EventList, responses=_JOB_MISSING)
 def job_events(
     job_id: str,
     session: SessionDep,
     tenant: TenantDep,
-    cursor: Annotated[int, Query(ge=0, description="last event id seen; 0 for the start")] = 0,
+    cursor: Annotated[int, Query(ge=0, le=2**63 - 1, description="last event id seen; 0 for the start")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
     own_job(session, tenant, job_id)
@@ -131,7 +141,7 @@ def job_events(
     return EventList(items=[EventOut.of(e) for e in page.items], next_cursor=page.next_cursor, has_more=page.has_more)
 
 
-@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut])
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=_JOB_MISSING)
 def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
     job = own_job(session, tenant, job_id)
     return [ArtifactOut.of(a) for a in sorted(job.artifacts, key=lambda a: a.name)]
@@ -141,10 +151,11 @@ def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> list[
     "/{job_id}/artifacts/{name}",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"description": "partial content"},
-        416: {"description": "range not satisfiable"},
-    },
+        200: {"content": _ARTIFACT_TYPES, "description": "the artifact"},
+        206: {"content": _ARTIFACT_TYPES, "description": "the requested byte range"},
+        307: {"description": "redirect to a presigned storage URL"},
+    }
+    | error_responses(404, 416),
 )
 def download_artifact(
     job_id: str,

@@ -10,6 +10,28 @@ from pydantic import BaseModel
 from swq_shared.models import Artifact, Job, JobEvent, Upload
 
 
+class ErrorOut(BaseModel):
+    """Every error answer: a message, or FastAPI's list of ``{loc, msg, type}`` for invalid input."""
+
+    detail: Any
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI declarations of the error statuses a route can answer, all shaped as :class:`ErrorOut`."""
+    return {code: {"model": ErrorOut, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+ERROR_MEANINGS = {
+    400: "the body could not be parsed",
+    401: "missing or invalid API key",
+    404: "no such job, artifact or upload among yours",
+    409: "the job is already finished",
+    413: "upload larger than the limit",
+    416: "range not satisfiable",
+    503: "database, storage or queue unavailable; retry",
+}
+
+
 class Progress(BaseModel):
     blocks_done: int
     num_blocks: int | None

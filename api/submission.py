@@ -6,6 +6,7 @@ Route handlers (JSON or HTML) stay thin and call these, so both front ends follo
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from celery import Celery
@@ -18,27 +19,29 @@ from sqlalchemy.orm import Session
 from api.ranges import parse_range
 from swq_shared import jobs
 from swq_shared.jobspec import JobRequest
-from swq_shared.models import Artifact, Job, JobStatus, Tenant, Upload
+from swq_shared.models import Artifact, Job, JobStatus, Tenant, Upload, is_id
 from swq_shared.queue import enqueue_job
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage
 
 log = logging.getLogger(__name__)
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
 def own_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     """The caller's job; another tenant's job is reported missing, not forbidden (no existence leak)."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if is_id(job_id) else None
     if job is None or job.tenant_id != tenant.id:
         raise HTTPException(404, f"job {job_id} not found")
     return job
 
 
 def check_uploads(session: Session, tenant: Tenant, spec: JobRequest) -> None:
-    for upload_id in spec.upload_ids():
-        upload = session.get(Upload, upload_id)
+    for field, upload_id in spec.upload_ids().items():
+        upload = session.get(Upload, upload_id) if is_id(upload_id) else None
         if upload is None or upload.tenant_id != tenant.id:
-            raise HTTPException(422, f"upload:{upload_id} not found among your uploads")
+            message = f"upload:{upload_id} not found among your uploads"
+            raise HTTPException(422, [{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error"}])
 
 
 def submit_job_request(
@@ -79,7 +82,9 @@ def artifact_response(
 ) -> Any:
     """Stream an artifact (or redirect to a presigned URL), honouring one HTTP byte range."""
     own_job(session, tenant, job_id)
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+    artifact = None
+    if ARTIFACT_NAME.fullmatch(name):
+        artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if artifact is None:
         raise HTTPException(404, f"artifact {name} not found")
     if settings.presigned_downloads and (url := storage.presigned_url(artifact.storage_key)):

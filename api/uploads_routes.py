@@ -12,14 +12,15 @@ from sqlalchemy import select
 
 from api.archives import ArchiveError, model_files, open_members, read_member
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.schemas import UploadOut
+from api.schemas import UploadOut, error_responses
 from swq_shared.artifacts import upload_prefix
 from swq_shared.models import Upload, new_id
 from swq_shared.storage import InvalidKeyError
 
-router = APIRouter(prefix="/v1", tags=["uploads"])
+router = APIRouter(prefix="/v1", tags=["uploads"], responses=error_responses(401, 503))
+_UPLOAD_ERRORS = error_responses(400, 413)
 CHUNK = 1 << 20
-NameField = Annotated[str, Form(min_length=1, max_length=200)]
+NameField = Annotated[str, Form(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
 
 
 def _refuse_oversized(request: Request, limit: int) -> None:
@@ -52,7 +53,7 @@ def _record(session: SessionDep, upload: Upload) -> UploadOut:
     return UploadOut.of(upload)
 
 
-@router.post("/models", status_code=201, response_model=UploadOut)
+@router.post("/models", status_code=201, response_model=UploadOut, responses=_UPLOAD_ERRORS)
 def upload_model(
     request: Request,
     session: SessionDep,
@@ -94,7 +95,7 @@ def upload_model(
     )
 
 
-@router.post("/datasets", status_code=201, response_model=UploadOut)
+@router.post("/datasets", status_code=201, response_model=UploadOut, responses=_UPLOAD_ERRORS)
 def upload_dataset(
     request: Request,
     session: SessionDep,

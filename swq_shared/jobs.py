@@ -10,14 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, utcnow
+from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, is_id, utcnow
 
 
 class JobStateError(RuntimeError):
@@ -154,11 +154,16 @@ def encode_cursor(created_at: datetime, job_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor we issued points at; anything else (forged, garbled) is refused."""
     try:
         created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        when = datetime.fromisoformat(created)
+        when.astimezone(UTC)  # must be representable in UTC, where the database compares it
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidCursorError("cursor is not valid") from exc
+    if not is_id(job_id):
+        raise InvalidCursorError("cursor is not valid")
+    return when, job_id
 
 
 def list_jobs(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quant_core.errors import ConfigError
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
@@ -98,10 +98,35 @@ class JobRequest(BaseModel):
         except ConfigError as exc:
             raise ConfigError(str(exc), _request_field(exc.field)) from exc
 
-    def upload_ids(self) -> list[str]:
-        """Uploads this job reads (its model and texts), so they can be checked for ownership."""
-        refs = [self.model, self.calibration.text, *self.evaluation.texts]
-        return [r.removeprefix(UPLOAD_PREFIX) for r in refs if r.startswith(UPLOAD_PREFIX)]
+    def upload_ids(self) -> dict[str, str]:
+        """Uploads this job reads (its model and texts) by request field, so ownership can be checked."""
+        refs = {"model": self.model, "calibration.text": self.calibration.text}
+        refs.update({f"evaluation.texts.{i}": text for i, text in enumerate(self.evaluation.texts)})
+        return {field: r.removeprefix(UPLOAD_PREFIX) for field, r in refs.items() if r.startswith(UPLOAD_PREFIX)}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, data: Any) -> Any:
+        """NUL can be neither stored nor used in a path: refuse it anywhere in the request, by field."""
+        for path, value in _strings(data):
+            if "\x00" in value:
+                raise ValueError(f"{path or 'body'}: NUL characters are not allowed")
+        return data
+
+
+def _strings(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every string in a parsed JSON value (keys included) with its dotted path."""
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        found = []
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            found += [(child, str(key)), *_strings(item, child)]
+        return found
+    if isinstance(value, list):
+        return [pair for i, item in enumerate(value) for pair in _strings(item, f"{path}.{i}")]
+    return []
 
 
 def _request_field(core_field: str | None) -> str | None:

@@ -7,6 +7,7 @@ used (JSON, strings for ids and statuses, timezone-aware timestamps).
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -32,8 +33,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # every id this service hands out
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` can name a row: anything else is answered as not found without a query."""
+    return ID_PATTERN.fullmatch(value) is not None
 
 
 class JobStatus(enum.StrEnum):

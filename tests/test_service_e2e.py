@@ -5,6 +5,7 @@ Each test submits jobs on a tiny model, polls until they end, and checks what a 
 
 from __future__ import annotations
 
+import base64
 import io
 import subprocess
 import sys
@@ -261,3 +262,27 @@ def test_bad_specs_are_refused_with_the_field_named(production: Stack) -> None:
     )
     anonymous = httpx.post(f"{production.url}/v1/jobs", json={"model": "m", "bits": 1}, timeout=30)
     assert anonymous.status_code == 401  # authentication is checked before the body is read
+
+
+def test_values_the_database_cannot_hold_are_refused_not_500(production: Stack) -> None:
+    """Inputs found by fuzzing that once reached PostgreSQL and failed there (NUL, out-of-range numbers)."""
+    client = _client(production)
+    forged_cursor = base64.urlsafe_b64encode(b"9999-12-31T23:59:59-14:00|x").decode()
+    nul_id_cursor = base64.urlsafe_b64encode(b"2024-01-01T00:00:00|\x00").decode()
+    job_id = client.submit({**JOB, "model": "/nonexistent"})["id"]
+    requests = [
+        ("GET", "/v1/jobs/%5E%0F%C3%BF%00", {}),
+        ("POST", "/v1/jobs/abc%00/cancel", {}),
+        ("GET", f"/v1/jobs/{job_id}/artifacts/report.json%00", {}),
+        ("GET", "/v1/jobs?metadata=a%3D%00", {}),
+        ("GET", f"/v1/jobs?cursor={forged_cursor}", {}),
+        ("GET", f"/v1/jobs?cursor={nul_id_cursor}", {}),
+        ("GET", f"/v1/jobs/{job_id}/events?cursor=9223372036854775808", {}),
+        ("POST", "/v1/jobs", {"json": {"model": "upload:\u0000"}}),
+        ("POST", "/v1/jobs", {"json": {"model": "m", "metadata": {"team": "a\u0000"}}}),
+        ("POST", "/v1/datasets", {"files": {"file": ("t.txt", b"text")}, "data": {"name": "a\x00b"}}),
+    ]
+    for method, path, kwargs in requests:
+        response = client.http.request(method, path, **kwargs)
+        assert 400 <= response.status_code < 500, (method, path, response.status_code, response.text)
+    assert client.http.get("/v1/jobs?metadata=team=x").status_code == 200  # filters still work afterwards
