@@ -131,7 +131,8 @@ def rtn_quantized(block: nn.Module, spec: QuantSpec) -> dict[str, tuple[Tensor, 
     result = {}
     for name, layer in quantizable_linears(block).items():
         weight = weight_matrix(layer).detach()
-        result[name] = (fake_quantize(weight, spec), *grid_params(weight, spec))
+        fake = fake_quantize(weight.float(), spec).to(weight.dtype)  # the grid is computed in float32
+        result[name] = (fake, *grid_params(weight, spec))
     return result
 
 
