@@ -94,11 +94,14 @@ def test_every_method_runs_through_the_same_command_and_report(
     assert report["perplexity"]["persuasion"]["after"] > 0
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("method", "dtype"),  # normtweaking and awq change norm weights too: those travel unpacked
+    [("gptq", "float32"), ("gptq", "bfloat16"), ("normtweaking", "float32"), ("awq", "float32")],
+)
 def test_packed_export_loads_with_plain_transformers_and_matches_the_fake_quant_logits(
-    dtype: str, tiny_llama_dir: Path, tmp_path: Path
+    method: str, dtype: str, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "gptq", "--out", str(tmp_path), *SMALL]
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", method, "--out", str(tmp_path), *SMALL]
     assert main([*argv, "--dtype", dtype, "--export", "fake_quant", "pack_quantized"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["spec"]["dtype"] == dtype
