@@ -90,13 +90,19 @@ def _write_large_llama(path: Path, tokenizer) -> int:
 PEAK_SCRIPT = """
 import json, resource, sys
 from quant_core.cli import main
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter, torch, transformers
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"code": code, "baseline_mb": baseline, "peak_mb": peak}))
 """
 
 
 def test_a_model_larger_than_the_peak_memory_is_quantized(tmp_path: Path, tokenizer) -> None:
-    """Peak resident memory of the whole run stays far below the checkpoint's size."""
+    """What the run adds to the process's resident memory stays far below the checkpoint's size.
+
+    The libraries alone take a few hundred MiB before any model is touched; that baseline is measured
+    in the same process and reported, and the run's own peak above it is what is compared.
+    """
     model_dir = tmp_path / "large"
     model_dir.mkdir()
     size_mb = _write_large_llama(model_dir, tokenizer) / 2**20
@@ -106,8 +112,9 @@ def test_a_model_larger_than_the_peak_memory_is_quantized(tmp_path: Path, tokeni
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    print(f"model {size_mb:.0f} MiB, peak resident {result['peak_mb']:.0f} MiB")
+    added = result["peak_mb"] - result["baseline_mb"]
+    print(f"model {size_mb:.0f} MiB, peak resident {result['peak_mb']:.0f} MiB of which the run added {added:.0f}")
     assert result["code"] == 0 and len(report["blocks"]) == 60
-    assert result["peak_mb"] < 0.5 * size_mb
+    assert added < 0.25 * size_mb
     written = sum(f.stat().st_size for f in (tmp_path / "out" / "model").glob("*.safetensors")) / 2**20
     assert written == pytest.approx(size_mb, rel=0.01)
