@@ -175,7 +175,8 @@ def calibrate_blocks(
     method.check(blocks)
     captured = capture_block_inputs(model, windows, device)
     kwargs = captured.kwargs
-    fp_inputs, q_inputs = captured.hidden.cpu(), captured.hidden.cpu().clone()
+    fp_inputs = captured.hidden.cpu()
+    q_inputs = fp_inputs.clone()
     records: list[BlockRecord] = []
     resume = checkpoint.load(blocks) if checkpoint is not None else None
     if resume is not None:

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 
 from quant_core.engine import capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
+from quant_core.methods.base import GRID_BUFFERS
 from quant_core.model_structure import find_decoder_blocks
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -121,16 +122,27 @@ class LazyModel:
         """Materialize block ``index`` on the CPU from ``weights`` (default: the source checkpoint)."""
         block = self.blocks[index]
         names = self.block_names(index)
-        tensors = (weights or self.weights).load(list(names.values()))
-        block.to_empty(device="cpu")
-        _initialise_buffers(self.model, block)
+        source = weights or self.weights
+        missing = [full for full in names.values() if full not in source]
+        if missing:
+            raise ConfigError(f"model: {source.directory} lacks {', '.join(missing[:3])}", "model")
+        tensors = source.load(list(names.values()))
+        _initialise_buffers(self.model, block)  # while still on meta: only buffers need computing
         for name, full in names.items():
             _set_parameter(block, name, tensors[full].to(self.dtype))
         return block
 
     def release_block(self, index: int) -> None:
-        """Give block ``index``'s memory back; it is read again from shards when needed."""
-        self.blocks[index].to("meta")
+        """Give block ``index``'s memory back; it is read again from shards when needed.
+
+        The grids calibration left on its linears are dropped too: they are in the written shard's
+        weights already, and a reloaded block would otherwise carry them as uninitialised memory.
+        """
+        block = self.blocks[index]
+        for module in block.modules():
+            for name in GRID_BUFFERS:
+                module._buffers.pop(name, None)
+        block.to("meta")
 
     def outside_state(self) -> dict[str, Tensor]:
         """Every tensor that is not in a block (what the output needs besides the blocks)."""

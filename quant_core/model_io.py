@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from quant_core.errors import ConfigError
 
 FAKE_QUANT_DIR = "model"
+PACKED_DIR = "packed"
 
 
 def load_model(

@@ -25,12 +25,11 @@ from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
-from quant_core.model_io import FAKE_QUANT_DIR, load_model, load_tokenizer, save_fake_quant
+from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tokenizer, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
 
 REPORT_NAME = "report.json"
-PACKED_DIR = "packed"
 
 
 @dataclass

@@ -121,7 +121,10 @@ def grid_params(
     weight: Tensor, spec: QuantSpec, low_factor: Tensor | None = None, high_factor: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The grid :func:`fake_quantize` puts ``weight`` on: scale and zero point as ``[out, groups]``."""
-    scale, zero = scale_and_zero(group_columns(weight.detach().float(), spec.group_size), spec, low_factor, high_factor)
+    weight = weight.detach()
+    if weight.dtype in (torch.float16, torch.bfloat16):  # grids are computed in float32 at least
+        weight = weight.float()
+    scale, zero = scale_and_zero(group_columns(weight, spec.group_size), spec, low_factor, high_factor)
     return scale.squeeze(-1).detach(), zero.squeeze(-1).detach()
 
 

@@ -62,7 +62,9 @@ UNCLIPPED = ("q_proj", "k_proj")
 
 @dataclass(frozen=True)
 class AwqOptions(MethodOptions):
-    """AWQ's search grid: 20 exponents; clipping ratios 1, 0.95, ... down to ``1 - max_shrink``."""
+    """AWQ's search grid: exponents 0, 1/20, ..., 19/20; clipping ratios 1, 0.95, ..., 0.55
+    (``1 - i / n_grid`` for ``i < max_shrink * n_grid``, as in AWQ); fewer than two ratios means no
+    clipping search."""
 
     n_grid: int = 20
     max_shrink: float = 0.5

@@ -126,20 +126,26 @@ def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
     return None if scale is None or zero is None else (scale, zero)
 
 
+def _rtn_matrix(weight: Tensor, spec: QuantSpec) -> Tensor:
+    """Round-to-nearest in float32 whatever the weight's dtype, rounded once back to it."""
+    return fake_quantize(weight.float(), spec).to(weight.dtype)
+
+
 def rtn_quantized(block: nn.Module, spec: QuantSpec) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     """Round-to-nearest weight and grid of every linear in the block."""
     result = {}
     for name, layer in quantizable_linears(block).items():
         weight = weight_matrix(layer).detach()
-        fake = fake_quantize(weight.float(), spec).to(weight.dtype)  # the grid is computed in float32
-        result[name] = (fake, *grid_params(weight, spec))
+        result[name] = (_rtn_matrix(weight, spec), *grid_params(weight, spec))
     return result
 
 
 def rtn_weights(block: nn.Module, spec: QuantSpec) -> dict[str, Tensor]:
     """Round-to-nearest weights of every linear in the block, by parameter name, in storage layout."""
-    layers = quantizable_linears(block)
-    return {f"{name}.weight": stored_layout(layers[name], q[0]) for name, q in rtn_quantized(block, spec).items()}
+    return {
+        f"{name}.weight": stored_layout(layer, _rtn_matrix(weight_matrix(layer).detach(), spec))
+        for name, layer in quantizable_linears(block).items()
+    }
 
 
 def write_weights(block: nn.Module, weights: Mapping[str, Tensor]) -> None:

@@ -29,7 +29,7 @@ from quant_core.errors import ConfigError
 from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
 from quant_core.methods.layer_inputs import input_groups, layer_input
 from quant_core.model_structure import quantizable_linears, weight_matrix
-from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero
+from quant_core.quantizer import QuantSpec, dequantize, grid_params
 
 MAX_DAMP_RETRIES = 6
 
@@ -60,12 +60,6 @@ def _group_index(in_features: int, spec: QuantSpec) -> Tensor:
     """Each input column's group on the uniform grid (contiguous runs of ``group_size``)."""
     columns = torch.arange(in_features)
     return torch.zeros_like(columns) if spec.group_size is None else columns // spec.group_size
-
-
-def _group_params(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Scale and zero per row and group, as ``[out, groups]``."""
-    scale, zero = scale_and_zero(group_columns(weight, spec.group_size), spec)
-    return scale.squeeze(-1), zero.squeeze(-1)
 
 
 def _factor_inverse(hessian: Tensor, damp: float) -> Tensor:
@@ -120,7 +114,7 @@ def gptq_quantize(
     zero = torch.zeros_like(scale)
     ready = torch.zeros(num_groups, dtype=torch.bool)
     if static_groups or spec.group_size is None:
-        scale, zero = _group_params(w, spec)
+        scale, zero = grid_params(w, spec)
         ready[:] = True
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=w.device)
     w, h = w[:, order], h[order][:, order]
@@ -128,21 +122,21 @@ def gptq_quantize(
     position[order] = torch.arange(in_features, device=w.device)
     h_inv = _factor_inverse(h, damp)
     quantized = torch.zeros_like(w)
-    error_total = 0.0
+    error_total = torch.zeros((), dtype=dtype, device=w.device)
+    column_order, column_group = order.tolist(), groups.tolist()  # no device sync per column
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
         w_block = w[:, start:end].clone()
         errors = torch.zeros_like(w_block)
         h_inv_block = h_inv[start:end, start:end]
         for i in range(end - start):
-            column = int(order[start + i])
-            group = int(groups[column])
+            group = column_group[column_order[start + i]]
             if not ready[group]:
                 members = position[groups == group]  # this group's columns, none quantized yet
                 inside = members < end
                 current = w[:, members] - errors[:, :i] @ h_inv[start : start + i, members]  # pending updates
                 current[:, inside] = w_block[:, members[inside] - start]
-                group_scale, group_zero = _group_params(current, QuantSpec(spec.bits, spec.symmetric, None))
+                group_scale, group_zero = grid_params(current, QuantSpec(spec.bits, spec.symmetric, None))
                 scale[:, group], zero[:, group] = group_scale[:, 0], group_zero[:, 0]
                 ready[group] = True
             col = w_block[:, i]
@@ -151,11 +145,11 @@ def gptq_quantize(
             quantized[:, start + i] = q
             d = h_inv_block[i, i]
             err = (col - q) / d
-            error_total += float(((col - q) ** 2).sum() / d**2 / 2)
+            error_total += ((col - q) ** 2).sum() / d**2 / 2
             w_block[:, i:] -= err.unsqueeze(1) @ h_inv_block[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    return GptqResult(quantized[:, position].to(weight.dtype), scale, zero, error_total)
+    return GptqResult(quantized[:, position].to(weight.dtype), scale, zero, float(error_total))
 
 
 @torch.no_grad()

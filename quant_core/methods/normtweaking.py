@@ -76,7 +76,7 @@ class NormTweak(QuantMethod):
             torch.optim.Adam(start.values(), lr=lr),
             epochs_to_steps(self.options.epochs, data, self.options.batch_size),
             self.options.batch_size,
-            f"NormTweaking block {data.index}",
+            "NormTweaking",
         )
         write_weights(block, {name: value.detach() for name, value in start.items()})
         return {"base": stats, "lr": lr, "epoch_losses": epoch_losses}
