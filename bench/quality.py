@@ -209,7 +209,8 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
                 if r["label"] == label and r["bits"] is not None and "perplexity" in r
             )
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=label)
+                style = "--" if ROWS[label].peer else "-"  # peer rows dashed, beside ours of the same colour
+                ax.plot(*zip(*points, strict=True), marker="o", linestyle=style, label=label)
         if "fp32" in rows and "perplexity" in rows["fp32"]:
             ax.axhline(rows["fp32"]["perplexity"][text], color="black", linestyle="--", label="fp32")
         ax.set(title=f"SmolLM2-135M, asym g{GROUP_SIZE}: {text}", xlabel="bits", yscale="log")

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from quant_core.errors import ConfigError
 from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
-from quant_core.methods.layer_inputs import capture_call, input_groups, layer_input
+from quant_core.methods.layer_inputs import capture_call, first_argument, input_groups, layer_input
 from quant_core.model_structure import LinearLike, quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import fake_quantize, grid_params
 
@@ -204,13 +204,14 @@ class Awq(QuantMethod):
         width = weight_matrix(next(iter(layers.values()))).shape[1]
         if isinstance(previous, LinearLike) and weight_matrix(previous).shape[0] != width:
             return None  # grouped-query attention: v has fewer output channels than o has inputs
-        x = layer_input(block, data, sample, mapping.layers[0]).float()
-        x_mean = x.abs().reshape(-1, width).mean(0)
         inspect_name = _inspected(mapping.layers)
         inspect = block.get_submodule(inspect_name)
         args, kwargs = capture_call(block, data, sample, inspect)
-        target = _first(inspect(*args, **kwargs)).float()
         prefix = f"{inspect_name}." if inspect_name not in mapping.layers else ""
+        # A single linear is its own inspected module: its input is already in hand.
+        x = (layer_input(block, data, sample, mapping.layers[0]) if prefix else first_argument(args, kwargs)).float()
+        x_mean = x.abs().reshape(-1, width).mean(0)
+        target = _first(inspect(*args, **kwargs)).float()
         best: tuple[float, float, Tensor] | None = None
         for step in range(self.options.n_grid):
             alpha = step / self.options.n_grid

@@ -82,5 +82,9 @@ def capture_call(
 
 def layer_input(block: nn.Module, data: BlockData, hidden: Tensor, name: str) -> Tensor:
     """What the linear ``name`` receives when the block runs on ``hidden``."""
-    args, kwargs = capture_call(block, data, hidden, block.get_submodule(name))
+    return first_argument(*capture_call(block, data, hidden, block.get_submodule(name)))
+
+
+def first_argument(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """A module's main input, whether it was passed by position or by keyword."""
     return args[0] if args else next(iter(kwargs.values()))
