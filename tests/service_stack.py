@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import httpx
 
+from swq_shared.migrate import upgrade
 from swq_shared.queue import worker_argv
-from tests.s3_server import free_ports
+from tests.databases import fresh_postgres_database
+from tests.s3_server import S3Endpoint, free_ports
 
 STARTUP_TIMEOUT_S = 90
 
@@ -71,6 +74,17 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 20) -> None
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextmanager
+def migrated_backing(s3_server: S3Endpoint, prefix: str) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A fresh migrated PostgreSQL database and a fresh S3 bucket: (database URL, storage URL, env)."""
+    bucket = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    extra = {**s3_server.env(), "SWQUANT_S3_ENDPOINT_URL": s3_server.url}
+    with fresh_postgres_database() as database_url:
+        upgrade(database_url)
+        yield database_url, f"s3://{bucket}", extra
 
 
 @contextmanager

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,9 +55,8 @@ from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
 from swq_shared.jobspec import JobRequest
 from swq_shared.models import JobStatus
-from tests.databases import fresh_postgres_database
 from tests.s3_server import S3Endpoint, free_ports
-from tests.service_stack import Stack, _process, _wait_ready
+from tests.service_stack import Stack, _process, _wait_ready, migrated_backing
 
 SEED = 20260101
 MAX_EXAMPLES = 20
@@ -157,16 +155,11 @@ def _seed_jobs(database_url: str, api_key: str, s3: S3Endpoint, bucket: str) -> 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[Target]:
-    bucket = f"fuzz-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    extra = {**s3_server.env(), "SWQUANT_S3_ENDPOINT_URL": s3_server.url}
-    with fresh_postgres_database() as database_url:
-        from swq_shared.migrate import upgrade
-
-        upgrade(database_url)
+    with migrated_backing(s3_server, "fuzz") as (database_url, storage_url, extra):
         workdir = tmp_path_factory.mktemp("fuzz")
+        bucket = storage_url.removeprefix("s3://")
         try:
-            with api_only_stack(workdir, database_url, f"s3://{bucket}", extra) as stack:
+            with api_only_stack(workdir, database_url, storage_url, extra) as stack:
                 yield Target(stack, _seed_jobs(database_url, stack.api_key, s3_server, bucket))
         finally:
             get_engine(database_url).dispose()  # before the database is dropped

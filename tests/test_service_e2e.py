@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
-from tests.databases import fresh_postgres_database
 from tests.s3_server import S3Endpoint
-from tests.service_stack import Stack, embedded_stack, production_stack
+from tests.service_stack import Stack, embedded_stack, migrated_backing, production_stack
 from tests.tiny_models import build_model
 
 JOB = {
@@ -45,15 +43,9 @@ def production(
     tmp_path_factory: pytest.TempPathFactory,
     s3_server: S3Endpoint,
 ) -> Iterator[Stack]:
-    bucket = f"e2e-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    extra = {**s3_server.env(), "SWQUANT_S3_ENDPOINT_URL": s3_server.url}
-    with fresh_postgres_database() as database_url:
-        from swq_shared.migrate import upgrade
-
-        upgrade(database_url)
+    with migrated_backing(s3_server, "e2e") as (database_url, storage_url, extra):
         workdir = tmp_path_factory.mktemp("prod")
-        with production_stack(workdir, database_url, "redis://127.0.0.1:6379/3", f"s3://{bucket}", extra) as stack:
+        with production_stack(workdir, database_url, "redis://127.0.0.1:6379/3", storage_url, extra) as stack:
             yield stack
 
 
