@@ -63,6 +63,24 @@ def _load_block(block: nn.Module, tensors: dict[str, Tensor]) -> None:
         block.get_submodule(module_name).register_buffer(buffer, value, persistent=False)
 
 
+def saved_files(directory: Path, index: int) -> list[Path]:
+    """The files ``BlockCheckpoint.save`` wrote for block ``index``, in the order they must be copied.
+
+    A copy elsewhere (object storage) stays usable at every point only if, like the local writes,
+    the block's weights land before the state file that points past them.
+    """
+    return [Path(directory) / f"block_{index:05d}.safetensors", Path(directory) / STATE_FILE]
+
+
+def stored_fingerprint(directory: Path) -> str | None:
+    """The fingerprint of the job whose progress ``directory`` holds; None when it holds none."""
+    state_path = Path(directory) / STATE_FILE
+    if not state_path.is_file():
+        return None
+    with safe_open(str(state_path), framework="pt") as f:
+        return (f.metadata() or {}).get("fingerprint")
+
+
 class BlockCheckpoint:
     """A directory holding a run's progress, tied to one job by ``fingerprint``."""
 
@@ -70,7 +88,7 @@ class BlockCheckpoint:
         self.directory, self.fingerprint = Path(directory), fingerprint
 
     def _block_path(self, index: int) -> Path:
-        return self.directory / f"block_{index:05d}.safetensors"
+        return saved_files(self.directory, index)[0]
 
     def save(self, index: int, block: nn.Module, fp_inputs: Tensor, q_inputs: Tensor, records: list[dict]) -> None:
         """Record that block ``index`` (the last of ``records``) is finished; the next block gets these inputs."""
@@ -83,16 +101,16 @@ class BlockCheckpoint:
     def load(self, blocks: nn.ModuleList) -> ResumePoint | None:
         """Restore finished blocks into ``blocks`` and return where to go on; None for a fresh start."""
         state_path = self.directory / STATE_FILE
-        if not state_path.is_file():
+        fingerprint = stored_fingerprint(self.directory)
+        if fingerprint is None:
             return None
-        with safe_open(str(state_path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("fingerprint") != self.fingerprint:
+        if fingerprint != self.fingerprint:
             raise ConfigError(
                 f"checkpoint {self.directory} belongs to another job; use a fresh directory or the same job",
                 "checkpoint",
             )
-        records = json.loads(meta["records"])
+        with safe_open(str(state_path), framework="pt") as f:
+            records = json.loads((f.metadata() or {})["records"])
         for index in range(len(records)):
             _load_block(blocks[index], load_file(str(self._block_path(index))))
         tensors = load_file(str(state_path))

@@ -20,3 +20,8 @@ def artifact_key(job_id: str, name: str) -> str:
 
 def upload_prefix(tenant_id: str, upload_id: str) -> str:
     return f"uploads/{tenant_id}/{upload_id}"
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    """Where a running job keeps its per-block progress, so another worker can resume it."""
+    return f"checkpoints/{job_id}"

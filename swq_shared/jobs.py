@@ -1,8 +1,11 @@
 """Job state rules, in one place for the API and the workers.
 
-A job moves queued -> running -> succeeded | failed | cancelled. Every change is a conditional
-UPDATE (``WHERE status = ...``), so two processes racing on one job cannot both win, and every change
-appends an event to the job's log.
+A job moves queued -> running -> succeeded | failed | cancelled, and back from running to queued
+when its worker dies (swq_shared.leases). Every change is a conditional UPDATE (``WHERE status =
+...``), so two processes racing on one job cannot both win, and every change appends an event to the
+job's log. A claim hands the worker a lease token; the worker's writes (progress, outcome) name it
+and are refused once the lease has passed to another attempt, so a worker presumed dead can never
+overwrite the work of the one that replaced it.
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, is_id, utcnow
+from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, is_id, new_id, utcnow
+
+
+class LeaseLostError(RuntimeError):
+    """The worker's lease on a job has lapsed or passed to another attempt: it must stop writing."""
 
 
 class JobStateError(RuntimeError):
@@ -54,29 +61,77 @@ def create_job(
     return job, True
 
 
-def claim_job(session: Session, job_id: str, worker: str) -> Job | None:
-    """Move a queued job to running for ``worker``; None if it is not queued (taken, cancelled, gone)."""
+def claim_job(
+    session: Session, job_id: str, worker: str, lease_seconds: float = 60.0, max_attempts: int | None = None
+) -> Job | None:
+    """Move a queued job to running for ``worker`` with a fresh lease; None if it is not queued.
+
+    The returned job's ``lease_token`` fences every later write of this attempt. ``attempts``
+    counts claims; a job that has used ``max_attempts`` is not claimed again.
+    """
     now = utcnow()
+    condition = [Job.id == job_id, Job.status == JobStatus.queued.value]
+    if max_attempts is not None:
+        condition.append(Job.attempts < max_attempts)
+    token = new_id()
     claimed = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+        .where(*condition)
         .values(
-            status=JobStatus.running.value, worker=worker, started_at=now, updated_at=now, attempts=Job.attempts + 1
+            status=JobStatus.running.value,
+            worker=worker,
+            started_at=func.coalesce(Job.started_at, now),
+            updated_at=now,
+            attempts=Job.attempts + 1,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
         )
     ).rowcount
     if not claimed:
         return None
-    add_event(session, job_id, "status", status=JobStatus.running.value, worker=worker)
-    return session.get(Job, job_id, populate_existing=True)
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    add_event(session, job_id, "status", status=JobStatus.running.value, worker=worker, attempt=job.attempts)
+    return job
 
 
-def record_block(session: Session, job_id: str, block: dict[str, Any]) -> None:
-    """Store a finished block's record as an event and advance the job's progress."""
-    session.execute(
+def _leased(job_id: str, lease_token: str | None) -> list[Any]:
+    """The condition a write by the holder of ``lease_token`` needs (no token: any running attempt)."""
+    condition = [Job.id == job_id, Job.status == JobStatus.running.value]
+    return condition if lease_token is None else [*condition, Job.lease_token == lease_token]
+
+
+def renew_lease(session: Session, job_id: str, lease_token: str, lease_seconds: float) -> None:
+    """Push the lease's expiry ``lease_seconds`` ahead; LeaseLostError if it is no longer held."""
+    now = utcnow()
+    renewed = session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(*_leased(job_id, lease_token))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+    ).rowcount
+    if not renewed:
+        raise LeaseLostError(f"job {job_id}: lease lost")
+
+
+def add_leased_event(session: Session, job_id: str, lease_token: str, kind: str, **data: Any) -> None:
+    """Append an event for a running attempt, refused (LeaseLostError) once its lease is gone."""
+    if not session.execute(update(Job).where(*_leased(job_id, lease_token)).values(updated_at=utcnow())).rowcount:
+        raise LeaseLostError(f"job {job_id}: lease lost")
+    add_event(session, job_id, kind, **data)
+
+
+def record_block(session: Session, job_id: str, block: dict[str, Any], lease_token: str | None = None) -> None:
+    """Store a finished block's record as an event and advance the job's progress.
+
+    With ``lease_token``, only while that lease is held (LeaseLostError otherwise).
+    """
+    done = session.execute(
+        update(Job)
+        .where(*_leased(job_id, lease_token))
         .values(blocks_done=block["index"] + 1, num_blocks=block["num_blocks"], updated_at=utcnow())
-    )
+    ).rowcount
+    if not done:
+        raise LeaseLostError(f"job {job_id} is not running under this lease")
     add_event(session, job_id, "block", **block)
 
 
@@ -114,18 +169,26 @@ def finish_job(
     artifacts: list[dict[str, Any]] | None = None,
     error_code: str | None = None,
     error_message: str | None = None,
+    lease_token: str | None = None,
 ) -> bool:
     """Record the outcome of a running job with its metrics and artifacts, all in one transaction.
 
     Returns False (and changes nothing) when the job is no longer running, e.g. it was finished by
-    someone else; a succeeded job always has its artifacts, because both are written together.
+    someone else, or, with ``lease_token``, when that lease is no longer held; a succeeded job always
+    has its artifacts, because both are written together.
     """
     now = utcnow()
     done = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running.value)
+        .where(*_leased(job_id, lease_token))
         .values(
-            status=status.value, finished_at=now, updated_at=now, error_code=error_code, error_message=error_message
+            status=status.value,
+            finished_at=now,
+            updated_at=now,
+            error_code=error_code,
+            error_message=error_message,
+            lease_token=None,
+            lease_expires_at=None,
         )
     ).rowcount
     if not done:
@@ -137,6 +200,69 @@ def finish_job(
     details = {"error_code": error_code, "error_message": error_message} if error_code else {}
     add_event(session, job_id, "status", status=status.value, **details)
     return True
+
+
+def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
+    """Put running jobs whose lease has lapsed (their worker died) back in the queue; return them.
+
+    A job that has already used ``max_attempts`` ends failed instead, with a message saying so: a
+    job that kills its worker every time must not loop forever.
+    """
+    now = utcnow()
+    lapsed = session.scalars(
+        select(Job).where(Job.status == JobStatus.running.value, Job.lease_expires_at < now).with_for_update()
+    ).all()
+    requeued = []
+    for job in lapsed:
+        condition = [Job.id == job.id, Job.lease_token == job.lease_token, Job.status == JobStatus.running.value]
+        if job.attempts >= max_attempts:
+            message = (
+                f"the job's worker stopped without finishing it {job.attempts} times "
+                f"(attempt limit {max_attempts}); last worker: {job.worker}"
+            )
+            values = {"status": JobStatus.failed.value, "finished_at": now, "error_code": "worker_lost"}
+            values["error_message"] = message
+            event = {"status": JobStatus.failed.value, "error_code": "worker_lost", "error_message": message}
+        else:
+            values = {"status": JobStatus.queued.value}
+            event = {"status": JobStatus.queued.value, "reason": f"worker {job.worker} lost", "attempts": job.attempts}
+        changed = session.execute(
+            update(Job)
+            .where(*condition)
+            .values(**values, updated_at=now, lease_token=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if changed:
+            add_event(session, job.id, "status", **event)
+            if values["status"] == JobStatus.queued.value:
+                requeued.append(job)
+    return requeued
+
+
+def claim_resend(session: Session, older_than_s: float, known_ids: set[str]) -> list[Job]:
+    """Queued jobs the broker does not hold (``known_ids``) and untouched for ``older_than_s``.
+
+    Each is stamped (``updated_at``) by a conditional update, so of several reapers looking at the
+    same moment only one re-sends a job.
+    """
+    now = utcnow()
+    stale = session.scalars(
+        select(Job).where(Job.status == JobStatus.queued.value, Job.updated_at < now - timedelta(seconds=older_than_s))
+    ).all()
+    taken = []
+    for job in stale:
+        if job.id in known_ids:
+            continue
+        stamped = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.queued.value, Job.updated_at == job.updated_at)
+            .values(updated_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if stamped:
+            add_event(session, job.id, "message", message="re-sent to the queue: the broker no longer held it")
+            taken.append(job)
+    return taken
 
 
 # --- pagination ------------------------------------------------------------------------------------

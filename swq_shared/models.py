@@ -100,6 +100,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -117,6 +118,10 @@ class Job(Base):
     blocks_done: Mapped[int] = mapped_column(Integer, default=0)
     num_blocks: Mapped[int | None] = mapped_column(Integer, default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    # The running attempt's lease: only the holder of lease_token may write progress or the outcome,
+    # and a lease not renewed by lease_expires_at means the worker is gone (see swq_shared.leases).
+    lease_token: Mapped[str | None] = mapped_column(String(32), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
 

@@ -30,6 +30,21 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False
     secret_key: str | None = Field(default=None, description="signs dashboard sessions; default: random per process")
     device: str = "cpu"
+    # Worker leases: a running job's worker renews its lease every heartbeat; a job whose lease has
+    # lapsed (its worker died) is put back in the queue by the reaper, at most max_attempts times.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    resend_after_seconds: float = Field(
+        default=30.0, ge=0, description="a queued job the broker does not hold is re-sent after this long"
+    )
+    # Artifact uploads: attempts and the first back-off (doubled per attempt) before a job fails.
+    storage_attempts: int = Field(default=5, ge=1)
+    storage_backoff_seconds: float = Field(default=1.0, ge=0)
+    # Requests per API key: a token bucket refilled at rate_limit_per_minute, holding rate_limit_burst.
+    rate_limit_per_minute: int = Field(default=600, ge=0, description="0 switches rate limiting off")
+    rate_limit_burst: int = Field(default=60, ge=1)
 
     @property
     def resolved_database_url(self) -> str:

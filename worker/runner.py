@@ -1,30 +1,47 @@
 """Run one job by id: claim it, fetch its inputs, call quant_core, upload artifacts, record the outcome.
 
 Everything a user sees comes from the database, written as the job goes (per block), so progress
-survives the worker. A job is marked succeeded only in the same transaction that records its
-uploaded artifacts.
+survives the worker, and each finished block's checkpoint goes to storage, so the work does too.
+A job is marked succeeded only in the same transaction that records its uploaded artifacts.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from sqlalchemy.orm import Session
+
+from quant_core.checkpoint import saved_files, stored_fingerprint
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.pipeline import REPORT_NAME, JobHooks, run_job
-from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, open_settings_storage
+from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint, run_job
+from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, checkpoint_prefix, open_settings_storage
 from swq_shared.db import session_scope
-from swq_shared.jobs import add_event, claim_job, finish_job, is_cancel_requested, record_block
+from swq_shared.jobs import (
+    LeaseLostError,
+    add_leased_event,
+    claim_job,
+    finish_job,
+    is_cancel_requested,
+    record_block,
+)
 from swq_shared.jobspec import UPLOAD_PREFIX, JobRequest
 from swq_shared.models import JobStatus, Upload
+from swq_shared.retry import DATABASE_DOWN, retry_call
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage, StorageError
+from worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# With back-off doubling from 0.5 s (capped at 30 s), about a minute: a database restart.
+DATABASE_ATTEMPTS = 8
 
 
 class UploadResolver:
@@ -49,29 +66,113 @@ class UploadResolver:
         return str(target if kind == "model" else next(target.iterdir()))
 
 
+def _database(settings: Settings, what: str, call: Callable[[Session], T]) -> T:
+    """``call`` in a transaction, riding out a database restart of up to about a minute."""
+
+    def attempt() -> T:
+        with session_scope(settings.resolved_database_url) as session:
+            return call(session)
+
+    return retry_call(attempt, DATABASE_DOWN, attempts=DATABASE_ATTEMPTS, backoff_s=0.5, what=what)
+
+
+class CheckpointMirror:
+    """The job's per-block checkpoint, kept in storage so that another worker can resume the job.
+
+    Restored before the run (discarded when it was written for other settings, e.g. a worker with
+    another device), extended after every block, deleted when the job ends.
+    """
+
+    def __init__(self, settings: Settings, storage: Storage, job_id: str, directory: Path) -> None:
+        self.settings, self.storage, self.directory = settings, storage, directory
+        self.prefix = checkpoint_prefix(job_id)
+
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        attempts, backoff = self.settings.storage_attempts, self.settings.storage_backoff_seconds
+        return retry_call(call, (StorageError,), attempts, backoff, what)
+
+    def restore(self, fingerprint: str) -> int:
+        """Fetch the stored checkpoint; return how many blocks it holds (0: start from the beginning)."""
+        for key in self._retry(lambda: self.storage.list(self.prefix), "listing the checkpoint"):
+            target = self.directory / key.removeprefix(self.prefix).lstrip("/")
+            self._retry(lambda key=key, target=target: self.storage.download_file(key, target), f"fetching {key}")
+        stored = stored_fingerprint(self.directory)
+        if stored is None:
+            return 0
+        if stored != fingerprint:
+            shutil.rmtree(self.directory)
+            return 0
+        return len(list(self.directory.glob("block_*.safetensors")))
+
+    def store_block(self, index: int) -> None:
+        for path in saved_files(self.directory, index):
+            key = f"{self.prefix}/{path.name}"
+            self._retry(lambda key=key, path=path: self.storage.put_file(key, path), f"storing {key}")
+
+    def delete(self) -> None:
+        try:
+            self.storage.delete_prefix(self.prefix)
+        except StorageError as exc:  # leftovers cost space, not correctness
+            log.warning("could not delete the checkpoint under %s: %s", self.prefix, type(exc).__name__)
+
+
 def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
-    """Run the job if it is still queued; return its final status (or ``skipped``)."""
-    with session_scope(settings.resolved_database_url) as session:
-        job = claim_job(session, job_id, worker_name)
-        if job is None:
-            log.info("job %s is not queued any more; skipping", job_id)
-            return "skipped"
-        tenant_id, spec = job.tenant_id, job.spec
+    """Run the job if it is queued; return its final status, ``skipped`` or ``lease_lost``.
+
+    The claim gives this attempt a lease, renewed by a heartbeat while the job runs; progress and
+    the outcome are written only under that lease. An attempt that follows a dead worker's resumes
+    from the checkpoint the dead one left in storage.
+    """
+    claimed = _database(
+        settings,
+        f"claiming job {job_id}",
+        lambda session: _claim(session, job_id, worker_name, settings),
+    )
+    if claimed is None:
+        log.info("job %s is not queued any more; skipping", job_id)
+        return "skipped"
+    tenant_id, spec, token, attempt = claimed
     storage = open_settings_storage(settings)
-    with tempfile.TemporaryDirectory(prefix=f"swquant-{job_id}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"swquant-{job_id}-") as tmp, LeaseKeeper(settings, job_id, token) as lease:
         workdir = Path(tmp)
+        mirror = CheckpointMirror(settings, storage, job_id, workdir / "checkpoint")
         try:
             request = JobRequest.model_validate(spec)
             core_spec = request.to_job_spec(UploadResolver(settings, storage, tenant_id, workdir), settings.device)
+            checkpoint_dir = None
+            if not core_spec.lazy_load:  # a streamed model is not checkpointed: it restarts from the top
+                checkpoint_dir = mirror.directory
+                restored = mirror.restore(job_fingerprint(core_spec))
+                if attempt > 1:
+                    _event(settings, job_id, token, f"attempt {attempt}: resuming after {restored} finished blocks")
+
+            def on_block(record: BlockRecord) -> None:
+                lease.check()
+                _database(
+                    settings,
+                    f"recording block {record.index} of job {job_id}",
+                    lambda session: record_block(session, job_id, {**record.to_dict(), "attempt": attempt}, token),
+                )
+                if checkpoint_dir is not None:
+                    mirror.store_block(record.index)
+
+            def should_cancel() -> bool:
+                lease.check()
+                return _database(settings, "reading cancellation", lambda s: is_cancel_requested(s, job_id))
+
             hooks = JobHooks(
-                on_block=lambda record: _block(settings, job_id, record),
-                on_stage=lambda message: _message(settings, job_id, message),
-                should_cancel=lambda: _cancel_requested(settings, job_id),
+                on_block=on_block,
+                on_stage=lambda message: _event(settings, job_id, token, message),
+                should_cancel=should_cancel,
             )
-            report = run_job(core_spec, workdir / "out", hooks)
-            artifacts = _upload_artifacts(storage, job_id, workdir / "out")
+            report = run_job(core_spec, workdir / "out", hooks, checkpoint_dir)
+            lease.check()
+            artifacts = _upload_artifacts(settings, storage, job_id, workdir / "out")
             metrics = _metrics(request, report)
             outcome, details = JobStatus.succeeded, {"metrics": metrics, "artifacts": artifacts}
+        except LeaseLostError:
+            log.error("job %s: lease lost; this attempt stops without recording an outcome", job_id)
+            return "lease_lost"
         except CancelledError:
             outcome, details = JobStatus.cancelled, {}
         except ConfigError as exc:
@@ -83,28 +184,40 @@ def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
             log.exception("job %s failed", job_id)
             outcome = JobStatus.failed
             details = {"error_code": "internal_error", "error_message": f"{type(exc).__name__}: {exc}"}
-    with session_scope(settings.resolved_database_url) as session:
-        finish_job(session, job_id, outcome, **details)
+        finished = _database(
+            settings,
+            f"recording the outcome of job {job_id}",
+            lambda session: finish_job(session, job_id, outcome, lease_token=token, **details),
+        )
+        if not finished:
+            log.error("job %s: lease lost before the outcome was recorded", job_id)
+            return "lease_lost"
+        mirror.delete()
     return outcome.value
 
 
-def _message(settings: Settings, job_id: str, message: str) -> None:
-    with session_scope(settings.resolved_database_url) as session:
-        add_event(session, job_id, "message", message=message)
+def _claim(session: Session, job_id: str, worker_name: str, settings: Settings) -> tuple[str, dict, str, int] | None:
+    job = claim_job(session, job_id, worker_name, settings.lease_seconds, settings.max_attempts)
+    if job is None:
+        return None
+    assert job.lease_token is not None
+    return job.tenant_id, job.spec, job.lease_token, job.attempts
 
 
-def _block(settings: Settings, job_id: str, record: BlockRecord) -> None:
-    with session_scope(settings.resolved_database_url) as session:
-        record_block(session, job_id, record.to_dict())
+def _event(settings: Settings, job_id: str, token: str, message: str) -> None:
+    _database(
+        settings,
+        f"logging an event of job {job_id}",
+        lambda session: add_leased_event(session, job_id, token, "message", message=message),
+    )
 
 
-def _cancel_requested(settings: Settings, job_id: str) -> bool:
-    with session_scope(settings.resolved_database_url) as session:
-        return is_cancel_requested(session, job_id)
+def _upload_artifacts(settings: Settings, storage: Storage, job_id: str, out_dir: Path) -> list[dict[str, Any]]:
+    """Each exported checkpoint as one uncompressed tar (safetensors do not compress; tar streams and resumes).
 
-
-def _upload_artifacts(storage: Storage, job_id: str, out_dir: Path) -> list[dict[str, Any]]:
-    """Each exported checkpoint as one uncompressed tar (safetensors do not compress; tar streams and resumes)."""
+    Each upload is retried with back-off; if storage stays down the StorageError fails the job, whose
+    status changes only after every artifact is stored.
+    """
     files = []
     for directory, archive_name in EXPORT_ARCHIVES.items():
         if (out_dir / directory).is_dir():
@@ -116,7 +229,13 @@ def _upload_artifacts(storage: Storage, job_id: str, out_dir: Path) -> list[dict
     uploaded = []
     for name, path, content_type in files:
         key = artifact_key(job_id, name)
-        size = storage.put_file(key, path)
+        size = retry_call(
+            lambda key=key, path=path: storage.put_file(key, path),
+            (StorageError,),
+            settings.storage_attempts,
+            settings.storage_backoff_seconds,
+            f"uploading {key}",
+        )
         uploaded.append({"name": name, "storage_key": key, "size": size, "content_type": content_type})
     return uploaded
 
