@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from api import dashboard, health_routes, jobs_routes, uploads_routes
 from api.errors import install_error_handlers
+from api.rate_limit import RateLimiter
 from swq_shared.artifacts import open_settings_storage
 from swq_shared.queue import make_celery
 from swq_shared.settings import Settings, get_settings
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(app.state.settings)
     # One storage client per app: building an S3 client costs tenths of a second.
     app.state.storage = open_settings_storage(app.state.settings)
+    app.state.rate_limiter = RateLimiter.from_settings(app.state.settings)
     install_error_handlers(app)
     app.include_router(health_routes.router)
     app.include_router(jobs_routes.router)

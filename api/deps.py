@@ -1,4 +1,4 @@
-"""Request-scoped dependencies: settings, a database session, the caller's tenant."""
+"""Request-scoped dependencies: settings, a database session, the caller's tenant (rate limited)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.orm import Session
 
+from api.rate_limit import RateLimiter
 from swq_shared.auth import tenant_for_key
 from swq_shared.db import session_scope
 from swq_shared.models import Tenant
@@ -34,11 +35,16 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_tenant(
+    request: Request,
     session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> Tenant:
-    """The tenant of the API key in ``Authorization: Bearer <key>`` or ``X-API-Key``."""
+    """The tenant of the API key in ``Authorization: Bearer <key>`` or ``X-API-Key``, within its rate limit.
+
+    The key is checked first, so that a request without a valid key is a 401 that touches no bucket
+    (and random keys cannot fill Redis with buckets); a valid key over its limit is a 429.
+    """
     key = x_api_key
     if authorization and authorization.lower().startswith("bearer "):
         key = authorization[7:].strip()
@@ -47,6 +53,9 @@ def get_tenant(
     tenant = tenant_for_key(session, key)
     if tenant is None:
         raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+    limiter: RateLimiter | None = request.app.state.rate_limiter
+    if limiter is not None:
+        limiter.check(key)
     return tenant
 
 

@@ -2,7 +2,7 @@
 
 Validation problems are 422 with the same ``detail`` shape FastAPI uses (``loc`` ends with the
 field), whether pydantic or quant_core found them; an unreachable database or storage is a 503 with
-a message, never a 500.
+a message, never a 500. A key over its rate limit is a 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
+from api.rate_limit import RateLimitExceeded
 from quant_core.errors import ConfigError
 from swq_shared.jobs import InvalidCursorError
 from swq_shared.storage import NotFoundError, StorageError
@@ -51,6 +52,11 @@ def _storage_object_missing(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"not found in storage: {exc}"}, 404)
 
 
+def _rate_limited(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RateLimitExceeded)
+    return JSONResponse({"detail": str(exc)}, 429, {"Retry-After": str(exc.retry_after_s)})
+
+
 def _unstorable_value(_request: Request, exc: Exception) -> JSONResponse:
     """Last line of defence: a value the database cannot hold is the request's fault, not a 500."""
     log.warning("request value refused by the database: %s", type(getattr(exc, "orig", exc)).__name__)
@@ -66,3 +72,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(NotFoundError, _storage_object_missing)
     app.add_exception_handler(StorageError, _storage_down)
+    app.add_exception_handler(RateLimitExceeded, _rate_limited)

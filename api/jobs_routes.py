@@ -17,7 +17,7 @@ from swq_shared.jobspec import JobRequest, request_from_lightcompress
 from swq_shared.models import JobStatus
 from swq_shared.queue import revoke_job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 429, 503))
 _JOB_MISSING = error_responses(404)
 _ARTIFACT_TYPES = {t: {} for t in ("application/x-tar", "application/json", "application/octet-stream")}
 

@@ -18,7 +18,9 @@ class ErrorOut(BaseModel):
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI declarations of the error statuses a route can answer, all shaped as :class:`ErrorOut`."""
-    return {code: {"model": ErrorOut, "description": ERROR_MEANINGS[code]} for code in codes}
+    return {
+        code: {"model": ErrorOut, "description": ERROR_MEANINGS[code]} | ERROR_HEADERS.get(code, {}) for code in codes
+    }
 
 
 ERROR_MEANINGS = {
@@ -28,8 +30,12 @@ ERROR_MEANINGS = {
     409: "the job is already finished",
     413: "upload larger than the limit",
     416: "range not satisfiable",
+    429: "too many requests with this API key; retry after Retry-After seconds",
     503: "database, storage or queue unavailable; retry",
 }
+
+RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}
+ERROR_HEADERS: dict[int, dict[str, Any]] = {429: {"headers": {"Retry-After": RETRY_AFTER}}}
 
 
 class Progress(BaseModel):

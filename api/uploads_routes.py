@@ -17,7 +17,7 @@ from swq_shared.artifacts import upload_prefix
 from swq_shared.models import Upload, new_id
 from swq_shared.storage import InvalidKeyError
 
-router = APIRouter(prefix="/v1", tags=["uploads"], responses=error_responses(401, 503))
+router = APIRouter(prefix="/v1", tags=["uploads"], responses=error_responses(401, 429, 503))
 _UPLOAD_ERRORS = error_responses(400, 413)
 CHUNK = 1 << 20
 NameField = Annotated[str, Form(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
