@@ -10,6 +10,7 @@ from api import dashboard, health_routes, jobs_routes, uploads_routes
 from api.errors import install_error_handlers
 from api.rate_limit import RateLimiter
 from swq_shared.artifacts import open_settings_storage
+from swq_shared.log_redaction import install_log_redaction
 from swq_shared.queue import make_celery
 from swq_shared.settings import Settings, get_settings
 
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Quantize LLMs with blockwise calibration and the Sliced-Wasserstein alignment loss.",
     )
     app.state.settings = settings or get_settings()
+    install_log_redaction(app.state.settings)  # before anything can log a URL, a key or a secret
     app.state.celery = make_celery(app.state.settings)
     # One storage client per app: building an S3 client costs tenths of a second.
     app.state.storage = open_settings_storage(app.state.settings)
