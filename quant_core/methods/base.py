@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
+from quant_core.incoherence import INCOHERENCE_CHOICES, LinearRotation, check_widths
 from quant_core.losses import Loss
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import QuantSpec, fake_quantize, grid_params
@@ -83,18 +84,49 @@ class MethodOptions:
         return cls(**options)
 
 
+@dataclass(frozen=True)
+class IncoherenceOptions(MethodOptions):
+    """Options of a method that can quantize in QuIP's rotated basis (:mod:`quant_core.incoherence`)."""
+
+    incoherence: str = "none"
+
+    def __post_init__(self) -> None:
+        self.require_choice("incoherence", INCOHERENCE_CHOICES)
+
+    @property
+    def rotates(self) -> bool:
+        return self.incoherence == "hadamard"
+
+
 class QuantMethod:
-    """Base class: ``calibrate`` fits the method on one block and writes quantized weights into it."""
+    """Base class: ``calibrate`` fits the method on one block and writes quantized weights into it.
+
+    A method with ``whole_model = True`` (DiscQuant) is not blockwise: the pipeline calls its
+    ``quantize_model`` once with the whole model and the calibration windows instead of the engine.
+    """
 
     name: ClassVar[str]
     default_loss: ClassVar[str] = "mse"  # the loss a job gets when it names none
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
+    whole_model: ClassVar[bool] = False
 
     def __init__(self, spec: QuantSpec, loss: Loss, options: MethodOptions) -> None:
         self.spec, self.loss, self.options = spec, loss, options
 
+    @property
+    def rotates(self) -> bool:
+        """Whether the method quantizes in a rotated basis, so its weights lie on no grid the export can pack."""
+        return isinstance(self.options, IncoherenceOptions) and self.options.rotates
+
     def check(self, blocks: nn.ModuleList) -> None:
-        """Refuse a model this method cannot handle before any time is spent on it (default: any model)."""
+        """Refuse a model this method cannot handle before any time is spent on it.
+
+        The default accepts any model, except that incoherence processing needs a Hadamard matrix
+        for every linear's input and output width.
+        """
+        if self.rotates:
+            linears = [m for block in blocks for m in quantizable_linears(block).values()]
+            check_widths(size for m in linears for size in weight_matrix(m).shape)
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         """Quantize ``block`` in place; return method-specific statistics for the report."""
@@ -120,6 +152,20 @@ def write_quantized(block: nn.Module, quantized: Mapping[str, tuple[Tensor, Tens
             layer.register_buffer(buffer, value.detach().float().to(layer.weight.device), persistent=False)
 
 
+def write_dequantized(block: nn.Module, matrices: Mapping[str, Tensor]) -> None:
+    """Write ``[out, in]`` weights that lie on no single grid (a rotation was undone), dropping any grid.
+
+    Without a grid on the layer the packed export cannot mistake these weights for packable ones.
+    """
+    layers = quantizable_linears(block)
+    for name, matrix in matrices.items():
+        layer = layers[name]
+        with torch.no_grad():
+            layer.weight.copy_(stored_layout(layer, matrix))
+        for buffer in GRID_BUFFERS:
+            layer._buffers.pop(buffer, None)
+
+
 def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
     """The ``(scale, zero)`` a method stored on ``layer``, or None for a layer left in full precision."""
     scale, zero = (getattr(layer, name, None) for name in GRID_BUFFERS)
@@ -137,6 +183,20 @@ def rtn_quantized(block: nn.Module, spec: QuantSpec) -> dict[str, tuple[Tensor, 
     for name, layer in quantizable_linears(block).items():
         weight = weight_matrix(layer).detach()
         result[name] = (_rtn_matrix(weight, spec), *grid_params(weight, spec))
+    return result
+
+
+def rotated_rtn_weights(block: nn.Module, spec: QuantSpec, generator: torch.Generator) -> dict[str, Tensor]:
+    """Round-to-nearest in QuIP's rotated basis, ``U^T rtn(U W V^T) V``, per linear (``[out, in]``).
+
+    Signs are drawn from ``generator`` linear by linear in the block's order, ``U`` before ``V``.
+    """
+    result = {}
+    for name, layer in quantizable_linears(block).items():
+        weight = weight_matrix(layer).detach()
+        rotation = LinearRotation.draw(*weight.shape, generator)
+        rotated = rotation.rotate(weight.float())
+        result[name] = rotation.restore(fake_quantize(rotated, spec)).to(weight.dtype)
     return result
 
 

@@ -15,6 +15,9 @@ at a time, which is what makes it fast.
   columns is reached.
 - True-sequential: linears that share an input are one stage and one Hessian; stages run in the
   block's order, and each stage's Hessian is computed with the earlier stages already quantized.
+- Incoherence (``incoherence: hadamard``, QuIP Sec. 4): each stage's weights are quantized as
+  ``U W V^T`` against the rotated Hessian ``V H V^T`` (one ``V`` per stage, as its linears share an
+  input; one ``U`` per linear), and ``U^T Q V`` is written back (:mod:`quant_core.incoherence`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
+from quant_core.incoherence import LinearRotation, RandomizedHadamard, rotate_hessian
+from quant_core.methods.base import (
+    BlockData,
+    IncoherenceOptions,
+    QuantMethod,
+    register_method,
+    write_dequantized,
+    write_quantized,
+)
 from quant_core.methods.layer_inputs import input_groups, layer_input
 from quant_core.model_structure import quantizable_linears, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, grid_params
@@ -35,7 +46,7 @@ MAX_DAMP_RETRIES = 6
 
 
 @dataclass(frozen=True)
-class GptqOptions(MethodOptions):
+class GptqOptions(IncoherenceOptions):
     """1% damping, lazy batches of 128 columns, and activation order with static groups.
 
     Act-order with static groups is what llm-compressor's GPTQModifier does by default; on SmolLM2-135M
@@ -49,6 +60,7 @@ class GptqOptions(MethodOptions):
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.require("int>0", "block_size", "batch_size")
         self.require("num>0", "damp")
         for name in ("act_order", "static_groups"):
@@ -180,6 +192,13 @@ class Gptq(QuantMethod):
         for stage in input_groups(block, data):
             hessian = stage_hessian(block, data, stage[0], self.options.batch_size)
             matrices = [weight_matrix(layers[name]).detach() for name in stage]
+            if self.rotates:
+                in_rotation = RandomizedHadamard(hessian.shape[0], data.generator)  # the stage's shared V
+                rotations = [
+                    LinearRotation(RandomizedHadamard(m.shape[0], data.generator), in_rotation) for m in matrices
+                ]
+                hessian = rotate_hessian(hessian, in_rotation)
+                matrices = [r.rotate(m.float()) for r, m in zip(rotations, matrices, strict=True)]
             result = gptq_quantize(
                 torch.cat(matrices),  # one Hessian for all linears that read this input
                 hessian,
@@ -190,7 +209,14 @@ class Gptq(QuantMethod):
                 self.options.static_groups,
             )
             rows = [m.shape[0] for m in matrices]
-            parts = zip(result.weight.split(rows), result.scale.split(rows), result.zero.split(rows), strict=True)
-            write_quantized(block, dict(zip(stage, parts, strict=True)))
+            if self.rotates:
+                restored = {
+                    name: r.restore(q).to(layers[name].weight.dtype)
+                    for name, r, q in zip(stage, rotations, result.weight.split(rows), strict=True)
+                }
+                write_dequantized(block, restored)
+            else:
+                parts = zip(result.weight.split(rows), result.scale.split(rows), result.zero.split(rows), strict=True)
+                write_quantized(block, dict(zip(stage, parts, strict=True)))
             stats["+".join(stage)] = result.error
         return {"error": stats}
