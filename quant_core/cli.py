@@ -175,6 +175,14 @@ def quantize(args: argparse.Namespace) -> int:
     for name, ppl in report["perplexity"].items():
         print(f"perplexity {name}: {ppl['before']:.3f} -> {ppl['after']:.3f}")
     print(f"calibration {report['seconds']['calibration']:.1f}s, peak host memory {report['peak_host_mb']:.0f} MiB")
+    stats = report.get("method_stats") or {}
+    if "loss_final" in stats:
+        losses = f"{stats['loss_first']:.4g} -> {stats['loss_final']:.4g}"
+        corners = 100 * stats["fraction_near_corners"]
+        print(
+            f"{spec.method}: {stats['steps']} steps, {spec.loss} {losses}, {corners:.1f}% of x at a corner "
+            "before rounding"
+        )
     for name, export in report["exports"].items():
         blockers = export.get("vllm_blockers")
         print(

@@ -107,7 +107,15 @@ class JobSpec:
         block_size = self.loss_options.get("sw_block_size")
         if isinstance(block_size, int) and block_size > 0 and self.calib.seq_len % block_size:
             raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")
-        self.build_method()
+        method = self.build_method()
+        if method.whole_model and self.lazy_load:
+            raise ConfigError(f"{self.method} trains the whole model at once; it cannot stream blocks", "lazy_load")
+        if method.rotates and "pack_quantized" in self.export_formats:
+            raise ConfigError(
+                "incoherence: hadamard leaves weights that are a rotation of grid values, which the packed "
+                "compressed-tensors format cannot hold; export fake_quant only, or use incoherence: none",
+                "method_options.incoherence",
+            )
 
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""

@@ -6,6 +6,11 @@ random unit directions and compares the sorted projections, so it aligns the *di
 activations (Cao, Yin, Aref, arXiv 2601.07878, Sec. 3). The hybrids add a small SW term to a
 point-wise base loss. Option names follow LightCompress's ``loss_kwargs`` so configs carry over.
 
+Whole-model methods (DiscQuant) compare the student's and the teacher's :class:`ModelOutputs`
+instead: ``kd`` is knowledge distillation, the KL of next-token distributions averaged over tokens,
+and ``kd_sw`` adds SW between the two models' final hidden states (SW on logits would project
+vocabulary-sized vectors). On a block's output ``kd`` is the same as ``kl``.
+
 A new loss is one function plus one ``@register_loss`` line.
 """
 
@@ -174,13 +179,27 @@ def sw_samples(t: Tensor, block_size: int | None) -> Tensor:
 # --- loss objects ----------------------------------------------------------------------------------
 
 
+@dataclass
+class ModelOutputs:
+    """What a whole-model objective compares: next-token logits ``[batch, seq, vocab]`` and, when the
+    loss needs them, the final hidden states ``[batch, seq, hidden]``."""
+
+    logits: Tensor
+    hidden: Tensor | None = None
+
+
 class Loss:
     """A named objective ``loss(output, target) -> scalar``; ``reseed`` restarts its random draws."""
 
     name: str = ""
+    needs_hidden_states: bool = False  # whether model_objective reads ModelOutputs.hidden
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
+        """The loss between two whole models' outputs: by default, on their next-token logits."""
+        return self(student.logits, teacher.logits)
 
     def reseed(self, seed: int) -> None:
         """Deterministic losses have nothing to reseed."""
@@ -204,6 +223,7 @@ class SlicedWassersteinLoss(Loss):
     """
 
     name = "sliced_wasserstein"
+    needs_hidden_states = True
 
     def __init__(self, num_projections: int, block_size: int | None, p: int, seed: int) -> None:
         self.num_projections, self.block_size, self.p = num_projections, block_size, p
@@ -224,6 +244,12 @@ class SlicedWassersteinLoss(Loss):
         directions = random_directions(x.shape[1], self.num_projections, self.generator(x.device))
         return sliced_wasserstein(x, y, directions, self.p)
 
+    def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
+        """Between whole models, SW compares the final hidden states."""
+        if student.hidden is None or teacher.hidden is None:
+            raise ValueError("the SW term of a whole-model objective needs both models' final hidden states")
+        return self(student.hidden, teacher.hidden)
+
 
 class HybridLoss(Loss):
     """``base_weight * base + sw_weight * SW``: point-wise fidelity plus distribution alignment."""
@@ -232,8 +258,15 @@ class HybridLoss(Loss):
         self.name, self.base, self.sw = name, base, sw
         self.base_weight, self.sw_weight = float(weights["base"]), float(weights["sw"])
 
+    needs_hidden_states = True
+
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         return self.base_weight * self.base(output, target) + self.sw_weight * self.sw(output, target)
+
+    def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
+        """The base loss on the logits plus the weighted SW term on the final hidden states."""
+        base = self.base.model_objective(student, teacher)
+        return self.base_weight * base + self.sw_weight * self.sw.model_objective(student, teacher)
 
     def reseed(self, seed: int) -> None:
         self.sw.reseed(seed)
@@ -264,9 +297,11 @@ register_loss("mse")(lambda o: PointwiseLoss("mse", mse, o.reduction))
 register_loss("l2")(lambda o: PointwiseLoss("l2", l2, o.reduction))
 register_loss("dist")(lambda o: PointwiseLoss("dist", dist, o.reduction))
 register_loss("kl")(lambda o: PointwiseLoss("kl", kl, o.reduction))
+register_loss("kd")(lambda o: PointwiseLoss("kd", kl, o.reduction))
 register_loss("sliced_wasserstein", "sw")(_sw_from)
 register_loss("mse_sw")(lambda o: HybridLoss("mse_sw", LOSSES["mse"](o), _sw_from(o), o.hybrid_weights))
 register_loss("l2_sw")(lambda o: HybridLoss("l2_sw", LOSSES["l2"](o), _sw_from(o), o.hybrid_weights))
+register_loss("kd_sw")(lambda o: HybridLoss("kd_sw", LOSSES["kd"](o), _sw_from(o), o.hybrid_weights))
 
 
 def build_loss(method: str, **kwargs: Any) -> Loss:

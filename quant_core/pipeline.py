@@ -90,6 +90,13 @@ def run_job(
         model, tokenizer = load_model(spec.model, DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code)
     blocks = find_decoder_blocks(model)
     method.check(blocks)
+    resources: dict[str, Any] = {}
+    if method.whole_model:
+        if checkpoint_dir is not None:
+            raise ConfigError(
+                f"{spec.method} trains the whole model at once and cannot resume from blocks", "checkpoint"
+            )
+        resources = method.check_resources(model, spec.calib.seq_len, spec.device)
     if "pack_quantized" in spec.export_formats:
         block_linears = {id(m) for m in quantizable_linears(blocks).values()}
         check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], spec.quant)
@@ -121,18 +128,39 @@ def run_job(
 
     hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
     calib_started = time.perf_counter()
-    records = calibrate_blocks(
-        model,
-        windows,
-        method,
-        eval_loss,
-        device=spec.device,
-        seed=spec.seed,
-        on_block=hooks.on_block,
-        should_cancel=hooks.should_cancel,
-        checkpoint=BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None,
-        residency=residency,
-    )
+    records: list[BlockRecord] = []
+    method_stats: dict[str, Any] = {}
+    peak_device_mb: float | None = None
+    if method.whole_model:
+        if spec.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(spec.device)
+        method_stats = {
+            **resources,
+            **method.quantize_model(
+                model,
+                windows,
+                device=spec.device,
+                seed=spec.seed,
+                on_stage=hooks.on_stage,
+                should_cancel=hooks.should_cancel,
+            ),
+        }
+        if spec.device.startswith("cuda"):
+            peak_device_mb = torch.cuda.max_memory_allocated(spec.device) / 2**20
+    else:
+        records = calibrate_blocks(
+            model,
+            windows,
+            method,
+            eval_loss,
+            device=spec.device,
+            seed=spec.seed,
+            on_block=hooks.on_block,
+            should_cancel=hooks.should_cancel,
+            checkpoint=BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None,
+            residency=residency,
+        )
+        peak_device_mb = max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None
     calib_seconds = time.perf_counter() - calib_started
     written = residency.writer.finish(tokenizer) if residency is not None else None
 
@@ -158,14 +186,15 @@ def run_job(
         "eval_seq_len": eval_seq_len,
         "eval_windows": {name: int(w.shape[0]) for name, w in eval_sets.items()},
         "perplexity": {name: {"before": ppl_before[name], "after": ppl_after[name]} for name in eval_sets},
-        "blocks": [r.to_dict() for r in records],
+        "blocks": [r.to_dict() for r in records],  # empty for a whole-model method
+        "method_stats": method_stats,  # a whole-model method's own statistics (per-block ones are in blocks)
         "seconds": {
             "calibration": calib_seconds,
             "evaluation": eval_seconds,
             "total": time.perf_counter() - started,
         },
         "peak_host_mb": peak_host_mb(),
-        "peak_device_mb": max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None,
+        "peak_device_mb": peak_device_mb,
         "device": spec.device,
         "versions": library_versions(),
         "exports": exports,
