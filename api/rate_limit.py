@@ -110,9 +110,13 @@ class RateLimiter:
         """The deployment's limiter on the broker's Redis, or None when rate limiting is off."""
         if settings.rate_limit_per_minute == 0:
             return None
-        client = redis.Redis.from_url(
-            settings.broker_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
+        try:
+            client = redis.Redis.from_url(
+                settings.broker_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
+            )
+        except ValueError:  # a broker URL that Celery reads but redis-py does not (sentinel://, redis+socket://)
+            log.warning("rate limiting off: the broker URL is not one a Redis client opens directly")
+            return None
         return cls(client, settings.rate_limit_per_minute, settings.rate_limit_burst)
 
     def take(self, api_key: str) -> Decision:

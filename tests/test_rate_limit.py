@@ -28,6 +28,7 @@ from api import rate_limit
 from api.rate_limit import KEY_PREFIX, RateLimiter, RateLimitExceeded
 from swq_shared.auth import create_api_key, digest
 from swq_shared.db import get_engine, session_scope
+from swq_shared.settings import Settings
 from tests.s3_server import S3Endpoint, free_ports
 from tests.service_stack import Stack, _process, _wait_ready, migrated_backing
 
@@ -178,6 +179,15 @@ def test_unreachable_redis_lets_requests_through_and_warns_once(
             limiter.check(_fresh_key())
     assert len(caplog.records) == 1, caplog.text
     assert "Redis unreachable" in caplog.text and password not in caplog.text and str(port) not in caplog.text
+
+
+@pytest.mark.parametrize("broker_url", ["sentinel://127.0.0.1:26379", "redis+socket:///tmp/redis.sock"])
+def test_a_broker_url_redis_cannot_open_switches_the_limit_off_instead_of_the_api(broker_url: str) -> None:
+    assert RateLimiter.from_settings(Settings(broker_url=broker_url)) is None
+
+
+def test_zero_per_minute_switches_the_limit_off() -> None:
+    assert RateLimiter.from_settings(Settings(rate_limit_per_minute=0)) is None
 
 
 # --- the limit as the API's clients meet it ----------------------------------------------------------
