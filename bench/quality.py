@@ -10,6 +10,13 @@ evaluation windows per text, about one epoch of training, AWQ's search on 4 wind
 ``--full`` uses 128 x 512 calibration windows and each method's published schedule (GPU scale).
 
     python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh]
+
+The DiscQuant rows (``greedy``, ``discquant``, ``discquant+quip``, ``discquant kd_sw``) train the
+whole model against itself and are not in the default set; at CPU scale they see 32 windows (two
+passes over the 16), one window per AdamW step, starting from the float weights (``init: orig``):
+
+    python -m bench.quality --bits 3 4 --out bench/results/discquant.json \
+        --rows rtn gptq greedy discquant "discquant+quip" "discquant kd_sw"
 """
 
 from __future__ import annotations
@@ -55,12 +62,18 @@ class Row:
     quick: dict[str, Any] = field(default_factory=dict)
     full: dict[str, Any] = field(default_factory=dict)
     peer: str | None = None  # llm-compressor's scheme, run by bench/peer_llmcompressor.py
+    loss_options: dict[str, Any] = field(default_factory=dict)
 
 
 _AWQ_QUICK = {"search_samples": 4}  # the grid search runs 20 forwards per mapping: 2k tokens on CPU
 _OMNI_QUICK = {"epochs": 1, "lr": 0.05}
 _TESSERA_QUICK = {"rounds": 4, "steps_per_round": 2, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3, "init": "rtn"}
 _NORM_QUICK = {"epochs": 1, "lr": 1e-4}
+# DiscQuant at CPU scale: 32 windows, one per step, from the float weights; the authors' lr, clamp, rho.
+_DISCQ_QUICK = {"init": "orig", "n_samples": 32, "batch_size": 1, "grad_accum": 1}
+# Their published schedule: 1024 steps of 8 windows from random x (needs 8192 windows and a GPU).
+_DISCQ_FULL = {"init": "rand", "n_samples": 8192, "grad_accum": 8, "grad_checkpoint": True}
+_KD_SW_WEIGHTS = {"hybrid_weights": {"base": 1.0, "sw": 0.5}}  # SW term about a quarter of KD at W3 RTN
 ROWS = {
     row.label: row
     for row in (
@@ -77,9 +90,20 @@ ROWS = {
         Row("gptq+normtweak mse_sw", "normtweaking", "mse_sw", _NORM_QUICK),
         Row("llm-compressor rtn", "rtn", "mse", peer="rtn"),
         Row("llm-compressor gptq", "gptq", "mse", peer="gptq"),
+        Row("greedy", "discquant", "kd", {"early_save": "greedy"}, {"early_save": "greedy"}),
+        Row("discquant", "discquant", "kd", _DISCQ_QUICK, _DISCQ_FULL),
+        Row(
+            "discquant+quip",
+            "discquant",
+            "kd",
+            {**_DISCQ_QUICK, "incoherence": "hadamard"},
+            {**_DISCQ_FULL, "incoherence": "hadamard"},
+        ),
+        Row("discquant kd_sw", "discquant", "kd_sw", _DISCQ_QUICK, _DISCQ_FULL, loss_options=_KD_SW_WEIGHTS),
     )
 }
-DEFAULT_ROWS = [label for label in ROWS if label != "gptq natural-order"]
+WHOLE_MODEL_ROWS = ("greedy", "discquant", "discquant+quip", "discquant kd_sw")
+DEFAULT_ROWS = [label for label in ROWS if label != "gptq natural-order" and label not in WHOLE_MODEL_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
 
 
@@ -150,14 +174,14 @@ def run_row(label: str, bits: int | None, full: bool) -> dict[str, Any]:
     elif row is not None and bits is not None:
         spec = QuantSpec(bits=bits, group_size=GROUP_SIZE)
         options = row.full if full else row.quick
-        method = build_method(row.method, spec, build_loss(row.loss, seed=SEED), options)
-        records = calibrate_blocks(model, windows, method, build_loss(row.loss, seed=SEED), seed=SEED)
-        result.update(
-            method=row.method,
-            loss=row.loss,
-            options=options,
-            mse_ratio=sum(r.mse_after for r in records) / sum(r.mse_before for r in records),
-        )
+        loss = build_loss(row.loss, seed=SEED, **row.loss_options)
+        method = build_method(row.method, spec, loss, options)
+        result.update(method=row.method, loss=row.loss, options=options, loss_options=row.loss_options)
+        if method.whole_model:
+            result["method_stats"] = method.quantize_model(model, windows, seed=SEED)
+        else:
+            records = calibrate_blocks(model, windows, method, build_loss(row.loss, seed=SEED), seed=SEED)
+            result["mse_ratio"] = sum(r.mse_after for r in records) / sum(r.mse_before for r in records)
     result.setdefault("calibration_s", time.perf_counter() - started)
     result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
     result.setdefault("peak_host_mb", peak_host_mb())
