@@ -71,7 +71,7 @@ class DiscQuantOptions(IncoherenceOptions):
     per forward and ``grad_accum`` forwards per optimizer step; ``warmup`` is in optimizer steps
     (default: an eighth of them, as 128 of 1024 in the authors' runs). ``lr``, ``clamp`` and ``rho``
     default to the values of the authors' published Phi-3 script. ``weight_decay`` is 0: AdamW's
-    decay would pull every ``x`` toward the round-down corner. ``memory_budget_gb`` caps the memory
+    decay would pull every ``x`` toward the round-down corner. ``memory_budget_gib`` caps the memory
     the job may assume (default: what the device has free).
     """
 
@@ -86,11 +86,11 @@ class DiscQuantOptions(IncoherenceOptions):
     init: str = "rand"
     early_save: str | None = None
     grad_checkpoint: bool = False
-    memory_budget_gb: float | None = None
+    memory_budget_gib: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require("num>0", "lr", "clamp", "memory_budget_gb")
+        self.require("num>0", "lr", "clamp", "memory_budget_gib")
         self.require("num>=0", "rho", "weight_decay")
         self.require("int>0", "n_samples", "batch_size", "grad_accum")
         self.require("int>=0", "warmup")
@@ -120,14 +120,25 @@ class GridNeighbours:
     low: Tensor  # [out, in] integer codes as floats
     high: Tensor
     fraction: Tensor
+    floor: Tensor  # [out, in] floor(w / scale), before the zero point and clamping
     scale: Tensor  # [out, groups, 1]
     zero: Tensor
-    group_size: int | None
+    spec: QuantSpec
 
     def weight(self, codes: Tensor) -> Tensor:
         """``[out, in]`` weights of the given codes, through the grid's own dequantization."""
-        grouped = group_columns(codes, self.group_size)
+        grouped = group_columns(codes, self.spec.group_size)
         return ungroup_columns(dequantize(grouped, self.scale, self.zero), codes.shape[1])
+
+    def rounded(self, x: Tensor) -> Tensor:
+        """Codes with each ``x`` rounded to its nearer corner: ``round(floor + x) + zero``, clamped.
+
+        At a corner this is ``low`` or ``high``; at ``x = y`` it is exactly round-to-nearest, ties to
+        even included, because ``floor + y`` gives back ``w / scale`` without rounding error.
+        """
+        position = group_columns(self.floor + x.to(self.floor), self.spec.group_size)
+        codes = (torch.round(position) + self.zero).clamp(self.spec.qmin, self.spec.qmax)
+        return ungroup_columns(codes, x.shape[1])
 
 
 def grid_neighbours(weight: Tensor, spec: QuantSpec) -> GridNeighbours:
@@ -148,9 +159,10 @@ def grid_neighbours(weight: Tensor, spec: QuantSpec) -> GridNeighbours:
         ungroup_columns(low, width),
         ungroup_columns(high, width),
         ungroup_columns(fraction, width),
+        ungroup_columns(floor, width),
         scale,
         zero,
-        spec.group_size,
+        spec,
     )
 
 
@@ -224,8 +236,7 @@ class RoundingLinear(nn.Module):
         if self.rotation is not None:
             weight = self.rotation.rotate(weight)
         grid = grid_neighbours(weight, self.spec)
-        codes = grid.low + torch.round(x.to(grid.low)) * (grid.high - grid.low)
-        return grid.weight(codes), grid.scale.squeeze(-1), grid.zero.squeeze(-1)
+        return grid.weight(grid.rounded(x)), grid.scale.squeeze(-1), grid.zero.squeeze(-1)
 
 
 @dataclass
@@ -319,6 +330,19 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def _set_checkpointing(model: nn.Module, enable: bool) -> None:
+    """The model's own activation (gradient) checkpointing: each block's activations are recomputed in backward."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        if enable:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 WrappedLinear = tuple[nn.Module, str, RoundingLinear]  # the block, the linear's name in it, its wrapper
 
 
@@ -361,7 +385,7 @@ class DiscQuant(QuantMethod):
     def check_resources(self, model: nn.Module, seq_len: int, device: str) -> dict[str, Any]:
         """Estimate the memory training needs and refuse the job up front if the worker lacks it.
 
-        Compared with ``memory_budget_gb`` when set, else with the free GPU memory on CUDA, else with
+        Compared with ``memory_budget_gib`` when set, else with the free GPU memory on CUDA, else with
         the host's available memory plus the model already loaded (it is part of the estimate).
         """
         if self.options.early_save == "greedy":
@@ -370,9 +394,9 @@ class DiscQuant(QuantMethod):
             model, self.options.batch_size, seq_len, self.options.grad_checkpoint, self._quantized_numel(model)
         )
         field = "model"
-        if self.options.memory_budget_gb is not None:
-            available, source = self.options.memory_budget_gb * GIB, "memory_budget_gb"
-            field = "method_options.memory_budget_gb"
+        if self.options.memory_budget_gib is not None:
+            available, source = self.options.memory_budget_gib * GIB, "memory_budget_gib"
+            field = "method_options.memory_budget_gib"
         elif device.startswith("cuda"):
             available, source = torch.cuda.mem_get_info(torch.device(device))[0], f"free memory of {device}"
         else:
@@ -463,7 +487,7 @@ class DiscQuant(QuantMethod):
         optimizer = torch.optim.AdamW(parameters, lr=options.lr, betas=(0.9, 0.999), weight_decay=options.weight_decay)
         needs_hidden = self.loss.needs_hidden_states
         if options.grad_checkpoint:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _set_checkpointing(model, True)
         curve: list[float] = []
         started = time.perf_counter()
         try:
@@ -497,7 +521,7 @@ class DiscQuant(QuantMethod):
                         on_stage(f"discquant step {step + 1}/{steps}: {self.loss.name} {step_loss:.4g}")
         finally:
             if options.grad_checkpoint:
-                model.gradient_checkpointing_disable()
+                _set_checkpointing(model, False)
             model.eval()
         x_all = torch.cat([x.detach().flatten() for x in parameters])
         return {
