@@ -65,14 +65,18 @@ GIB = 2**30
 
 @dataclass(frozen=True)
 class DiscQuantOptions(IncoherenceOptions):
-    """The authors' options, under their names where they have one.
+    """The authors' options under short names (their ``discq.py`` flag in brackets).
 
-    ``n_samples`` calibration windows are consumed in all (default: each window once), ``batch_size``
-    per forward and ``grad_accum`` forwards per optimizer step; ``warmup`` is in optimizer steps
-    (default: an eighth of them, as 128 of 1024 in the authors' runs). ``lr``, ``clamp`` and ``rho``
-    default to the values of the authors' published Phi-3 script. ``weight_decay`` is 0: AdamW's
-    decay would pull every ``x`` toward the round-down corner. ``memory_budget_gib`` caps the memory
-    the job may assume (default: what the device has free).
+    ``lr`` (learning_rate), ``clamp`` (clamp_value), ``rho`` (rho_factor): defaults from their
+    published Phi-3 script. ``n_samples`` calibration windows are consumed in all (their
+    number_of_iterations x batch x accumulation; default: each window once), ``batch_size`` per
+    forward and ``grad_accum`` forwards per optimizer step; ``warmup`` (number_of_warmup) is in
+    optimizer steps, default an eighth of them (128 of 1024 in their runs). ``init`` (init_x) starts
+    ``x`` uniformly at random (``rand``) or at ``y``, the float weights (``orig``). ``early_save:
+    greedy`` (early_save_mode) skips training and rounds greedily. ``grad_checkpoint`` (grad_ckpt),
+    ``incoherence: hadamard`` (quip). ``weight_decay`` is 0 here where their AdamW kept torch's 0.01:
+    decay pulls every ``x`` toward the round-down corner. ``memory_budget_gib`` caps the memory the
+    job may assume (default: what the device has free).
     """
 
     lr: float = 0.1
