@@ -12,8 +12,10 @@ evaluation windows per text, about one epoch of training, AWQ's search on 4 wind
     python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh]
 
 The DiscQuant rows (``greedy``, ``discquant``, ``discquant+quip``, ``discquant kd_sw``) train the
-whole model against itself and are not in the default set; at CPU scale they see 32 windows (two
-passes over the 16), one window per AdamW step, starting from the float weights (``init: orig``):
+whole model against itself and are not in the default set; at CPU scale they see 64 windows (four
+passes over the 16), one window per AdamW step, starting from the float weights (``init: orig``),
+with lr 0.02 so that the summed step sizes (about 0.65) just cover the distance to a corner.
+``discquant lr0.1 32 steps`` keeps the authors' lr on half the steps:
 
     python -m bench.quality --bits 3 4 --out bench/results/discquant.json \
         --rows rtn gptq greedy discquant "discquant+quip" "discquant kd_sw"
@@ -69,8 +71,8 @@ _AWQ_QUICK = {"search_samples": 4}  # the grid search runs 20 forwards per mappi
 _OMNI_QUICK = {"epochs": 1, "lr": 0.05}
 _TESSERA_QUICK = {"rounds": 4, "steps_per_round": 2, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3, "init": "rtn"}
 _NORM_QUICK = {"epochs": 1, "lr": 1e-4}
-# DiscQuant at CPU scale: 32 windows, one per step, from the float weights; the authors' lr, clamp, rho.
-_DISCQ_QUICK = {"init": "orig", "n_samples": 32, "batch_size": 1, "grad_accum": 1}
+# DiscQuant at CPU scale: 64 windows, one per step, from the float weights; the authors' clamp and rho.
+_DISCQ_QUICK = {"init": "orig", "n_samples": 64, "batch_size": 1, "grad_accum": 1, "lr": 0.02}
 # Their published schedule: 1024 steps of 8 windows from random x (needs 8192 windows and a GPU).
 _DISCQ_FULL = {"init": "rand", "n_samples": 8192, "grad_accum": 8, "grad_checkpoint": True}
 _KD_SW_WEIGHTS = {"hybrid_weights": {"base": 1.0, "sw": 0.5}}  # SW term about a quarter of KD at W3 RTN
@@ -92,6 +94,7 @@ ROWS = {
         Row("llm-compressor gptq", "gptq", "mse", peer="gptq"),
         Row("greedy", "discquant", "kd", {"early_save": "greedy"}, {"early_save": "greedy"}),
         Row("discquant", "discquant", "kd", _DISCQ_QUICK, _DISCQ_FULL),
+        Row("discquant lr0.1 32 steps", "discquant", "kd", {**_DISCQ_QUICK, "n_samples": 32, "lr": 0.1}),
         Row(
             "discquant+quip",
             "discquant",
@@ -102,7 +105,7 @@ ROWS = {
         Row("discquant kd_sw", "discquant", "kd_sw", _DISCQ_QUICK, _DISCQ_FULL, loss_options=_KD_SW_WEIGHTS),
     )
 }
-WHOLE_MODEL_ROWS = ("greedy", "discquant", "discquant+quip", "discquant kd_sw")
+WHOLE_MODEL_ROWS = ("greedy", "discquant", "discquant lr0.1 32 steps", "discquant+quip", "discquant kd_sw")
 DEFAULT_ROWS = [label for label in ROWS if label != "gptq natural-order" and label not in WHOLE_MODEL_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
 
