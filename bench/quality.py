@@ -82,6 +82,8 @@ ROWS = {
         Row("rtn", "rtn", "mse"),
         Row("gptq", "gptq", "mse"),
         Row("gptq natural-order", "gptq", "mse", {"act_order": False, "static_groups": False}),
+        Row("rtn+quip", "rtn", "mse", {"incoherence": "hadamard"}, {"incoherence": "hadamard"}),
+        Row("gptq+quip", "gptq", "mse", {"incoherence": "hadamard"}, {"incoherence": "hadamard"}),
         Row("awq", "awq", "mse", _AWQ_QUICK),
         Row("awq+sw", "awq", "mse_sw", _AWQ_QUICK),
         Row("omniquant mse", "omniquant", "mse", _OMNI_QUICK),
@@ -106,7 +108,8 @@ ROWS = {
     )
 }
 WHOLE_MODEL_ROWS = ("greedy", "discquant", "discquant lr0.1 32 steps", "discquant+quip", "discquant kd_sw")
-DEFAULT_ROWS = [label for label in ROWS if label != "gptq natural-order" and label not in WHOLE_MODEL_ROWS]
+OPT_IN_ROWS = ("gptq natural-order", "rtn+quip", "gptq+quip", *WHOLE_MODEL_ROWS)
+DEFAULT_ROWS = [label for label in ROWS if label not in OPT_IN_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
 
 
