@@ -209,12 +209,13 @@ def test_final_weights_lie_exactly_on_the_grid_of_the_float_weights() -> None:
     stats = _method({"n_samples": 4, "rho": 1e4}).quantize_model(model, _windows())
     _assert_on_the_float_weights_grid(model, build_model("llama"), SPEC)
     assert stats["fraction_near_corners"] < 1  # some x were still fractional and were rounded here
+    assert 0 < stats["fraction_rounded_away_from_nearest"] < 0.5
 
 
 def test_greedy_early_save_is_round_to_nearest() -> None:
     model = build_model("llama")
     stats = _method({"early_save": "greedy"}).quantize_model(model, _windows())
-    assert stats["steps"] == 0
+    assert stats["steps"] == 0 and stats["fraction_rounded_away_from_nearest"] == 0
     for block, block0 in zip(find_decoder_blocks(model), find_decoder_blocks(build_model("llama")), strict=True):
         for layer, layer0 in zip(
             quantizable_linears(block).values(), quantizable_linears(block0).values(), strict=True

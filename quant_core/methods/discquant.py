@@ -448,12 +448,15 @@ class DiscQuant(QuantMethod):
                 final_x = [wrapper.x.detach() for wrapper in wrappers]
         finally:
             unwrap_linears(wrapped)
+        changed, total = 0, 0
         for block in find_decoder_blocks(model):
             on_grid, rotated = {}, {}
             for (owner, name, wrapper), x in zip(wrapped, final_x, strict=True):
                 if owner is not block:
                     continue
                 matrix, scale, zero = wrapper.final_codes(x)
+                changed += int((matrix != wrapper.final_codes(wrapper.fraction)[0]).sum())
+                total += matrix.numel()
                 dtype = wrapper.layer.weight.dtype
                 if wrapper.rotation is not None:
                     rotated[name] = wrapper.rotation.restore(matrix).to(dtype)
@@ -461,6 +464,7 @@ class DiscQuant(QuantMethod):
                     on_grid[name] = (matrix.to(dtype), scale, zero)
             write_quantized(block, on_grid)
             write_dequantized(block, rotated)
+        stats["fraction_rounded_away_from_nearest"] = changed / max(total, 1)
         model.to("cpu")
         return stats
 
