@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -9,6 +10,21 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+_ENGINES: list[Engine] = []
+
+
+def _drop_inherited_connections() -> None:
+    """In a forked child (a Celery pool process), never reuse the parent's pooled connections.
+
+    Two processes writing on one PostgreSQL socket corrupt each other's protocol state; SQLAlchemy's
+    remedy is to give the child fresh pools without closing the parent's connections.
+    """
+    for engine in _ENGINES:
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_connections)
 
 
 @lru_cache
@@ -32,8 +48,11 @@ def get_engine(url: str) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+        _ENGINES.append(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    _ENGINES.append(engine)
+    return engine
 
 
 @lru_cache

@@ -239,8 +239,8 @@ def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
     return requeued
 
 
-def claim_resend(session: Session, older_than_s: float, known_ids: set[str]) -> list[Job]:
-    """Queued jobs the broker does not hold (``known_ids``) and untouched for ``older_than_s``.
+def claim_resend(session: Session, older_than_s: float, waiting_ids: set[str]) -> list[Job]:
+    """Queued jobs not waiting in the broker (``waiting_ids``) and untouched for ``older_than_s``.
 
     Each is stamped (``updated_at``) by a conditional update, so of several reapers looking at the
     same moment only one re-sends a job.
@@ -251,7 +251,7 @@ def claim_resend(session: Session, older_than_s: float, known_ids: set[str]) -> 
     ).all()
     taken = []
     for job in stale:
-        if job.id in known_ids:
+        if job.id in waiting_ids:
             continue
         stamped = session.execute(
             update(Job)

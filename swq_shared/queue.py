@@ -48,10 +48,9 @@ def enqueue_job(app: Celery, job_id: str, queue: str | None = None) -> None:
     app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=queue or app.conf.task_default_queue)
 
 
-# Kombu's Redis transport: a queue is a list named after it (priority levels append this separator
-# and the level), and delivered-but-unacknowledged messages wait in one hash until acked or restored.
+# Kombu's Redis transport keeps a queue as a list named after it; priority levels append this
+# separator and the level.
 _PRIORITY_SEPARATOR = "\x06\x16"
-_UNACKED_HASH = "unacked"
 
 
 def _message_task_id(raw: bytes | str) -> str | None:
@@ -59,32 +58,29 @@ def _message_task_id(raw: bytes | str) -> str | None:
         message = json.loads(raw)
     except ValueError:
         return None
-    if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
-        message = message[0] if message else None
     headers = message.get("headers") if isinstance(message, dict) else None
     task_id = headers.get("id") if isinstance(headers, dict) else None
     return task_id if isinstance(task_id, str) else None
 
 
-def broker_task_ids(app: Celery, queues: set[str]) -> set[str]:
-    """Ids of the tasks the Redis broker holds: waiting in ``queues`` or delivered and not yet acked.
+def waiting_task_ids(app: Celery, queues: set[str]) -> set[str]:
+    """Ids of the tasks waiting in ``queues`` on the Redis broker.
 
-    Used to find jobs the broker forgot (a Redis restart without persistence drops every message);
-    raises kombu's OperationalError when Redis is unreachable.
+    Used to find jobs the broker forgot (a Redis restart without persistence drops every message).
+    Messages already delivered are left out on purpose: a worker holds at most the one it is running
+    (prefetch 1 with late acks), which it claims at once, so a queued job whose message is only in
+    the delivered-but-unacknowledged set is held by a worker that died before claiming it, and Redis
+    would hand it back only after the visibility timeout (days). Raises kombu's OperationalError when
+    Redis is unreachable.
     """
     with app.connection_for_read() as connection:
         client = connection.default_channel.client
-        keys = [
-            key.decode() if isinstance(key, bytes) else key
-            for queue in queues
-            for key in client.scan_iter(match=f"{queue}*")
-        ]
         found = set()
-        for key in keys:
-            queue = key.split(_PRIORITY_SEPARATOR, 1)[0]
-            if queue in queues:
-                found.update(_message_task_id(raw) for raw in client.lrange(key, 0, -1))
-        found.update(_message_task_id(raw) for raw in client.hvals(_UNACKED_HASH))
+        for queue in queues:
+            for key in client.scan_iter(match=f"{queue}*"):
+                name = key.decode() if isinstance(key, bytes) else key
+                if name.split(_PRIORITY_SEPARATOR, 1)[0] == queue:
+                    found.update(_message_task_id(raw) for raw in client.lrange(name, 0, -1))
     found.discard(None)
     return found  # type: ignore[return-value]
 

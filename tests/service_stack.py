@@ -23,12 +23,59 @@ from tests.s3_server import S3Endpoint, free_ports
 STARTUP_TIMEOUT_S = 90
 
 
+class WorkerPool:
+    """Celery worker processes that a test may kill; ``restart_dead`` plays the supervisor.
+
+    Each worker runs in its own process group (its main process and the child running a job), as a
+    container or a systemd unit would; a restart keeps the worker's hostname and log file.
+    """
+
+    def __init__(self, env: dict[str, str], workdir: Path, count: int) -> None:
+        self.env, self.workdir = env, workdir
+        self.logs = [workdir / f"worker{i}.log" for i in range(count)]
+        self.processes: list[subprocess.Popen] = [self._start(i) for i in range(count)]
+        self.restarts = 0
+
+    def _start(self, index: int) -> subprocess.Popen:
+        argv = [*worker_argv(self.env["SWQUANT_QUEUE"], f"w{index}@%h"), "--without-gossip", "--without-mingle"]
+        with self.logs[index].open("ab") as out:
+            return subprocess.Popen(
+                argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def restart_dead(self) -> int:
+        """Start again every worker whose main process has exited; return how many."""
+        dead = [i for i, process in enumerate(self.processes) if process.poll() is not None]
+        for index in dead:
+            self.processes[index] = self._start(index)
+        self.restarts += len(dead)
+        return len(dead)
+
+    def owner(self, pid: int) -> subprocess.Popen | None:
+        """The worker whose process group holds ``pid`` (its main process or its job's child)."""
+        try:
+            group = os.getpgid(pid)
+        except ProcessLookupError:
+            return None
+        return next((p for p in self.processes if p.pid == group and p.poll() is None), None)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop_process_group(process)
+
+
 @dataclass(frozen=True)
 class Stack:
     url: str
     api_key: str
     env: dict[str, str]
     logs: list[Path]
+    workers: WorkerPool | None = None
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(
@@ -89,9 +136,14 @@ def migrated_backing(s3_server: S3Endpoint, prefix: str) -> Iterator[tuple[str, 
 
 @contextmanager
 def production_stack(
-    workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str]
+    workdir: Path,
+    database_url: str,
+    broker_url: str,
+    storage_url: str,
+    extra_env: dict[str, str],
+    workers: int = 1,
 ) -> Iterator[Stack]:
-    """uvicorn + one Celery worker against the given PostgreSQL, Redis and S3, as in docker-compose."""
+    """uvicorn + Celery workers against the given PostgreSQL, Redis and S3, as in docker-compose."""
     env = {
         **os.environ,
         **extra_env,
@@ -116,7 +168,7 @@ def production_stack(
     )
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"
-    logs = [workdir / "api.log", workdir / "worker.log"]
+    logs = [workdir / "api.log"]
     with ExitStack() as stack:
         api = stack.enter_context(
             _process(
@@ -135,11 +187,11 @@ def production_stack(
                 logs[0],
             )
         )
-        worker = stack.enter_context(
-            _process([*worker_argv(env["SWQUANT_QUEUE"]), "--without-gossip", "--without-mingle"], env, logs[1])
-        )
-        _wait_ready(url, [api, worker], logs)
-        yield Stack(url, key, env, logs)
+        pool = WorkerPool(env, workdir, workers)
+        stack.callback(pool.stop)
+        logs += pool.logs
+        _wait_ready(url, [api, *pool.processes], logs)
+        yield Stack(url, key, env, logs, pool)
 
 
 @contextmanager

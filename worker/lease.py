@@ -29,6 +29,7 @@ class LeaseKeeper:
         self.settings, self.job_id, self.token = settings, job_id, lease_token
         self._stop = threading.Event()
         self._lost = threading.Event()
+        self._finishing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
     def _run(self) -> None:
@@ -39,7 +40,8 @@ class LeaseKeeper:
                     renew_lease(session, self.job_id, self.token, self.settings.lease_seconds)
                 last_renewed = time.monotonic()
             except LeaseLostError:
-                log.error("job %s: lease taken over or job finished elsewhere; stopping this attempt", self.job_id)
+                if not self._finishing.is_set():  # else: the outcome just recorded released it
+                    log.error("job %s: lease taken over or job finished elsewhere; stopping this attempt", self.job_id)
                 self._lost.set()
                 return
             except DATABASE_DOWN as exc:
@@ -48,6 +50,10 @@ class LeaseKeeper:
                     log.error("job %s: lease not renewed for a whole lease period; stopping", self.job_id)
                     self._lost.set()
                     return
+
+    def finishing(self) -> None:
+        """The attempt is about to record its outcome, which releases the lease: renewals may fail now."""
+        self._finishing.set()
 
     def check(self) -> None:
         """Raise LeaseLostError once the lease is gone: the attempt must stop here."""

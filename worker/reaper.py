@@ -8,8 +8,9 @@ recovery is driven from it. Each worker's main process runs a reaper thread (eve
 
 - a running job whose lease lapsed (no heartbeat for ``lease_seconds``) goes back to queued and is
   sent again, or ends failed once it has used ``max_attempts``;
-- a queued job that the broker holds neither in a queue nor as delivered-but-unacknowledged, and
-  that nothing touched for ``resend_after_seconds``, is sent again.
+- a queued job whose message is not waiting in the broker's queue (Redis restarted and forgot it,
+  or a worker died holding it before claiming the job) and that nothing touched for
+  ``resend_after_seconds`` is sent again.
 
 Several reapers may run at once: every change is a conditional update, so each job is handled once.
 """
@@ -25,7 +26,7 @@ from kombu.exceptions import OperationalError as BrokerDown
 
 from swq_shared.db import session_scope
 from swq_shared.jobs import claim_resend, requeue_lapsed
-from swq_shared.queue import broker_task_ids, enqueue_job
+from swq_shared.queue import enqueue_job, waiting_task_ids
 from swq_shared.retry import DATABASE_DOWN
 from swq_shared.settings import Settings
 
@@ -47,10 +48,10 @@ def reap_once(settings: Settings, app: Celery) -> ReapResult:
     for job_id, queue in requeued:
         log.warning("job %s: worker lost, sent to the queue again", job_id)
         enqueue_job(app, job_id, queue)
-    known = broker_task_ids(app, {settings.queue, *QUEUES})
+    waiting = waiting_task_ids(app, {settings.queue, *QUEUES})
     with session_scope(url) as session:
         resend = [
-            (job.id, job.spec.get("queue")) for job in claim_resend(session, settings.resend_after_seconds, known)
+            (job.id, job.spec.get("queue")) for job in claim_resend(session, settings.resend_after_seconds, waiting)
         ]
     for job_id, queue in resend:
         log.warning("job %s: queued but unknown to the broker, sent again", job_id)

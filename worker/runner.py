@@ -184,6 +184,7 @@ def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
             log.exception("job %s failed", job_id)
             outcome = JobStatus.failed
             details = {"error_code": "internal_error", "error_message": f"{type(exc).__name__}: {exc}"}
+        lease.finishing()
         finished = _database(
             settings,
             f"recording the outcome of job {job_id}",
