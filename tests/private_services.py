@@ -139,6 +139,8 @@ class TcpProxy:
     def down(self) -> None:
         """Close the listening socket and every relayed connection: clients get refused or reset."""
         if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the accepting thread, which close() alone does not
+                self._listener.shutdown(socket.SHUT_RDWR)
             self._listener.close()
             self._listener = None
         with self._lock:

@@ -284,19 +284,24 @@ def test_postgres_crash_answers_503_then_recovers_and_jobs_finish(faults: FaultS
 def _wait_for_stage(client: SWQuantClient, job_id: str, text: str) -> None:
     deadline = time.monotonic() + 120
     while not any(text in e["data"].get("message", "") for e in _events(client, job_id)):
-        assert client.job(job_id)["status"] in ("queued", "running"), client.job(job_id)
+        job = client.job(job_id)
+        assert job["status"] in ("queued", "running"), job["error"]
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
 
 def test_storage_cut_during_upload_is_retried_then_fails_clearly(faults: FaultStack) -> None:
     client = faults.client
-    slow_eval = {"evaluation": {"max_windows": 64}}  # time to cut storage between the blocks and the upload
+    # Evaluation long enough to cut storage after the last checkpoint is stored, before the artifacts.
+    slow_eval = {"evaluation": {"texts": ["persuasion", "austen"], "seq_len": 256, "max_windows": 16}}
     brief = client.submit(faults.spec(**slow_eval), idempotency_key="storage-brief")["id"]
     _wait_for_stage(client, brief, "evaluating the quantized model")
     faults.s3_relay.down()
-    time.sleep(1.5)
-    faults.s3_relay.up()
+    try:
+        _wait_for_stage(client, brief, "saving the quantized model")
+        time.sleep(1.0)  # the first upload attempts are refused
+    finally:
+        faults.s3_relay.up()
     assert faults.wait_all([brief])[brief]["status"] == "succeeded"
     assert {a["name"] for a in client.artifacts(brief)} == {"model.tar", "report.json"}
 
@@ -310,4 +315,5 @@ def test_storage_cut_during_upload_is_retried_then_fails_clearly(faults: FaultSt
     assert job["status"] == "failed"
     assert job["error"]["code"] == "storage_error"
     assert "model.tar" in job["error"]["message"]
+    assert "gave up after 4 attempts" in job["error"]["message"]
     assert client.artifacts(lasting) == []

@@ -176,10 +176,11 @@ def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
         except CancelledError:
             outcome, details = JobStatus.cancelled, {}
         except ConfigError as exc:
-            where = f"{exc.field}: " if exc.field else ""
+            where = f"{exc.field}: " if exc.field and not str(exc).startswith(f"{exc.field}:") else ""
             outcome, details = JobStatus.failed, {"error_code": "invalid_spec", "error_message": f"{where}{exc}"}
         except StorageError as exc:
-            outcome, details = JobStatus.failed, {"error_code": "storage_error", "error_message": str(exc)}
+            message = f"{exc}; gave up after {settings.storage_attempts} attempts"
+            outcome, details = JobStatus.failed, {"error_code": "storage_error", "error_message": message}
         except Exception as exc:  # the job must end recorded as failed, whatever broke
             log.exception("job %s failed", job_id)
             outcome = JobStatus.failed
