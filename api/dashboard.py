@@ -107,6 +107,8 @@ def get_viewer(request: Request, session: SessionDep) -> Viewer:
             # A polled fragment: send the whole page, not the fragment, to the login form.
             target = request.headers.get("hx-current-url", f"{PREFIX}/jobs")
         raise views.LoginRequired(target)
+    if request.app.state.rate_limiter is not None:  # the same per-key budget as the API's
+        request.app.state.rate_limiter.check(browser.api_key)
     return Viewer(tenant, browser)
 
 
