@@ -230,6 +230,17 @@ def test_another_tenant_sees_nothing(production: Stack, tiny_llama_dir: Path) ->
         assert other.http.get(path).status_code == 404, path
     assert other.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
     assert job_id not in [j["id"] for j in other.jobs()["items"]]
+    # Uploads: another tenant neither lists them nor can use their reference in a job.
+    upload = owner.http.post("/v1/datasets", files={"file": ("c.txt", b"a corpus " * 50)}, data={"name": "mine"})
+    assert upload.status_code == 201, upload.text
+    reference = upload.json()["reference"]
+    assert reference in [u["reference"] for u in owner.http.get("/v1/datasets").json()]
+    assert other.http.get("/v1/datasets").json() == []
+    borrowed = other.http.post(
+        "/v1/jobs", json={**JOB, "model": str(tiny_llama_dir), "calibration": {"text": reference}}
+    )
+    assert borrowed.status_code == 422
+    assert borrowed.json()["detail"][0]["loc"][-1] == "text"
     _wait(owner, production, job_id)
 
 
