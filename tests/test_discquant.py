@@ -262,6 +262,7 @@ def test_memory_estimate_counts_weights_rounding_state_and_activations() -> None
     assert plain.teacher_weights == sum(p.numel() * 4 for p in model.parameters())
     assert plain.rounding_state == 16 * numel and plain.grid == 12 * numel and plain.student_weights == 4 * numel
     assert checkpointed.activations < plain.activations
+    assert estimate_memory(model, 2, 32, False, numel, rotate=True).student_weights == 12 * numel
     assert (
         plain.total
         == sum(
