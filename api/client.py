@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,44 @@ def _describe(detail: Any) -> str:
     return str(detail)
 
 
+class PatientTransport(httpx.HTTPTransport):
+    """Retries answers that say "later" (429 rate limit, 503 database or queue down) after Retry-After.
+
+    Gives up once the waits would pass ``max_wait_s`` and returns that last answer. Safe for every
+    request this client sends: reads are idempotent and job submissions carry an Idempotency-Key.
+    """
+
+    RETRY_STATUSES = (429, 503)
+
+    def __init__(self, max_wait_s: float = 60.0) -> None:
+        super().__init__()
+        self.max_wait_s = max_wait_s
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        waited = 0.0
+        while True:
+            response = super().handle_request(request)
+            if response.status_code not in self.RETRY_STATUSES:
+                return response
+            try:
+                delay = max(float(response.headers.get("retry-after", "1")), 0.1)
+            except ValueError:  # an HTTP date: not sent by this service
+                delay = 1.0
+            if waited + delay > self.max_wait_s:
+                return response
+            response.close()
+            time.sleep(delay)
+            waited += delay
+
+
 class SWQuantClient:
-    def __init__(self, base_url: str, api_key: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, max_wait_s: float = 60.0) -> None:
+        """``max_wait_s``: how long to keep retrying answers that ask to come back later (429, 503)."""
         self.http = httpx.Client(
-            base_url=base_url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"}, timeout=timeout
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=PatientTransport(max_wait_s),
         )
 
     def close(self) -> None:
@@ -45,8 +80,11 @@ class SWQuantClient:
         return response.json()
 
     def submit(self, spec: dict[str, Any] | str, idempotency_key: str | None = None) -> dict[str, Any]:
-        """Queue a job from a JobRequest dict or a LightCompress YAML string."""
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        """Queue a job from a JobRequest dict or a LightCompress YAML string.
+
+        Without ``idempotency_key`` one is drawn, so a retried submission never makes a second job.
+        """
+        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         if isinstance(spec, str):
             headers["Content-Type"] = "application/yaml"
             return self._json(self.http.post("/v1/jobs", content=spec.encode(), headers=headers))

@@ -195,6 +195,31 @@ def production_stack(
 
 
 @contextmanager
+def api_only_stack(
+    workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str], api_key: str
+) -> Iterator[Stack]:
+    """uvicorn as in ``production_stack``, without a worker: jobs are queued and never consumed."""
+    env = {
+        **os.environ,
+        "SWQUANT_DATABASE_URL": database_url,
+        "SWQUANT_BROKER_URL": broker_url,
+        "SWQUANT_STORAGE_URL": storage_url,
+        "SWQUANT_DATA_DIR": str(workdir),
+        "SWQUANT_QUEUE": f"api-{workdir.name}",
+        "HF_HUB_OFFLINE": "1",
+        "SWQUANT_MAX_TEXT_UPLOAD_BYTES": "2000000",
+        **extra_env,
+    }
+    (port,) = free_ports(1)
+    url = f"http://127.0.0.1:{port}"
+    logs = [workdir / "api.log"]
+    argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
+    with _process([*argv, "--port", str(port)], env, logs[0]) as api:
+        _wait_ready(url, [api], logs)
+        yield Stack(url, api_key, env, logs)
+
+
+@contextmanager
 def embedded_stack(workdir: Path) -> Iterator[Stack]:
     """``swquant serve``: API, one worker and its own Redis, SQLite and a local folder, no other service."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWQUANT_")} | {"HF_HUB_OFFLINE": "1"}

@@ -28,8 +28,6 @@ its boundary cases. The cases sent are counted per test and operation, printed a
 
 from __future__ import annotations
 
-import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,8 +53,8 @@ from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
 from swq_shared.jobspec import JobRequest
 from swq_shared.models import JobStatus
-from tests.s3_server import S3Endpoint, free_ports
-from tests.service_stack import Stack, _process, _wait_ready, migrated_backing
+from tests.s3_server import S3Endpoint
+from tests.service_stack import Stack, api_only_stack, migrated_backing
 
 SEED = 20260101
 MAX_EXAMPLES = 20
@@ -86,31 +84,17 @@ class Target:
 
 
 @contextmanager
-def api_only_stack(workdir: Path, database_url: str, storage_url: str, extra_env: dict[str, str]) -> Iterator[Stack]:
-    """uvicorn as in ``production_stack``, without its worker: jobs are queued and never consumed."""
-    env = {
-        **extra_env,
-        "SWQUANT_DATABASE_URL": database_url,
-        "SWQUANT_BROKER_URL": BROKER_URL,
-        "SWQUANT_STORAGE_URL": storage_url,
-        "SWQUANT_DATA_DIR": str(workdir),
-        "SWQUANT_QUEUE": f"fuzz-{workdir.name}",
-        "HF_HUB_OFFLINE": "1",
-        "SWQUANT_MAX_TEXT_UPLOAD_BYTES": "2000000",
-        "SWQUANT_RATE_LIMIT_PER_MINUTE": "0",  # fuzz every operation, not the limiter's 429
-    }
+def fuzz_stack(workdir: Path, database_url: str, storage_url: str, extra_env: dict[str, str]) -> Iterator[Stack]:
+    """The API alone with a key for the fuzzing tenant; the queues it filled are emptied afterwards."""
     with session_scope(database_url) as session:
         key = create_api_key(session, "fuzz", "schemathesis")
-    (port,) = free_ports(1)
-    url = f"http://127.0.0.1:{port}"
-    logs = [workdir / "api.log"]
-    argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
-    with _process([*argv, "--port", str(port)], {**os.environ, **env}, logs[0]) as api:
-        _wait_ready(url, [api], logs)
+    # Fuzz every operation, not the limiter's 429.
+    env = {**extra_env, "SWQUANT_RATE_LIMIT_PER_MINUTE": "0"}
+    with api_only_stack(workdir, database_url, BROKER_URL, storage_url, env, key) as stack:
         try:
-            yield Stack(url, key, env, logs)
+            yield stack
         finally:
-            _drop_queues([env["SWQUANT_QUEUE"], *SPEC_QUEUES])
+            _drop_queues([stack.env["SWQUANT_QUEUE"], *SPEC_QUEUES])
 
 
 def _drop_queues(queues: list[str]) -> None:
@@ -160,7 +144,7 @@ def target(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> I
         workdir = tmp_path_factory.mktemp("fuzz")
         bucket = storage_url.removeprefix("s3://")
         try:
-            with api_only_stack(workdir, database_url, storage_url, extra) as stack:
+            with fuzz_stack(workdir, database_url, storage_url, extra) as stack:
                 yield Target(stack, _seed_jobs(database_url, stack.api_key, s3_server, bucket))
         finally:
             get_engine(database_url).dispose()  # before the database is dropped

@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
 from api import rate_limit
+from api.client import ApiError, SWQuantClient
 from api.rate_limit import KEY_PREFIX, RateLimiter, RateLimitExceeded
 from swq_shared.auth import create_api_key, digest
 from swq_shared.db import get_engine, session_scope
 from swq_shared.settings import Settings
 from tests.s3_server import S3Endpoint, free_ports
-from tests.service_stack import Stack, _process, _wait_ready, migrated_backing
+from tests.service_stack import Stack, api_only_stack, migrated_backing
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 PER_MINUTE = 60  # one token a second
@@ -193,28 +190,6 @@ def test_zero_per_minute_switches_the_limit_off() -> None:
 # --- the limit as the API's clients meet it ----------------------------------------------------------
 
 
-@contextmanager
-def _api(workdir: Path, database_url: str, storage_url: str, extra_env: dict[str, str]) -> Iterator[Stack]:
-    """uvicorn as in production, without a worker: these tests only read."""
-    env = {
-        **extra_env,
-        "SWQUANT_DATABASE_URL": database_url,
-        "SWQUANT_BROKER_URL": REDIS_URL,
-        "SWQUANT_STORAGE_URL": storage_url,
-        "SWQUANT_DATA_DIR": str(workdir),
-        "SWQUANT_QUEUE": f"rate-{workdir.name}",
-        "SWQUANT_RATE_LIMIT_PER_MINUTE": str(PER_MINUTE),
-        "SWQUANT_RATE_LIMIT_BURST": str(BURST),
-    }
-    (port,) = free_ports(1)
-    url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
-    logs = [workdir / "api.log"]
-    with _process([*argv, "--port", str(port)], {**os.environ, **env}, logs[0]) as api:
-        _wait_ready(url, [api], logs)
-        yield Stack(url, "", env, logs)
-
-
 @dataclass(frozen=True)
 class Api:
     stack: Stack
@@ -233,7 +208,9 @@ class Api:
 def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[Api]:
     with migrated_backing(s3_server, "rate") as (database_url, storage_url, extra):
         try:
-            with _api(tmp_path_factory.mktemp("rate"), database_url, storage_url, extra) as stack:
+            limits = {"SWQUANT_RATE_LIMIT_PER_MINUTE": str(PER_MINUTE), "SWQUANT_RATE_LIMIT_BURST": str(BURST)}
+            workdir = tmp_path_factory.mktemp("rate")
+            with api_only_stack(workdir, database_url, REDIS_URL, storage_url, {**extra, **limits}, "") as stack:
                 yield Api(stack, database_url)
         finally:
             get_engine(database_url).dispose()  # before the database is dropped
@@ -299,3 +276,16 @@ def test_every_operation_taking_a_key_declares_429_with_retry_after(api: Api) ->
                 assert "429" in declared and "Retry-After" in declared["429"]["headers"], (method, path)
             else:
                 assert "429" not in declared, (method, path)
+
+
+def test_the_client_waits_out_its_rate_limit_and_says_so_when_it_cannot(api: Api) -> None:
+    key = api.new_key("client")
+    patient = SWQuantClient(api.stack.url, key)
+    started = time.monotonic()
+    for _ in range(BURST + 3):
+        assert patient.jobs()["items"] == []
+    assert time.monotonic() - started >= 2  # three requests past the burst, a token a second
+    hasty = SWQuantClient(api.stack.url, key, max_wait_s=0)
+    _until_refused(api, key)
+    with pytest.raises(ApiError, match="HTTP 429: rate limit exceeded"):
+        hasty.jobs()
