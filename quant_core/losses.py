@@ -30,6 +30,8 @@ from quant_core.errors import ConfigError
 REDUCTIONS = ("mean", "sum")
 HYBRID_WEIGHT_DEFAULTS = {"base": 1.0, "sw": 0.1}
 BLOCK_SIZE_ERROR = "seq_len must be divisible by sw_block_size"
+# Projections beyond this cost memory and time without a measurable gain in the estimate.
+MAX_PROJECTIONS = 65536
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,10 @@ class LossOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not _is_int(self.sw_num_projections) or self.sw_num_projections < 1:
-            raise ConfigError("sw_num_projections must be a positive integer", "sw_num_projections")
+        if not _is_int(self.sw_num_projections) or not 1 <= self.sw_num_projections <= MAX_PROJECTIONS:
+            raise ConfigError(
+                f"sw_num_projections must be a positive integer up to {MAX_PROJECTIONS}", "sw_num_projections"
+            )
         if self.sw_block_size is not None and (not _is_int(self.sw_block_size) or self.sw_block_size < 1):
             raise ConfigError("sw_block_size must be a positive integer or null", "sw_block_size")
         if self.reduction not in REDUCTIONS:

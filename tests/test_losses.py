@@ -166,7 +166,7 @@ def test_every_loss_is_differentiable() -> None:
 
 
 def test_registry_holds_the_contracts_names() -> None:
-    assert set(LOSSES) == {"mse", "l2", "dist", "kl", "sliced_wasserstein", "sw", "mse_sw", "l2_sw"}
+    assert set(LOSSES) == {"mse", "l2", "dist", "kl", "kd", "sliced_wasserstein", "sw", "mse_sw", "l2_sw", "kd_sw"}
 
 
 def test_unknown_loss_names_the_valid_ones() -> None:

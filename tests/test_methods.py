@@ -24,10 +24,12 @@ def test_explicit_epochs_override_the_schedule() -> None:
 
 def test_unknown_method_lists_the_registered_ones() -> None:
     with pytest.raises(
-        ConfigError, match=r"Unknown quantization method: gptq9\. Valid methods: awq, gptq, normtweaking, omniquant"
+        ConfigError,
+        match=r"Unknown quantization method: gptq9\. "
+        r"Valid methods: awq, discquant, gptq, normtweaking, omniquant, rtn, tesseraq",
     ):
         build_method("gptq9", QuantSpec(), build_loss("mse"))
-    assert set(METHODS) == {"awq", "gptq", "normtweaking", "omniquant", "rtn", "tesseraq"}
+    assert set(METHODS) == {"awq", "discquant", "gptq", "normtweaking", "omniquant", "rtn", "tesseraq"}
 
 
 @pytest.mark.parametrize(
@@ -57,8 +59,8 @@ def test_bad_options_name_the_field(method: str, options: dict, field: str) -> N
     assert info.value.field == field
 
 
-def test_rtn_takes_no_options() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown method option: epochs\. Valid options: none"):
+def test_rtn_takes_only_the_incoherence_option() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown method option: epochs\. Valid options: incoherence"):
         build_method("rtn", QuantSpec(), build_loss("mse"), {"epochs": 1})
 
 

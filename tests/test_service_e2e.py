@@ -253,8 +253,20 @@ def test_bad_specs_are_refused_with_the_field_named(production: Stack) -> None:
         "loss_options.sw_block_size": {"model": "m", "loss": "mse_sw", "loss_options": {"sw_block_size": 100}},
         "calibration.n_samples": {"model": "m", "calibration": {"n_samples": -1}},
         "method_options.epochs": {"model": "m", "method_options": {"epochs": "many"}},
+        # Huge values: each would hold a worker for years or exhaust its memory.
+        "calibration.seq_len": {"model": "m", "calibration": {"seq_len": 10**9}},
+        "group_size": {"model": "m", "group_size": 2**40},
+        "seed": {"model": "m", "seed": 2**70},
+        "loss_options.sw_num_projections": {
+            "model": "m",
+            "loss": "mse_sw",
+            "loss_options": {"sw_num_projections": 10**9},
+        },
     }
-    for field, body in cases.items():
+    huge_counts = [
+        (f"method_options.{k}", {"model": "m", "method_options": {k: 10**12}}) for k in ("epochs", "batch_size")
+    ]
+    for field, body in [*cases.items(), *huge_counts]:
         response = client.http.post("/v1/jobs", json=body)
         assert response.status_code == 422, (field, response.text)
         locs = [".".join(str(p) for p in d["loc"][1:]) for d in response.json()["detail"]]

@@ -44,10 +44,14 @@ def _is_number(value: Any) -> bool:
     return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
 
 
+# Counts (epochs, steps, batch sizes, grid points) above this are a typo or an attack, never a schedule:
+# refused up front rather than holding a worker for years or exhausting its memory.
+MAX_COUNT = 1_000_000
+
 _OPTION_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num": (_is_number, "a finite number"),
-    "int>0": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "int>=0": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "int>0": (lambda v: _is_int(v) and 0 < v <= MAX_COUNT, f"a positive integer up to {MAX_COUNT}"),
+    "int>=0": (lambda v: _is_int(v) and 0 <= v <= MAX_COUNT, f"a non-negative integer up to {MAX_COUNT}"),
     "num>0": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "num>=0": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
     "frac": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
