@@ -134,6 +134,32 @@ def migrated_backing(s3_server: S3Endpoint, prefix: str) -> Iterator[tuple[str, 
         yield database_url, f"s3://{bucket}", extra
 
 
+def service_env(
+    workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str]
+) -> dict[str, str]:
+    """The environment of every service process, as docker-compose sets it; ``extra_env`` wins."""
+    return {
+        **os.environ,
+        "SWQUANT_DATABASE_URL": database_url,
+        "SWQUANT_BROKER_URL": broker_url,
+        "SWQUANT_STORAGE_URL": storage_url,
+        "SWQUANT_DATA_DIR": str(workdir),
+        "SWQUANT_QUEUE": f"test-{workdir.name}",
+        "HF_HUB_OFFLINE": "1",
+        "SWQUANT_MAX_TEXT_UPLOAD_BYTES": "2000000",
+        **extra_env,
+    }
+
+
+@contextmanager
+def _api_server(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """uvicorn serving the app on a free port: (its URL, its process)."""
+    (port,) = free_ports(1)
+    argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
+    with _process([*argv, "--port", str(port)], env, log) as api:
+        yield f"http://127.0.0.1:{port}", api
+
+
 @contextmanager
 def production_stack(
     workdir: Path,
@@ -144,17 +170,7 @@ def production_stack(
     workers: int = 1,
 ) -> Iterator[Stack]:
     """uvicorn + Celery workers against the given PostgreSQL, Redis and S3, as in docker-compose."""
-    env = {
-        **os.environ,
-        **extra_env,
-        "SWQUANT_DATABASE_URL": database_url,
-        "SWQUANT_BROKER_URL": broker_url,
-        "SWQUANT_STORAGE_URL": storage_url,
-        "SWQUANT_DATA_DIR": str(workdir),
-        "SWQUANT_QUEUE": f"test-{workdir.name}",
-        "HF_HUB_OFFLINE": "1",
-        "SWQUANT_MAX_TEXT_UPLOAD_BYTES": "2000000",
-    }
+    env = service_env(workdir, database_url, broker_url, storage_url, extra_env)
     key = (
         subprocess.run(
             [sys.executable, "-m", "api.cli", "create-key", "--tenant", "e2e"],
@@ -166,27 +182,9 @@ def production_stack(
         .stdout.strip()
         .splitlines()[-1]
     )
-    (port,) = free_ports(1)
-    url = f"http://127.0.0.1:{port}"
     logs = [workdir / "api.log"]
     with ExitStack() as stack:
-        api = stack.enter_context(
-            _process(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "api.app:create_app",
-                    "--factory",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
-                env,
-                logs[0],
-            )
-        )
+        url, api = stack.enter_context(_api_server(env, logs[0]))
         pool = WorkerPool(env, workdir, workers)
         stack.callback(pool.stop)
         logs += pool.logs
@@ -199,22 +197,9 @@ def api_only_stack(
     workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str], api_key: str
 ) -> Iterator[Stack]:
     """uvicorn as in ``production_stack``, without a worker: jobs are queued and never consumed."""
-    env = {
-        **os.environ,
-        "SWQUANT_DATABASE_URL": database_url,
-        "SWQUANT_BROKER_URL": broker_url,
-        "SWQUANT_STORAGE_URL": storage_url,
-        "SWQUANT_DATA_DIR": str(workdir),
-        "SWQUANT_QUEUE": f"api-{workdir.name}",
-        "HF_HUB_OFFLINE": "1",
-        "SWQUANT_MAX_TEXT_UPLOAD_BYTES": "2000000",
-        **extra_env,
-    }
-    (port,) = free_ports(1)
-    url = f"http://127.0.0.1:{port}"
+    env = service_env(workdir, database_url, broker_url, storage_url, extra_env)
     logs = [workdir / "api.log"]
-    argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
-    with _process([*argv, "--port", str(port)], env, logs[0]) as api:
+    with _api_server(env, logs[0]) as (url, api):
         _wait_ready(url, [api], logs)
         yield Stack(url, api_key, env, logs)
 
