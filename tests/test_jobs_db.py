@@ -72,6 +72,59 @@ def test_only_one_worker_can_claim_a_job(db_url: str, tenant_id: str) -> None:
         assert session.get(Job, job_id).worker == "w1"
 
 
+def _lease_of(db_url: str, job_id: str, worker: str, lease_seconds: float = 60.0, max_attempts: int = 3) -> str:
+    with session_scope(db_url) as session:
+        return jobs.claim_job(session, job_id, worker, lease_seconds, max_attempts).lease_token
+
+
+def test_a_lapsed_lease_puts_the_job_back_and_fences_the_old_attempt(db_url: str, tenant_id: str) -> None:
+    job_id = _new_job(db_url, tenant_id)
+    old = _lease_of(db_url, job_id, "w1", lease_seconds=-1)  # already lapsed: its worker is gone
+    with session_scope(db_url) as session:
+        assert [j.id for j in jobs.requeue_lapsed(session, max_attempts=3)] == [job_id]
+        assert session.get(Job, job_id).status == "queued"
+    new = _lease_of(db_url, job_id, "w2")
+    with session_scope(db_url) as session:
+        assert session.get(Job, job_id).attempts == 2
+        jobs.renew_lease(session, job_id, new, 60)
+        jobs.record_block(session, job_id, {"index": 0, "num_blocks": 2}, new)
+    with session_scope(db_url) as session:
+        with pytest.raises(jobs.LeaseLostError):
+            jobs.renew_lease(session, job_id, old, 60)
+        with pytest.raises(jobs.LeaseLostError):
+            jobs.record_block(session, job_id, {"index": 1, "num_blocks": 2}, old)
+        with pytest.raises(jobs.LeaseLostError):
+            jobs.add_leased_event(session, job_id, old, "message", message="late")
+        assert not jobs.finish_job(session, job_id, JobStatus.failed, error_code="x", lease_token=old)
+    with session_scope(db_url) as session:
+        assert jobs.requeue_lapsed(session, max_attempts=3) == []  # the live lease is left alone
+        assert jobs.finish_job(session, job_id, JobStatus.succeeded, lease_token=new)
+        job = session.get(Job, job_id)
+        assert (job.status, job.blocks_done, job.lease_token) == ("succeeded", 1, None)
+
+
+def test_a_job_whose_worker_keeps_dying_fails_at_the_attempt_cap(db_url: str, tenant_id: str) -> None:
+    job_id = _new_job(db_url, tenant_id)
+    for attempt in range(1, 3):
+        _lease_of(db_url, job_id, f"w{attempt}", lease_seconds=-1, max_attempts=2)
+        with session_scope(db_url) as session:
+            jobs.requeue_lapsed(session, max_attempts=2)
+    with session_scope(db_url) as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.attempts, job.error_code) == ("failed", 2, "worker_lost")
+        assert "2 times (attempt limit 2); last worker: w2" in job.error_message
+        assert jobs.claim_job(session, job_id, "w3", 60, 2) is None
+
+
+def test_a_queued_job_the_broker_forgot_is_resent_once(db_url: str, tenant_id: str) -> None:
+    forgotten, waiting = _new_job(db_url, tenant_id), _new_job(db_url, tenant_id)
+    with session_scope(db_url) as session:
+        assert jobs.claim_resend(session, 60, set()) == []  # too recent: maybe on its way to the broker
+        assert {j.id for j in jobs.claim_resend(session, 0, {waiting})} == {forgotten}
+    with session_scope(db_url) as session:
+        assert jobs.claim_resend(session, 1, set()) == []  # just re-sent: not again at once
+
+
 def test_finish_records_metrics_artifacts_and_events_once(db_url: str, tenant_id: str) -> None:
     job_id = _new_job(db_url, tenant_id)
     with session_scope(db_url) as session:
