@@ -105,9 +105,24 @@ ROWS = {
             {**_DISCQ_FULL, "incoherence": "hadamard"},
         ),
         Row("discquant kd_sw", "discquant", "kd_sw", _DISCQ_QUICK, _DISCQ_FULL, loss_options=_KD_SW_WEIGHTS),
+        Row(
+            "discquant kd_sw 0.1",
+            "discquant",
+            "kd_sw",
+            _DISCQ_QUICK,
+            _DISCQ_FULL,
+            loss_options={"hybrid_weights": {"base": 1.0, "sw": 0.1}},
+        ),
     )
 }
-WHOLE_MODEL_ROWS = ("greedy", "discquant", "discquant lr0.1 32 steps", "discquant+quip", "discquant kd_sw")
+WHOLE_MODEL_ROWS = (
+    "greedy",
+    "discquant",
+    "discquant lr0.1 32 steps",
+    "discquant+quip",
+    "discquant kd_sw",
+    "discquant kd_sw 0.1",
+)
 OPT_IN_ROWS = ("gptq natural-order", "rtn+quip", "gptq+quip", *WHOLE_MODEL_ROWS)
 DEFAULT_ROWS = [label for label in ROWS if label not in OPT_IN_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
