@@ -117,6 +117,11 @@ class JobSpec:
                 "method_options.incoherence",
             )
 
+    @property
+    def resumable(self) -> bool:
+        """Whether ``run_job`` can keep per-block progress for this job: not streamed, not whole-model."""
+        return not self.lazy_load and not method_class(self.method).whole_model
+
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""
         with registry_fields("loss", "loss_options"):

@@ -187,6 +187,16 @@ def test_uploaded_dataset_calibrates_a_job(production: Stack, tiny_llama_dir: Pa
     assert report["spec"]["calib"]["text"].endswith("corpus.txt")
 
 
+def test_a_whole_model_method_runs_through_the_service(production: Stack, tiny_llama_dir: Path) -> None:
+    """DiscQuant trains the whole model at once: no per-block checkpoint, the same outcome and metrics."""
+    client = _client(production)
+    spec = {**JOB, "model": str(tiny_llama_dir), "method": "discquant", "loss": "kd"}
+    job = _wait(client, production, client.submit({**spec, "method_options": {"n_samples": 2, "grad_accum": 2}})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["perplexity.after.persuasion"] > 1
+    assert {a["name"] for a in client.artifacts(job["id"])} == {"model.tar", "report.json"}
+
+
 def test_uploads_are_checked_and_limited(production: Stack, tmp_path: Path) -> None:
     client = _client(production)
     too_big = b"a" * (int(production.env["SWQUANT_MAX_TEXT_UPLOAD_BYTES"]) + 1)
