@@ -3,7 +3,7 @@ storage cut off. Nothing may be lost, nothing may run twice at once, results mus
 
 The stack: uvicorn and two Celery workers against a private PostgreSQL and Redis (restartable
 without touching the machine's own) and SeaweedFS behind a TCP relay that can refuse connections.
-Leases are short here (2 s) so that recovery takes seconds; production uses a minute.
+Leases are short here (3 s) so that recovery takes seconds; production uses a minute.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tests.tiny_models import build_model
 LAYERS = 6
 MAX_ATTEMPTS = 5
 FAULT_ENV = {
-    "SWQUANT_LEASE_SECONDS": "2",
+    "SWQUANT_LEASE_SECONDS": "3",
     "SWQUANT_HEARTBEAT_SECONDS": "0.5",
     "SWQUANT_REAPER_INTERVAL_SECONDS": "0.5",
     "SWQUANT_RESEND_AFTER_SECONDS": "2",
@@ -145,7 +145,7 @@ def test_twenty_kills_of_workers_lose_no_job_and_change_no_result(faults: FaultS
     kills: Counter[str] = Counter()
     killed_attempts: set[tuple[str, int]] = set()
     whole_worker_kills = 0
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + 2 * TIMEOUT_S
     kill_at: dict[tuple[str, int], float] = {}  # each attempt dies at a random moment after it is seen
     while sum(kills.values()) < 20 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -162,7 +162,7 @@ def test_twenty_kills_of_workers_lose_no_job_and_change_no_result(faults: FaultS
             and (j.id, j.attempts) not in killed_attempts  # killed already, its lease not yet lapsed
         ]
         for job in running:
-            kill_at.setdefault((job.id, job.attempts), now + rng.uniform(0.3, 6.0))
+            kill_at.setdefault((job.id, job.attempts), now + rng.uniform(0.3, 4.0))
         due = [j for j in running if kill_at[(j.id, j.attempts)] <= now]
         if not due:
             continue
@@ -179,7 +179,8 @@ def test_twenty_kills_of_workers_lose_no_job_and_change_no_result(faults: FaultS
             killed_attempts.add((victim.id, victim.attempts))
             kills[victim.id] += 1
             whole_worker_kills += whole
-    assert sum(kills.values()) == 20, f"only {sum(kills.values())} kills landed before the jobs finished"
+    states = [(j.status, j.attempts, j.blocks_done) for j in faults.jobs() if j.id in job_ids]
+    assert sum(kills.values()) == 20, f"only {sum(kills.values())} kills landed: {states}\n{faults.stack.log_tail()}"
 
     results = faults.wait_all(job_ids)
     failed = {j: r["error"] for j, r in results.items() if r["status"] != "succeeded"}
