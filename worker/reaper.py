@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 
 from celery import Celery
 from kombu.exceptions import OperationalError as BrokerDown
@@ -34,13 +33,7 @@ log = logging.getLogger(__name__)
 QUEUES = ("gpu", "cpu")
 
 
-@dataclass(frozen=True)
-class ReapResult:
-    requeued: list[str]
-    resent: list[str]
-
-
-def reap_once(settings: Settings, app: Celery) -> ReapResult:
+def reap_once(settings: Settings, app: Celery) -> None:
     """One pass; raises when the database or the broker is unreachable (the next pass tries again)."""
     url = settings.resolved_database_url
     with session_scope(url) as session:
@@ -56,7 +49,6 @@ def reap_once(settings: Settings, app: Celery) -> ReapResult:
     for job_id, queue in resend:
         log.warning("job %s: queued but unknown to the broker, sent again", job_id)
         enqueue_job(app, job_id, queue)
-    return ReapResult([job_id for job_id, _ in requeued], [job_id for job_id, _ in resend])
 
 
 def start_reaper(settings: Settings, app: Celery) -> threading.Event:
