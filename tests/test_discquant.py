@@ -151,6 +151,22 @@ def test_the_linear_term_alone_drives_x_to_the_greedy_corners() -> None:
         assert torch.equal(x[decided], torch.round(y[decided]))
 
 
+def test_training_from_the_float_weights_leaves_y_unchanged() -> None:
+    """``x`` starts as a copy of ``y``: AdamW steps and clamping move ``x`` only, never the target corners."""
+    model = build_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    wrapped = wrap_linears(model, SPEC, "orig", generator, False)
+    wrappers = [w for _, _, w in wrapped]
+    before = [w.fraction.clone() for w in wrappers]
+    assert all(w.x.data_ptr() != w.fraction.data_ptr() for w in wrappers)
+    _method({"init": "orig", "rho": 1e4, "n_samples": 6, "grad_accum": 1, "lr": 0.2}).train(
+        wrappers, model, _windows(), "cpu", generator, None, None
+    )
+    assert all(torch.equal(w.fraction, y) for w, y in zip(wrappers, before, strict=True))
+    assert any(not torch.equal(w.x.detach(), y) for w, y in zip(wrappers, before, strict=True))
+    unwrap_linears(wrapped)
+
+
 def test_clamp_bounds_the_distillation_gradient_entry_wise() -> None:
     """With a vanishing clamp, any rho leaves only the linear term: the same trajectory as rho = 0."""
     options = {"n_samples": 6, "grad_accum": 1, "init": "rand"}

@@ -208,7 +208,7 @@ class RoundingLinear(nn.Module):
         self.register_buffer("down", grid.weight(grid.low), persistent=False)
         self.register_buffer("gap", grid.weight(grid.high) - self.down, persistent=False)
         self.register_buffer("fraction", grid.fraction, persistent=False)  # y
-        start = torch.rand(weight.shape, generator=generator) if init == "rand" else grid.fraction.cpu()
+        start = torch.rand(weight.shape, generator=generator) if init == "rand" else grid.fraction.detach().clone()
         self.x = nn.Parameter(start.to(weight.device))
 
     def student_matrix(self, x: Tensor | None = None) -> Tensor:
