@@ -68,7 +68,8 @@ class Row:
 
 
 _AWQ_QUICK = {"search_samples": 4}  # the grid search runs 20 forwards per mapping: 2k tokens on CPU
-_OMNI_QUICK = {"epochs": 1, "lr": 0.05}
+_OMNI_FULL = {"schedule": "paper"}  # the budget schedule (64 steps a block, from the searched clipping) is the default
+_TESSERA_GPTQ = {"init": "gptq", "rounds": 4, "steps_per_round": 8, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3}
 _TESSERA_QUICK = {"rounds": 4, "steps_per_round": 2, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3, "init": "rtn"}
 _NORM_QUICK = {"epochs": 1, "lr": 1e-4}
 # DiscQuant at CPU scale: 64 windows, one per step, from the float weights; the authors' clamp and rho.
@@ -86,8 +87,13 @@ ROWS = {
         Row("gptq+quip", "gptq", "mse", {"incoherence": "hadamard"}, {"incoherence": "hadamard"}),
         Row("awq", "awq", "mse", _AWQ_QUICK),
         Row("awq+sw", "awq", "mse_sw", _AWQ_QUICK),
-        Row("omniquant mse", "omniquant", "mse", _OMNI_QUICK),
-        Row("omniquant mse_sw", "omniquant", "mse_sw", _OMNI_QUICK),
+        Row("rtn clip", "rtn", "mse", {"clip_search": True}, {"clip_search": True}),
+        Row("gptq clip", "gptq", "mse", {"clip_search": True}, {"clip_search": True}),
+        Row("gptq+quip clip", "gptq", "mse", {"incoherence": "hadamard", "clip_search": True}),
+        Row("omniquant mse", "omniquant", "mse", {}, _OMNI_FULL),
+        Row("omniquant mse_sw", "omniquant", "mse_sw", {}, _OMNI_FULL),
+        Row("tesseraq gptq l2", "tesseraq", "l2", _TESSERA_GPTQ, {"init": "gptq"}),
+        Row("tesseraq gptq l2_sw", "tesseraq", "l2_sw", _TESSERA_GPTQ, {"init": "gptq"}),
         Row("tesseraq l2", "tesseraq", "l2", _TESSERA_QUICK),
         Row("tesseraq l2_sw", "tesseraq", "l2_sw", _TESSERA_QUICK),
         Row("gptq+normtweak mse", "normtweaking", "mse", _NORM_QUICK),
@@ -123,7 +129,7 @@ WHOLE_MODEL_ROWS = (
     "discquant kd_sw",
     "discquant kd_sw 0.1",
 )
-OPT_IN_ROWS = ("gptq natural-order", "rtn+quip", "gptq+quip", *WHOLE_MODEL_ROWS)
+OPT_IN_ROWS = ("gptq natural-order", "rtn+quip", "gptq+quip", "gptq+quip clip", *WHOLE_MODEL_ROWS)
 DEFAULT_ROWS = [label for label in ROWS if label not in OPT_IN_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
 

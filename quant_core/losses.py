@@ -201,6 +201,10 @@ class Loss:
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def terms(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """The loss as its weighted terms, which sum to ``self(output, target)``: one term by default."""
+        return {self.name: self(output, target)}
+
     def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
         """The loss between two whole models' outputs: by default, on their next-token logits."""
         return self(student.logits, teacher.logits)
@@ -256,16 +260,36 @@ class SlicedWassersteinLoss(Loss):
 
 
 class HybridLoss(Loss):
-    """``base_weight * base + sw_weight * SW``: point-wise fidelity plus distribution alignment."""
+    """``base_weight * base + sw_weight * SW``: point-wise fidelity plus distribution alignment.
 
-    def __init__(self, name: str, base: Loss, sw: SlicedWassersteinLoss, weights: Mapping[str, float]) -> None:
+    The SW weight is meant relative to a per-element base loss (``mse``). A base that sums over the
+    hidden width (``l2``) is ``width`` times larger for the same error, so with ``per_width_sw`` the
+    SW term is multiplied by the width as well: ``l2_sw`` is then exactly ``width * mse_sw`` and the
+    same weight gives SW the same share of the gradient in both. Without it, SW at weight 0.1 was
+    0.2% or less of ``l2_sw``'s gradient on SmolLM2 (576 wide): a hybrid in name only.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base: Loss,
+        sw: SlicedWassersteinLoss,
+        weights: Mapping[str, float],
+        per_width_sw: bool = False,
+    ) -> None:
         self.name, self.base, self.sw = name, base, sw
         self.base_weight, self.sw_weight = float(weights["base"]), float(weights["sw"])
+        self.per_width_sw = per_width_sw
 
     needs_hidden_states = True
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        return self.base_weight * self.base(output, target) + self.sw_weight * self.sw(output, target)
+        terms = self.terms(output, target)
+        return terms["base"] + terms["sw"]
+
+    def terms(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        sw_weight = self.sw_weight * (output.shape[-1] if self.per_width_sw else 1)
+        return {"base": self.base_weight * self.base(output, target), "sw": sw_weight * self.sw(output, target)}
 
     def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
         """The base loss on the logits plus the weighted SW term on the final hidden states."""
@@ -304,7 +328,9 @@ register_loss("kl")(lambda o: PointwiseLoss("kl", kl, o.reduction))
 register_loss("kd")(lambda o: PointwiseLoss("kd", kl, o.reduction))
 register_loss("sliced_wasserstein", "sw")(_sw_from)
 register_loss("mse_sw")(lambda o: HybridLoss("mse_sw", LOSSES["mse"](o), _sw_from(o), o.hybrid_weights))
-register_loss("l2_sw")(lambda o: HybridLoss("l2_sw", LOSSES["l2"](o), _sw_from(o), o.hybrid_weights))
+register_loss("l2_sw")(
+    lambda o: HybridLoss("l2_sw", LOSSES["l2"](o), _sw_from(o), o.hybrid_weights, per_width_sw=o.reduction == "mean")
+)
 register_loss("kd_sw")(lambda o: HybridLoss("kd_sw", LOSSES["kd"](o), _sw_from(o), o.hybrid_weights))
 
 

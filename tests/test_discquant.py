@@ -25,12 +25,12 @@ from quant_core.methods import build_method
 from quant_core.methods.base import layer_grid
 from quant_core.methods.discquant import (
     DiscQuant,
-    cosine_with_warmup,
     estimate_memory,
     grid_neighbours,
     unwrap_linears,
     wrap_linears,
 )
+from quant_core.methods.training import cosine_with_warmup
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.pipeline import JobHooks, run_job
 from quant_core.quantizer import QuantSpec, fake_quantize, grid_params, group_columns

@@ -71,7 +71,7 @@ def test_rtn_records_equal_losses_before_and_after(windows: torch.Tensor) -> Non
 
 @pytest.mark.parametrize(("arch", "bits", "loss"), [("llama", 2, "mse"), ("llama", 3, "mse_sw"), ("opt", 3, "mse")])
 def test_omniquant_beats_round_to_nearest(arch: str, bits: int, loss: str, windows: torch.Tensor) -> None:
-    _, records = _calibrate(arch, windows, "omniquant", bits=bits, loss=loss, epochs=6, batch_size=1, lr=1e-1)
+    _, records = _calibrate(arch, windows, "omniquant", bits=bits, loss=loss, epochs=6, lr=1e-1, schedule="paper")
     for r in records:
         assert r.mse_after < 0.9 * r.mse_before, r
         assert r.loss_after < r.loss_before, r
@@ -79,12 +79,13 @@ def test_omniquant_beats_round_to_nearest(arch: str, bits: int, loss: str, windo
         assert epoch_losses[-1] < epoch_losses[0]
 
 
-def test_omniquant_with_zero_epochs_is_round_to_nearest(windows: torch.Tensor) -> None:
-    """Clipping starts at exactly the full range, so an untrained OmniQuant is RTN."""
-    rtn_model, _ = _calibrate("llama", windows, "rtn", bits=3)
-    omni_model, _ = _calibrate("llama", windows, "omniquant", bits=3, epochs=0)
+@pytest.mark.parametrize(("init", "rtn_options"), [("full", {}), ("clip_search", {"clip_search": True})])
+def test_omniquant_with_zero_steps_is_its_starting_point(init: str, rtn_options: dict, windows: torch.Tensor) -> None:
+    """Factors start at the full range (plain RTN) or at the searched clipping (RTN with clip_search)."""
+    rtn_model, _ = _calibrate("llama", windows, "rtn", bits=3, **rtn_options)
+    omni_model, _ = _calibrate("llama", windows, "omniquant", bits=3, steps=0, init=init)
     for a, b in zip(rtn_model.state_dict().values(), omni_model.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_calibration_is_deterministic_under_a_seed(windows: torch.Tensor) -> None:

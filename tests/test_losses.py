@@ -125,12 +125,31 @@ def test_hybrid_is_the_weighted_sum_of_its_terms() -> None:
 
 def test_hybrid_weights_default_to_base_1_and_sw_0_1() -> None:
     out, tgt = _outputs()
-    hybrid = build_loss("l2_sw", hybrid_weights={"sw": 0.3}, seed=2)(out, tgt).item()
+    hybrid = build_loss("mse_sw", hybrid_weights={"sw": 0.3}, seed=2)(out, tgt).item()
+    mse = build_loss("mse")(out, tgt).item()
+    sw = build_loss("sw", seed=2)(out, tgt).item()
+    assert hybrid == pytest.approx(mse + 0.3 * sw, rel=1e-6)
+    default = build_loss("mse_sw", seed=2)(out, tgt).item()
+    assert default == pytest.approx(mse + 0.1 * sw, rel=1e-6)
+
+
+def test_l2_sw_scales_its_sw_term_by_the_width_so_it_is_width_times_mse_sw() -> None:
+    out, tgt = _outputs()
+    width = out.shape[-1]
     l2 = build_loss("l2")(out, tgt).item()
     sw = build_loss("sw", seed=2)(out, tgt).item()
-    assert hybrid == pytest.approx(l2 + 0.3 * sw, rel=1e-6)
-    default = build_loss("l2_sw", seed=2)(out, tgt).item()
-    assert default == pytest.approx(l2 + 0.1 * sw, rel=1e-6)
+    l2_sw = build_loss("l2_sw", hybrid_weights={"sw": 0.3}, seed=2)(out, tgt).item()
+    assert l2_sw == pytest.approx(l2 + 0.3 * width * sw, rel=1e-6)
+    mse_sw = build_loss("mse_sw", hybrid_weights={"sw": 0.3}, seed=2)(out, tgt).item()
+    assert l2_sw == pytest.approx(width * mse_sw, rel=1e-5)
+
+
+def test_hybrid_terms_are_the_weighted_parts_of_the_loss() -> None:
+    out, tgt = _outputs()
+    terms = build_loss("mse_sw", hybrid_weights={"base": 2.0, "sw": 0.5}, seed=3).terms(out, tgt)
+    assert terms["base"].item() == pytest.approx(2.0 * build_loss("mse")(out, tgt).item(), rel=1e-6)
+    assert terms["sw"].item() == pytest.approx(0.5 * build_loss("sw", seed=3)(out, tgt).item(), rel=1e-6)
+    assert list(build_loss("l2").terms(out, tgt)) == ["l2"]
 
 
 def test_pointwise_losses_match_naive_loops() -> None:

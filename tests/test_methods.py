@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from quant_core.errors import ConfigError
 from quant_core.job import JobSpec
 from quant_core.losses import build_loss
 from quant_core.methods import METHODS, build_method
+from quant_core.methods.omniquant import BUDGET_STEPS
 from quant_core.quantizer import QuantSpec
 
 
 @pytest.mark.parametrize(("bits", "epochs"), [(2, 40), (3, 20), (4, 20), (8, 20)])
-def test_omniquant_defaults_to_the_papers_schedule(bits: int, epochs: int) -> None:
-    method = build_method("omniquant", QuantSpec(bits=bits), build_loss("mse"))
-    assert method.epochs == epochs
-    assert method.options.lr == 1e-2 and method.options.batch_size == 1
+def test_omniquant_paper_schedule_is_20_epochs_40_at_2_bits_at_lr_1e_2(bits: int, epochs: int) -> None:
+    method = build_method("omniquant", QuantSpec(bits=bits), build_loss("mse"), {"schedule": "paper"})
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8))
+    assert method.steps(data) == epochs * 16
+    assert method.learning_rate(method.steps(data)) == 1e-2 and method.options.batch_size == 1
 
 
-def test_explicit_epochs_override_the_schedule() -> None:
-    assert build_method("omniquant", QuantSpec(bits=2), build_loss("mse"), {"epochs": 3}).epochs == 3
+def test_omniquant_budget_schedule_scales_the_learning_rate_with_the_steps() -> None:
+    method = build_method("omniquant", QuantSpec(bits=3), build_loss("mse"))
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8))
+    assert method.steps(data) == BUDGET_STEPS
+    assert method.learning_rate(64) == pytest.approx(4 * method.learning_rate(256))
+    assert build_method("omniquant", QuantSpec(), build_loss("mse"), {"lr": 0.3}).learning_rate(64) == 0.3
+
+
+def test_explicit_epochs_or_steps_override_the_schedule() -> None:
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8))
+    options = {"epochs": 3, "batch_size": 4}
+    assert build_method("omniquant", QuantSpec(bits=2), build_loss("mse"), options).steps(data) == 12
+    assert build_method("omniquant", QuantSpec(bits=2), build_loss("mse"), {"steps": 7}).steps(data) == 7
+    with pytest.raises(ConfigError, match="either epochs or steps"):
+        build_method("omniquant", QuantSpec(), build_loss("mse"), {"steps": 7, "epochs": 1})
 
 
 def test_unknown_method_lists_the_registered_ones() -> None:

@@ -6,11 +6,12 @@ that reads one input is quantized as ``Q(W diag(s)) diag(s)^-1`` with ``s = mean
 (normalized), and ``diag(s)^-1`` is folded into the module that produces the input (a norm, or the
 linear before). The exponent ``alpha`` is a grid search that compares the output of the smallest
 module containing the group (attention for q/k/v, the MLP for gate/up, the linear itself otherwise)
-with its full-precision output. Then each linear's clipping ratio is searched the same way on its
-own output. Query and key are not clipped: the softmax amplifies their error.
+with its full-precision output. Then each linear's clipping ratio per row and group is searched on
+the linear's own output (:mod:`quant_core.clip_search`, AWQ's ``auto_clip``). Query and key are not
+clipped: the softmax amplifies their error.
 
-The search criterion is the job's loss (``mse`` reproduces AWQ's; ``mse_sw`` gives AWQ+SW). Every
-candidate is scored with the same random SW directions, so the comparison is not noise.
+The scale search's criterion is the job's loss (``mse`` reproduces AWQ's; ``mse_sw`` gives AWQ+SW).
+Every candidate is scored with the same random SW directions, so the comparison is not noise.
 
 Which module feeds which linears is a per-architecture layout, checked against a real forward pass
 (the norm's output must be the very tensor the linears read) and by folding without quantization,
@@ -26,11 +27,20 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from quant_core.clip_search import clip_ratios, search_clipping
 from quant_core.errors import ConfigError
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
+from quant_core.methods.base import (
+    BlockData,
+    MethodOptions,
+    QuantMethod,
+    register_method,
+    rtn_quantized,
+    write_quantized,
+)
+from quant_core.methods.clipping import mean_ratio
 from quant_core.methods.layer_inputs import capture_call, first_argument, input_groups, layer_input
 from quant_core.model_structure import LinearLike, quantizable_linears, stored_layout, weight_matrix
-from quant_core.quantizer import fake_quantize, grid_params
+from quant_core.quantizer import fake_quantize
 
 FOLD_TOLERANCE = 1e-3  # relative change of the block output allowed by folding scales in float32
 FOLD_TOLERANCE_EPS = 8  # in 16-bit dtypes, folding rounds every weight: allow a few machine epsilons
@@ -74,8 +84,7 @@ class AwqOptions(MethodOptions):
     def __post_init__(self) -> None:
         self.require("int>0", "n_grid", "search_samples")
         self.require("frac", "max_shrink")
-        if not isinstance(self.clip, bool):
-            raise ConfigError("clip must be true or false", "clip")
+        self.require_bool("clip")
 
 
 def find_layout(block: nn.Module) -> tuple[ScaleMapping, ...]:
@@ -129,18 +138,8 @@ class Awq(QuantMethod):
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         stats = self.prepare(block, data)
-        quantized = {}
-        for name, layer in quantizable_linears(block).items():
-            factor = torch.tensor(stats["clip"].get(name, 1.0))
-            weight = weight_matrix(layer).detach().float()
-            quantized[name] = (self.clipped(layer, factor.item()), *grid_params(weight, self.spec, factor, factor))
-        write_quantized(block, quantized)
+        write_quantized(block, rtn_quantized(block, self.spec, stats.pop("clip_factors")))
         return stats
-
-    def clipped(self, layer: LinearLike, ratio: float) -> Tensor:
-        """The layer's weight quantized with its range shrunk by ``ratio``."""
-        factor = torch.tensor(ratio, dtype=torch.float32)
-        return fake_quantize(weight_matrix(layer).detach().float(), self.spec, factor, factor).to(layer.weight.dtype)
 
     def prepare(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         """Fold the searched scales into the block (still full precision) and choose clipping ratios."""
@@ -163,8 +162,8 @@ class Awq(QuantMethod):
                 "this architecture's normalization cannot absorb the scales",
                 "method",
             )
-        clip = self._search_clipping(block, data, sample, seed) if self.options.clip else {}
-        return {"alpha": alphas, "clip": clip}
+        clip = self._search_clipping(block, data, sample) if self.options.clip else {}
+        return {"alpha": alphas, "clip_ratio": mean_ratio(clip), "clip_factors": clip}
 
     def _check_layout(self, block: nn.Module, data: BlockData, layout: tuple[ScaleMapping, ...]) -> None:
         """Each mapping's layers must read one input, produced by ``previous`` when that is a norm."""
@@ -234,16 +233,14 @@ class Awq(QuantMethod):
         return best[1]
 
     @torch.no_grad()
-    def _search_clipping(self, block: nn.Module, data: BlockData, sample: Tensor, seed: int) -> dict[str, float]:
-        """Per linear, the range-shrink ratio whose quantized output best matches the float output."""
-        ratios = [1 - step / self.options.n_grid for step in range(int(self.options.max_shrink * self.options.n_grid))]
-        chosen: dict[str, float] = {}
+    def _search_clipping(self, block: nn.Module, data: BlockData, sample: Tensor) -> dict[str, Tensor]:
+        """Per linear (but query and key), the ratio per row and group that best keeps its output."""
+        ratios = clip_ratios(self.options.n_grid, self.options.max_shrink)
+        chosen: dict[str, Tensor] = {}
         for name, layer in quantizable_linears(block).items():
             if name.rsplit(".", 1)[-1] in UNCLIPPED or len(ratios) < 2:
                 continue
             x = layer_input(block, data, sample, name).float()
-            weight = weight_matrix(layer).float()
-            target = x @ weight.T
-            scores = [self._score(x @ self.clipped(layer, r).float().T, target, seed) for r in ratios]
-            chosen[name] = ratios[min(range(len(ratios)), key=scores.__getitem__)]
+            x = x.reshape(-1, x.shape[-1])
+            chosen[name] = search_clipping(weight_matrix(layer), x.T @ x, self.spec, ratios)[0]
         return chosen

@@ -74,6 +74,11 @@ class MethodOptions:
             if not _OPTION_KINDS[kind][0](value):
                 raise ConfigError(f"{name} must be {_OPTION_KINDS[kind][1]}", name)
 
+    def require_bool(self, *names: str) -> None:
+        for name in names:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false", name)
+
     def require_choice(self, name: str, choices: tuple[str, ...]) -> None:
         if getattr(self, name) not in choices:
             raise ConfigError(f"{name} must be one of: {', '.join(choices)}", name)
@@ -176,17 +181,23 @@ def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor] | None:
     return None if scale is None or zero is None else (scale, zero)
 
 
-def _rtn_matrix(weight: Tensor, spec: QuantSpec) -> Tensor:
+def _rtn_matrix(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> Tensor:
     """Round-to-nearest in float32 whatever the weight's dtype, rounded once back to it."""
-    return fake_quantize(weight.float(), spec).to(weight.dtype)
+    return fake_quantize(weight.float(), spec, clip, clip).to(weight.dtype)
 
 
-def rtn_quantized(block: nn.Module, spec: QuantSpec) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """Round-to-nearest weight and grid of every linear in the block."""
+def rtn_quantized(
+    block: nn.Module, spec: QuantSpec, clip: Mapping[str, Tensor] | None = None
+) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Round-to-nearest weight and grid of every linear in the block, ranges shrunk by ``clip`` where given.
+
+    ``clip`` maps a linear's name to its ratios per row and group (``[out, groups, 1]``).
+    """
     result = {}
     for name, layer in quantizable_linears(block).items():
         weight = weight_matrix(layer).detach()
-        result[name] = (_rtn_matrix(weight, spec), *grid_params(weight, spec))
+        factor = None if clip is None else clip.get(name)
+        result[name] = (_rtn_matrix(weight, spec, factor), *grid_params(weight, spec, factor, factor))
     return result
 
 

@@ -54,6 +54,7 @@ from quant_core.methods.base import (
     write_dequantized,
     write_quantized,
 )
+from quant_core.methods.training import cosine_with_warmup
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
@@ -101,16 +102,7 @@ class DiscQuantOptions(IncoherenceOptions):
         self.require_choice("init", INIT_CHOICES)
         if self.early_save not in EARLY_SAVE_CHOICES:
             raise ConfigError("early_save must be null (train) or greedy", "early_save")
-        if not isinstance(self.grad_checkpoint, bool):
-            raise ConfigError("grad_checkpoint must be true or false", "grad_checkpoint")
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        self.require_bool("grad_checkpoint")
 
 
 @dataclass

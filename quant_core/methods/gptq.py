@@ -15,6 +15,9 @@ at a time, which is what makes it fast.
   columns is reached.
 - True-sequential: linears that share an input are one stage and one Hessian; stages run in the
   block's order, and each stage's Hessian is computed with the earlier stages already quantized.
+- Clipping (``clip_search``, needs static groups): each row and group's range is shrunk by the ratio
+  that minimises its output error under the stage's Hessian (:mod:`quant_core.clip_search`) before
+  the grid is fixed; the column walk then compensates the clipped weights' error like any other.
 - Incoherence (``incoherence: hadamard``, QuIP Sec. 4): each stage's weights are quantized as
   ``U W V^T`` against the rotated Hessian ``V H V^T`` (one ``V`` per stage, as its linears share an
   input; one ``U`` per linear), and ``U^T Q V`` is written back (:mod:`quant_core.incoherence`).
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quant_core.clip_search import search_clipping
 from quant_core.errors import ConfigError
 from quant_core.incoherence import LinearRotation, RandomizedHadamard, rotate_hessian
 from quant_core.methods.base import (
@@ -58,14 +62,17 @@ class GptqOptions(IncoherenceOptions):
     act_order: bool = True
     static_groups: bool = True
     batch_size: int = 8
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require("int>0", "block_size", "batch_size")
         self.require("num>0", "damp")
-        for name in ("act_order", "static_groups"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false", name)
+        self.require_bool("act_order", "static_groups", "clip_search")
+        if self.clip_search and not self.static_groups:
+            raise ConfigError(
+                "clip_search needs static_groups: true (scales fixed before the column walk)", "clip_search"
+            )
 
 
 def _group_index(in_features: int, spec: QuantSpec) -> Tensor:
@@ -96,6 +103,7 @@ class GptqResult:
     scale: Tensor  # [out, groups]
     zero: Tensor  # [out, groups]
     error: float
+    compensated: Tensor  # [out, in]: each column with the earlier columns' errors pushed on it, just before rounding
 
 
 @torch.no_grad()
@@ -107,11 +115,13 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    clip: Tensor | None = None,
 ) -> GptqResult:
     """GPTQ-quantized ``[out, in]`` weight, its grid, and the Hessian-weighted error it leaves.
 
     The error is ``sum_i (w_i - q_i)^2 / [H^-1]_ii / 2`` over rounded columns, the quantity GPTQ's
-    updates minimize; it is zero only if the weight was already on the grid.
+    updates minimize; it is zero only if the weight was already on the grid. ``clip`` (``[out, groups,
+    1]`` ratios) shrinks the ranges of static groups before their grid is fixed.
     """
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     w = weight.detach().to(dtype).clone()
@@ -126,7 +136,7 @@ def gptq_quantize(
     zero = torch.zeros_like(scale)
     ready = torch.zeros(num_groups, dtype=torch.bool)
     if static_groups or spec.group_size is None:
-        scale, zero = grid_params(w, spec)
+        scale, zero = grid_params(w, spec, clip, clip)
         ready[:] = True
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features, device=w.device)
     w, h = w[:, order], h[order][:, order]
@@ -134,6 +144,7 @@ def gptq_quantize(
     position[order] = torch.arange(in_features, device=w.device)
     h_inv = _factor_inverse(h, damp)
     quantized = torch.zeros_like(w)
+    compensated = torch.zeros_like(w)
     error_total = torch.zeros((), dtype=dtype, device=w.device)
     column_order, column_group = order.tolist(), groups.tolist()  # no device sync per column
     for start in range(0, in_features, block_size):
@@ -155,13 +166,16 @@ def gptq_quantize(
             codes = (torch.round(col / scale[:, group]) + zero[:, group]).clamp(spec.qmin, spec.qmax)
             q = dequantize(codes, scale[:, group], zero[:, group])
             quantized[:, start + i] = q
+            compensated[:, start + i] = col
             d = h_inv_block[i, i]
             err = (col - q) / d
             error_total += ((col - q) ** 2).sum() / d**2 / 2
             w_block[:, i:] -= err.unsqueeze(1) @ h_inv_block[i, i:].unsqueeze(0)
             errors[:, i] = err
         w[:, end:] -= errors @ h_inv[start:end, end:]
-    return GptqResult(quantized[:, position].to(weight.dtype), scale, zero, float(error_total))
+    return GptqResult(
+        quantized[:, position].to(weight.dtype), scale, zero, float(error_total), compensated[:, position].float()
+    )
 
 
 @torch.no_grad()
@@ -187,8 +201,17 @@ class Gptq(QuantMethod):
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         """Quantize stage by stage; ``error`` is GPTQ's own objective per stage, for the report."""
+        return {"error": self.quantize_block(block, data)[1]}
+
+    def quantize_block(self, block: nn.Module, data: BlockData) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """Write GPTQ's weights into the block; return each linear's compensated weight and each stage's error.
+
+        The compensated weights (in the rotated basis under incoherence) are where refinement methods
+        start: rounding them to nearest gives GPTQ's codes.
+        """
         layers = quantizable_linears(block)
         stats: dict[str, float] = {}
+        compensated: dict[str, Tensor] = {}
         for stage in input_groups(block, data):
             hessian = stage_hessian(block, data, stage[0], self.options.batch_size)
             matrices = [weight_matrix(layers[name]).detach() for name in stage]
@@ -199,16 +222,20 @@ class Gptq(QuantMethod):
                 ]
                 hessian = rotate_hessian(hessian, in_rotation)
                 matrices = [r.rotate(m.float()) for r, m in zip(rotations, matrices, strict=True)]
+            weight = torch.cat(matrices)  # one Hessian for all linears that read this input
+            clip = search_clipping(weight, hessian, self.spec)[0] if self.options.clip_search else None
             result = gptq_quantize(
-                torch.cat(matrices),  # one Hessian for all linears that read this input
+                weight,
                 hessian,
                 self.spec,
                 self.options.block_size,
                 self.options.damp,
                 self.options.act_order,
                 self.options.static_groups,
+                clip,
             )
             rows = [m.shape[0] for m in matrices]
+            compensated.update(zip(stage, result.compensated.split(rows), strict=True))
             if self.rotates:
                 restored = {
                     name: r.restore(q).to(layers[name].weight.dtype)
@@ -219,4 +246,4 @@ class Gptq(QuantMethod):
                 parts = zip(result.weight.split(rows), result.scale.split(rows), result.zero.split(rows), strict=True)
                 write_quantized(block, dict(zip(stage, parts, strict=True)))
             stats["+".join(stage)] = result.error
-        return {"error": stats}
+        return compensated, stats

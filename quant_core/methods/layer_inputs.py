@@ -88,3 +88,34 @@ def layer_input(block: nn.Module, data: BlockData, hidden: Tensor, name: str) ->
 def first_argument(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
     """A module's main input, whether it was passed by position or by keyword."""
     return args[0] if args else next(iter(kwargs.values()))
+
+
+@torch.no_grad()
+def input_grams(block: nn.Module, data: BlockData, batch_size: int, windows: int | None = None) -> dict[str, Tensor]:
+    """``X^T X`` (float32) of every linear's input over the block's windows, in one pass of the block.
+
+    Linears that read the very same tensor (q/k/v, gate/up) get one product per batch, computed once.
+    ``windows`` limits the pass to the first windows. The block runs with its current weights, so this
+    is what a method that quantizes every linear at once (not stage by stage) needs.
+    """
+    layers = quantizable_linears(block)
+    calls: list[tuple[str, Tensor]] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
+        for name, layer in layers.items()
+    ]
+    grams: dict[str, Tensor] = {}
+    try:
+        for hidden in data.inputs[:windows].split(batch_size):
+            calls.clear()
+            data.forward(hidden, None)
+            products: dict[int, Tensor] = {}
+            for name, x in calls:
+                if id(x) not in products:
+                    flat = x.detach().reshape(-1, x.shape[-1]).float()
+                    products[id(x)] = flat.T @ flat
+                grams[name] = grams[name] + products[id(x)] if name in grams else products[id(x)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams

@@ -69,7 +69,7 @@ class NormTweak(QuantMethod):
             return {"base": stats, "norms": 0}
         lr = self.learning_rate(data.index, data.num_blocks)
         start = {name: p.detach().float().clone().requires_grad_(True) for name, p in norms.items()}
-        epoch_losses = train_parameters(
+        log = train_parameters(
             self.loss,
             data,
             lambda: {name: value.to(norms[name].dtype) for name, value in start.items()},
@@ -79,4 +79,7 @@ class NormTweak(QuantMethod):
             "NormTweaking",
         )
         write_weights(block, {name: value.detach() for name, value in start.items()})
-        return {"base": stats, "lr": lr, "epoch_losses": epoch_losses}
+        result = {"base": stats, "lr": lr, "epoch_losses": log.epoch_losses}
+        if log.gradient_share:
+            result["gradient_share"] = log.gradient_share
+        return result

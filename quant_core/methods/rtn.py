@@ -1,14 +1,18 @@
 """Round-to-nearest: every weight to its nearest grid point. The baseline every method must beat.
 
+With ``clip_search`` each row and group first gets the clipping ratio that minimises its output
+error on the calibration inputs (:mod:`quant_core.clip_search`); without it RTN needs no data.
 With ``incoherence: hadamard`` the rounding happens in QuIP's rotated basis (:mod:`quant_core.incoherence`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from quant_core.errors import ConfigError
 from quant_core.methods.base import (
     BlockData,
     IncoherenceOptions,
@@ -19,16 +23,30 @@ from quant_core.methods.base import (
     write_dequantized,
     write_quantized,
 )
+from quant_core.methods.clipping import block_clip_factors, mean_ratio
+
+
+@dataclass(frozen=True)
+class RtnOptions(IncoherenceOptions):
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_bool("clip_search")
+        if self.clip_search and self.rotates:
+            raise ConfigError("clip_search is not available with incoherence for rtn", "clip_search")
 
 
 @register_method
 class RTN(QuantMethod):
     name = "rtn"
-    options_type = IncoherenceOptions
+    options_type = RtnOptions
+    options: RtnOptions
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         if self.rotates:
             write_dequantized(block, rotated_rtn_weights(block, self.spec, data.generator))
-        else:
-            write_quantized(block, rtn_quantized(block, self.spec))
-        return {}
+            return {}
+        clip = block_clip_factors(block, data, self.spec) if self.options.clip_search else None
+        write_quantized(block, rtn_quantized(block, self.spec, clip))
+        return {"clip_ratio": mean_ratio(clip)} if clip else {}

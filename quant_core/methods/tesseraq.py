@@ -12,8 +12,15 @@ fractional part, i.e. where the block reproduces its float weights. Then, over `
 
 After the last round every variable is hard, so the weights are integer codes times the tuned
 scales: plain rounding of a stored weight by its stored scale gives back exactly the learned code.
-Scales start from round-to-nearest or from AWQ (its activation-aware scales folded into the block
-and its clipping ratios).
+
+Starting points (``init``):
+
+- ``rtn``: the grid of round-to-nearest with the searched clipping (``clip_search``, default on).
+- ``awq``: AWQ's activation-aware scales folded into the block and its searched clipping.
+- ``gptq``: GPTQ's grid and codes, so training refines the best closed-form result. The variables
+  then round GPTQ's error-compensated weights ``w~`` (not the float ones), and start shifted so that
+  every soft variable equals GPTQ's decision: the block starts exactly at GPTQ's weights, and the
+  hardening order (most decided first) breaks ties by how far ``w~`` was from the rounding midpoint.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.methods.awq import Awq, AwqOptions, find_layout
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
+from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, layer_grid, register_method, write_quantized
+from quant_core.methods.clipping import block_clip_factors, mean_ratio
+from quant_core.methods.gptq import Gptq, GptqOptions
 from quant_core.methods.training import train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
-INITS = ("awq", "rtn")
+INITS = ("awq", "rtn", "gptq")
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -45,25 +54,48 @@ def hardened_fraction(round_index: int, rounds: int) -> float:
 
 
 class LearnedRounding:
-    """One linear's rounding variables, hardening mask and scale factors."""
+    """One linear's rounding variables, hardening mask and scale factors.
 
-    def __init__(self, weight: Tensor, spec: QuantSpec, clip_ratio: float = 1.0) -> None:
+    ``weight`` is what the variables round (the float weight, or GPTQ's compensated one). The grid is
+    ``grid`` (``scale``, ``zero`` as ``[out, groups]``) when given, else the range shrunk by ``clip``
+    (a ratio, or ratios per row and group). With ``start_rounded`` the soft variables start at the
+    nearest grid point instead of the weight itself.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        spec: QuantSpec,
+        clip: Tensor | float = 1.0,
+        grid: tuple[Tensor, Tensor] | None = None,
+        start_rounded: bool = False,
+    ) -> None:
         self.spec, self.in_features = spec, weight.shape[1]
         grouped = group_columns(weight.detach().float(), spec.group_size)
-        factor = torch.tensor(clip_ratio, dtype=torch.float32, device=weight.device)
-        scale, zero = scale_and_zero(grouped, spec, factor, factor)
+        if grid is None:
+            factor = torch.as_tensor(clip, dtype=torch.float32, device=weight.device)
+            scale, zero = scale_and_zero(grouped, spec, factor, factor)
+        else:
+            scale, zero = (t.to(grouped).unsqueeze(-1) for t in grid)
         self.scale, self.zero = scale.detach(), zero.detach()
         steps = grouped / self.scale
         self.floor = steps.floor()
         fraction = ((steps - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.logits = torch.log(fraction / (1 - fraction)).requires_grad_(True)
+        self.shift = torch.zeros_like(self.floor)
+        if start_rounded:
+            with torch.no_grad():
+                self.shift = (steps - self.floor).round() - rectified_sigmoid(self.logits)
         self.scale_logits = torch.zeros_like(self.scale, requires_grad=True)
         self.hard = torch.zeros_like(self.floor, dtype=torch.bool)
         self.hard_value = torch.zeros_like(self.floor)
 
+    def soft(self) -> Tensor:
+        return (rectified_sigmoid(self.logits) + self.shift).clamp(0.0, 1.0)
+
     def offsets(self) -> Tensor:
         """0..1 per weight: the learned round-up amount, hard where decided."""
-        return torch.where(self.hard, self.hard_value, rectified_sigmoid(self.logits))
+        return torch.where(self.hard, self.hard_value, self.soft())
 
     def tuned_scale(self) -> Tensor:
         return self.scale * 2 * torch.sigmoid(self.scale_logits)
@@ -82,8 +114,9 @@ class LearnedRounding:
         count = target - int(self.hard.sum())
         if count <= 0:
             return
-        soft = rectified_sigmoid(self.logits)
-        confidence = torch.where(self.hard, -1.0, (soft - 0.5).abs()).flatten()
+        soft = self.soft()
+        tie_break = 1e-3 * (rectified_sigmoid(self.logits) - 0.5).abs()  # the unshifted variable's own certainty
+        confidence = torch.where(self.hard, -1.0, (soft - 0.5).abs() + tie_break).flatten()
         chosen = confidence.topk(count).indices
         self.hard.view(-1)[chosen] = True
         self.hard_value.view(-1)[chosen] = (soft.flatten()[chosen] >= 0.5).float()
@@ -103,12 +136,14 @@ class TesseraQOptions(MethodOptions):
     lr: float = 1e-3
     scale_lr: float = 1e-4
     init: str = "awq"
+    clip_search: bool = True
 
     def __post_init__(self) -> None:
         self.require("int>0", "rounds", "batch_size")
         self.require("int>=0", "steps_per_round")
         self.require("num>0", "lr", "scale_lr")
         self.require_choice("init", INITS)
+        self.require_bool("clip_search")
 
 
 @register_method
@@ -122,16 +157,33 @@ class TesseraQ(QuantMethod):
         if self.options.init == "awq":
             find_layout(blocks[0])
 
-    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
-        init_stats: dict[str, Any] = {}
-        if self.options.init == "awq":
-            init_stats = Awq(self.spec, self.loss, AwqOptions()).prepare(block, data)
+    def _start(self, block: nn.Module, data: BlockData) -> tuple[dict[str, LearnedRounding], dict[str, Any]]:
+        """Each linear's rounding variables at the chosen starting point, and what that start reported."""
         layers = quantizable_linears(block)
-        clip = init_stats.get("clip", {})
+        if self.options.init == "gptq":
+            compensated, errors = Gptq(
+                self.spec, self.loss, GptqOptions(clip_search=self.options.clip_search)
+            ).quantize_block(block, data)
+            rounding = {
+                name: LearnedRounding(compensated[name], self.spec, grid=layer_grid(layer), start_rounded=True)
+                for name, layer in layers.items()
+            }
+            return rounding, {"gptq_error": errors}
+        if self.options.init == "awq":
+            stats = Awq(self.spec, self.loss, AwqOptions(clip=self.options.clip_search)).prepare(block, data)
+            clip = stats.pop("clip_factors")
+        else:
+            clip = block_clip_factors(block, data, self.spec) if self.options.clip_search else {}
+            stats = {"clip_ratio": mean_ratio(clip)} if clip else {}
         rounding = {
             name: LearnedRounding(weight_matrix(layer), self.spec, clip.get(name, 1.0))
             for name, layer in layers.items()
         }
+        return rounding, stats
+
+    def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        rounding, init_stats = self._start(block, data)
+        layers = quantizable_linears(block)
         optimizer = torch.optim.Adam(
             [
                 {"params": [r.logits for r in rounding.values()], "lr": self.options.lr},
@@ -146,11 +198,12 @@ class TesseraQ(QuantMethod):
             }
 
         round_losses: list[float] = []
+        gradient_share: dict[str, dict[str, float]] = {}
         for round_index in range(1, self.options.rounds + 1):
             for r in rounding.values():
                 r.harden(hardened_fraction(round_index, self.options.rounds))
             if self.options.steps_per_round:
-                losses = train_parameters(
+                log = train_parameters(
                     self.loss,
                     data,
                     overrides,
@@ -159,11 +212,15 @@ class TesseraQ(QuantMethod):
                     self.options.batch_size,
                     "TesseraQ",
                 )
-                round_losses.append(losses[-1])
+                round_losses.append(log.epoch_losses[-1])
+                gradient_share = gradient_share or log.gradient_share
         with torch.no_grad():
             write_quantized(
                 block, {name: (r.weight().to(layers[name].weight.dtype), *r.qparams()) for name, r in rounding.items()}
             )
         rounded_up = sum(int(r.hard_value.sum()) for r in rounding.values())
         total = sum(r.hard_value.numel() for r in rounding.values())
-        return {"init": init_stats, "round_losses": round_losses, "rounded_up_fraction": rounded_up / total}
+        stats = {"init": init_stats, "round_losses": round_losses, "rounded_up_fraction": rounded_up / total}
+        if gradient_share:
+            stats["gradient_share"] = gradient_share
+        return stats

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +30,40 @@ def epochs_to_steps(epochs: int, data: BlockData, batch_size: int) -> int:
     return epochs * math.ceil(data.inputs.shape[0] / batch_size)
 
 
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0.
+
+    Short schedules need both ends: warm-up keeps Adam's first, poorly normalised steps small, and the
+    decay lets the last steps settle instead of jittering at full learning rate.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainLog:
+    """What a block's training did: the mean loss of each epoch, and each loss term's share of the gradient.
+
+    ``gradient_share`` holds, at the first and the last step, each term's gradient norm over the
+    trained tensors divided by the sum of the terms' norms: whether a hybrid's SW term steers the
+    training or is a rounding error next to the point-wise term.
+    """
+
+    epoch_losses: list[float] = field(default_factory=list)
+    gradient_share: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[str, float]:
+    norms = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        norms[name] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    total = sum(norms.values())
+    return {name: norm / total if total > 0 else 0.0 for name, norm in norms.items()}
+
+
 def train_parameters(
     loss_fn: Loss,
     data: BlockData,
@@ -37,28 +72,39 @@ def train_parameters(
     steps: int,
     batch_size: int,
     label: str,
-) -> list[float]:
-    """Run ``steps`` optimizer steps; return the mean loss of each epoch (pass over the windows).
+    lr_factor: Callable[[int], float] | None = None,
+) -> TrainLog:
+    """Run ``steps`` optimizer steps and log the loss of each epoch (pass over the windows).
 
     ``overrides`` builds the replaced parameters from the trainable tensors at every step, so the
     gradient flows through whatever maps them to weights (straight-through rounding, clipping).
+    ``lr_factor(step)`` scales every parameter group's learning rate at that step (a schedule).
     """
     n = data.inputs.shape[0]
     steps_per_epoch = epochs_to_steps(1, data, batch_size)
     batches = shuffled_batches(n, batch_size, data.generator)
-    epoch_losses: list[float] = []
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    log = TrainLog()
     total, seen = 0.0, 0
     for step in range(steps):
+        if lr_factor is not None:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_factor(step)
         idx = next(batches).to(data.inputs.device)
-        loss = loss_fn(data.forward(data.inputs[idx], overrides()), data.targets[idx])
+        terms = loss_fn.terms(data.forward(data.inputs[idx], overrides()), data.targets[idx])
+        loss = sum(terms.values())
+        assert isinstance(loss, Tensor)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{label}: the loss became {loss.item()} in block {data.index}")
         optimizer.zero_grad(set_to_none=True)
+        if len(terms) > 1 and step in (0, steps - 1):
+            log.gradient_share["first" if step == 0 else "last"] = _gradient_shares(terms, params)
         loss.backward()
         optimizer.step()
         total += loss.item() * idx.numel()
         seen += idx.numel()
         if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
-            epoch_losses.append(total / seen)
+            log.epoch_losses.append(total / seen)
             total, seen = 0.0, 0
-    return epoch_losses
+    return log
