@@ -147,6 +147,12 @@ def peak_host_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# Windows the before/after records are measured on: enough for a stable block loss, few enough that
+# the round-to-nearest "before" pass (and, for methods that need no targets, the full-precision
+# chain) costs a fraction of a pass when calibrating on many windows.
+DIAGNOSTIC_WINDOWS = 8
+
+
 def calibrate_blocks(
     model: nn.Module,
     windows: Tensor,
@@ -156,6 +162,7 @@ def calibrate_blocks(
     device: str = "cpu",
     seed: int = 0,
     forward_batch_size: int = 8,
+    diagnostic_windows: int = DIAGNOSTIC_WINDOWS,
     on_block: Callable[[BlockRecord], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: BlockCheckpoint | None = None,
@@ -163,20 +170,25 @@ def calibrate_blocks(
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
-    ``eval_loss`` measures each block before (round-to-nearest weights) and after calibration with
-    fixed random draws; the method trains with its own loss object. ``should_cancel`` is checked
-    between blocks, so a cancelled run never leaves a half-quantized block behind. With a
-    ``checkpoint``, progress is stored after every block and a run continues where a previous run of
-    the same job stopped. Both chains' activations wait on the CPU; only the block in work and its
-    inputs are on ``device``.
+    ``eval_loss`` measures each block before (round-to-nearest weights) and after calibration on the
+    first ``diagnostic_windows`` windows, with fixed random draws; the method trains with its own
+    loss object. Passes over the data per block: the quantized chain's output (always, it feeds the
+    next block), the full-precision targets (on every window only for a method that trains against
+    them, ``needs_targets``; otherwise on the diagnostic windows alone), round-to-nearest on the
+    diagnostic windows, and whatever the method itself runs. ``should_cancel`` is checked between
+    blocks, so a cancelled run never leaves a half-quantized block behind. With a ``checkpoint``,
+    progress is stored after every block and a run continues where a previous run of the same job
+    stopped. Both chains' activations wait on the CPU; only the block in work and its inputs are on
+    ``device``.
     """
     model.eval()
     blocks = find_decoder_blocks(model)
     method.check(blocks)
     captured = capture_block_inputs(model, windows, device)
     kwargs = captured.kwargs
-    fp_inputs = captured.hidden.cpu()
-    q_inputs = fp_inputs.clone()
+    measured = max(1, min(diagnostic_windows, windows.shape[0]))
+    q_inputs = captured.hidden.cpu()
+    fp_inputs = q_inputs.clone() if method.needs_targets else q_inputs[:measured].clone()
     records: list[BlockRecord] = []
     resume = checkpoint.load(blocks) if checkpoint is not None else None
     if resume is not None:
@@ -196,16 +208,16 @@ def calibrate_blocks(
         fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
         targets = run_block_batched(block, fp_in, kwargs, forward_batch_size)
         del fp_in
-        before = run_block_batched(block, q_in, kwargs, forward_batch_size, rtn_weights(block, method.spec))
-        loss_before = _batched_loss(eval_loss, before, targets, forward_batch_size, block_seed)
-        mse_before = _mse(before, targets)
+        before = run_block_batched(block, q_in[:measured], kwargs, forward_batch_size, rtn_weights(block, method.spec))
+        loss_before = _batched_loss(eval_loss, before, targets[:measured], forward_batch_size, block_seed)
+        mse_before = _mse(before, targets[:measured])
         del before
         method.loss.reseed(block_seed)
         data = BlockData(
             index=index,
             num_blocks=len(blocks),
             inputs=q_in,
-            targets=targets,
+            targets=targets if method.needs_targets else None,
             forward=lambda h, overrides, block=block: run_block(block, h, kwargs, overrides),
             generator=torch.Generator().manual_seed(block_seed),
         )
@@ -215,9 +227,11 @@ def calibrate_blocks(
             index=index,
             num_blocks=len(blocks),
             loss_before=loss_before,
-            loss_after=_batched_loss(eval_loss, q_outputs, targets, forward_batch_size, block_seed),
+            loss_after=_batched_loss(
+                eval_loss, q_outputs[:measured], targets[:measured], forward_batch_size, block_seed
+            ),
             mse_before=mse_before,
-            mse_after=_mse(q_outputs, targets),
+            mse_after=_mse(q_outputs[:measured], targets[:measured]),
             seconds=time.perf_counter() - started,
             peak_host_mb=peak_host_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,

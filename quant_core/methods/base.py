@@ -31,7 +31,9 @@ class BlockData:
     index: int
     num_blocks: int
     inputs: Tensor  # outputs of the already-quantized previous blocks, [n, seq, hidden]
-    targets: Tensor  # full-precision block applied to full-precision inputs, [n, seq, hidden]
+    # Full-precision block applied to full-precision inputs, [n, seq, hidden]; None for a method that
+    # does not train against them (``QuantMethod.needs_targets``), which spares a pass per block.
+    targets: Tensor | None
     forward: BlockForward
     generator: torch.Generator  # seeded per block, for shuffling and any other draw
 
@@ -118,6 +120,7 @@ class QuantMethod:
     default_loss: ClassVar[str] = "mse"  # the loss a job gets when it names none
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
     whole_model: ClassVar[bool] = False
+    needs_targets: ClassVar[bool] = False  # whether calibrate reads BlockData.targets
 
     def __init__(self, spec: QuantSpec, loss: Loss, options: MethodOptions) -> None:
         self.spec, self.loss, self.options = spec, loss, options

@@ -55,6 +55,7 @@ def norm_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
 class NormTweak(QuantMethod):
     name = "normtweaking"
     options_type = NormTweakOptions
+    needs_targets = True
     options: NormTweakOptions
 
     def learning_rate(self, index: int, num_blocks: int) -> float:

@@ -74,6 +74,7 @@ class OmniQuantOptions(MethodOptions):
 class OmniQuant(QuantMethod):
     name = "omniquant"
     options_type = OmniQuantOptions
+    needs_targets = True
     options: OmniQuantOptions
 
     @property

@@ -151,6 +151,7 @@ class TesseraQ(QuantMethod):
     name = "tesseraq"
     default_loss = "l2"
     options_type = TesseraQOptions
+    needs_targets = True
     options: TesseraQOptions
 
     def check(self, blocks: nn.ModuleList) -> None:

@@ -80,6 +80,9 @@ def train_parameters(
     gradient flows through whatever maps them to weights (straight-through rounding, clipping).
     ``lr_factor(step)`` scales every parameter group's learning rate at that step (a schedule).
     """
+    if data.targets is None:
+        raise RuntimeError(f"{label} trains against the full-precision targets: declare needs_targets = True")
+    targets = data.targets
     n = data.inputs.shape[0]
     steps_per_epoch = epochs_to_steps(1, data, batch_size)
     batches = shuffled_batches(n, batch_size, data.generator)
@@ -92,7 +95,7 @@ def train_parameters(
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * lr_factor(step)
         idx = next(batches).to(data.inputs.device)
-        terms = loss_fn.terms(data.forward(data.inputs[idx], overrides()), data.targets[idx])
+        terms = loss_fn.terms(data.forward(data.inputs[idx], overrides()), targets[idx])
         loss = sum(terms.values())
         assert isinstance(loss, Tensor)
         if not torch.isfinite(loss):
