@@ -215,13 +215,25 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def time_left(block_seconds: list[float], remaining: int) -> str:
+    """Blocks left times the mean of the blocks seen, as ``m:ss``: blocks of one model cost about the same."""
+    if not block_seconds:
+        return "?"
+    seconds = round(remaining * sum(block_seconds) / len(block_seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def _follow(client: SWQuantClient, job_id: str) -> int:
+    block_seconds: list[float] = []
     for event in client.follow(job_id):
         data = event["data"]
         if event["kind"] == "block":
+            block_seconds.append(data["seconds"])
+            done, total = data["index"] + 1, data["num_blocks"]
             print(
-                f"block {data['index'] + 1}/{data['num_blocks']}: loss {data['loss_before']:.4g} -> "
-                f"{data['loss_after']:.4g} ({data['seconds']:.1f}s)",
+                f"block {done}/{total}: loss {data['loss_before']:.4g} -> "
+                f"{data['loss_after']:.4g} ({data['seconds']:.1f}s, about {time_left(block_seconds, total - done)} "
+                "left to calibrate)",
                 flush=True,
             )
         else:

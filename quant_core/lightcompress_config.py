@@ -5,8 +5,12 @@ Mapped: ``model.path``, ``calib.path/n_samples/seq_len/seed``, ``eval.path/seq_l
 ``quant.special.loss_kwargs`` and each method's own special keys (OmniQuant's ``epochs``, ``lwc_lr``,
 ``wd``, ``batch_size``; GPTQ's ``blocksize``, ``percdamp``, ``actorder``, ``static_groups``).
 Switches that only matter to llmc's own runtime are accepted and ignored; anything that would
-silently change the algorithm (``let: True``, ``lwc: False``, ``true_sequential: False``) is refused
-with the field named.
+silently change the algorithm (``let: True``, ``lwc: False``, ``aug_loss: True``,
+``true_sequential: False``) is refused with the field named.
+
+An llmc OmniQuant config means llmc's schedule: its epochs at a constant learning rate from the full
+range, so it runs with our ``schedule: paper``; ``search_clip_init: True`` starts from the searched
+clipping instead (``init: clip_search``), as llmc does.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ _SPECIAL_TO_OPTION = {
     "omniquant": {"epochs": "epochs", "lwc_lr": "lr", "wd": "weight_decay", "batch_size": "batch_size"},
     "gptq": {"blocksize": "block_size", "percdamp": "damp", "actorder": "act_order", "static_groups": "static_groups"},
 }
+# Keys whose llmc value becomes one of our option values.
+_SPECIAL_TO_CHOICE = {"omniquant": {"search_clip_init": ("init", {True: "clip_search", False: "full"})}}
 _IGNORED_SPECIAL = {
-    "omniquant": {"aug_loss", "let_lr", "use_shift", "alpha", "deactive_amp", "search_clip_init"},
+    "omniquant": {"let_lr", "use_shift", "alpha", "deactive_amp"},
     "gptq": {"chunk_num", "owq"},
 }
-_REQUIRED_SPECIAL = {"omniquant": {"lwc": True, "let": False}, "gptq": {"true_sequential": True}}
+_REQUIRED_SPECIAL = {"omniquant": {"lwc": True, "let": False, "aug_loss": False}, "gptq": {"true_sequential": True}}
+_IMPLIED_OPTIONS = {"omniquant": {"schedule": "paper", "init": "full"}}
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -81,10 +88,17 @@ def parse_lightcompress(config: Any) -> dict[str, Any]:
 
 
 def _method_options(special: dict[str, Any], method: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(_IMPLIED_OPTIONS.get(method, {}))
     to_option, required = _SPECIAL_TO_OPTION.get(method, {}), _REQUIRED_SPECIAL.get(method, {})
+    to_choice = _SPECIAL_TO_CHOICE.get(method, {})
     for key, value in special.items():
         if key in ("loss_method", "loss_kwargs") or key in _IGNORED_SPECIAL.get(method, ()):
+            continue
+        if key in to_choice:
+            option, choices = to_choice[key]
+            if not isinstance(value, bool):
+                raise ConfigError(f"quant.special.{key} must be True or False", f"quant.special.{key}")
+            options[option] = choices[value]
             continue
         if key in required:
             if value != required[key]:

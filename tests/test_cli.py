@@ -155,9 +155,30 @@ quant:
 """)
     settings = read_lightcompress(config)
     assert settings["method"] == "omniquant" and settings["group_size"] is None and settings["bits"] == 2
-    assert settings["method_options"] == {"lr": 0.005, "epochs": 40, "weight_decay": 0}
+    assert settings["method_options"] == {
+        "lr": 0.005,
+        "epochs": 40,
+        "weight_decay": 0,
+        "schedule": "paper",
+        "init": "full",
+    }
     assert settings["loss"] == "l2_sw"
     assert settings["loss_options"] == {"sw_num_projections": 32, "sw_block_size": 64}
+
+
+@pytest.mark.parametrize(("value", "init"), [("True", "clip_search"), ("False", "full")])
+def test_lightcompress_search_clip_init_chooses_omniquants_start(tmp_path: Path, value: str, init: str) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text(f"quant:\n  method: OmniQuant\n  special: {{search_clip_init: {value}, epochs: 2}}\n")
+    assert read_lightcompress(config)["method_options"]["init"] == init
+
+
+def test_lightcompress_aug_loss_is_refused_rather_than_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("quant:\n  method: OmniQuant\n  special: {aug_loss: True, epochs: 2}\n")
+    with pytest.raises(ConfigError, match="aug_loss: False is supported") as info:
+        read_lightcompress(config)
+    assert info.value.field == "quant.special.aug_loss"
 
 
 def test_lightcompress_gptq_special_section_maps_to_options(tmp_path: Path) -> None:
@@ -224,3 +245,11 @@ def test_cli_prints_a_clear_error_and_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "swquant: error: model:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_time_left_is_the_remaining_blocks_at_the_mean_block_time() -> None:
+    from api.cli import time_left
+
+    assert time_left([10.0, 20.0], 3) == "0:45"
+    assert time_left([61.0], 2) == "2:02"
+    assert time_left([], 5) == "?"

@@ -13,13 +13,23 @@ Norms are found by type name (``LayerNorm``, ``LlamaRMSNorm``, ``Qwen2RMSNorm``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, build_method, register_method, write_weights
+from quant_core.errors import ConfigError
+from quant_core.methods.base import (
+    BlockData,
+    MethodOptions,
+    QuantMethod,
+    build_method,
+    method_class,
+    register_method,
+    write_weights,
+)
 from quant_core.methods.training import epochs_to_steps, train_parameters
 
 BASES = ("gptq", "rtn")
@@ -27,7 +37,10 @@ BASES = ("gptq", "rtn")
 
 @dataclass(frozen=True)
 class NormTweakOptions(MethodOptions):
+    """``base_options`` configure the base method (e.g. ``{incoherence: hadamard, clip_search: true}``)."""
+
     base: str = "gptq"
+    base_options: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 1
     lr: float = 1e-5
     depth_scale: float = 5.0
@@ -35,6 +48,12 @@ class NormTweakOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         self.require_choice("base", BASES)
+        if not isinstance(self.base_options, Mapping):
+            raise ConfigError("base_options must be a mapping of the base method's options", "base_options")
+        try:
+            method_class(self.base).options_type.from_dict(self.base_options)
+        except ConfigError as exc:
+            raise ConfigError(f"base_options: {exc}", f"base_options.{exc.field}") from exc
         self.require("int>=0", "epochs")
         self.require("int>0", "batch_size")
         self.require("num>0", "lr")
@@ -63,7 +82,7 @@ class NormTweak(QuantMethod):
         return self.options.lr * (1 + self.options.depth_scale * depth)
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
-        base = build_method(self.options.base, self.spec, self.loss)
+        base = build_method(self.options.base, self.spec, self.loss, self.options.base_options)
         stats = base.calibrate(block, data)
         norms = norm_parameters(block)
         if not norms:
