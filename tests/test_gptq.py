@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quant_core.engine import calibrate_blocks
+from quant_core.losses import build_loss
+from quant_core.methods import build_method
 from quant_core.methods.gptq import gptq_quantize
+from quant_core.model_structure import find_decoder_blocks
 from quant_core.quantizer import QuantSpec, fake_quantize, group_columns, scale_and_zero
+from tests.tiny_models import build_model
 
 
 def naive_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float, order: torch.Tensor):
@@ -120,3 +125,19 @@ def test_singular_hessian_gets_more_damping_instead_of_failing() -> None:
     hessian = torch.ones(8, 8, dtype=torch.float64)  # rank one
     result = gptq_quantize(weight, hessian, QuantSpec(bits=4), damp=1e-12)
     assert torch.isfinite(result.weight).all() and result.error >= 0
+
+
+def test_one_pass_hessians_match_true_sequential_on_the_first_stage_and_beat_rtn() -> None:
+    """Without true-sequential, q/k/v see the same inputs (nothing before them is quantized) and so the
+    same weights; later stages differ, and the block output still beats round-to-nearest."""
+    windows = torch.randint(3, 300, (6, 32), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec(bits=3, group_size=32)
+    models, records = [], []
+    for sequential in (True, False):
+        model = build_model("llama")
+        method = build_method("gptq", spec, build_loss("mse"), {"true_sequential": sequential})
+        records.append(calibrate_blocks(model, windows, method, build_loss("mse"), seed=0))
+        models.append(find_decoder_blocks(model)[0])
+    assert torch.allclose(models[0].self_attn.q_proj.weight, models[1].self_attn.q_proj.weight, atol=1e-6)
+    assert not torch.equal(models[0].mlp.down_proj.weight, models[1].mlp.down_proj.weight)
+    assert all(r.mse_after < r.mse_before for r in records[1])

@@ -14,7 +14,9 @@ at a time, which is what makes it fast.
   the original weights (``static_groups``) or from the error-corrected weights when the first of its
   columns is reached.
 - True-sequential: linears that share an input are one stage and one Hessian; stages run in the
-  block's order, and each stage's Hessian is computed with the earlier stages already quantized.
+  block's order, and each stage's Hessian is computed with the earlier stages already quantized
+  (a partial pass of the block per stage). ``true_sequential: false`` takes every Hessian from one
+  pass of the full-precision block instead, as llm-compressor's GPTQ does: about half the passes.
 - Clipping (``clip_search``, needs static groups): each row and group's range is shrunk by the ratio
   that minimises its output error under the stage's Hessian (:mod:`quant_core.clip_search`) before
   the grid is fixed; the column walk then compensates the clipped weights' error like any other.
@@ -42,7 +44,7 @@ from quant_core.methods.base import (
     write_dequantized,
     write_quantized,
 )
-from quant_core.methods.layer_inputs import input_groups, layer_input
+from quant_core.methods.layer_inputs import input_grams, input_groups, layer_input
 from quant_core.model_structure import quantizable_linears, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, grid_params
 
@@ -63,12 +65,13 @@ class GptqOptions(IncoherenceOptions):
     static_groups: bool = True
     batch_size: int = 8
     clip_search: bool = False
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require("int>0", "block_size", "batch_size")
         self.require("num>0", "damp")
-        self.require_bool("act_order", "static_groups", "clip_search")
+        self.require_bool("act_order", "static_groups", "clip_search", "true_sequential")
         if self.clip_search and not self.static_groups:
             raise ConfigError(
                 "clip_search needs static_groups: true (scales fixed before the column walk)", "clip_search"
@@ -212,8 +215,13 @@ class Gptq(QuantMethod):
         layers = quantizable_linears(block)
         stats: dict[str, float] = {}
         compensated: dict[str, Tensor] = {}
+        grams = None if self.options.true_sequential else input_grams(block, data, self.options.batch_size)
+        tokens = data.inputs.shape[0] * data.inputs.shape[1]
         for stage in input_groups(block, data):
-            hessian = stage_hessian(block, data, stage[0], self.options.batch_size)
+            if grams is None:
+                hessian = stage_hessian(block, data, stage[0], self.options.batch_size)
+            else:
+                hessian = grams[stage[0]] * (2.0 / tokens)
             matrices = [weight_matrix(layers[name]).detach() for name in stage]
             if self.rotates:
                 in_rotation = RandomizedHadamard(hessian.shape[0], data.generator)  # the stage's shared V
