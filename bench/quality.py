@@ -72,6 +72,8 @@ _OMNI_FULL = {"schedule": "paper"}  # the budget schedule (64 steps a block, fro
 _TESSERA_GPTQ = {"init": "gptq", "rounds": 4, "steps_per_round": 8, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3}
 _TESSERA_QUICK = {"rounds": 4, "steps_per_round": 2, "batch_size": 2, "lr": 1e-2, "scale_lr": 1e-3, "init": "rtn"}
 _NORM_QUICK = {"epochs": 1, "lr": 1e-4}
+_NORM_CLIP = {**_NORM_QUICK, "base_options": {"clip_search": True}}
+_NORM_QUIP_CLIP = {**_NORM_QUICK, "base_options": {"clip_search": True, "incoherence": "hadamard"}}
 # DiscQuant at CPU scale: 64 windows, one per step, from the float weights; the authors' clamp and rho.
 _DISCQ_QUICK = {"init": "orig", "n_samples": 64, "batch_size": 1, "grad_accum": 1, "lr": 0.02}
 # Their published schedule: 1024 steps of 8 windows from random x (needs 8192 windows and a GPU).
@@ -92,6 +94,17 @@ ROWS = {
         Row("gptq+quip clip", "gptq", "mse", {"incoherence": "hadamard", "clip_search": True}),
         Row("omniquant mse", "omniquant", "mse", {}, _OMNI_FULL),
         Row("omniquant mse_sw", "omniquant", "mse_sw", {}, _OMNI_FULL),
+        Row("gptq clip one-pass", "gptq", "mse", {"clip_search": True, "true_sequential": False}),
+        Row("gptq clip+normtweak mse", "normtweaking", "mse", _NORM_CLIP),
+        Row("gptq clip+normtweak dist", "normtweaking", "dist", _NORM_CLIP),
+        Row("gptq clip+normtweak mse_sw", "normtweaking", "mse_sw", _NORM_CLIP),
+        Row("gptq+quip clip+normtweak mse_sw", "normtweaking", "mse_sw", _NORM_QUIP_CLIP),
+        Row("omniquant mse_sw 16 steps", "omniquant", "mse_sw", {"steps": 16}),
+        Row("omniquant mse_sw 256 steps", "omniquant", "mse_sw", {"steps": 256}),
+        Row("omniquant mse_sw paper lr 256 steps", "omniquant", "mse_sw", {"steps": 256, "schedule": "paper"}),
+        Row("tesseraq gptq l2_sw 2x4", "tesseraq", "l2_sw", {**_TESSERA_GPTQ, "rounds": 2, "steps_per_round": 4}),
+        Row("tesseraq gptq l2_sw 8x16", "tesseraq", "l2_sw", {**_TESSERA_GPTQ, "rounds": 8, "steps_per_round": 16}),
+        Row("gptq clip+normtweak mse_sw 4 epochs", "normtweaking", "mse_sw", {**_NORM_CLIP, "epochs": 4}),
         Row("tesseraq gptq l2", "tesseraq", "l2", _TESSERA_GPTQ, {"init": "gptq"}),
         Row("tesseraq gptq l2_sw", "tesseraq", "l2_sw", _TESSERA_GPTQ, {"init": "gptq"}),
         Row("tesseraq l2", "tesseraq", "l2", _TESSERA_QUICK),
@@ -129,7 +142,25 @@ WHOLE_MODEL_ROWS = (
     "discquant kd_sw",
     "discquant kd_sw 0.1",
 )
-OPT_IN_ROWS = ("gptq natural-order", "rtn+quip", "gptq+quip", "gptq+quip clip", *WHOLE_MODEL_ROWS)
+# Other budgets of the trained methods, for the quality-against-minutes table.
+BUDGET_ROWS = (
+    "omniquant mse_sw 16 steps",
+    "omniquant mse_sw 256 steps",
+    "omniquant mse_sw paper lr 256 steps",
+    "tesseraq gptq l2_sw 2x4",
+    "tesseraq gptq l2_sw 8x16",
+    "gptq clip+normtweak mse_sw 4 epochs",
+)
+OPT_IN_ROWS = (
+    "gptq natural-order",
+    "rtn+quip",
+    "gptq+quip",
+    "gptq+quip clip",
+    "gptq clip one-pass",
+    "gptq+quip clip+normtweak mse_sw",
+    *BUDGET_ROWS,
+    *WHOLE_MODEL_ROWS,
+)
 DEFAULT_ROWS = [label for label in ROWS if label not in OPT_IN_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
 

@@ -69,6 +69,17 @@ def test_unknown_method_lists_the_registered_ones() -> None:
         ("tesseraq", {"rounds": 0}, "rounds"),
         ("tesseraq", {"init": "omniquant"}, "init"),
         ("tesseraq", {"scale_lr": True}, "scale_lr"),
+        ("tesseraq", {"clip_search": 1}, "clip_search"),
+        ("omniquant", {"schedule": "fast"}, "schedule"),
+        ("omniquant", {"init": "awq"}, "init"),
+        ("omniquant", {"steps": -1}, "steps"),
+        ("rtn", {"clip_search": "yes"}, "clip_search"),
+        ("rtn", {"clip_search": True, "incoherence": "hadamard"}, "clip_search"),
+        ("gptq", {"clip_search": True, "static_groups": False}, "clip_search"),
+        ("gptq", {"true_sequential": None}, "true_sequential"),
+        ("normtweaking", {"base_options": {"damp": -1}}, "base_options.damp"),
+        ("normtweaking", {"base_options": {"epochs": 1}}, "base_options.epochs"),
+        ("normtweaking", {"base_options": [1]}, "base_options"),
     ],
 )
 def test_bad_options_name_the_field(method: str, options: dict, field: str) -> None:
@@ -77,8 +88,8 @@ def test_bad_options_name_the_field(method: str, options: dict, field: str) -> N
     assert info.value.field == field
 
 
-def test_rtn_takes_only_the_incoherence_option() -> None:
-    with pytest.raises(ConfigError, match=r"Unknown method option: epochs\. Valid options: incoherence"):
+def test_rtn_takes_only_incoherence_and_clip_search() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown method option: epochs\. Valid options: incoherence, clip_search$"):
         build_method("rtn", QuantSpec(), build_loss("mse"), {"epochs": 1})
 
 
