@@ -237,7 +237,7 @@ def test_hardened_weights_round_back_to_their_codes_with_the_stored_scales() -> 
 
 
 def test_tesseraq_from_awq_and_from_rtn_differ_and_both_beat_rtn(windows) -> None:
-    from_awq, rec_awq = _calibrate("llama", windows, "tesseraq", 3, "l2")
+    from_awq, rec_awq = _calibrate("llama", windows, "tesseraq", 3, "l2", init="awq")
     from_rtn, rec_rtn = _calibrate("llama", windows, "tesseraq", 3, "l2", init="rtn")
     assert rec_awq[0].method_stats["init"]["alpha"] and "alpha" not in rec_rtn[0].method_stats["init"]
     for records in (rec_awq, rec_rtn):
