@@ -10,7 +10,8 @@ silently change the algorithm (``let: True``, ``lwc: False``, ``aug_loss: True``
 
 An llmc OmniQuant config means llmc's schedule: its epochs at a constant learning rate from the full
 range, so it runs with our ``schedule: paper``; ``search_clip_init: True`` starts from the searched
-clipping instead (``init: clip_search``), as llmc does.
+clipping instead (``init: clip_search``), as llmc does. An llmc GPTQ config runs without our
+clipping search, as llmc's GPTQ does.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _IGNORED_SPECIAL = {
     "gptq": {"chunk_num", "owq"},
 }
 _REQUIRED_SPECIAL = {"omniquant": {"lwc": True, "let": False, "aug_loss": False}, "gptq": {"true_sequential": True}}
-_IMPLIED_OPTIONS = {"omniquant": {"schedule": "paper", "init": "full"}}
+_IMPLIED_OPTIONS = {"omniquant": {"schedule": "paper", "init": "full"}, "gptq": {"clip_search": False}}
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:

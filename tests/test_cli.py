@@ -189,7 +189,13 @@ def test_lightcompress_gptq_special_section_maps_to_options(tmp_path: Path) -> N
     )
     settings = read_lightcompress(config)
     assert settings["method"] == "gptq"
-    assert settings["method_options"] == {"act_order": True, "static_groups": True, "damp": 0.02, "block_size": 64}
+    assert settings["method_options"] == {
+        "act_order": True,
+        "static_groups": True,
+        "damp": 0.02,
+        "block_size": 64,
+        "clip_search": False,
+    }
 
 
 def test_lightcompress_let_is_refused_rather_than_ignored(tmp_path: Path) -> None:
