@@ -199,8 +199,9 @@ class Settings:
     eval_windows: int
 
     @classmethod
-    def of(cls, full: bool) -> Settings:
-        return cls(128, 512, 0) if full else cls(16, 512, 10)
+    def of(cls, full: bool, n_samples: int | None = None) -> Settings:
+        chosen = cls(128, 512, 0) if full else cls(16, 512, 10)
+        return chosen if n_samples is None else cls(n_samples, chosen.seq_len, chosen.eval_windows)
 
 
 def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -215,9 +216,9 @@ def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, t
     return windows, evals
 
 
-def run_row(label: str, bits: int | None, full: bool) -> dict[str, Any]:
+def run_row(label: str, bits: int | None, full: bool, n_samples: int | None = None) -> dict[str, Any]:
     """Quantize (or, with ``bits=None``, only evaluate) and measure one row in this process."""
-    settings = Settings.of(full)
+    settings = Settings.of(full, n_samples)
     model_dir = prepare_smollm2()
     model, tokenizer = load_model(str(model_dir))
     windows, evals = _data(tokenizer, settings)
@@ -250,10 +251,13 @@ def _key(label: str, bits: int | None) -> str:
     return f"{label}@W{bits}" if bits is not None else label
 
 
-def _run_subprocess(label: str, bits: int | None, full: bool, threads: int) -> dict[str, Any]:
+def _run_subprocess(
+    label: str, bits: int | None, full: bool, threads: int, n_samples: int | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.quality", "--one", label, "--threads", str(threads)]
     cmd += ["--one-bits", str(bits)] if bits is not None else []
     cmd += ["--full"] if full else []
+    cmd += ["--n-samples", str(n_samples)] if n_samples is not None else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -312,13 +316,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row")
     parser.add_argument("--full", action="store_true", help="128 x 512 calibration and the methods' own schedules")
     parser.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
+    parser.add_argument("--n-samples", type=int, help="calibration windows (default 16, 128 with --full)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_row(args.one, args.one_bits, args.full)))
+        print(json.dumps(run_row(args.one, args.one_bits, args.full, args.n_samples)))
         return
     prepare_smollm2()
     austen_calibration_text()
@@ -333,14 +338,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = Settings.of(args.full)
+        settings = Settings.of(args.full, args.n_samples)
         machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_row": args.threads}
         payload = {"full": args.full, "settings": settings.__dict__, "machine": machine, "rows": results}
         args.out.write_text(json.dumps(payload, indent=2))
 
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
-            pool.submit(_run_subprocess, label, bits, args.full, args.threads): (label, bits) for label, bits in todo
+            pool.submit(_run_subprocess, label, bits, args.full, args.threads, args.n_samples): (label, bits)
+            for label, bits in todo
         }
         for future, (label, bits) in futures.items():
             results[_key(label, bits)] = future.result()
