@@ -12,8 +12,9 @@ Two schedules:
 - ``budget`` (default): training starts from the searched clipping (:mod:`quant_core.clip_search`),
   which is already most of what clipping can give, and refines it for ``steps`` AdamW steps
   (default 64 a block) with 10% linear warm-up and cosine decay. The learning rate follows the step
-  count, ``lr = LR_STEP_PRODUCT / steps``: the factors can travel about the same distance in any
-  budget, and the decay lets a short run settle.
+  count, ``lr = LR_STEP_PRODUCT / max(steps, 64)``: longer runs take smaller steps so the factors
+  travel about the same distance in any budget, shorter ones keep lr 0.1 (larger steps overshoot
+  on one or two windows), and the decay lets a short run settle.
 - ``paper``: the published setting: the full range at start, 20 epochs (40 at 2 bits), constant
   lr 1e-2.
 
@@ -39,7 +40,7 @@ from quant_core.quantizer import fake_quantize, grid_params, num_groups
 SCHEDULES = ("budget", "paper")
 INITS = ("clip_search", "full")
 BUDGET_STEPS = 64
-LR_STEP_PRODUCT = 6.4  # lr x steps of the budget schedule: lr 0.1 on 64 steps, 0.025 on 256
+LR_STEP_PRODUCT = 6.4  # lr x steps of the budget schedule: lr 0.1 on 64 steps (and fewer), 0.025 on 256
 WARMUP_SHARE = 0.1
 PAPER_LR = 1e-2
 
@@ -95,7 +96,7 @@ class OmniQuant(QuantMethod):
     def learning_rate(self, steps: int) -> float:
         if self.options.lr is not None:
             return self.options.lr
-        return PAPER_LR if self.paper else LR_STEP_PRODUCT / max(steps, 1)
+        return PAPER_LR if self.paper else LR_STEP_PRODUCT / max(steps, BUDGET_STEPS)
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         layers = quantizable_linears(block)
