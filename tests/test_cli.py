@@ -77,6 +77,9 @@ def test_saved_model_loads_with_transformers_and_reproduces_the_reported_perplex
         ("awq", ["n_grid=4"], "mse"),
         ("tesseraq", ["rounds=2", "steps_per_round=2"], "l2_sw"),
         ("normtweaking", ["lr=1e-3"], "mse_sw"),
+        ("normtweaking", ["lr=1e-3", "base_options={incoherence: hadamard}"], "mse_sw"),
+        ("omniquant", ["steps=4"], "mse_sw"),
+        ("rtn", ["clip_search=true"], "mse"),
     ],
 )
 def test_every_method_runs_through_the_same_command_and_report(
