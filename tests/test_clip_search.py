@@ -85,7 +85,7 @@ def test_input_grams_equal_products_of_each_linears_own_inputs() -> None:
     model = build_model("llama")
     windows = torch.randint(3, 300, (5, 16), generator=torch.Generator().manual_seed(0))
     block, data = _block_data(model, windows)
-    grams = input_grams(block, data, GRAM_BATCH)
+    grams = input_grams(block, data, data.inputs, GRAM_BATCH)
     assert set(grams) == set(quantizable_linears(block))
     for name, gram in grams.items():
         x = layer_input(block, data, data.inputs, name).reshape(-1, gram.shape[0]).double()
@@ -133,9 +133,12 @@ def test_gptq_initialised_tesseraq_trains_below_gptq() -> None:
     assert sum(r.mse_after for r in records) < sum(r.mse_after for r in gptq_records)
 
 
-def test_hybrid_losses_report_each_terms_share_of_the_gradient() -> None:
+@pytest.mark.parametrize(
+    ("name", "options"), [("omniquant", {"steps": 4}), ("tesseraq", {"rounds": 2, "steps_per_round": 2})]
+)
+def test_hybrid_losses_report_each_terms_share_of_the_gradient(name: str, options: dict) -> None:
     windows = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
-    method = build_method("omniquant", QuantSpec(bits=3, group_size=32), build_loss("l2_sw", seed=0), {"steps": 4})
+    method = build_method(name, QuantSpec(bits=3, group_size=32), build_loss("l2_sw", seed=0), options)
     records = calibrate_blocks(build_model("llama"), windows, method, build_loss("mse"), seed=0)
     for record in records:
         shares = record.method_stats["gradient_share"]

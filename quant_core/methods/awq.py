@@ -38,7 +38,7 @@ from quant_core.methods.base import (
     write_quantized,
 )
 from quant_core.methods.clipping import mean_ratio
-from quant_core.methods.layer_inputs import capture_call, first_argument, input_groups, layer_input
+from quant_core.methods.layer_inputs import capture_call, first_argument, input_grams, input_groups, layer_input
 from quant_core.model_structure import LinearLike, quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import fake_quantize
 
@@ -234,13 +234,16 @@ class Awq(QuantMethod):
 
     @torch.no_grad()
     def _search_clipping(self, block: nn.Module, data: BlockData, sample: Tensor) -> dict[str, Tensor]:
-        """Per linear (but query and key), the ratio per row and group that best keeps its output."""
+        """Per linear (but query and key), the ratio per row and group that best keeps its output.
+
+        Every linear's input Gram matrix comes from one pass of the (scaled, still float) block.
+        """
         ratios = clip_ratios(self.options.n_grid, self.options.max_shrink)
-        chosen: dict[str, Tensor] = {}
-        for name, layer in quantizable_linears(block).items():
-            if name.rsplit(".", 1)[-1] in UNCLIPPED or len(ratios) < 2:
-                continue
-            x = layer_input(block, data, sample, name).float()
-            x = x.reshape(-1, x.shape[-1])
-            chosen[name] = search_clipping(weight_matrix(layer), x.T @ x, self.spec, ratios)[0]
-        return chosen
+        if len(ratios) < 2:
+            return {}
+        grams = input_grams(block, data, sample, len(sample))
+        return {
+            name: search_clipping(weight_matrix(layer), grams[name], self.spec, ratios)[0]
+            for name, layer in quantizable_linears(block).items()
+            if name.rsplit(".", 1)[-1] not in UNCLIPPED
+        }

@@ -19,7 +19,7 @@ GRAM_BATCH = 8  # windows per forward while collecting Gram matrices
 
 def block_clip_factors(block: nn.Module, data: BlockData, spec: QuantSpec) -> dict[str, Tensor]:
     """Each linear's best clipping ratio per row and group, ``[out, groups, 1]``, by name."""
-    grams = input_grams(block, data, GRAM_BATCH)
+    grams = input_grams(block, data, data.inputs, GRAM_BATCH)
     return {
         name: search_clipping(weight_matrix(layer), grams[name], spec)[0]
         for name, layer in quantizable_linears(block).items()

@@ -226,7 +226,7 @@ class Gptq(QuantMethod):
         layers = quantizable_linears(block)
         stats: dict[str, float] = {}
         compensated: dict[str, Tensor] = {}
-        grams = None if self.options.true_sequential else input_grams(block, data, self.options.batch_size)
+        grams = None if self.options.true_sequential else input_grams(block, data, data.inputs, self.options.batch_size)
         tokens = data.inputs.shape[0] * data.inputs.shape[1]
         for stage in input_groups(block, data):
             if grams is None:

@@ -8,7 +8,8 @@ object, and so do gate/up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,20 +23,25 @@ class _Captured(Exception):
     """Stops a block forward as soon as the watched module has been called."""
 
 
-def input_groups(block: nn.Module, data: BlockData) -> list[tuple[str, ...]]:
-    """Names of the block's linears grouped by shared input, groups in the order the block runs them."""
-    layers = quantizable_linears(block)
+@contextmanager
+def recorded_linear_inputs(block: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
+    """While open, every call of one of the block's linears appends ``(name, input tensor)`` to the list."""
     calls: list[tuple[str, Tensor]] = []
     handles = [
         layer.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
-        for name, layer in layers.items()
+        for name, layer in quantizable_linears(block).items()
     ]
     try:
-        with torch.no_grad():
-            data.forward(data.inputs[:1], None)
+        yield calls
     finally:
         for handle in handles:
             handle.remove()
+
+
+def input_groups(block: nn.Module, data: BlockData) -> list[tuple[str, ...]]:
+    """Names of the block's linears grouped by shared input, groups in the order the block runs them."""
+    with recorded_linear_inputs(block) as calls, torch.no_grad():
+        data.forward(data.inputs[:1], None)
     groups: list[list[str]] = []
     group_inputs: list[Tensor] = []
     seen: set[str] = set()
@@ -91,31 +97,22 @@ def first_argument(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
 
 
 @torch.no_grad()
-def input_grams(block: nn.Module, data: BlockData, batch_size: int, windows: int | None = None) -> dict[str, Tensor]:
-    """``X^T X`` (float32) of every linear's input over the block's windows, in one pass of the block.
+def input_grams(block: nn.Module, data: BlockData, hidden: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """``X^T X`` (float32) of every linear's input when the block runs on ``hidden``, in one pass.
 
     Linears that read the very same tensor (q/k/v, gate/up) get one product per batch, computed once.
-    ``windows`` limits the pass to the first windows. The block runs with its current weights, so this
-    is what a method that quantizes every linear at once (not stage by stage) needs.
+    The block runs with its current weights, so this is what a method that quantizes every linear at
+    once (not stage by stage) needs.
     """
-    layers = quantizable_linears(block)
-    calls: list[tuple[str, Tensor]] = []
-    handles = [
-        layer.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
-        for name, layer in layers.items()
-    ]
     grams: dict[str, Tensor] = {}
-    try:
-        for hidden in data.inputs[:windows].split(batch_size):
+    with recorded_linear_inputs(block) as calls:
+        for batch in hidden.split(batch_size):
             calls.clear()
-            data.forward(hidden, None)
+            data.forward(batch, None)
             products: dict[int, Tensor] = {}
             for name, x in calls:
                 if id(x) not in products:
                     flat = x.detach().reshape(-1, x.shape[-1]).float()
                     products[id(x)] = flat.T @ flat
                 grams[name] = grams[name] + products[id(x)] if name in grams else products[id(x)]
-    finally:
-        for handle in handles:
-            handle.remove()
     return grams

@@ -216,7 +216,9 @@ class TesseraQ(QuantMethod):
                     "TesseraQ",
                 )
                 round_losses.append(log.epoch_losses[-1])
-                gradient_share = gradient_share or log.gradient_share
+                if log.gradient_share:  # the first round's first step and the last round's last
+                    gradient_share.setdefault("first", log.gradient_share["first"])
+                    gradient_share["last"] = log.gradient_share["last"]
         with torch.no_grad():
             write_quantized(
                 block, {name: (r.weight().to(layers[name].weight.dtype), *r.qparams()) for name, r in rounding.items()}
