@@ -23,7 +23,9 @@ from quant_core.checkpoint import BlockCheckpoint
 from quant_core.errors import CancelledError
 from quant_core.losses import Loss, mse
 from quant_core.methods.base import BlockData, QuantMethod, rtn_weights
+from quant_core.methods.layer_inputs import recorded_outputs
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
+from quant_core.output_stats import distribution_errors
 
 
 class BlockResidency(Protocol):
@@ -52,6 +54,9 @@ class BlockRecord:
     peak_host_mb: float
     peak_device_mb: float | None
     method_stats: dict[str, Any] = field(default_factory=dict)
+    # quant_core.output_stats.distribution_errors of the block output, before and after calibration.
+    distribution_before: dict[str, float] = field(default_factory=dict)
+    distribution_after: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,11 +211,15 @@ def calibrate_blocks(
         block.to(device).eval().requires_grad_(False)
         block_seed = seed + index
         fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
-        targets = run_block_batched(block, fp_in, kwargs, forward_batch_size)
-        del fp_in
+        sites = method.loss.sites if method.needs_targets else ()
+        with recorded_outputs(block, sites) as site_outputs:
+            targets = run_block_batched(block, fp_in, kwargs, forward_batch_size)
+        site_targets = {site: torch.cat(out) for site, out in site_outputs.items()}
+        del fp_in, site_outputs
         before = run_block_batched(block, q_in[:measured], kwargs, forward_batch_size, rtn_weights(block, method.spec))
         loss_before = _batched_loss(eval_loss, before, targets[:measured], forward_batch_size, block_seed)
         mse_before = _mse(before, targets[:measured])
+        distribution_before = distribution_errors(before, targets[:measured], block_seed)
         del before
         method.loss.reseed(block_seed)
         data = BlockData(
@@ -220,6 +229,7 @@ def calibrate_blocks(
             targets=targets if method.needs_targets else None,
             forward=lambda h, overrides, block=block: run_block(block, h, kwargs, overrides),
             generator=torch.Generator().manual_seed(block_seed),
+            site_targets=site_targets,
         )
         stats = method.calibrate(block, data)
         q_outputs = run_block_batched(block, q_in, kwargs, forward_batch_size)
@@ -232,6 +242,8 @@ def calibrate_blocks(
             ),
             mse_before=mse_before,
             mse_after=_mse(q_outputs[:measured], targets[:measured]),
+            distribution_before=distribution_before,
+            distribution_after=distribution_errors(q_outputs[:measured], targets[:measured], block_seed),
             seconds=time.perf_counter() - started,
             peak_host_mb=peak_host_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
@@ -239,7 +251,7 @@ def calibrate_blocks(
         )
         block.to("cpu")
         fp_inputs, q_inputs = targets.cpu(), q_outputs.cpu()
-        del data, q_in, targets, q_outputs
+        del data, q_in, targets, q_outputs, site_targets
         records.append(record)
         if checkpoint is not None:
             checkpoint.save(index, block, fp_inputs, q_inputs, [r.to_dict() for r in records])

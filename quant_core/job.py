@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from quant_core.errors import ConfigError
-from quant_core.losses import BLOCK_SIZE_ERROR, Loss, build_loss
+from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
 from quant_core.methods.base import method_class
 from quant_core.quantizer import QuantSpec
@@ -104,10 +104,12 @@ class JobSpec:
             raise ConfigError("pack_quantized export is not available with lazy_load yet", "export_formats")
         if self.loss is None:
             object.__setattr__(self, "loss", method_class(self.method).default_loss)
-        block_size = self.loss_options.get("sw_block_size")
-        if isinstance(block_size, int) and block_size > 0 and self.calib.seq_len % block_size:
-            raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")
         method = self.build_method()
+        for size in method.loss.block_sizes:
+            if self.calib.seq_len % size:
+                scale = size != self.loss_options.get("sw_block_size")
+                field = "loss_options.sw_scales" if scale else "loss_options.sw_block_size"
+                raise ConfigError(BLOCK_SIZE_ERROR if not scale else SCALE_ERROR, field)
         if method.whole_model and self.lazy_load:
             raise ConfigError(f"{self.method} trains the whole model at once; it cannot stream blocks", "lazy_load")
         if method.rotates and "pack_quantized" in self.export_formats:

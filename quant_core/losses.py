@@ -21,17 +21,42 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from quant_core.errors import ConfigError
+from quant_core.loss_base import Loss, ModelOutputs, compute_dtype, tokens
+from quant_core.sliced import (
+    BLOCK_SIZE_ERROR,
+    SCALE_ERROR,
+    LearnedProjectionLoss,
+    MaxSlicedLoss,
+    MultiScaleLoss,
+    SlicedWassersteinLoss,
+    random_directions,
+    sliced_wasserstein,
+    sw_samples,
+)
+
+__all__ = [
+    "BLOCK_SIZE_ERROR",
+    "LOSSES",
+    "SCALE_ERROR",
+    "Loss",
+    "LossOptions",
+    "ModelOutputs",
+    "build_loss",
+    "random_directions",
+    "register_loss",
+    "sliced_wasserstein",
+    "sw_samples",
+]
 
 REDUCTIONS = ("mean", "sum")
 HYBRID_WEIGHT_DEFAULTS = {"base": 1.0, "sw": 0.1}
-BLOCK_SIZE_ERROR = "seq_len must be divisible by sw_block_size"
 # Projections beyond this cost memory and time without a measurable gain in the estimate.
 MAX_PROJECTIONS = 65536
+MAX_ASCENT_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,10 @@ class LossOptions:
     reduction: str = "mean"
     sw_p: int = 1
     seed: int = 0
+    sw_ascent_steps: int = 4  # max-sliced: ascent steps per call
+    sw_step_size: float = 0.2  # max-sliced and learned projections: first ascent step, in radians
+    sw_scales: tuple[int, ...] = (1, 4, 16)  # multi-scale: 1 is the token level, b > 1 blocks of b tokens
+    sw_sites: tuple[str, ...] = ("self_attn", "mlp")  # site SW: the block's submodules whose outputs align
 
     def __post_init__(self) -> None:
         if not _is_int(self.sw_num_projections) or not 1 <= self.sw_num_projections <= MAX_PROJECTIONS:
@@ -58,6 +87,13 @@ class LossOptions:
             raise ConfigError("sw_p must be 1 (sliced W1) or 2 (squared sliced W2)", "sw_p")
         if not _is_int(self.seed):
             raise ConfigError("seed must be an integer", "seed")
+        if not _is_int(self.sw_ascent_steps) or not 0 <= self.sw_ascent_steps <= MAX_ASCENT_STEPS:
+            raise ConfigError(f"sw_ascent_steps must be an integer from 0 to {MAX_ASCENT_STEPS}", "sw_ascent_steps")
+        step = self.sw_step_size
+        if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step <= math.pi:
+            raise ConfigError("sw_step_size must be a number of radians in (0, pi]", "sw_step_size")
+        object.__setattr__(self, "sw_scales", _int_tuple(self.sw_scales, "sw_scales"))
+        object.__setattr__(self, "sw_sites", _name_tuple(self.sw_sites, "sw_sites"))
         if not isinstance(self.hybrid_weights, Mapping):
             raise ConfigError("hybrid_weights must be a mapping with keys 'base' and 'sw'", "hybrid_weights")
         unknown = set(self.hybrid_weights) - set(HYBRID_WEIGHT_DEFAULTS)
@@ -87,18 +123,26 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _compute_dtype(t: Tensor) -> Tensor:
-    """Half-precision outputs are compared in fp32 (sorting and squaring lose too much in 16 bits)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
+    """A non-empty list of distinct positive integers, as a tuple (YAML and JSON give lists)."""
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"{name} must be a non-empty list of positive integers", name)
+    if not all(_is_int(v) and v >= 1 for v in value) or len(set(value)) != len(value):
+        raise ConfigError(f"{name} must be a non-empty list of distinct positive integers", name)
+    return tuple(value)
+
+
+def _name_tuple(value: Any, name: str) -> tuple[str, ...]:
+    """A non-empty list of distinct module names, as a tuple."""
+    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"{name} must be a non-empty list of submodule names", name)
+    if not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+        raise ConfigError(f"{name} must be a list of distinct, non-empty submodule names", name)
+    return tuple(value)
 
 
 def _reduce(per_item: Tensor, reduction: str) -> Tensor:
     return per_item.mean() if reduction == "mean" else per_item.sum()
-
-
-def _tokens(t: Tensor) -> Tensor:
-    """Flatten ``[..., hidden]`` to ``[tokens, hidden]``."""
-    return t.reshape(-1, t.shape[-1])
 
 
 # --- point-wise losses: (output, target, reduction) -> scalar ------------------------------------
@@ -116,7 +160,7 @@ def l2(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 def dist(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """Match each channel's first two moments over tokens: MSE of means plus MSE of std devs."""
-    o, t = _tokens(output), _tokens(target)
+    o, t = tokens(output), tokens(target)
     mean_term = F.mse_loss(o.mean(0), t.mean(0), reduction=reduction)
     std_term = F.mse_loss(o.std(0), t.std(0), reduction=reduction)
     return mean_term + std_term
@@ -128,8 +172,8 @@ def kl(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     Both sides go through log-softmax first: feeding raw activations to ``kl_div`` (as some tools
     do) is not a divergence at all.
     """
-    log_q = F.log_softmax(_tokens(output), dim=-1)
-    log_p = F.log_softmax(_tokens(target), dim=-1)
+    log_q = F.log_softmax(tokens(output), dim=-1)
+    log_p = F.log_softmax(tokens(target), dim=-1)
     per_token = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     return _reduce(per_token, reduction)
 
@@ -137,80 +181,7 @@ def kl(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 PointwiseFn = Callable[[Tensor, Tensor, str], Tensor]
 
 
-# --- Sliced-Wasserstein ----------------------------------------------------------------------------
-
-
-def sliced_wasserstein(x: Tensor, y: Tensor, directions: Tensor, p: int = 1) -> Tensor:
-    """Sliced Wasserstein distance between two equal-size point clouds along given directions.
-
-    ``x`` and ``y`` are ``[N, D]`` samples with uniform weights, ``directions`` is ``[D, K]`` with unit
-    columns. Each cloud is projected with one matrix product (no copy of the clouds, and no gradient
-    work for a target that needs none) and its K projections are sorted as contiguous rows; the 1-D
-    distance along a direction is the mean ``|difference|`` of sorted projections (``p=1``, sliced W1)
-    or its mean square (``p=2``, the squared sliced W2); the result averages over the K directions.
-    """
-    if x.ndim != 2 or x.shape != y.shape:
-        raise ValueError(f"x and y must both be [N, D] with equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if directions.ndim != 2 or directions.shape[0] != x.shape[1]:
-        raise ValueError(f"directions must be [D, K] with D={x.shape[1]}, got {tuple(directions.shape)}")
-    if p not in (1, 2):
-        raise ValueError("p must be 1 or 2")
-    x, y = _compute_dtype(x), _compute_dtype(y)
-    directions_t = directions.to(x.dtype).T.contiguous()  # [K, D]: projections come out as [K, N] rows
-    diff = (directions_t @ x.T).sort(dim=1).values - (directions_t @ y.T).sort(dim=1).values
-    per_direction = diff.abs().mean(1) if p == 1 else diff.pow(2).mean(1)
-    return per_direction.mean()
-
-
-def random_directions(dim: int, count: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``count`` directions drawn uniformly on the unit sphere of R^dim, as the columns of [dim, count]."""
-    gaussian = torch.randn(dim, count, generator=generator, device=generator.device, dtype=dtype)
-    return gaussian / gaussian.norm(dim=0, keepdim=True)
-
-
-def sw_samples(t: Tensor, block_size: int | None) -> Tensor:
-    """The samples SW compares: tokens ``[B*S, D]``, or ``[B*S/b, b*D]`` blocks of b consecutive tokens."""
-    if block_size is None:
-        return _tokens(t)
-    if t.ndim != 3:
-        raise ValueError(f"sw_block_size needs outputs shaped [batch, seq, hidden], got {tuple(t.shape)}")
-    batch, seq, hidden = t.shape
-    if seq % block_size:
-        raise ConfigError(BLOCK_SIZE_ERROR, "sw_block_size")
-    return t.reshape(batch * seq // block_size, block_size * hidden)
-
-
 # --- loss objects ----------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelOutputs:
-    """What a whole-model objective compares: next-token logits ``[batch, seq, vocab]`` and, when the
-    loss needs them, the final hidden states ``[batch, seq, hidden]``."""
-
-    logits: Tensor
-    hidden: Tensor | None = None
-
-
-class Loss:
-    """A named objective ``loss(output, target) -> scalar``; ``reseed`` restarts its random draws."""
-
-    name: str = ""
-    needs_hidden_states: bool = False  # whether model_objective reads ModelOutputs.hidden
-
-    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def terms(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """The loss as its weighted terms, which sum to ``self(output, target)``: one term by default."""
-        return {self.name: self(output, target)}
-
-    def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
-        """The loss between two whole models' outputs: by default, on their next-token logits."""
-        return self(student.logits, teacher.logits)
-
-    def reseed(self, seed: int) -> None:
-        """Deterministic losses have nothing to reseed."""
 
 
 class PointwiseLoss(Loss):
@@ -220,43 +191,7 @@ class PointwiseLoss(Loss):
         self.name, self.fn, self.reduction = name, fn, reduction
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        return self.fn(_compute_dtype(output), _compute_dtype(target), self.reduction)
-
-
-class SlicedWassersteinLoss(Loss):
-    """SW between outputs and targets with K fresh directions per call from a seeded generator.
-
-    Redrawing at every call covers more of the sphere over training than a fixed set, while the
-    seeded generator keeps whole runs reproducible; one generator per device avoids host transfers.
-    """
-
-    name = "sliced_wasserstein"
-    needs_hidden_states = True
-
-    def __init__(self, num_projections: int, block_size: int | None, p: int, seed: int) -> None:
-        self.num_projections, self.block_size, self.p = num_projections, block_size, p
-        self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def reseed(self, seed: int) -> None:
-        self.seed = seed
-        self._generators.clear()
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
-
-    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        x, y = sw_samples(output, self.block_size), sw_samples(target, self.block_size)
-        directions = random_directions(x.shape[1], self.num_projections, self.generator(x.device))
-        return sliced_wasserstein(x, y, directions, self.p)
-
-    def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
-        """Between whole models, SW compares the final hidden states."""
-        if student.hidden is None or teacher.hidden is None:
-            raise ValueError("the SW term of a whole-model objective needs both models' final hidden states")
-        return self(student.hidden, teacher.hidden)
+        return self.fn(compute_dtype(output), compute_dtype(target), self.reduction)
 
 
 class HybridLoss(Loss):
@@ -267,29 +202,48 @@ class HybridLoss(Loss):
     SW term is multiplied by the width as well: ``l2_sw`` is then exactly ``width * mse_sw`` and the
     same weight gives SW the same share of the gradient in both. Without it, SW at weight 0.1 was
     0.2% or less of ``l2_sw``'s gradient on SmolLM2 (576 wide): a hybrid in name only.
+
+    ``site_sw`` adds one SW term, at the same weight, per submodule of the block (``self_attn``,
+    ``mlp``): the distribution of what attention and MLP write into the residual stream is aligned
+    too, not only their sum.
     """
+
+    needs_hidden_states = True
 
     def __init__(
         self,
         name: str,
         base: Loss,
-        sw: SlicedWassersteinLoss,
+        sw: Loss,
         weights: Mapping[str, float],
         per_width_sw: bool = False,
+        site_sw: Mapping[str, Loss] | None = None,
     ) -> None:
         self.name, self.base, self.sw = name, base, sw
         self.base_weight, self.sw_weight = float(weights["base"]), float(weights["sw"])
         self.per_width_sw = per_width_sw
+        self.site_sw = dict(site_sw or {})
+        self.sites = tuple(self.site_sw)
+        self.block_sizes = sw.block_sizes
 
-    needs_hidden_states = True
+    def _sw_weight(self, output: Tensor) -> float:
+        return self.sw_weight * (output.shape[-1] if self.per_width_sw else 1)
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         terms = self.terms(output, target)
         return terms["base"] + terms["sw"]
 
     def terms(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
-        sw_weight = self.sw_weight * (output.shape[-1] if self.per_width_sw else 1)
-        return {"base": self.base_weight * self.base(output, target), "sw": sw_weight * self.sw(output, target)}
+        return {
+            "base": self.base_weight * self.base(output, target),
+            "sw": self._sw_weight(output) * self.sw(output, target),
+        }
+
+    def site_terms(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            f"sw_{site}": self._sw_weight(outputs[site]) * loss(outputs[site], targets[site])
+            for site, loss in self.site_sw.items()
+        }
 
     def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
         """The base loss on the logits plus the weighted SW term on the final hidden states."""
@@ -298,12 +252,16 @@ class HybridLoss(Loss):
 
     def reseed(self, seed: int) -> None:
         self.sw.reseed(seed)
+        for i, loss in enumerate(self.site_sw.values(), start=1):
+            loss.reseed(seed + SITE_SEED_STRIDE * i)
 
 
 # --- registry --------------------------------------------------------------------------------------
 
 LossFactory = Callable[[LossOptions], Loss]
 LOSSES: dict[str, LossFactory] = {}
+# Site i's SW draws from seed + SITE_SEED_STRIDE * i: far from the block seeds (seed + block index).
+SITE_SEED_STRIDE = 1_000_003
 
 
 def register_loss(*names: str) -> Callable[[LossFactory], LossFactory]:
@@ -317,8 +275,37 @@ def register_loss(*names: str) -> Callable[[LossFactory], LossFactory]:
     return decorate
 
 
-def _sw_from(options: LossOptions) -> SlicedWassersteinLoss:
-    return SlicedWassersteinLoss(options.sw_num_projections, options.sw_block_size, options.sw_p, options.seed)
+def _sw_from(options: LossOptions, seed: int | None = None) -> SlicedWassersteinLoss:
+    seed = options.seed if seed is None else seed
+    return SlicedWassersteinLoss(options.sw_num_projections, options.sw_block_size, options.sw_p, seed)
+
+
+# The SW family by the suffix its losses carry: alone (``max_sw``) and after a base (``mse_max_sw``).
+SW_TERMS: dict[str, LossFactory] = {
+    "sw": _sw_from,
+    "max_sw": lambda o: MaxSlicedLoss(
+        o.sw_num_projections, o.sw_block_size, o.sw_p, o.seed, o.sw_ascent_steps, o.sw_step_size
+    ),
+    "learned_sw": lambda o: LearnedProjectionLoss(
+        o.sw_num_projections, o.sw_block_size, o.sw_p, o.seed, o.sw_step_size
+    ),
+    "ms_sw": lambda o: MultiScaleLoss(o.sw_num_projections, o.sw_scales, o.sw_p, o.seed),
+}
+
+
+def _hybrid(base: str, term: str, sites: bool = False) -> LossFactory:
+    name = f"{base}_{term}" if not sites else f"{base}_site_sw"
+
+    def build(o: LossOptions) -> HybridLoss:
+        site_sw = (
+            {site: _sw_from(o, o.seed + SITE_SEED_STRIDE * i) for i, site in enumerate(o.sw_sites, start=1)}
+            if sites
+            else None
+        )
+        per_width = base == "l2" and o.reduction == "mean"
+        return HybridLoss(name, LOSSES[base](o), SW_TERMS[term](o), o.hybrid_weights, per_width, site_sw)
+
+    return build
 
 
 register_loss("mse")(lambda o: PointwiseLoss("mse", mse, o.reduction))
@@ -327,11 +314,14 @@ register_loss("dist")(lambda o: PointwiseLoss("dist", dist, o.reduction))
 register_loss("kl")(lambda o: PointwiseLoss("kl", kl, o.reduction))
 register_loss("kd")(lambda o: PointwiseLoss("kd", kl, o.reduction))
 register_loss("sliced_wasserstein", "sw")(_sw_from)
-register_loss("mse_sw")(lambda o: HybridLoss("mse_sw", LOSSES["mse"](o), _sw_from(o), o.hybrid_weights))
-register_loss("l2_sw")(
-    lambda o: HybridLoss("l2_sw", LOSSES["l2"](o), _sw_from(o), o.hybrid_weights, per_width_sw=o.reduction == "mean")
-)
-register_loss("kd_sw")(lambda o: HybridLoss("kd_sw", LOSSES["kd"](o), _sw_from(o), o.hybrid_weights))
+for _term in ("max_sw", "learned_sw", "ms_sw"):
+    register_loss(_term)(SW_TERMS[_term])
+for _base in ("mse", "l2", "kd"):
+    register_loss(f"{_base}_sw")(_hybrid(_base, "sw"))
+for _base in ("mse", "l2"):
+    for _term in ("max_sw", "learned_sw", "ms_sw"):
+        register_loss(f"{_base}_{_term}")(_hybrid(_base, _term))
+    register_loss(f"{_base}_site_sw")(_hybrid(_base, "sw", sites=True))
 
 
 def build_loss(method: str, **kwargs: Any) -> Loss:

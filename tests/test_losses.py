@@ -180,12 +180,14 @@ def test_every_loss_is_differentiable() -> None:
     out, tgt = _outputs(seq=8)
     for name in LOSSES:
         x = out.clone().requires_grad_(True)
-        build_loss(name, sw_block_size=4)(x, tgt).backward()
+        build_loss(name, sw_block_size=4, sw_scales=[1, 4])(x, tgt).backward()
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
 
 
 def test_registry_holds_the_contracts_names() -> None:
-    assert set(LOSSES) == {"mse", "l2", "dist", "kl", "kd", "sliced_wasserstein", "sw", "mse_sw", "l2_sw", "kd_sw"}
+    variants = {f"{base}_{term}" for base in ("mse", "l2") for term in ("max_sw", "learned_sw", "ms_sw", "site_sw")}
+    contract = {"mse", "l2", "dist", "kl", "kd", "sliced_wasserstein", "sw", "mse_sw", "l2_sw", "kd_sw"}
+    assert set(LOSSES) == contract | variants | {"max_sw", "learned_sw", "ms_sw"}
 
 
 def test_unknown_loss_names_the_valid_ones() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +36,8 @@ class BlockData:
     targets: Tensor | None
     forward: BlockForward
     generator: torch.Generator  # seeded per block, for shuffling and any other draw
+    # Full-precision outputs of the submodules the loss aligns (``Loss.sites``), each [n, seq, hidden].
+    site_targets: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def _is_int(value: Any) -> bool:

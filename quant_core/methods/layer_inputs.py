@@ -1,4 +1,4 @@
-"""Which linears of a block read the same input, and what a module inside a block receives.
+"""Which linears of a block read the same input, and what a module inside a block receives or returns.
 
 GPTQ accumulates one Hessian per shared input and quantizes the block stage by stage in the order the
 block runs (true-sequential); AWQ computes one scale vector per shared input. Both learn the sharing
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from quant_core.errors import ConfigError
 from quant_core.methods.base import BlockData
 from quant_core.model_structure import quantizable_linears
 
@@ -33,6 +34,32 @@ def recorded_linear_inputs(block: nn.Module) -> Iterator[list[tuple[str, Tensor]
     ]
     try:
         yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def recorded_outputs(block: nn.Module, sites: tuple[str, ...]) -> Iterator[dict[str, list[Tensor]]]:
+    """While open, every call of the submodule named ``site`` appends its output to ``[site]``.
+
+    A module that returns a tuple (attention returns its output and its weights) contributes the
+    first element, what it adds to the residual stream.
+    """
+    outputs: dict[str, list[Tensor]] = {site: [] for site in sites}
+    handles = []
+    try:
+        for site in sites:
+            try:
+                module = block.get_submodule(site)
+            except AttributeError as error:
+                raise ConfigError(f"sw_sites: the decoder block has no submodule named {site!r}", "sw_sites") from error
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _args, out, site=site: outputs[site].append(out[0] if isinstance(out, tuple) else out)
+                )
+            )
+        yield outputs
     finally:
         for handle in handles:
             handle.remove()

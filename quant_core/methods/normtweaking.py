@@ -91,6 +91,7 @@ class NormTweak(QuantMethod):
         start = {name: p.detach().float().clone().requires_grad_(True) for name, p in norms.items()}
         log = train_parameters(
             self.loss,
+            block,
             data,
             lambda: {name: value.to(norms[name].dtype) for name, value in start.items()},
             torch.optim.Adam(start.values(), lr=lr),

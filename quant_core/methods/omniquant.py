@@ -112,6 +112,7 @@ class OmniQuant(QuantMethod):
         warmup = 0 if self.paper else math.ceil(WARMUP_SHARE * steps)
         log = train_parameters(
             self.loss,
+            block,
             data,
             lambda: {
                 f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=True))

@@ -208,6 +208,7 @@ class TesseraQ(QuantMethod):
             if self.options.steps_per_round:
                 log = train_parameters(
                     self.loss,
+                    block,
                     data,
                     overrides,
                     optimizer,

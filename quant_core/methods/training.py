@@ -13,10 +13,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from quant_core.losses import Loss
 from quant_core.methods.base import BlockData
+from quant_core.methods.layer_inputs import recorded_outputs
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -66,6 +67,7 @@ def _gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[
 
 def train_parameters(
     loss_fn: Loss,
+    block: nn.Module,
     data: BlockData,
     overrides: Callable[[], Mapping[str, Tensor]],
     optimizer: torch.optim.Optimizer,
@@ -79,6 +81,8 @@ def train_parameters(
     ``overrides`` builds the replaced parameters from the trainable tensors at every step, so the
     gradient flows through whatever maps them to weights (straight-through rounding, clipping).
     ``lr_factor(step)`` scales every parameter group's learning rate at that step (a schedule).
+    A loss with ``sites`` also compares the outputs of those submodules of ``block`` with
+    ``data.site_targets``.
     """
     if data.targets is None:
         raise RuntimeError(f"{label} trains against the full-precision targets: declare needs_targets = True")
@@ -95,7 +99,14 @@ def train_parameters(
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * lr_factor(step)
         idx = next(batches).to(data.inputs.device)
-        terms = loss_fn.terms(data.forward(data.inputs[idx], overrides()), targets[idx])
+        with recorded_outputs(block, loss_fn.sites) as site_outputs:
+            output = data.forward(data.inputs[idx], overrides())
+        terms = loss_fn.terms(output, targets[idx])
+        if loss_fn.sites:
+            terms |= loss_fn.site_terms(
+                {site: torch.cat(out) for site, out in site_outputs.items()},
+                {site: t[idx] for site, t in data.site_targets.items()},
+            )
         loss = sum(terms.values())
         assert isinstance(loss, Tensor)
         if not torch.isfinite(loss):
