@@ -15,7 +15,7 @@ Parts:
   each method's starting point (searched-clip RTN for OmniQuant, GPTQ for TesseraQ) on seed 0;
 - ``sweep``: on the sweep cell and seed 0, the SW weight, the number of projections and
   ``sw_block_size``, one at a time around the defaults;
-- ``variants``: max-sliced, learned projections, multi-scale and site SW on the sweep cell, on the
+- ``variants``: max-sliced, learned projections, multi-scale and site SW on TesseraQ W2, on the
   first seed, against the plain hybrid's range over the core seeds.
 
 Rows run in their own processes and are kept in the JSON, so an interrupted study resumes.
@@ -76,6 +76,8 @@ SWEEP: dict[str, dict[str, Any]] = {
     "block 4": {"sw_block_size": 4},
 }
 VARIANTS = ("max_sw", "learned_sw", "ms_sw", "site_sw")
+# The variants refine GPTQ's codes (TesseraQ) at W2, where the point-wise loss has the most to fix.
+VARIANT_CELL = ("tesseraq", 2)
 # One seed for the variants (compared with the plain hybrid's range over three): the study fits two hours.
 VARIANT_SEEDS = 1
 
@@ -107,9 +109,9 @@ def _hybrid(base: str, term: str = "sw") -> str:
 def cells(parts: list[str], seeds: list[int]) -> list[Cell]:
     """Every row the chosen parts need, fp32 first."""
     todo = [Cell("fp32", None, "mse", 0)]
-    method, bits = SWEEP_CELL
-    base, options = METHODS[method]
     if "sweep" in parts:  # first, so that its winner can get its seeds while the rest runs
+        method, bits = SWEEP_CELL
+        base, options = METHODS[method]
         for setting, loss_options in SWEEP.items():
             todo.append(Cell(method, bits, _hybrid(base), seeds[0], setting, options, loss_options))
     if "core" in parts:
@@ -121,6 +123,8 @@ def cells(parts: list[str], seeds: list[int]) -> list[Cell]:
                     for loss in (base, _hybrid(base)):
                         todo.append(Cell(method, bits, loss, seed, options=options))
     if "variants" in parts:
+        method, bits = VARIANT_CELL
+        base, options = METHODS[method]
         for variant in VARIANTS:
             for seed in seeds[:VARIANT_SEEDS]:
                 todo.append(Cell(method, bits, _hybrid(base, variant), seed, variant, options))
