@@ -102,8 +102,12 @@ def stop(args: argparse.Namespace) -> int:
     if not pid_file.exists():
         print(f"no server pid file at {pid_file}", file=sys.stderr)
         return 1
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+    group = int(pid_file.read_text())
+    try:
+        os.killpg(group, signal.SIGTERM)
+        print(f"stopped the server (process group {group}) of {pid_file.parent}")
+    except ProcessLookupError:
+        print(f"the server of {pid_file.parent} had already stopped; removed its stale pid file")
     pid_file.unlink()
     return 0
 
@@ -302,9 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(
         name: str, help_text: str, handler: Callable[[argparse.Namespace], int]
     ) -> argparse.ArgumentParser:
-        c = commands.add_parser(name, help=help_text)
-        c.add_argument("--server", default=os.environ.get("SWQUANT_SERVER", DEFAULT_SERVER))
-        c.add_argument("--api-key")
+        c = commands.add_parser(name, help=help_text, description=help_text)
+        c.add_argument(
+            "--server",
+            default=os.environ.get("SWQUANT_SERVER", DEFAULT_SERVER),
+            help="base URL of the SWQuant API (env SWQUANT_SERVER; default %(default)s)",
+        )
+        c.add_argument(
+            "--api-key", help="bearer key (env SWQUANT_API_KEY; default: the key 'swquant serve' wrote in --data-dir)"
+        )
         c.add_argument("--data-dir", type=Path, help="where 'swquant serve' keeps its key")
         c.set_defaults(handler=handler)
         return c

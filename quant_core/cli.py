@@ -185,9 +185,8 @@ def quantize(args: argparse.Namespace) -> int:
         )
     for name, export in report["exports"].items():
         blockers = export.get("vllm_blockers")
-        print(
-            f"wrote {name}: {export['path']}" + (f" (vLLM cannot serve it: {'; '.join(blockers)})" if blockers else "")
-        )
+        serving = f" (vLLM cannot serve it: {'; '.join(blockers)})" if blockers else ""
+        print(f"wrote {name}: {out_dir / export['path']}{serving}")
     print(f"wrote {out_dir / REPORT_NAME}")
     return 0
 

@@ -152,10 +152,11 @@ def peak_host_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# Windows the before/after records are measured on: enough for a stable block loss, few enough that
-# the round-to-nearest "before" pass (and, for methods that need no targets, the full-precision
-# chain) costs a fraction of a pass when calibrating on many windows.
-DIAGNOSTIC_WINDOWS = 8
+# Tokens the before/after records are measured on (whole windows, at least this many): enough for a
+# stable block loss and distribution statistics, few enough that the round-to-nearest "before" pass
+# (and, for methods that need no targets, the full-precision chain) costs a fraction of a pass when
+# calibrating on many windows: 4 windows of 512 tokens, 16 of 128.
+DIAGNOSTIC_TOKENS = 2048
 
 
 def calibrate_blocks(
@@ -167,7 +168,7 @@ def calibrate_blocks(
     device: str = "cpu",
     seed: int = 0,
     forward_batch_size: int = 8,
-    diagnostic_windows: int = DIAGNOSTIC_WINDOWS,
+    diagnostic_tokens: int = DIAGNOSTIC_TOKENS,
     on_block: Callable[[BlockRecord], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: BlockCheckpoint | None = None,
@@ -176,8 +177,8 @@ def calibrate_blocks(
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
     ``eval_loss`` measures each block before (round-to-nearest weights) and after calibration on the
-    first ``diagnostic_windows`` windows, with fixed random draws; the method trains with its own
-    loss object. Passes over the data per block: the quantized chain's output (always, it feeds the
+    first windows that hold ``diagnostic_tokens`` tokens, with fixed random draws; the method trains
+    with its own loss object. Passes over the data per block: the quantized chain's output (always, it feeds the
     next block), the full-precision targets (on every window only for a method that trains against
     them, ``needs_targets``; otherwise on the diagnostic windows alone), round-to-nearest on the
     diagnostic windows, and whatever the method itself runs. ``should_cancel`` is checked between
@@ -191,7 +192,7 @@ def calibrate_blocks(
     method.check(blocks)
     captured = capture_block_inputs(model, windows, device)
     kwargs = captured.kwargs
-    measured = max(1, min(diagnostic_windows, windows.shape[0]))
+    measured = max(1, min(-(-diagnostic_tokens // windows.shape[1]), windows.shape[0]))
     q_inputs = captured.hidden.cpu()
     fp_inputs = q_inputs.clone() if method.needs_targets else q_inputs[:measured].clone()
     records: list[BlockRecord] = []

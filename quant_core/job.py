@@ -104,12 +104,12 @@ class JobSpec:
             raise ConfigError("pack_quantized export is not available with lazy_load yet", "export_formats")
         if self.loss is None:
             object.__setattr__(self, "loss", method_class(self.method).default_loss)
+        block_size = self.loss_options.get("sw_block_size")
+        if isinstance(block_size, int) and block_size > 0 and self.calib.seq_len % block_size:
+            raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")
         method = self.build_method()
-        for size in method.loss.block_sizes:
-            if self.calib.seq_len % size:
-                scale = size != self.loss_options.get("sw_block_size")
-                field = "loss_options.sw_scales" if scale else "loss_options.sw_block_size"
-                raise ConfigError(BLOCK_SIZE_ERROR if not scale else SCALE_ERROR, field)
+        if any(self.calib.seq_len % size for size in method.loss.block_sizes):  # a multi-scale loss's scales
+            raise ConfigError(SCALE_ERROR, "loss_options.sw_scales")
         if method.whole_model and self.lazy_load:
             raise ConfigError(f"{self.method} trains the whole model at once; it cannot stream blocks", "lazy_load")
         if method.rotates and "pack_quantized" in self.export_formats:

@@ -25,6 +25,7 @@ from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
+from quant_core.model_card import write_model_cards
 from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tokenizer, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
@@ -178,6 +179,8 @@ def run_job(
         exports["fake_quant"] = {"path": str(save_fake_quant(model, tokenizer, out_dir))}
     if "pack_quantized" in spec.export_formats:
         exports["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)
+    for export in exports.values():  # relative: the report travels with the folders, not the worker's disk
+        export["path"] = str(Path(export["path"]).relative_to(out_dir))
     report = {
         "spec": spec.to_dict(),
         "quant_label": spec.quant.label,
@@ -200,4 +203,5 @@ def run_job(
         "exports": exports,
     }
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    write_model_cards(out_dir, report)
     return report

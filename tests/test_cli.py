@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
@@ -113,8 +114,8 @@ def test_packed_export_loads_with_plain_transformers_and_matches_the_fake_quant_
     assert any("3-bit" in reason for reason in packed["vllm_blockers"])
     ids = torch.arange(1, 33).unsqueeze(0)
     with torch.no_grad():
-        fake = AutoModelForCausalLM.from_pretrained(report["exports"]["fake_quant"]["path"])(ids).logits
-        loaded = AutoModelForCausalLM.from_pretrained(packed["path"])(ids).logits
+        fake = AutoModelForCausalLM.from_pretrained(tmp_path / report["exports"]["fake_quant"]["path"])(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / packed["path"])(ids).logits
     assert torch.allclose(loaded, fake, atol=1e-5 * fake.abs().max().item())
 
 
@@ -216,6 +217,7 @@ def test_lightcompress_let_is_refused_rather_than_ignored(tmp_path: Path) -> Non
         ({"loss": "huber"}, "loss"),
         ({"loss_options": {"sw_p": 5}}, "loss_options.sw_p"),
         ({"loss_options": {"sw_block_size": 48}}, "loss_options.sw_block_size"),
+        ({"loss": "mse_ms_sw", "loss_options": {"sw_scales": [1, 48]}}, "loss_options.sw_scales"),
         ({"method_options": {"epochs": -1}}, "method_options.epochs"),
         ({"method_options": {"lr_typo": 1}}, "method_options.lr_typo"),
         ({"device": "tpu"}, "device"),
@@ -262,3 +264,28 @@ def test_time_left_is_the_remaining_blocks_at_the_mean_block_time() -> None:
     assert time_left([10.0, 20.0], 3) == "0:45"
     assert time_left([61.0], 2) == "2:02"
     assert time_left([], 5) == "?"
+
+
+def test_every_export_carries_a_model_card_with_the_reports_settings_and_figures(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--export", "fake_quant", "pack_quantized"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for export_format, export in report["exports"].items():
+        assert not Path(export["path"]).is_absolute()
+        card = (tmp_path / export["path"] / "README.md").read_text()
+        _, front, body = card.split("---\n", 2)
+        meta = yaml.safe_load(front)
+        assert meta["base_model"] == str(tiny_llama_dir) and meta["library_name"] == "transformers"
+        assert meta["quantization"] == {
+            "method": "rtn",
+            "loss": "mse",
+            "bits": report["spec"]["quant"]["bits"],
+            "group_size": report["spec"]["quant"]["group_size"],
+            "symmetric": report["spec"]["quant"]["symmetric"],
+            "format": export_format,
+        }
+        ppl = report["perplexity"]["persuasion"]
+        assert f"| persuasion | {ppl['before']:.2f} | {ppl['after']:.2f} |" in body
+        assert f"seed {report['seed']}" in body and "from_pretrained" in body

@@ -361,8 +361,9 @@ def test_discquant_runs_through_swquant_quantize_with_the_common_report(tiny_lla
     assert ppl["before"] > 1 and ppl["after"] > 1 and report["seconds"]["calibration"] > 0
     ids = torch.arange(1, 33).unsqueeze(0)
     with torch.no_grad():
-        fake = AutoModelForCausalLM.from_pretrained(report["exports"]["fake_quant"]["path"])(ids).logits
-        packed = AutoModelForCausalLM.from_pretrained(report["exports"]["pack_quantized"]["path"])(ids).logits
+        exports = {name: tmp_path / export["path"] for name, export in report["exports"].items()}
+        fake = AutoModelForCausalLM.from_pretrained(exports["fake_quant"])(ids).logits
+        packed = AutoModelForCausalLM.from_pretrained(exports["pack_quantized"])(ids).logits
     assert torch.allclose(packed, fake, atol=1e-5 * fake.abs().max().item())
 
 

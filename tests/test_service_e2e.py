@@ -98,7 +98,9 @@ def _check_succeeded_job(
     client.download(job_id, "model.tar", partial)
     assert partial.stat().st_size == size
     with tarfile.open(partial) as tar:
+        assert {m.mode for m in tar.getmembers() if m.isfile()} == {0o644}
         tar.extractall(tmp_path / "unpacked", filter="data")
+    assert (tmp_path / "unpacked" / "model" / "README.md").read_text().startswith("---\nbase_model:")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked" / "model", dtype=torch.float32)
     weight = model.model.layers[1].mlp.down_proj.weight
     assert max(g.unique().numel() for g in weight.reshape(-1, 32)) <= 8  # 3-bit grid, group 32

@@ -21,7 +21,7 @@ from quant_core.losses import LOSSES, build_loss, random_directions
 from quant_core.methods import build_method
 from quant_core.methods.layer_inputs import recorded_outputs
 from quant_core.model_structure import find_decoder_blocks
-from quant_core.output_stats import distribution_errors
+from quant_core.output_stats import STATS_DIRECTIONS, distribution_errors
 from quant_core.quantizer import QuantSpec
 from quant_core.sliced import LearnedProjectionLoss, MaxSlicedLoss, per_direction_distances
 from tests.tiny_models import build_model
@@ -145,7 +145,7 @@ def test_distribution_errors_match_numpy_and_pot() -> None:
     o, t = out.reshape(-1, 7).double().numpy(), tgt.reshape(-1, 7).double().numpy()
     shift = math.sqrt(np.mean((o.mean(0) - t.mean(0)) ** 2)) / math.sqrt(np.mean(t.var(0, ddof=1)))
     log_ratio = np.mean(np.abs(np.log(o.var(0, ddof=1) / t.var(0, ddof=1))))
-    dirs = random_directions(7, 256, torch.Generator().manual_seed(4)).double().numpy()
+    dirs = random_directions(7, STATS_DIRECTIONS, torch.Generator().manual_seed(4)).double().numpy()
     sw = ot.sliced_wasserstein_distance(o, t, projections=dirs, p=1)
     assert stats["mean_shift"] == pytest.approx(shift, rel=1e-5)
     assert stats["log_var_ratio"] == pytest.approx(log_ratio, rel=1e-5)

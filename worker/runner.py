@@ -214,6 +214,15 @@ def _event(settings: Settings, job_id: str, token: str, message: str) -> None:
     )
 
 
+def _shareable(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Archive entries readable by everyone and owned by no one: the worker's private temp-file modes
+    (0600) and its user would otherwise reach whoever unpacks the download."""
+    member.mode = 0o755 if member.isdir() else 0o644
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    return member
+
+
 def _upload_artifacts(settings: Settings, storage: Storage, job_id: str, out_dir: Path) -> list[dict[str, Any]]:
     """Each exported checkpoint as one uncompressed tar (safetensors do not compress; tar streams and resumes).
 
@@ -225,7 +234,7 @@ def _upload_artifacts(settings: Settings, storage: Storage, job_id: str, out_dir
         if (out_dir / directory).is_dir():
             archive = out_dir / archive_name
             with tarfile.open(archive, "w") as tar:
-                tar.add(out_dir / directory, arcname=directory)
+                tar.add(out_dir / directory, arcname=directory, filter=_shareable)
             files.append((archive_name, archive, "application/x-tar"))
     files.append((REPORT_NAME, out_dir / REPORT_NAME, "application/json"))
     uploaded = []

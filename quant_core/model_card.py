@@ -1,0 +1,122 @@
+"""The model card (README.md) written into every exported checkpoint.
+
+A checkpoint that leaves the service travels without its job: whoever loads it later needs to know
+what it is (base model, bits, group, method, loss and options), how good it is (perplexity before and
+after, on which text), how it was made (calibration data, seed, software versions) and how to load
+it. The card uses the Hugging Face model-card layout: YAML front matter that the Hub indexes
+(``base_model``, ``tags``, ``quantization``), then a readable body.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CARD_NAME = "README.md"
+FORMAT_TITLES = {
+    "fake_quant": "fake-quantized (dequantized weights on the quantization grid, stored as floats)",
+    "pack_quantized": "pack-quantized (integer codes packed in int32 with scales and zero points: compressed-tensors)",
+}
+
+
+def _yaml_value(value: Any) -> str:
+    """A scalar as YAML: JSON's quoting is valid YAML for strings, numbers, booleans and null."""
+    return json.dumps(value)
+
+
+def _front_matter(report: dict[str, Any], export_format: str) -> str:
+    spec = report["spec"]
+    quant = spec["quant"]
+    tags = ["swquant", "quantized", f"w{quant['bits']}", spec["method"], spec["loss"], export_format]
+    quantization = {
+        "method": spec["method"],
+        "loss": spec["loss"],
+        "bits": quant["bits"],
+        "group_size": quant["group_size"],
+        "symmetric": quant["symmetric"],
+        "format": export_format,
+    }
+    lines = ["---", f"base_model: {_yaml_value(spec['model'])}", "library_name: transformers", "tags:"]
+    lines += [f"  - {_yaml_value(tag)}" for tag in dict.fromkeys(tags)]
+    lines += ["quantization:"] + [f"  {key}: {_yaml_value(value)}" for key, value in quantization.items()]
+    return "\n".join([*lines, "---"])
+
+
+def _options(options: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in options.items()) or "defaults"
+
+
+def _loading(export_format: str, export: dict[str, Any]) -> str:
+    load = (
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n'
+        "```\n"
+    )
+    if export_format == "fake_quant":
+        return (
+            "The weights are ordinary floating-point tensors whose values lie on the quantization grid, so "
+            "any tool that loads the base model loads this one; it is as large as the base model and "
+            "runs at its speed (use the pack-quantized export to save memory).\n\n" + load
+        )
+    blockers = export.get("vllm_blockers") or []
+    vllm = (
+        "vLLM cannot serve it: " + "; ".join(blockers) + "."
+        if blockers
+        else 'vLLM serves it directly: `vllm serve path/to/this/folder` (or `LLM("path/to/this/folder")`).'
+    )
+    return (
+        f"transformers decompresses it on load when `compressed-tensors` "
+        f"(written with {export.get('compressed_tensors', 'an unknown version')}) is installed:\n\n"
+        f"{load}\n{vllm}\n"
+    )
+
+
+def model_card(report: dict[str, Any], export_format: str) -> str:
+    """The card of the ``export_format`` export described by the job ``report``."""
+    spec = report["spec"]
+    quant, calib = spec["quant"], spec["calib"]
+    export = report["exports"][export_format]
+    rows = "\n".join(
+        f"| {text} | {ppl['before']:.2f} | {ppl['after']:.2f} | {report['eval_windows'][text]} |"
+        for text, ppl in report["perplexity"].items()
+    )
+    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
+    group = f"group {quant['group_size']}" if quant["group_size"] else "per channel"
+    return f"""{_front_matter(report, export_format)}
+
+# {Path(spec["model"]).name or spec["model"]}: {report["quant_label"]}, {spec["method"]} + {spec["loss"]}
+
+A {quant["bits"]}-bit ({group}, {"symmetric" if quant["symmetric"] else "asymmetric"}) quantization of
+`{spec["model"]}`, {FORMAT_TITLES[export_format]}, made by SWQuant {report["versions"].get("swquant", "")}.
+
+## How it was made
+
+| setting | value |
+| --- | --- |
+| method | `{spec["method"]}` with {_options(spec["method_options"])} |
+| loss | `{spec["loss"]}` with {_options(spec["loss_options"])} |
+| calibration | `{calib["text"]}`: {calib["n_samples"]} windows of {calib["seq_len"]} tokens \
+({report["calibration_tokens"]} tokens), seed {report["seed"]} |
+| calibration time | {report["seconds"]["calibration"] / 60:.1f} min on `{report["device"]}` |
+| software | {versions} |
+
+## Quality
+
+Perplexity of the base model and of this one on the same windows of {report["eval_seq_len"]} tokens:
+
+| text | base model | this model | windows |
+| --- | --- | --- | --- |
+{rows}
+
+## How to load it
+
+{_loading(export_format, export)}"""
+
+
+def write_model_cards(out_dir: Path, report: dict[str, Any]) -> None:
+    """A README.md in every export folder the report lists (paths relative to ``out_dir``)."""
+    for export_format, export in report["exports"].items():
+        (out_dir / export["path"] / CARD_NAME).write_text(model_card(report, export_format), encoding="utf-8")
