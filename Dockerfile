@@ -48,7 +48,7 @@ COPY swq_shared ./swq_shared
 COPY api ./api
 COPY worker ./worker
 # -I: check the installed packages, not the source folder in the working directory.
-RUN pip install --no-cache-dir --constraint /opt/venv/constraints.txt . \
+RUN pip install --no-cache-dir --constraint /opt/venv/constraints.txt ".[eval]" \
     && python -I -c "import importlib.util as u, sys; m = [n for n in ('quant_core', 'swq_shared', 'api', 'worker') if u.find_spec(n) is None]; sys.exit(f'packages not installed: {m}' if m else 0)"
 
 # --------------------------------------------------------------------------- gpu: the worker image
@@ -108,7 +108,7 @@ COPY swq_shared ./swq_shared
 COPY api ./api
 COPY worker ./worker
 # -I: check the installed packages, not the source folder in the working directory.
-RUN pip install --no-cache-dir --constraint /opt/venv/constraints.txt . \
+RUN pip install --no-cache-dir --constraint /opt/venv/constraints.txt ".[eval]" \
     && python -I -c "import importlib.util as u, sys; m = [n for n in ('quant_core', 'swq_shared', 'api', 'worker') if u.find_spec(n) is None]; sys.exit(f'packages not installed: {m}' if m else 0)"
 
 # --------------------------------------------------------------------------- cpu: API and CPU workers

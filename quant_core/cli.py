@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from quant_core.accuracy import LmEvalSpec
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.job import DTYPES, EXPORT_FORMATS, CalibSpec, EvalSpec, JobSpec
@@ -32,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "eval": ["persuasion"],
     "eval_seq_len": None,
     "eval_max_windows": None,
+    "lm_eval_task": [],
+    "lm_eval_limit": None,
+    "lm_eval_fewshot": None,
     "seed": 0,
     "device": "cpu",
     "dtype": "float32",
@@ -62,6 +66,17 @@ def _group_size(text: str) -> int:
     return int(text)
 
 
+def lm_eval_spec(settings: dict[str, Any]) -> LmEvalSpec | None:
+    """The lm-eval part of a job from the flat settings; None when no task is named."""
+    if not settings.get("lm_eval_task"):
+        return None
+    return LmEvalSpec(
+        tasks=tuple(settings["lm_eval_task"]),
+        limit=settings.get("lm_eval_limit"),
+        num_fewshot=settings.get("lm_eval_fewshot"),
+    )
+
+
 def add_job_arguments(q: argparse.ArgumentParser) -> None:
     """The flags that describe a job, shared by ``quantize`` (local) and ``submit`` (to a server).
 
@@ -82,6 +97,14 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--eval", action="append", help="bundled corpus (persuasion) or text file; repeatable")
     q.add_argument("--eval-seq-len", type=int)
     q.add_argument("--eval-max-windows", type=int)
+    q.add_argument(
+        "--lm-eval-task",
+        action="append",
+        metavar="TASK",
+        help="lm-eval task name or task YAML file, run on the float and the quantized model; repeatable",
+    )
+    q.add_argument("--lm-eval-limit", type=int, metavar="N", help="documents per lm-eval task (default: all)")
+    q.add_argument("--lm-eval-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
     q.add_argument("--seed", type=int)
     q.add_argument(
         "--lazy-load", action="store_true", default=None, help="stream blocks from disk (models larger than memory)"
@@ -145,6 +168,7 @@ def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
             texts=tuple(settings["eval"]),
             seq_len=settings["eval_seq_len"],
             max_windows=settings["eval_max_windows"],
+            lm_eval=lm_eval_spec(settings),
         ),
         seed=settings["seed"],
         device=settings["device"],

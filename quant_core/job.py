@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from quant_core.accuracy import LmEvalSpec
 from quant_core.errors import ConfigError
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
@@ -56,8 +57,14 @@ class EvalSpec:
     seq_len: int | None = None
     max_windows: int | None = None
     batch_size: int = 4
+    lm_eval: LmEvalSpec | None = None  # lm-evaluation-harness tasks, on the float and the quantized model
 
     def __post_init__(self) -> None:
+        if isinstance(self.lm_eval, Mapping):  # from a report or a YAML file
+            unknown = set(self.lm_eval) - set(LmEvalSpec.__dataclass_fields__)
+            if unknown:
+                raise ConfigError(f"unknown lm_eval option(s): {', '.join(sorted(unknown))}", "eval.lm_eval")
+            object.__setattr__(self, "lm_eval", LmEvalSpec(**self.lm_eval))
         if self.seq_len is not None:
             _positive_int(self.seq_len, "eval.seq_len")
         if self.max_windows is not None:
@@ -100,6 +107,10 @@ class JobSpec:
             raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of: {', '.join(DTYPES)}", "dtype")
+        if self.lazy_load and self.eval.lm_eval is not None:
+            raise ConfigError(
+                "lm-eval needs the whole model in memory; it is not available with lazy_load", "lazy_load"
+            )
         if self.lazy_load and "pack_quantized" in self.export_formats:
             raise ConfigError("pack_quantized export is not available with lazy_load yet", "export_formats")
         if self.loss is None:

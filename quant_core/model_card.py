@@ -74,6 +74,23 @@ def _loading(export_format: str, export: dict[str, Any]) -> str:
     )
 
 
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _accuracy_table(lm_eval: dict[str, Any]) -> str:
+    """lm-evaluation-harness scores beside the base model's, when the job ran any."""
+    if not lm_eval:
+        return ""
+    rows = [
+        f"| {task} | {metric} | {_number(pair['before'])} | {_number(pair['after'])} |"
+        for task, metrics in lm_eval.items()
+        for metric, pair in metrics.items()
+    ]
+    header = "\nlm-evaluation-harness:\n\n| task | metric | base model | this model |\n| --- | --- | --- | --- |\n"
+    return header + "\n".join(rows) + "\n"
+
+
 def model_card(report: dict[str, Any], export_format: str) -> str:
     """The card of the ``export_format`` export described by the job ``report``."""
     spec = report["spec"]
@@ -83,6 +100,7 @@ def model_card(report: dict[str, Any], export_format: str) -> str:
         f"| {text} | {ppl['before']:.2f} | {ppl['after']:.2f} | {report['eval_windows'][text]} |"
         for text, ppl in report["perplexity"].items()
     )
+    accuracy = _accuracy_table(report.get("lm_eval") or {})
     versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
     group = f"group {quant['group_size']}" if quant["group_size"] else "per channel"
     return f"""{_front_matter(report, export_format)}
@@ -110,7 +128,7 @@ Perplexity of the base model and of this one on the same windows of {report["eva
 | text | base model | this model | windows |
 | --- | --- | --- | --- |
 {rows}
-
+{accuracy}
 ## How to load it
 
 {_loading(export_format, export)}"""

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import quant_core
+from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
@@ -122,9 +123,22 @@ def run_job(
         model.to("cpu")
         return scores
 
+    def accuracy() -> Scores:
+        """lm-eval scores of the model in memory (lm-eval is refused with lazy_load)."""
+        assert lm_eval is not None
+        model.to(spec.device)
+        scores = task_scores(model, tokenizer, lm_eval, spec.device)
+        model.to("cpu")
+        return scores
+
+    lm_eval = spec.eval.lm_eval
     hooks.stage("evaluating the full-precision model")
     eval_started = time.perf_counter()
     ppl_before = evaluate(lazy.weights if lazy is not None else None)
+    accuracy_before: Scores = {}
+    if lm_eval is not None and lm_eval.baseline:
+        hooks.stage(f"lm-eval on the full-precision model ({', '.join(lm_eval.tasks)}; cached per model and task)")
+        accuracy_before = cached_baseline(spec.model, spec.dtype, lm_eval, accuracy)
     eval_seconds = time.perf_counter() - eval_started
 
     hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
@@ -168,6 +182,10 @@ def run_job(
     hooks.stage("evaluating the quantized model")
     eval_started = time.perf_counter()
     ppl_after = evaluate(ShardedWeights(written) if written is not None else None)
+    accuracy_after: Scores = {}
+    if lm_eval is not None:
+        hooks.stage(f"lm-eval on the quantized model ({', '.join(lm_eval.tasks)})")
+        accuracy_after = accuracy()
     eval_seconds += time.perf_counter() - eval_started
 
     hooks.stage("saving the quantized model and report")
@@ -189,6 +207,7 @@ def run_job(
         "eval_seq_len": eval_seq_len,
         "eval_windows": {name: int(w.shape[0]) for name, w in eval_sets.items()},
         "perplexity": {name: {"before": ppl_before[name], "after": ppl_after[name]} for name in eval_sets},
+        "lm_eval": paired(accuracy_before, accuracy_after),
         "blocks": [r.to_dict() for r in records],  # empty for a whole-model method
         "method_stats": method_stats,  # a whole-model method's own statistics (per-block ones are in blocks)
         "seconds": {

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from quant_core.accuracy import MAX_TASKS, LmEvalSpec
+from quant_core.cli import lm_eval_spec
 from quant_core.errors import ConfigError
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
 from quant_core.lightcompress_config import parse_lightcompress
@@ -32,12 +34,24 @@ class CalibrationRequest(BaseModel):
     seq_len: int = Field(512, ge=8, le=MAX_SEQ_LEN)
 
 
+class LmEvalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(
+        ..., min_length=1, max_length=MAX_TASKS, description="lm-eval task names, or task YAML paths visible to workers"
+    )
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="documents per task; null: all")
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="null: each task's default")
+    baseline: bool = Field(True, description="also score the float model (cached per model and task)")
+
+
 class EvaluationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     texts: list[str] = Field(default_factory=lambda: ["persuasion"], max_length=8)
     seq_len: int | None = Field(None, ge=8, le=MAX_SEQ_LEN)
     max_windows: int | None = Field(None, ge=1, le=100_000)
+    lm_eval: LmEvalRequest | None = None
 
 
 class JobRequest(BaseModel):
@@ -88,6 +102,7 @@ class JobRequest(BaseModel):
                     texts=tuple(resolve(t) for t in self.evaluation.texts),
                     seq_len=self.evaluation.seq_len,
                     max_windows=self.evaluation.max_windows,
+                    lm_eval=LmEvalSpec(**self.evaluation.lm_eval.model_dump()) if self.evaluation.lm_eval else None,
                 ),
                 seed=self.seed,
                 device=device,
@@ -168,6 +183,13 @@ def request_from_settings(settings: dict[str, Any]) -> JobRequest:
         values = {field: settings[key] for field, key in names if settings.get(key) is not None}
         if values:
             body[section] = values
+    lm_eval = lm_eval_spec(settings)
+    if lm_eval is not None:
+        body.setdefault("evaluation", {})["lm_eval"] = {
+            "tasks": list(lm_eval.tasks),
+            "limit": lm_eval.limit,
+            "num_fewshot": lm_eval.num_fewshot,
+        }
     return JobRequest.model_validate(body)
 
 

@@ -260,4 +260,7 @@ def _metrics(request: JobRequest, report: dict[str, Any]) -> dict[str, float]:
     for name, ppl in zip(request.evaluation.texts, report["perplexity"].values(), strict=True):
         metrics[f"perplexity.before.{name}"] = ppl["before"]
         metrics[f"perplexity.after.{name}"] = ppl["after"]
+    for task, values in report.get("lm_eval", {}).items():
+        for metric, pair in values.items():
+            metrics.update({f"lm_eval.{phase}.{task}.{metric}": v for phase, v in pair.items() if v is not None})
     return metrics

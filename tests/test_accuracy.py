@@ -1,0 +1,125 @@
+"""lm-eval accuracy in a job: real lm-evaluation-harness on a local multiple-choice task, checked
+against the same log-likelihoods computed directly with the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quant_core.accuracy import LmEvalSpec, task_scores
+from quant_core.cli import main
+from quant_core.errors import ConfigError
+from swq_shared.jobspec import JobRequest
+from tests.tiny_models import build_model, build_tokenizer
+
+QUESTIONS = [
+    ("She walked into the", ["room", "of", "was", "and"], 0),
+    ("It is a truth universally", ["acknowledged", "the", "room", "she"], 0),
+    ("He could not help", ["feeling", "the", "of", "a"], 0),
+    ("They were married in the", ["spring", "was", "and", "she"], 0),
+    ("Anne had been", ["walking", "the", "of", "and"], 0),
+    ("The letter was", ["written", "room", "of", "she"], 0),
+]
+
+
+@pytest.fixture
+def task_file(tmp_path: Path) -> Path:
+    """A four-way multiple-choice task in lm-eval's YAML format with its JSONL data beside it."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = folder / "next_word.jsonl"
+    data.write_text("\n".join(json.dumps({"context": c, "choices": ch, "answer": a}) for c, ch, a in QUESTIONS))
+    task = folder / "next_word.yaml"
+    task.write_text(
+        "task: next_word\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {data}}}}}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
+    )
+    return task
+
+
+def direct_accuracy(model: torch.nn.Module, tokenizer, limit: int | None = None) -> float:
+    """The choice with the highest summed log-likelihood of its tokens after the context, per question."""
+    correct = 0
+    questions = QUESTIONS[:limit] if limit else QUESTIONS
+    for context, choices, answer in questions:
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in choices:
+            whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([whole[:-1]])).logits[0].double().log_softmax(-1)
+            positions = range(len(context_ids) - 1, len(whole) - 1)
+            scores.append(sum(float(logits[p, whole[p + 1]]) for p in positions))
+        correct += int(max(range(len(choices)), key=scores.__getitem__) == answer)
+    return correct / len(questions)
+
+
+def test_task_scores_match_a_direct_log_likelihood_computation(task_file: Path) -> None:
+    model, tokenizer = build_model("llama", seed=3), build_tokenizer()
+    model.eval()
+    scores = task_scores(model, tokenizer, LmEvalSpec(tasks=(str(task_file),)), "cpu")
+    assert scores["next_word"]["acc"] == pytest.approx(direct_accuracy(model, tokenizer))
+
+
+def test_a_job_reports_accuracy_before_and_after_and_caches_the_float_scores(
+    task_file: Path, tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--bits", "2", "--group-size", "32"]
+    argv += ["--n-samples", "4", "--seq-len", "32", "--eval-max-windows", "2", "--lm-eval-task", str(task_file)]
+    argv += ["--lm-eval-limit", "5", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    acc = report["lm_eval"]["next_word"]["acc"]
+    tokenizer = build_tokenizer()
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    assert acc["before"] == pytest.approx(direct_accuracy(float_model, tokenizer, 5))
+    assert acc["after"] == pytest.approx(direct_accuracy(quantized, tokenizer, 5))
+    assert len(list((tmp_path / "cache" / "lm_eval").glob("*.json"))) == 1
+    assert "next_word" in (tmp_path / "out" / "model" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"tasks": []}, "eval.lm_eval.tasks"),
+        ({"tasks": "hellaswag"}, "eval.lm_eval.tasks"),
+        ({"tasks": ["x"], "limit": 0}, "eval.lm_eval.limit"),
+        ({"tasks": ["x"], "num_fewshot": -1}, "eval.lm_eval.num_fewshot"),
+    ],
+)
+def test_bad_lm_eval_settings_name_the_field(options: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        LmEvalSpec(**options)
+    assert info.value.field == field
+
+
+def test_a_task_file_that_does_not_exist_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="task file not found") as info:
+        LmEvalSpec(tasks=(str(tmp_path / "missing.yaml"),)).resolved_tasks()
+    assert info.value.field == "eval.lm_eval.tasks"
+
+
+def test_the_request_carries_lm_eval_into_the_job_spec() -> None:
+    request = JobRequest.model_validate(
+        {"model": "m", "group_size": 32, "evaluation": {"lm_eval": {"tasks": ["arc_easy"], "limit": 50}}}
+    )
+    spec = request.to_job_spec().eval.lm_eval
+    assert spec == LmEvalSpec(tasks=("arc_easy",), limit=50)
+    with pytest.raises(ConfigError) as info:
+        JobRequest.model_validate(
+            {"model": "m", "group_size": 32, "lazy_load": True, "evaluation": {"lm_eval": {"tasks": ["arc_easy"]}}}
+        ).to_job_spec()
+    assert info.value.field == "lazy_load"
