@@ -14,38 +14,13 @@ from quant_core.accuracy import LmEvalSpec, task_scores
 from quant_core.cli import main
 from quant_core.errors import ConfigError
 from swq_shared.jobspec import JobRequest
+from tests.lm_eval_task import QUESTIONS, write_task
 from tests.tiny_models import build_model, build_tokenizer
-
-QUESTIONS = [
-    ("She walked into the", ["room", "of", "was", "and"], 0),
-    ("It is a truth universally", ["acknowledged", "the", "room", "she"], 0),
-    ("He could not help", ["feeling", "the", "of", "a"], 0),
-    ("They were married in the", ["spring", "was", "and", "she"], 0),
-    ("Anne had been", ["walking", "the", "of", "and"], 0),
-    ("The letter was", ["written", "room", "of", "she"], 0),
-]
 
 
 @pytest.fixture
 def task_file(tmp_path: Path) -> Path:
-    """A four-way multiple-choice task in lm-eval's YAML format with its JSONL data beside it."""
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    data = folder / "next_word.jsonl"
-    data.write_text("\n".join(json.dumps({"context": c, "choices": ch, "answer": a}) for c, ch, a in QUESTIONS))
-    task = folder / "next_word.yaml"
-    task.write_text(
-        "task: next_word\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs: {{data_files: {{test: {data}}}}}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{context}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{answer}}"\n'
-        "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]\n"
-    )
-    return task
+    return write_task(tmp_path / "tasks")
 
 
 def direct_accuracy(model: torch.nn.Module, tokenizer, limit: int | None = None) -> float:

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
+from tests.lm_eval_task import write_task
 from tests.s3_server import S3Endpoint
 from tests.service_stack import Stack, embedded_stack, migrated_backing, production_stack
 from tests.tiny_models import build_model
@@ -123,8 +124,13 @@ def test_job_from_uploaded_model_succeeds_on_postgres_redis_s3(
 
 def test_job_on_embedded_defaults_succeeds(embedded: Stack, tiny_llama_dir: Path, tmp_path: Path) -> None:
     client = _client(embedded)
-    job = client.submit({**JOB, "model": str(tiny_llama_dir), "export_formats": ["fake_quant", "pack_quantized"]})
+    task = write_task(tmp_path / "tasks")
+    evaluation = {**JOB["evaluation"], "lm_eval": {"tasks": [str(task)], "limit": 3}}
+    spec = {**JOB, "model": str(tiny_llama_dir), "export_formats": ["fake_quant", "pack_quantized"]}
+    job = client.submit({**spec, "evaluation": evaluation})
     _check_succeeded_job(client, embedded, job["id"], tmp_path, packed=True)
+    metrics = client.job(job["id"])["metrics"]
+    assert 0 <= metrics["lm_eval.before.next_word.acc"] <= 1 and 0 <= metrics["lm_eval.after.next_word.acc"] <= 1
 
 
 def test_running_job_is_cancelled_between_blocks(production: Stack, tmp_path: Path) -> None:
