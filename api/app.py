@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from api import dashboard, health_routes, jobs_routes, uploads_routes
 from api.errors import install_error_handlers
+from api.metrics import install_metrics
 from api.rate_limit import RateLimiter
 from swq_shared.artifacts import open_settings_storage
 from swq_shared.log_redaction import install_log_redaction
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = open_settings_storage(app.state.settings)
     app.state.rate_limiter = RateLimiter.from_settings(app.state.settings)
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(health_routes.router)
     app.include_router(jobs_routes.router)
     app.include_router(uploads_routes.router)

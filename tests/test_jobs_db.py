@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
+from api.metrics import ServiceCollector
 from swq_shared import jobs
 from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
 from swq_shared.migrate import downgrade, upgrade
-from swq_shared.models import ApiKey, Job, JobStatus
+from swq_shared.models import ApiKey, Job, JobEvent, JobStatus
+from swq_shared.settings import Settings
 from tests.databases import fresh_postgres_database
 
 TABLES = {"tenants", "api_keys", "jobs", "job_events", "metrics", "artifacts", "uploads"}
@@ -181,3 +183,21 @@ def test_listing_pages_newest_first_without_gaps_and_filters(db_url: str, tenant
         assert jobs.list_jobs(session, tenant_id, limit=50, statuses=["running"]).items == []
         with pytest.raises(jobs.InvalidCursorError):
             jobs.list_jobs(session, tenant_id, limit=3, cursor="not-a-cursor")
+
+
+def test_the_metrics_collector_reads_jobs_blocks_and_failures_from_the_database(db_url: str, tenant_id: str) -> None:
+    first, second = _new_job(db_url, tenant_id), _new_job(db_url, tenant_id)
+    with session_scope(db_url) as session:
+        session.add_all(
+            JobEvent(job_id=first, kind="block", data={"index": i, "seconds": s}) for i, s in enumerate((1.5, 2.5))
+        )
+        job = session.get(Job, second)
+        job.status, job.error_code, job.attempts = JobStatus.failed.value, "worker_lost", 3
+    collector = ServiceCollector(Settings(database_url=db_url), lambda: {"gpu": 4, "cpu": 0})
+    samples = {(s.name, tuple(s.labels.values())): s.value for family in collector.collect() for s in family.samples}
+    assert samples[("swquant_jobs", ("queued",))] == 1 and samples[("swquant_jobs", ("failed",))] == 1
+    assert samples[("swquant_job_failures_total", ("worker_lost",))] == 1
+    assert samples[("swquant_job_attempts_total", ())] == 3
+    assert samples[("swquant_blocks_calibrated_total", ())] == 2
+    assert samples[("swquant_block_seconds_total", ())] == pytest.approx(4.0)
+    assert samples[("swquant_queue_depth", ("gpu",))] == 4 and samples[("swquant_database_up", ())] == 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
@@ -133,7 +134,18 @@ def test_job_on_embedded_defaults_succeeds(embedded: Stack, tiny_llama_dir: Path
     assert 0 <= metrics["lm_eval.before.next_word.acc"] <= 1 and 0 <= metrics["lm_eval.after.next_word.acc"] <= 1
 
 
-def test_running_job_is_cancelled_between_blocks(production: Stack, tmp_path: Path) -> None:
+def _scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``GET /metrics`` parsed by prometheus-client: sample name and sorted labels -> value."""
+    response = httpx.get(f"{stack.url}/metrics", timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_running_job_shows_in_metrics_and_is_cancelled_between_blocks(production: Stack, tmp_path: Path) -> None:
     model_dir = tmp_path / "deep"
     build_model("llama", layers=6).save_pretrained(model_dir)
     from tests.tiny_models import build_tokenizer
@@ -146,6 +158,14 @@ def test_running_job_is_cancelled_between_blocks(production: Stack, tmp_path: Pa
     while client.job(job_id)["progress"]["blocks_done"] < 1:
         assert time.monotonic() < deadline, production.log_tail()
         time.sleep(0.3)
+    metrics = _scrape(production)
+    assert metrics[("swquant_job_blocks_done", (("job_id", job_id),))] >= 1
+    assert metrics[("swquant_job_blocks", (("job_id", job_id),))] == 6
+    assert metrics[("swquant_jobs", (("status", "running"),))] >= 1
+    assert metrics[("swquant_blocks_calibrated_total", ())] >= 1 and metrics[("swquant_block_seconds_total", ())] > 0
+    assert ("swquant_queue_depth", (("queue", "gpu"),)) in metrics
+    polled = (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))
+    assert metrics[("swquant_http_requests_total", polled)] >= 1
     assert client.cancel(job_id)["cancel_requested"]
     job = _wait(client, production, job_id)
     assert job["status"] == "cancelled"
@@ -158,6 +178,7 @@ def test_a_job_that_fails_reports_a_code_and_message(production: Stack) -> None:
     job_id = client.submit({**JOB, "model": "/nonexistent/model"})["id"]
     job = _wait(client, production, job_id)
     assert job["status"] == "failed"
+    assert _scrape(production)[("swquant_job_failures_total", (("code", job["error"]["code"]),))] >= 1
     assert job["error"]["code"] == "invalid_spec" and "model" in job["error"]["message"]
 
 
