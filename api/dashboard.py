@@ -348,6 +348,7 @@ def compare(
         "runs": list(zip(rows, labels, strict=True)),
         "rows": rows,
         "ppl": views.ppl_table(rows),
+        "accuracy": views.accuracy_table(rows),
         "charts": views.compare_charts(blocks, labels),
         "diff": [d for d in diff if d["differs"]] if only_differences else diff,
         "only_differences": only_differences,

@@ -202,6 +202,8 @@ class JobRow:
     blocks_done: int
     num_blocks: int | None
     ppl: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    # lm-eval scores as "task metric" -> (float model, quantized)
+    accuracy: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
@@ -242,7 +244,22 @@ def job_row(job: Job, now: datetime | None = None) -> JobRow:
         blocks_done=job.blocks_done,
         num_blocks=job.num_blocks,
         ppl={t: v for t, v in ppl.items() if v != (None, None)},
+        accuracy=_accuracy(metrics),
     )
+
+
+def _accuracy(metrics: dict[str, float]) -> dict[str, tuple[float | None, float | None]]:
+    """lm-eval metrics (``lm_eval.{before,after}.TASK.METRIC``) paired per task and metric."""
+    pairs: dict[str, tuple[float | None, float | None]] = {}
+    for name, value in metrics.items():
+        prefix, _, rest = name.partition(".")
+        phase, _, task_metric = rest.partition(".")
+        if prefix != "lm_eval" or phase not in ("before", "after") or "." not in task_metric:
+            continue
+        key = " ".join(task_metric.rsplit(".", 1))
+        before, after = pairs.get(key, (None, None))
+        pairs[key] = (value, after) if phase == "before" else (before, value)
+    return pairs
 
 
 def parse_label_filter(text: str) -> tuple[dict[str, str], str | None]:
@@ -397,9 +414,36 @@ def compare_charts(runs: list[list[dict[str, Any]]], labels: list[str]) -> dict[
     return {"mse": chart(x, mse, "MSE"), "loss": chart(x, loss, "loss")}
 
 
-def ppl_table(rows: list[JobRow]) -> list[dict[str, Any]]:
-    """One row per evaluation text, one (before, after) pair per run."""
-    texts: list[str] = []
+def gap_recovered(reference: float | None, value: float | None, full_precision: float | None) -> float | None:
+    """Percent of the reference run's gap to the float model that ``value`` closes (the SW paper's metric).
+
+    The same formula serves perplexity (lower is better) and accuracy (higher is better):
+    ``(value - reference) / (full_precision - reference)``; negative when the run is worse.
+    """
+    if reference is None or value is None or full_precision is None or full_precision == reference:
+        return None
+    return 100.0 * (value - reference) / (full_precision - reference)
+
+
+def _paired_table(rows: list[JobRow], attribute: str) -> list[dict[str, Any]]:
+    keys: list[str] = []
     for row in rows:
-        texts += [t for t in row.ppl if t not in texts]
-    return [{"text": t, "values": [row.ppl.get(t, (None, None)) for row in rows]} for t in texts]
+        keys += [k for k in getattr(row, attribute) if k not in keys]
+    table = []
+    for key in keys:
+        values = [getattr(row, attribute).get(key, (None, None)) for row in rows]
+        before, reference = values[0]
+        recovered = [None] + [gap_recovered(reference, after, before) for _, after in values[1:]]
+        table.append({"text": key, "values": values, "recovered": recovered})
+    return table
+
+
+def ppl_table(rows: list[JobRow]) -> list[dict[str, Any]]:
+    """One row per evaluation text, one (before, after) pair per run, and the gap each run recovers
+    relative to the first run (e.g. an SW hybrid against its point-wise baseline)."""
+    return _paired_table(rows, "ppl")
+
+
+def accuracy_table(rows: list[JobRow]) -> list[dict[str, Any]]:
+    """The same for lm-eval task metrics."""
+    return _paired_table(rows, "accuracy")

@@ -237,6 +237,7 @@ def test_compare_overlays_the_curves_of_two_runs(page: sync_api.Page, stack: Sta
     assert series == [2, 2]
     differing = page.locator("table.diff tr.differs th").all_inner_texts()
     assert "loss" in differing and "bits" not in differing
+    sync_api.expect(page.get_by_role("columnheader", name="gap")).to_have_count(1)  # the second run's
     assert errors == []
     _screenshot(page, "compare")
 
