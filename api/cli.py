@@ -22,6 +22,7 @@ import httpx
 
 from api.client import ApiError, SWQuantClient
 from quant_core import cli as core_cli
+from quant_core.progress import minutes_seconds
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 KEY_FILE = "api_key"
@@ -223,8 +224,7 @@ def time_left(block_seconds: list[float], remaining: int) -> str:
     """Blocks left times the mean of the blocks seen, as ``m:ss``: blocks of one model cost about the same."""
     if not block_seconds:
         return "?"
-    seconds = round(remaining * sum(block_seconds) / len(block_seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
+    return minutes_seconds(remaining * sum(block_seconds) / len(block_seconds))
 
 
 def _follow(client: SWQuantClient, job_id: str) -> int:

@@ -30,6 +30,7 @@ from quant_core.model_card import write_model_cards
 from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tokenizer, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
+from quant_core.progress import PhaseProgress
 
 REPORT_NAME = "report.json"
 
@@ -111,16 +112,24 @@ def run_job(
         for name, path in eval_paths.items()
     }
 
-    def evaluate(weights: ShardedWeights | None) -> dict[str, float]:
+    def evaluate(weights: ShardedWeights | None, which: str) -> dict[str, float]:
         """Perplexity per text: of the model in memory, or streaming the blocks stored in ``weights``."""
-        if lazy is not None and weights is not None:
-            return {
-                name: blockwise_perplexity(lazy, w, weights, spec.eval.batch_size, spec.device)
-                for name, w in eval_sets.items()
-            }
-        model.to(spec.device)
-        scores = {name: perplexity(model, w, spec.eval.batch_size, spec.device) for name, w in eval_sets.items()}
-        model.to("cpu")
+        streamed = lazy is not None and weights is not None
+        if not streamed:
+            model.to(spec.device)
+        scores = {}
+        for name, w in eval_sets.items():
+            label = f"evaluating the {which} model on {name}"
+            if lazy is not None and weights is not None:
+                by_block = PhaseProgress(label, len(lazy.blocks), "blocks", hooks.stage)
+                scores[name] = blockwise_perplexity(
+                    lazy, w, weights, spec.eval.batch_size, spec.device, lambda i, p=by_block: p.advance(i + 1)
+                )
+            else:
+                by_window = PhaseProgress(label, w.shape[0], "windows", hooks.stage)
+                scores[name] = perplexity(model, w, spec.eval.batch_size, spec.device, by_window.advance)
+        if not streamed:
+            model.to("cpu")
         return scores
 
     def accuracy() -> Scores:
@@ -134,7 +143,7 @@ def run_job(
     lm_eval = spec.eval.lm_eval
     hooks.stage("evaluating the full-precision model")
     eval_started = time.perf_counter()
-    ppl_before = evaluate(lazy.weights if lazy is not None else None)
+    ppl_before = evaluate(lazy.weights if lazy is not None else None, "full-precision")
     accuracy_before: Scores = {}
     if lm_eval is not None and lm_eval.baseline:
         hooks.stage(f"lm-eval on the full-precision model ({', '.join(lm_eval.tasks)}; cached per model and task)")
@@ -181,7 +190,7 @@ def run_job(
 
     hooks.stage("evaluating the quantized model")
     eval_started = time.perf_counter()
-    ppl_after = evaluate(ShardedWeights(written) if written is not None else None)
+    ppl_after = evaluate(ShardedWeights(written) if written is not None else None, "quantized")
     accuracy_after: Scores = {}
     if lm_eval is not None:
         hooks.stage(f"lm-eval on the quantized model ({', '.join(lm_eval.tasks)})")

@@ -14,6 +14,7 @@ from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.model_structure import find_decoder_blocks
 from quant_core.perplexity import perplexity
+from quant_core.progress import PhaseProgress
 from quant_core.quantizer import QuantSpec
 from tests.tiny_models import build_model
 
@@ -143,3 +144,18 @@ def test_calibration_windows_are_seeded_slices_of_the_text() -> None:
     assert torch.equal(a, b)
     assert not torch.equal(a, calibration_windows(ids, 5, 20, seed=4))
     assert all(torch.equal(w, torch.arange(w[0], w[0] + 20)) for w in a)
+
+
+def test_phase_progress_reports_the_time_left_from_the_pace_so_far_at_most_every_interval() -> None:
+    now = [0.0]
+    messages: list[str] = []
+    progress = PhaseProgress("evaluating", 10, "windows", messages.append, interval_s=10.0, clock=lambda: now[0])
+    now[0] = 4.0
+    progress.advance(2)  # before the interval: silent
+    now[0] = 12.0
+    progress.advance(4)  # 3 s a window so far, 6 left
+    now[0] = 15.0
+    progress.advance(5)  # within the interval again
+    now[0] = 40.0
+    progress.advance(10)  # finished: nothing left to announce
+    assert messages == ["evaluating: 4/10 windows, about 0:18 left"]
