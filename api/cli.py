@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swquant", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     core_cli.add_quantize_command(commands)
+    core_cli.add_methods_command(commands)
 
     s = commands.add_parser("serve", help="run API, one worker and Redis locally (SQLite, local storage)")
     s.add_argument("--host", default="127.0.0.1")

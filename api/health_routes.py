@@ -1,6 +1,9 @@
-"""Liveness (``/healthz``) and readiness (``/readyz``: database, broker and storage all answer)."""
+"""Liveness (``/healthz``), readiness (``/readyz``: database, broker and storage all answer) and the
+catalog of methods and losses (``/v1/methods``): what a client may ask before it has a job."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -9,6 +12,7 @@ from sqlalchemy import text
 
 from api.deps import SettingsDep, StorageDep
 from api.schemas import Health
+from quant_core.catalog import catalog
 from swq_shared.db import get_engine
 
 router = APIRouter(tags=["health"])
@@ -43,3 +47,9 @@ def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
     ready = all(v == "ok" for v in checks.values())
     body = Health(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/v1/methods", tags=["jobs"])
+def methods() -> dict[str, Any]:
+    """Every quantization method (summary, default loss, options and defaults) and every loss with its options."""
+    return catalog()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import yaml
 from tqdm import tqdm
 
 from quant_core.accuracy import LmEvalSpec
+from quant_core.catalog import catalog, format_catalog
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.job import DTYPES, EXPORT_FORMATS, CalibSpec, EvalSpec, JobSpec
@@ -128,9 +130,22 @@ def add_quantize_command(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=quantize)
 
 
+def add_methods_command(commands: argparse._SubParsersAction) -> None:
+    m = commands.add_parser("methods", help="list every method and loss with its options and defaults")
+    m.add_argument("--json", action="store_true", help="as JSON (what GET /v1/methods returns)")
+    m.set_defaults(handler=print_methods)
+
+
+def print_methods(args: argparse.Namespace) -> int:
+    print(json.dumps(catalog(), indent=2) if args.json else format_catalog(catalog()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swquant", description=__doc__)
-    add_quantize_command(parser.add_subparsers(dest="command", required=True))
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_quantize_command(commands)
+    add_methods_command(commands)
     return parser
 
 

@@ -16,6 +16,8 @@ from quant_core.cli import main
 from quant_core.errors import ConfigError
 from quant_core.job import CalibSpec, JobSpec
 from quant_core.lightcompress_config import read_lightcompress
+from quant_core.losses import LOSSES, LossOptions
+from quant_core.methods import METHODS
 from quant_core.model_io import load_model
 
 SMALL = ["--n-samples", "4", "--seq-len", "32", "--eval-max-windows", "3", "--bits", "3", "--group-size", "32"]
@@ -289,3 +291,15 @@ def test_every_export_carries_a_model_card_with_the_reports_settings_and_figures
         ppl = report["perplexity"]["persuasion"]
         assert f"| persuasion | {ppl['before']:.2f} | {ppl['after']:.2f} |" in body
         assert f"seed {report['seed']}" in body and "from_pretrained" in body
+
+
+def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_code_applies(capsys) -> None:
+    assert main(["methods", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert set(listed["methods"]) == set(METHODS) and listed["losses"]["names"] == list(LOSSES)
+    for name, method in listed["methods"].items():
+        built = METHODS[name].options_type.from_dict({})
+        assert method["options"] == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(built).items()}
+    assert listed["methods"]["tesseraq"]["default_loss"] == "l2"
+    assert listed["losses"]["options"]["sw_num_projections"] == LossOptions().sw_num_projections
+    assert main(["methods"]) == 0 and "--method-opt NAME=VALUE" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
+from quant_core.catalog import catalog
 from tests.lm_eval_task import write_task
 from tests.s3_server import S3Endpoint
 from tests.service_stack import Stack, embedded_stack, migrated_backing, production_stack
@@ -340,3 +341,8 @@ def test_values_the_database_cannot_hold_are_refused_not_500(production: Stack) 
         response = client.http.request(method, path, **kwargs)
         assert 400 <= response.status_code < 500, (method, path, response.status_code, response.text)
     assert client.http.get("/v1/jobs?metadata=team=x").status_code == 200  # filters still work afterwards
+
+
+def test_the_methods_route_serves_the_catalog_without_a_key(production: Stack) -> None:
+    response = httpx.get(f"{production.url}/v1/methods", timeout=30)
+    assert response.status_code == 200 and response.json() == catalog()
