@@ -79,6 +79,13 @@ def lm_eval_spec(settings: dict[str, Any]) -> LmEvalSpec | None:
     )
 
 
+def _default(text: str, key: str) -> str:
+    """Help text with the default a job gets when neither the flag nor --config sets it."""
+    value = DEFAULTS[key]
+    shown = " ".join(value) if isinstance(value, list) else value
+    return f"{text} (default: {shown})"
+
+
 def add_job_arguments(q: argparse.ArgumentParser) -> None:
     """The flags that describe a job, shared by ``quantize`` (local) and ``submit`` (to a server).
 
@@ -86,19 +93,30 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     """
     q.add_argument("--config", type=Path, help="LightCompress-style YAML; command-line flags override it")
     q.add_argument("--model", help="Hugging Face directory (safetensors) or hub id")
-    q.add_argument("--method", choices=sorted(METHODS))
-    q.add_argument("--bits", type=int)
-    q.add_argument("--group-size", type=_group_size, help="columns per scale; 0 or -1 for per-channel")
-    q.add_argument("--symmetric", action="store_true", default=None)
-    q.add_argument("--loss", choices=list(LOSSES))
-    q.add_argument("--loss-opt", type=key_value, action="append", default=[], metavar="NAME=VALUE")
-    q.add_argument("--method-opt", type=key_value, action="append", default=[], metavar="NAME=VALUE")
-    q.add_argument("--calib", help="bundled corpus (austen) or text file")
-    q.add_argument("--n-samples", type=int)
-    q.add_argument("--seq-len", type=int)
-    q.add_argument("--eval", action="append", help="bundled corpus (persuasion) or text file; repeatable")
-    q.add_argument("--eval-seq-len", type=int)
-    q.add_argument("--eval-max-windows", type=int)
+    q.add_argument("--method", choices=sorted(METHODS), help=_default("method", "method"))
+    q.add_argument("--bits", type=int, help=_default("bits per weight", "bits"))
+    q.add_argument(
+        "--group-size", type=_group_size, help=_default("columns per scale; 0 or -1 for per-channel", "group_size")
+    )
+    q.add_argument("--symmetric", action="store_true", default=None, help="symmetric grid (default: asymmetric)")
+    q.add_argument("--loss", choices=list(LOSSES), help="training loss (default: the method's own; swquant methods)")
+    q.add_argument(
+        "--loss-opt", type=key_value, action="append", default=[], metavar="NAME=VALUE", help="a loss option"
+    )
+    q.add_argument(
+        "--method-opt",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method option (see swquant methods)",
+    )
+    q.add_argument("--calib", help=_default("bundled corpus or text file", "calib"))
+    q.add_argument("--n-samples", type=int, help=_default("calibration windows", "n_samples"))
+    q.add_argument("--seq-len", type=int, help=_default("tokens per calibration window", "seq_len"))
+    q.add_argument("--eval", action="append", help=_default("bundled corpus or text file; repeatable", "eval"))
+    q.add_argument("--eval-seq-len", type=int, help="tokens per evaluation window (default: --seq-len)")
+    q.add_argument("--eval-max-windows", type=int, help="evaluation windows per text (default: all)")
     q.add_argument(
         "--lm-eval-task",
         action="append",
@@ -107,13 +125,18 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     )
     q.add_argument("--lm-eval-limit", type=int, metavar="N", help="documents per lm-eval task (default: all)")
     q.add_argument("--lm-eval-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
-    q.add_argument("--seed", type=int)
+    q.add_argument("--seed", type=int, help=_default("seed of every random draw", "seed"))
     q.add_argument(
         "--lazy-load", action="store_true", default=None, help="stream blocks from disk (models larger than memory)"
     )
-    q.add_argument("--dtype", choices=DTYPES, help="model dtype for calibration forwards (grids and losses stay fp32)")
     q.add_argument(
-        "--export", nargs="+", choices=EXPORT_FORMATS, help="fake_quant (dequantized) and/or pack_quantized (vLLM)"
+        "--dtype", choices=DTYPES, help=_default("model dtype for calibration (grids and losses stay fp32)", "dtype")
+    )
+    q.add_argument(
+        "--export",
+        nargs="+",
+        choices=EXPORT_FORMATS,
+        help=_default("fake_quant (dequantized) and/or pack_quantized (vLLM)", "export"),
     )
 
 
