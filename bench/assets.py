@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("calibration text", austen_calibration_text(args.cache_dir)))
         rows += [(f"evaluation text ({name})", text_path(name)) for name in EVALUATION_TEXTS]
     except AssetError as exc:
-        logging.warning("benchmark texts not prepared: %s", exc)
+        logging.info(
+            "model ready; the benchmark texts (only bench.quality and bench.sw_study need them) are not: %s", exc
+        )
 
     width = max(len(label) for label, _ in rows)
     for label, path in rows:
