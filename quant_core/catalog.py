@@ -17,7 +17,7 @@ from quant_core.methods import METHODS
 def _defaults(options_type: type) -> dict[str, Any]:
     defaults = {}
     for f in fields(options_type):
-        value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        value = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
         defaults[f.name] = list(value) if isinstance(value, tuple) else value
     return defaults
 

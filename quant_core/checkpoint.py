@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -36,7 +37,7 @@ class ResumePoint:
 
     fp_inputs: Tensor
     q_inputs: Tensor
-    records: list[dict]
+    records: list[dict[str, Any]]
 
 
 def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -90,7 +91,9 @@ class BlockCheckpoint:
     def _block_path(self, index: int) -> Path:
         return saved_files(self.directory, index)[0]
 
-    def save(self, index: int, block: nn.Module, fp_inputs: Tensor, q_inputs: Tensor, records: list[dict]) -> None:
+    def save(
+        self, index: int, block: nn.Module, fp_inputs: Tensor, q_inputs: Tensor, records: list[dict[str, Any]]
+    ) -> None:
         """Record that block ``index`` (the last of ``records``) is finished; the next block gets these inputs."""
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"fingerprint": self.fingerprint}

@@ -140,7 +140,7 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
     )
 
 
-def add_quantize_command(commands: argparse._SubParsersAction) -> None:
+def add_quantize_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = commands.add_parser(
         "quantize", help="quantize a model locally and write DIR/model (or DIR/packed) and DIR/report.json"
     )
@@ -153,7 +153,7 @@ def add_quantize_command(commands: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=quantize)
 
 
-def add_methods_command(commands: argparse._SubParsersAction) -> None:
+def add_methods_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = commands.add_parser("methods", help="list every method and loss with its options and defaults")
     m.add_argument("--json", action="store_true", help="as JSON (what GET /v1/methods returns)")
     m.set_defaults(handler=print_methods)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from quant_core.errors import ConfigError
 
@@ -30,7 +31,7 @@ def resolve_text(source: str, field: str) -> Path:
     return path
 
 
-def tokenize_file(tokenizer, path: Path) -> Tensor:
+def tokenize_file(tokenizer: PreTrainedTokenizerBase, path: Path) -> Tensor:
     """All token ids of a text file as one 1-D tensor (no special tokens: windows are cut anywhere)."""
     text = path.read_text(encoding="utf-8", errors="replace")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.errors import CancelledError
 from quant_core.losses import Loss, mse
-from quant_core.methods.base import BlockData, QuantMethod, rtn_weights
+from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_weights
 from quant_core.methods.layer_inputs import recorded_outputs
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
 from quant_core.output_stats import distribution_errors
@@ -98,7 +98,7 @@ def capture_block_inputs(model: nn.Module, windows: Tensor, device: str) -> Bloc
     hidden: list[Tensor] = []
     captured_kwargs: dict[str, Any] = {}
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
         hidden.append(args[0] if args else kwargs.pop("hidden_states"))
         if not captured_kwargs:
@@ -122,6 +122,15 @@ def run_block(
     """One block forward; ``overrides`` replaces parameters by name without touching the module."""
     out = functional_call(block, dict(overrides), (hidden,), dict(kwargs)) if overrides else block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def block_forward(block: nn.Module, kwargs: Mapping[str, Any]) -> BlockForward:
+    """``block``'s forward with the model's keyword arguments bound: what methods call as ``data.forward``."""
+
+    def forward(hidden: Tensor, overrides: Mapping[str, Tensor] | None) -> Tensor:
+        return run_block(block, hidden, kwargs, overrides)
+
+    return forward
 
 
 @torch.no_grad()
@@ -228,7 +237,7 @@ def calibrate_blocks(
             num_blocks=len(blocks),
             inputs=q_in,
             targets=targets if method.needs_targets else None,
-            forward=lambda h, overrides, block=block: run_block(block, h, kwargs, overrides),
+            forward=block_forward(block, kwargs),
             generator=torch.Generator().manual_seed(block_seed),
             site_targets=site_targets,
         )

@@ -21,7 +21,7 @@ that lies on its grid is exported without loss. Every other tensor is written un
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from compressed_tensors.quantization import (
     QuantizationStrategy,
 )
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME
 
@@ -56,7 +56,7 @@ _MARLIN_GROUP_SIZES = (None, 32, 64, 128)
 
 
 def export_pack_quantized(
-    model: nn.Module,
+    model: PreTrainedModel,
     qparams: Mapping[str, tuple[Tensor, Tensor]],
     spec: QuantSpec,
     out_dir: str | Path,
@@ -104,7 +104,7 @@ def export_pack_quantized(
 
 
 def write_packed(
-    model: nn.Module, spec: QuantSpec, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+    model: PreTrainedModel, spec: QuantSpec, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> dict[str, Any]:
     """Pack every layer that holds a grid from calibration; return what the report says of the export."""
     qparams = {name: grid for name, module in model.named_modules() if (grid := layer_grid(module)) is not None}
@@ -122,7 +122,7 @@ def write_packed(
 
 def check_packable(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
     """Refuse up front, before any calibration, a model whose linears ``names`` cannot be packed."""
-    _packed_linears(model, dict.fromkeys(names), spec)
+    _packed_linears(model, names, spec)
 
 
 def vllm_serving_blockers(spec: QuantSpec) -> list[str]:
@@ -152,13 +152,11 @@ def vllm_serving_blockers(spec: QuantSpec) -> list[str]:
     return blockers
 
 
-def _packed_linears(
-    model: nn.Module, qparams: Mapping[str, tuple[Tensor, Tensor]], spec: QuantSpec
-) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` layers named in ``qparams``, refusing layers the format cannot hold."""
+def _packed_linears(model: nn.Module, names: Iterable[str], spec: QuantSpec) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers named, refusing layers the format cannot hold."""
     modules = dict(model.named_modules())
     layers: dict[str, nn.Linear] = {}
-    for name in qparams:
+    for name in names:
         module = modules.get(name)
         if isinstance(module, Conv1D):
             raise ConfigError(

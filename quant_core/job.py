@@ -138,7 +138,9 @@ class JobSpec:
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""
         with registry_fields("loss", "loss_options"):
-            return build_loss(self.loss, **{"seed": self.seed, **self.loss_options})
+            return build_loss(
+                self.loss or method_class(self.method).default_loss, **{"seed": self.seed, **self.loss_options}
+            )
 
     def build_method(self) -> QuantMethod:
         loss = self.build_loss()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.engine import capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
@@ -83,7 +83,7 @@ def _set_parameter(module: nn.Module, name: str, value: Tensor) -> None:
     owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def _initialise_buffers(model: nn.Module, module: nn.Module) -> None:
+def _initialise_buffers(model: PreTrainedModel, module: nn.Module) -> None:
     """Recompute the non-persistent buffers (rotary tables) a meta-device build left empty."""
     for sub in module.modules():
         if any(b.is_meta for b in sub.buffers(recurse=False)):

@@ -35,7 +35,10 @@ _IGNORED_SPECIAL = {
     "gptq": {"chunk_num", "owq"},
 }
 _REQUIRED_SPECIAL = {"omniquant": {"lwc": True, "let": False, "aug_loss": False}, "gptq": {"true_sequential": True}}
-_IMPLIED_OPTIONS = {"omniquant": {"schedule": "paper", "init": "full"}, "gptq": {"clip_search": False}}
+_IMPLIED_OPTIONS: dict[str, dict[str, Any]] = {
+    "omniquant": {"schedule": "paper", "init": "full"},
+    "gptq": {"clip_search": False},
+}
 
 
 def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -89,7 +92,7 @@ def parse_lightcompress(config: Any) -> dict[str, Any]:
 
 
 def _method_options(special: dict[str, Any], method: str) -> dict[str, Any]:
-    options: dict[str, Any] = dict(_IMPLIED_OPTIONS.get(method, {}))
+    options: dict[str, Any] = {**_IMPLIED_OPTIONS.get(method, {})}
     to_option, required = _SPECIAL_TO_OPTION.get(method, {}), _REQUIRED_SPECIAL.get(method, {})
     to_choice = _SPECIAL_TO_CHOICE.get(method, {})
     for key, value in special.items():

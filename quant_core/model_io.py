@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.errors import ConfigError
 
@@ -20,7 +19,7 @@ PACKED_DIR = "packed"
 
 def load_model(
     source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer from a local directory or a hub id (safetensors only)."""
     path = Path(source).expanduser()
     if path.is_dir() and not any(path.glob("*.safetensors")):
@@ -42,7 +41,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTo
         raise ConfigError(f"model: cannot load the tokenizer of '{source}': {exc}", "model") from exc
 
 
-def save_fake_quant(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+def save_fake_quant(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
     """Write a Hugging Face directory (safetensors, config, tokenizer) holding dequantized weights."""
     target = out_dir / FAKE_QUANT_DIR
     model.save_pretrained(target, safe_serialization=True)

@@ -7,6 +7,8 @@ shape (a ``ModuleList`` with one entry per hidden layer) rather than by a table 
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -15,8 +17,21 @@ from quant_core.errors import ConfigError
 LinearLike = nn.Linear | Conv1D
 
 
+def text_config(model: nn.Module) -> Any:
+    """The configuration of the model's text decoder (the model's own, or a multimodal model's text part)."""
+    return cast(Any, model).config.get_text_config()
+
+
+def linear_named(block: nn.Module, name: str) -> LinearLike:
+    """The block's linear layer ``name``; a ConfigError when the model has something else there."""
+    module = block.get_submodule(name)
+    if not isinstance(module, LinearLike):
+        raise ConfigError(f"{name} of the decoder block is a {type(module).__name__}, not a linear layer", "model")
+    return module
+
+
 def num_hidden_layers(model: nn.Module) -> int:
-    config = model.config.get_text_config()
+    config = text_config(model)
     return int(config.num_hidden_layers)
 
 

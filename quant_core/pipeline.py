@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ def library_versions() -> dict[str, str]:
 def job_fingerprint(spec: JobSpec) -> str:
     """What a checkpoint must match to be resumed: every setting of the job."""
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _advance_past(progress: PhaseProgress, index: int) -> None:
+    """Block ``index`` is done: ``index + 1`` of them."""
+    progress.advance(index + 1)
 
 
 def run_job(
@@ -123,7 +129,7 @@ def run_job(
             if lazy is not None and weights is not None:
                 by_block = PhaseProgress(label, len(lazy.blocks), "blocks", hooks.stage)
                 scores[name] = blockwise_perplexity(
-                    lazy, w, weights, spec.eval.batch_size, spec.device, lambda i, p=by_block: p.advance(i + 1)
+                    lazy, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)
                 )
             else:
                 by_window = PhaseProgress(label, w.shape[0], "windows", hooks.stage)

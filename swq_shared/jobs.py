@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, is_id, new_id, utcnow
+
+
+def _rows_changed(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE changed: the guard of every compare-and-set transition below."""
+    result: CursorResult[Any] = session.execute(statement)  # type: ignore[assignment]
+    return result.rowcount
 
 
 class LeaseLostError(RuntimeError):
@@ -74,7 +80,8 @@ def claim_job(
     if max_attempts is not None:
         condition.append(Job.attempts < max_attempts)
     token = new_id()
-    claimed = session.execute(
+    claimed = _rows_changed(
+        session,
         update(Job)
         .where(*condition)
         .values(
@@ -85,8 +92,8 @@ def claim_job(
             attempts=Job.attempts + 1,
             lease_token=token,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
-        )
-    ).rowcount
+        ),
+    )
     if not claimed:
         return None
     job = session.get(Job, job_id, populate_existing=True)
@@ -104,18 +111,19 @@ def _leased(job_id: str, lease_token: str | None) -> list[Any]:
 def renew_lease(session: Session, job_id: str, lease_token: str, lease_seconds: float) -> None:
     """Push the lease's expiry ``lease_seconds`` ahead; LeaseLostError if it is no longer held."""
     now = utcnow()
-    renewed = session.execute(
+    renewed = _rows_changed(
+        session,
         update(Job)
         .where(*_leased(job_id, lease_token))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-    ).rowcount
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now),
+    )
     if not renewed:
         raise LeaseLostError(f"job {job_id}: lease lost")
 
 
 def add_leased_event(session: Session, job_id: str, lease_token: str, kind: str, **data: Any) -> None:
     """Append an event for a running attempt, refused (LeaseLostError) once its lease is gone."""
-    if not session.execute(update(Job).where(*_leased(job_id, lease_token)).values(updated_at=utcnow())).rowcount:
+    if not _rows_changed(session, update(Job).where(*_leased(job_id, lease_token)).values(updated_at=utcnow())):
         raise LeaseLostError(f"job {job_id}: lease lost")
     add_event(session, job_id, kind, **data)
 
@@ -125,11 +133,12 @@ def record_block(session: Session, job_id: str, block: dict[str, Any], lease_tok
 
     With ``lease_token``, only while that lease is held (LeaseLostError otherwise).
     """
-    done = session.execute(
+    done = _rows_changed(
+        session,
         update(Job)
         .where(*_leased(job_id, lease_token))
-        .values(blocks_done=block["index"] + 1, num_blocks=block["num_blocks"], updated_at=utcnow())
-    ).rowcount
+        .values(blocks_done=block["index"] + 1, num_blocks=block["num_blocks"], updated_at=utcnow()),
+    )
     if not done:
         raise LeaseLostError(f"job {job_id} is not running under this lease")
     add_event(session, job_id, "block", **block)
@@ -178,7 +187,8 @@ def finish_job(
     has its artifacts, because both are written together.
     """
     now = utcnow()
-    done = session.execute(
+    done = _rows_changed(
+        session,
         update(Job)
         .where(*_leased(job_id, lease_token))
         .values(
@@ -189,8 +199,8 @@ def finish_job(
             error_message=error_message,
             lease_token=None,
             lease_expires_at=None,
-        )
-    ).rowcount
+        ),
+    )
     if not done:
         return False
     for name, value in (metrics or {}).items():
@@ -220,18 +230,23 @@ def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
                 f"the job's worker stopped without finishing it {job.attempts} times "
                 f"(attempt limit {max_attempts}); last worker: {job.worker}"
             )
-            values = {"status": JobStatus.failed.value, "finished_at": now, "error_code": "worker_lost"}
+            values: dict[str, Any] = {"status": JobStatus.failed.value, "finished_at": now, "error_code": "worker_lost"}
             values["error_message"] = message
-            event = {"status": JobStatus.failed.value, "error_code": "worker_lost", "error_message": message}
+            event: dict[str, Any] = {
+                "status": JobStatus.failed.value,
+                "error_code": "worker_lost",
+                "error_message": message,
+            }
         else:
             values = {"status": JobStatus.queued.value}
             event = {"status": JobStatus.queued.value, "reason": f"worker {job.worker} lost", "attempts": job.attempts}
-        changed = session.execute(
+        changed = _rows_changed(
+            session,
             update(Job)
             .where(*condition)
             .values(**values, updated_at=now, lease_token=None, lease_expires_at=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         if changed:
             add_event(session, job.id, "status", **event)
             if values["status"] == JobStatus.queued.value:
@@ -253,12 +268,13 @@ def claim_resend(session: Session, older_than_s: float, waiting_ids: set[str]) -
     for job in stale:
         if job.id in waiting_ids:
             continue
-        stamped = session.execute(
+        stamped = _rows_changed(
+            session,
             update(Job)
             .where(Job.id == job.id, Job.status == JobStatus.queued.value, Job.updated_at == job.updated_at)
             .values(updated_at=now)
-            .execution_options(synchronize_session=False)
-        ).rowcount
+            .execution_options(synchronize_session=False),
+        )
         if stamped:
             add_event(session, job.id, "message", message="re-sent to the queue: the broker no longer held it")
             taken.append(job)

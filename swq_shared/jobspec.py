@@ -22,6 +22,8 @@ from quant_core.lightcompress_config import parse_lightcompress
 from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 
 UPLOAD_PREFIX = "upload:"
+ExportFormat = Literal["fake_quant", "pack_quantized"]
+DEFAULT_EXPORT: ExportFormat = "fake_quant"
 MAX_SAMPLES = 4096
 MAX_SEQ_LEN = 32768
 
@@ -69,9 +71,7 @@ class JobRequest(BaseModel):
     loss_options: dict[str, Any] = Field(default_factory=dict)
     calibration: CalibrationRequest = Field(default_factory=CalibrationRequest)
     evaluation: EvaluationRequest = Field(default_factory=EvaluationRequest)
-    export_formats: list[Literal["fake_quant", "pack_quantized"]] = Field(
-        default_factory=lambda: ["fake_quant"], min_length=1, max_length=2
-    )
+    export_formats: list[ExportFormat] = Field(default_factory=lambda: [DEFAULT_EXPORT], min_length=1, max_length=2)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="model dtype for calibration; grids, Hessians and losses stay float32"

@@ -75,14 +75,14 @@ def waiting_task_ids(app: Celery, queues: set[str]) -> set[str]:
     """
     with app.connection_for_read() as connection:
         client = connection.default_channel.client
-        found = set()
+        found: set[str | None] = set()
         for queue in queues:
             for key in client.scan_iter(match=f"{queue}*"):
                 name = key.decode() if isinstance(key, bytes) else key
                 if name.split(_PRIORITY_SEPARATOR, 1)[0] == queue:
                     found.update(_message_task_id(raw) for raw in client.lrange(name, 0, -1))
     found.discard(None)
-    return found  # type: ignore[return-value]
+    return {task_id for task_id in found if task_id is not None}
 
 
 def revoke_job(app: Celery, job_id: str) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -434,7 +434,7 @@ class S3Storage(Storage):
         Only on request (setup scripts, tests): in production the bucket is provisioned with its
         own policies, and a typo in its name should fail `check` rather than create a new bucket.
         """
-        request = {"Bucket": self.bucket}
+        request: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
             request["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
         # Already ours: created before, possibly by another process starting at the same time.

@@ -39,7 +39,7 @@ from quant_core.methods.base import (
 )
 from quant_core.methods.clipping import mean_ratio
 from quant_core.methods.layer_inputs import capture_call, first_argument, input_grams, input_groups, layer_input
-from quant_core.model_structure import LinearLike, quantizable_linears, stored_layout, weight_matrix
+from quant_core.model_structure import LinearLike, linear_named, quantizable_linears, stored_layout, weight_matrix
 from quant_core.quantizer import fake_quantize
 
 FOLD_TOLERANCE = 1e-3  # relative change of the block output allowed by folding scales in float32
@@ -117,9 +117,12 @@ def _scale_rows(module: nn.Module, scales: Tensor) -> None:
         if isinstance(module, LinearLike):
             weight_matrix(module).div_(scales.to(module.weight.dtype).unsqueeze(1))
         else:
-            module.weight.div_(scales.to(module.weight.dtype))
-        if getattr(module, "bias", None) is not None:
-            module.bias.div_(scales.to(module.bias.dtype))
+            weight = module.weight  # a norm's scale vector
+            assert isinstance(weight, Tensor)
+            weight.div_(scales.to(weight.dtype))
+        bias: Tensor | None = getattr(module, "bias", None)
+        if bias is not None:
+            bias.div_(scales.to(bias.dtype))
 
 
 def _scale_columns(layer: LinearLike, scales: Tensor) -> None:
@@ -199,7 +202,7 @@ class Awq(QuantMethod):
     ) -> float | None:
         """Best exponent for one mapping, folded into the block; None when the shapes cannot be folded."""
         previous = block.get_submodule(mapping.previous)
-        layers = {name: block.get_submodule(name) for name in mapping.layers}
+        layers = {name: linear_named(block, name) for name in mapping.layers}
         width = weight_matrix(next(iter(layers.values()))).shape[1]
         if isinstance(previous, LinearLike) and weight_matrix(previous).shape[0] != width:
             return None  # grouped-query attention: v has fewer output channels than o has inputs

@@ -146,6 +146,25 @@ class QuantMethod:
         """Quantize ``block`` in place; return method-specific statistics for the report."""
         raise NotImplementedError
 
+    # --- the whole-model contract (``whole_model = True``), called by the pipeline instead of the engine
+
+    def check_resources(self, model: nn.Module, seq_len: int, device: str) -> dict[str, Any]:
+        """Refuse, before any work, a run that cannot fit; return the estimate for the report."""
+        raise NotImplementedError(f"{self.name} is blockwise: the engine calls calibrate per block")
+
+    def quantize_model(
+        self,
+        model: nn.Module,
+        windows: Tensor,
+        *,
+        device: str = "cpu",
+        seed: int = 0,
+        on_stage: Callable[[str], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """Quantize every block of ``model`` at once on ``windows``; return statistics for the report."""
+        raise NotImplementedError(f"{self.name} is blockwise: the engine calls calibrate per block")
+
 
 GRID_BUFFERS = ("quant_scale", "quant_zero")
 
@@ -214,7 +233,7 @@ def rotated_rtn_weights(block: nn.Module, spec: QuantSpec, generator: torch.Gene
     result = {}
     for name, layer in quantizable_linears(block).items():
         weight = weight_matrix(layer).detach()
-        rotation = LinearRotation.draw(*weight.shape, generator)
+        rotation = LinearRotation.draw(weight.shape[0], weight.shape[1], generator)
         rotated = rotation.rotate(weight.float())
         result[name] = rotation.restore(fake_quantize(rotated, spec)).to(weight.dtype)
     return result

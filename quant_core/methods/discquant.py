@@ -38,11 +38,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation
@@ -55,7 +56,7 @@ from quant_core.methods.base import (
     write_quantized,
 )
 from quant_core.methods.training import cosine_with_warmup
-from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
+from quant_core.model_structure import LinearLike, find_decoder_blocks, quantizable_linears, text_config, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
 INIT_CHOICES = ("rand", "orig")
@@ -182,9 +183,13 @@ class RoundingLinear(nn.Module):
     precision, which is how the same model serves as its own distillation teacher.
     """
 
+    down: Tensor
+    gap: Tensor
+    fraction: Tensor  # y: where the weight lies between its two grid neighbours
+
     def __init__(
         self,
-        layer: nn.Module,
+        layer: LinearLike,
         spec: QuantSpec,
         init: str,
         generator: torch.Generator,
@@ -207,7 +212,7 @@ class RoundingLinear(nn.Module):
         """``[out, in]`` weight at ``x`` (default: the trained one), in the original basis and dtype."""
         matrix = self.down + (self.x if x is None else x) * self.gap
         if self.rotation is not None:
-            matrix = _Restore.apply(matrix, self.rotation)
+            matrix = _Restore.apply(matrix, self.rotation)  # type: ignore[no-untyped-call]
         return matrix.to(self.layer.weight.dtype)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -280,7 +285,7 @@ def estimate_memory(
     the rotations (``rotate``) costs about two more floats per quantized weight in transient
     copies (measured on SmolLM2-135M: 6.9 GiB peak against 5.9 GiB without).
     """
-    config = model.config.get_text_config()
+    config = text_config(model)
     hidden = _config_value(config, ("hidden_size", "n_embd", "d_model"))
     intermediate = _config_value(config, ("intermediate_size", "ffn_dim", "n_inner"), 4 * hidden)
     heads = _config_value(config, ("num_attention_heads", "n_head"))
@@ -333,8 +338,9 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _set_checkpointing(model: nn.Module, enable: bool) -> None:
+def _set_checkpointing(module: nn.Module, enable: bool) -> None:
     """The model's own activation (gradient) checkpointing: each block's activations are recomputed in backward."""
+    model = cast(PreTrainedModel, module)  # the pipeline hands whole-model methods a transformers model
     if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
         if enable:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -360,7 +366,8 @@ def wrap_linears(
     wrapped = []
     for block in find_decoder_blocks(model):
         for name, layer in quantizable_linears(block).items():
-            rotation = LinearRotation.draw(*weight_matrix(layer).shape, generator) if rotate else None
+            out_features, in_features = weight_matrix(layer).shape
+            rotation = LinearRotation.draw(out_features, in_features, generator) if rotate else None
             wrapper = RoundingLinear(layer, spec, init, generator, rotation)
             _set_submodule(block, name, wrapper)
             wrapped.append((block, name, wrapper))
@@ -402,6 +409,7 @@ class DiscQuant(QuantMethod):
             self.rotates,
         )
         field = "model"
+        available: float | None
         if self.options.memory_budget_gib is not None:
             available, source = self.options.memory_budget_gib * GIB, "memory_budget_gib"
             field = "method_options.memory_budget_gib"
