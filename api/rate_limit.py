@@ -46,7 +46,7 @@ OUTAGE_RETRY_S = 5.0
 # KEYS[1]: the bucket. ARGV: per_minute, burst, now in ms ("" for Redis's clock). Returns
 # {allowed (1 or 0), milliseconds to wait for a token (0 when allowed), whole tokens left}.
 BUCKET_SCRIPT = """
-local per_token = 60000
+local per_token = UNITS_PER_TOKEN
 local per_minute = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2]) * per_token
 local now = tonumber(ARGV[3])
@@ -71,7 +71,7 @@ end
 redis.call('HSET', KEYS[1], 'units', string.format('%.0f', units), 'at', string.format('%.0f', at))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - units) / per_minute) + 1000)
 return {allowed, wait, math.floor(units / per_token)}
-"""
+""".replace("UNITS_PER_TOKEN", str(UNITS_PER_TOKEN))
 
 
 @dataclass(frozen=True)

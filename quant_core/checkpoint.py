@@ -28,7 +28,6 @@ from quant_core.methods.base import GRID_BUFFERS, layer_grid
 from quant_core.model_structure import quantizable_linears
 
 STATE_FILE = "state.safetensors"
-RECORDS_FILE = "records.json"
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """Job state rules, in one place for the API and the workers.
 
 A job moves queued -> running -> succeeded | failed | cancelled, and back from running to queued
-when its worker dies (swq_shared.leases). Every change is a conditional UPDATE (``WHERE status =
-...``), so two processes racing on one job cannot both win, and every change appends an event to the
-job's log. A claim hands the worker a lease token; the worker's writes (progress, outcome) name it
-and are refused once the lease has passed to another attempt, so a worker presumed dead can never
-overwrite the work of the one that replaced it.
+when its worker dies (``requeue_lapsed``, run by worker/reaper.py). Every change is a conditional
+UPDATE (``WHERE status = ...``), so two processes racing on one job cannot both win, and every
+change appends an event to the job's log. A claim hands the worker a lease token; the worker's
+writes (progress, outcome) name it and are refused once the lease has passed to another attempt,
+so a worker presumed dead can never overwrite the work of the one that replaced it.
 """
 
 from __future__ import annotations

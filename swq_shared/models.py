@@ -119,7 +119,7 @@ class Job(Base):
     num_blocks: Mapped[int | None] = mapped_column(Integer, default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     # The running attempt's lease: only the holder of lease_token may write progress or the outcome,
-    # and a lease not renewed by lease_expires_at means the worker is gone (see swq_shared.leases).
+    # and a lease not renewed by lease_expires_at means the worker is gone (see swq_shared.jobs.requeue_lapsed).
     lease_token: Mapped[str | None] = mapped_column(String(32), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -1,4 +1,4 @@
-"""The loss contract of MISSION.md, checked against independent references (POT, SciPy, naive loops)."""
+"""The losses every method trains with, checked against independent references (POT, SciPy, naive loops)."""
 
 from __future__ import annotations
 
