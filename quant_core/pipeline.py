@@ -126,7 +126,8 @@ def run_job(
         scores = {}
         for name, w in eval_sets.items():
             label = f"evaluating the {which} model on {name}"
-            if lazy is not None and weights is not None:
+            if streamed:
+                assert lazy is not None and weights is not None
                 by_block = PhaseProgress(label, len(lazy.blocks), "blocks", hooks.stage)
                 scores[name] = blockwise_perplexity(
                     lazy, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)

@@ -15,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quant_core.accuracy import MAX_TASKS, LmEvalSpec
-from quant_core.cli import lm_eval_spec
 from quant_core.errors import ConfigError
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
 from quant_core.lightcompress_config import parse_lightcompress
@@ -183,12 +182,11 @@ def request_from_settings(settings: dict[str, Any]) -> JobRequest:
         values = {field: settings[key] for field, key in names if settings.get(key) is not None}
         if values:
             body[section] = values
-    lm_eval = lm_eval_spec(settings)
-    if lm_eval is not None:
+    if settings.get("lm_eval_task"):  # the request model validates these, as for the sections above
         body.setdefault("evaluation", {})["lm_eval"] = {
-            "tasks": list(lm_eval.tasks),
-            "limit": lm_eval.limit,
-            "num_fewshot": lm_eval.num_fewshot,
+            "tasks": list(settings["lm_eval_task"]),
+            "limit": settings.get("lm_eval_limit"),
+            "num_fewshot": settings.get("lm_eval_fewshot"),
         }
     return JobRequest.model_validate(body)
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from quant_core.accuracy import LmEvalSpec, task_scores
 from quant_core.cli import main
 from quant_core.errors import ConfigError
-from swq_shared.jobspec import JobRequest
+from swq_shared.jobspec import JobRequest, request_from_settings
 from tests.lm_eval_task import QUESTIONS, write_task
 from tests.tiny_models import build_model, build_tokenizer
 
@@ -98,3 +98,10 @@ def test_the_request_carries_lm_eval_into_the_job_spec() -> None:
             {"model": "m", "group_size": 32, "lazy_load": True, "evaluation": {"lm_eval": {"tasks": ["arc_easy"]}}}
         ).to_job_spec()
     assert info.value.field == "lazy_load"
+
+
+def test_submit_flags_carry_lm_eval_into_the_request() -> None:
+    request = request_from_settings({"model": "m", "group_size": 32, "lm_eval_task": ["arc_easy"], "lm_eval_limit": 5})
+    assert request.evaluation.lm_eval is not None
+    assert (request.evaluation.lm_eval.tasks, request.evaluation.lm_eval.limit) == (["arc_easy"], 5)
+    assert request.evaluation.lm_eval.num_fewshot is None
