@@ -187,9 +187,10 @@ def calibrate_blocks(
 
     ``eval_loss`` measures each block before (round-to-nearest weights) and after calibration on the
     first windows that hold ``diagnostic_tokens`` tokens, with fixed random draws; the method trains
-    with its own loss object. Passes over the data per block: the quantized chain's output (always, it feeds the
-    next block), the full-precision targets (on every window only for a method that trains against
-    them, ``needs_targets``; otherwise on the diagnostic windows alone), round-to-nearest on the
+    with its own loss object. Passes over the data per block: the quantized chain's output (it feeds
+    the next block; spared when the method computed it on the way), the full-precision targets (on
+    every window only for a method that trains against them, ``needs_targets``; otherwise on the
+    diagnostic windows alone), round-to-nearest on the
     diagnostic windows, and whatever the method itself runs. ``should_cancel`` is checked between
     blocks, so a cancelled run never leaves a half-quantized block behind. With a ``checkpoint``,
     progress is stored after every block and a run continues where a previous run of the same job
@@ -242,7 +243,9 @@ def calibrate_blocks(
             site_targets=site_targets,
         )
         stats = method.calibrate(block, data)
-        q_outputs = run_block_batched(block, q_in, kwargs, forward_batch_size)
+        q_outputs = data.current_outputs(block)
+        if q_outputs is None:
+            q_outputs = run_block_batched(block, q_in, kwargs, forward_batch_size)
         record = BlockRecord(
             index=index,
             num_blocks=len(blocks),

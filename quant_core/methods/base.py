@@ -38,6 +38,30 @@ class BlockData:
     generator: torch.Generator  # seeded per block, for shuffling and any other draw
     # Full-precision outputs of the submodules the loss aligns (``Loss.sites``), each [n, seq, hidden].
     site_targets: Mapping[str, Tensor] = field(default_factory=dict)
+    # The block's output on every input, left by a method that computed it on the way (GPTQ's staged
+    # pass) with the weights state it was computed with; see ``keep_outputs``.
+    _outputs: tuple[Tensor, tuple[tuple[int, int, int], ...]] | None = None
+
+    def keep_outputs(self, block: nn.Module, outputs: Tensor) -> None:
+        """Offer the engine the block's output on every input, sparing it that pass."""
+        self._outputs = (outputs, weights_state(block))
+
+    def current_outputs(self, block: nn.Module) -> Tensor | None:
+        """The kept outputs if no parameter or buffer of ``block`` changed since, else None.
+
+        A method that builds on another (NormTweaking trains norms after GPTQ) changes weights after
+        the outputs were kept; checking the state here, instead of asking every such method to
+        forget them, makes a stale output impossible to feed forward.
+        """
+        if self._outputs is None or self._outputs[1] != weights_state(block):
+            return None
+        return self._outputs[0]
+
+
+def weights_state(block: nn.Module) -> tuple[tuple[int, int, int], ...]:
+    """Identity, storage and in-place version of every parameter and buffer: changes on any write."""
+    tensors = [*block.parameters(), *block.buffers()]
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
 def _is_int(value: Any) -> bool:

@@ -164,14 +164,14 @@ class TesseraQ(QuantMethod):
         """Each linear's rounding variables at the chosen starting point, and what that start reported."""
         layers = quantizable_linears(block)
         if self.options.init == "gptq":
-            compensated, errors = Gptq(
-                self.spec, self.loss, GptqOptions(clip_search=self.options.clip_search)
-            ).quantize_block(block, data)
+            start = Gptq(self.spec, self.loss, GptqOptions(clip_search=self.options.clip_search)).quantize_block(
+                block, data
+            )
             rounding = {
-                name: LearnedRounding(compensated[name], self.spec, grid=layer_grid(layer), start_rounded=True)
+                name: LearnedRounding(start.compensated[name], self.spec, grid=layer_grid(layer), start_rounded=True)
                 for name, layer in layers.items()
             }
-            return rounding, {"gptq_error": errors}
+            return rounding, {"gptq_error": start.errors}
         if self.options.init == "awq":
             stats = Awq(self.spec, self.loss, AwqOptions(clip=self.options.clip_search)).prepare(block, data)
             clip = stats.pop("clip_factors")
