@@ -7,10 +7,12 @@ import logging
 from fastapi import FastAPI
 
 from api import dashboard, health_routes, jobs_routes, uploads_routes
+from api.admission import AdmissionControl
 from api.errors import install_error_handlers
 from api.metrics import install_metrics
 from api.rate_limit import RateLimiter
 from swq_shared.artifacts import open_settings_storage
+from swq_shared.auth import KeyCache
 from swq_shared.log_redaction import install_log_redaction
 from swq_shared.queue import make_celery
 from swq_shared.settings import Settings, get_settings
@@ -30,8 +32,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # One storage client per app: building an S3 client costs tenths of a second.
     app.state.storage = open_settings_storage(app.state.settings)
     app.state.rate_limiter = RateLimiter.from_settings(app.state.settings)
+    app.state.key_cache = KeyCache(app.state.settings.api_key_cache_seconds)
     install_error_handlers(app)
-    install_metrics(app)
+    app.add_middleware(AdmissionControl, limit=app.state.settings.max_concurrent_requests)
+    install_metrics(app)  # added last, so outermost: it also counts the requests refused with a 503
     app.include_router(health_routes.router)
     app.include_router(jobs_routes.router)
     app.include_router(uploads_routes.router)

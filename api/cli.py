@@ -283,6 +283,22 @@ def create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def revoke_key(args: argparse.Namespace) -> int:
+    """Admin command: the key is read from standard input, so it never shows in a process list."""
+    from swq_shared.auth import revoke_api_key
+    from swq_shared.db import session_scope
+    from swq_shared.settings import Settings
+
+    key = sys.stdin.readline().strip()
+    with session_scope(Settings().resolved_database_url) as session:
+        revoked = revoke_api_key(session, key)
+    if not revoked:
+        print("swquant: no active key matches", file=sys.stderr)
+        return 1
+    print(f"revoked; API processes stop accepting it within {Settings().api_key_cache_seconds:g} s")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 
@@ -340,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tenant", required=True)
     k.add_argument("--name", default="")
     k.set_defaults(handler=create_key)
+    r = commands.add_parser("revoke-key", help="(operator) revoke the API key given on standard input")
+    r.set_defaults(handler=revoke_key)
     return parser
 
 

@@ -31,11 +31,11 @@ from api.dashboard_session import (
     read_session,
     write_session,
 )
-from api.deps import SessionDep, SettingsDep, StorageDep
+from api.deps import SessionDep, SettingsDep, StorageDep, caller_for_key
 from api.submission import artifact_response, submit_job_request
 from swq_shared import jobs
-from swq_shared.auth import tenant_for_key
-from swq_shared.models import JobStatus, Tenant
+from swq_shared.auth import Caller, tenant_for_key
+from swq_shared.models import JobStatus
 
 PREFIX = "/ui"
 HERE = Path(__file__).parent
@@ -89,7 +89,7 @@ templates.env.globals.update(ui=PREFIX, poll_s=POLL_S, statuses=[s.value for s i
 
 @dataclass(frozen=True)
 class Viewer:
-    tenant: Tenant
+    tenant: Caller
     browser: BrowserSession
 
     @property
@@ -100,7 +100,7 @@ class Viewer:
 def get_viewer(request: Request, session: SessionDep) -> Viewer:
     """The signed-in tenant; anyone else goes to the login page and comes back afterwards."""
     browser = read_session(request)
-    tenant = tenant_for_key(session, browser.api_key) if browser else None
+    tenant = caller_for_key(request, session, browser.api_key) if browser else None
     if browser is None or tenant is None:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if request.headers.get("hx-request"):

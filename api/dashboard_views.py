@@ -23,8 +23,9 @@ from quant_core.errors import ConfigError
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
 from swq_shared import jobs
+from swq_shared.auth import Caller
 from swq_shared.jobspec import JobRequest
-from swq_shared.models import Job, JobStatus, Tenant, utcnow
+from swq_shared.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def parse_label_filter(text: str) -> tuple[dict[str, str], str | None]:
 
 
 def list_job_rows(
-    session: Session, tenant: Tenant, status: str, labels: dict[str, str], sort: str, cursor: str | None
+    session: Session, tenant: Caller, status: str, labels: dict[str, str], sort: str, cursor: str | None
 ) -> tuple[list[JobRow], str | None]:
     """One page of the tenant's jobs (newest first, as the API pages them), sorted for display."""
     statuses = [status] if status in JobStatus.__members__ else []
@@ -290,7 +291,7 @@ def list_job_rows(
 # --- one job ---------------------------------------------------------------------------------------
 
 
-def owned_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+def owned_job(session: Session, tenant: Caller, job_id: str) -> Job:
     """The tenant's job; another tenant's is missing (404), as in the REST API."""
     try:
         return own_job(session, tenant, job_id)

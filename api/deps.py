@@ -9,9 +9,8 @@ from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from api.rate_limit import RateLimiter
-from swq_shared.auth import tenant_for_key
+from swq_shared.auth import Caller, KeyCache, tenant_for_key
 from swq_shared.db import session_scope
-from swq_shared.models import Tenant
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage
 
@@ -34,12 +33,18 @@ def get_session(settings: Annotated[Settings, Depends(get_app_settings)]) -> Ite
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+def caller_for_key(request: Request, session: Session, key: str) -> Caller | None:
+    """The key's tenant, through the app's key cache (a revoked key works at most its TTL longer)."""
+    cache: KeyCache = request.app.state.key_cache
+    return cache.caller(key, lambda k: tenant_for_key(session, k))
+
+
 def get_tenant(
     request: Request,
     session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,
     x_api_key: Annotated[str | None, Header()] = None,
-) -> Tenant:
+) -> Caller:
     """The tenant of the API key in ``Authorization: Bearer <key>`` or ``X-API-Key``, within its rate limit.
 
     The key is checked first, so that a request without a valid key is a 401 that touches no bucket
@@ -50,7 +55,7 @@ def get_tenant(
         key = authorization[7:].strip()
     if not key:
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
-    tenant = tenant_for_key(session, key)
+    tenant = caller_for_key(request, session, key)
     if tenant is None:
         raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
     limiter: RateLimiter | None = request.app.state.rate_limiter
@@ -59,6 +64,6 @@ def get_tenant(
     return tenant
 
 
-TenantDep = Annotated[Tenant, Depends(get_tenant)]
+TenantDep = Annotated[Caller, Depends(get_tenant)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from api.conditional import tagged_json
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
 from api.errors import validation_error
 from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut, error_responses
@@ -19,6 +20,9 @@ from swq_shared.queue import revoke_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 429, 503))
 _JOB_MISSING = error_responses(404)
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "unchanged since the ETag sent as If-None-Match"}
+}
 _ARTIFACT_TYPES = {t: {} for t in ("application/x-tar", "application/json", "application/octet-stream")}
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
@@ -79,15 +83,16 @@ def validate_job(spec: JobRequest) -> JobRequest:
     return spec
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=_NOT_MODIFIED)
 def list_jobs(
+    request: Request,
     session: SessionDep,
     tenant: TenantDep,
     status: Annotated[list[JobStatus] | None, Query()] = None,
     metadata: Annotated[list[str] | None, Query(description="KEY=VALUE; repeat to require several labels")] = None,
     cursor: Annotated[str | None, Query(max_length=400)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-) -> JobList:
+) -> Response:
     labels: dict[str, str] = {}
     for item in metadata or []:
         key, sep, value = item.partition("=")
@@ -98,12 +103,13 @@ def list_jobs(
     page = jobs.list_jobs(
         session, tenant.id, limit=limit, cursor=cursor, statuses=[s.value for s in status or []], labels=labels
     )
-    return JobList(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor)
+    return tagged_json(request, JobList(items=[JobOut.of(j) for j in page.items], next_cursor=page.next_cursor))
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=_JOB_MISSING)
-def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
-    return JobOut.of(own_job(session, tenant, job_id))
+@router.get("/{job_id}", response_model=JobOut, responses=_JOB_MISSING | _NOT_MODIFIED)
+def get_job(request: Request, job_id: str, session: SessionDep, tenant: TenantDep) -> Response:
+    """The job; send its last ``ETag`` as ``If-None-Match`` to get a bodiless 304 while it is unchanged."""
+    return tagged_json(request, JobOut.of(own_job(session, tenant, job_id)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
@@ -128,17 +134,19 @@ def cancel_job(
     return JobOut.of(job)
 
 
-@router.get("/{job_id}/events", response_model=EventList, responses=_JOB_MISSING)
+@router.get("/{job_id}/events", response_model=EventList, responses=_JOB_MISSING | _NOT_MODIFIED)
 def job_events(
+    request: Request,
     job_id: str,
     session: SessionDep,
     tenant: TenantDep,
     cursor: Annotated[int, Query(ge=0, le=2**63 - 1, description="last event id seen; 0 for the start")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> EventList:
+) -> Response:
     own_job(session, tenant, job_id)
     page = jobs.list_events(session, job_id, after=cursor, limit=limit)
-    return EventList(items=[EventOut.of(e) for e in page.items], next_cursor=page.next_cursor, has_more=page.has_more)
+    events = EventList(items=[EventOut.of(e) for e in page.items], next_cursor=page.next_cursor, has_more=page.has_more)
+    return tagged_json(request, events)
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=_JOB_MISSING)

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 
 from api.ranges import parse_range
 from swq_shared import jobs
+from swq_shared.auth import Caller
 from swq_shared.jobspec import JobRequest
-from swq_shared.models import Artifact, Job, JobStatus, Tenant, Upload, is_id
+from swq_shared.models import Artifact, Job, JobStatus, Upload, is_id
 from swq_shared.queue import enqueue_job
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 ARTIFACT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 
-def own_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+def own_job(session: Session, tenant: Caller, job_id: str) -> Job:
     """The caller's job; another tenant's job is reported missing, not forbidden (no existence leak)."""
     job = session.get(Job, job_id) if is_id(job_id) else None
     if job is None or job.tenant_id != tenant.id:
@@ -36,7 +37,7 @@ def own_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     return job
 
 
-def check_uploads(session: Session, tenant: Tenant, spec: JobRequest) -> None:
+def check_uploads(session: Session, tenant: Caller, spec: JobRequest) -> None:
     for field, upload_id in spec.upload_ids().items():
         upload = session.get(Upload, upload_id) if is_id(upload_id) else None
         if upload is None or upload.tenant_id != tenant.id:
@@ -45,7 +46,7 @@ def check_uploads(session: Session, tenant: Tenant, spec: JobRequest) -> None:
 
 
 def submit_job_request(
-    celery: Celery, session: Session, tenant: Tenant, spec: JobRequest, idempotency_key: str | None = None
+    celery: Celery, session: Session, tenant: Caller, spec: JobRequest, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
     """Check, store and queue a job; ``created`` is False when the idempotency key names an existing job.
 
@@ -73,7 +74,7 @@ def submit_job_request(
 
 def artifact_response(
     session: Session,
-    tenant: Tenant,
+    tenant: Caller,
     settings: Settings,
     storage: Storage,
     job_id: str,

@@ -1,34 +1,36 @@
-"""Service latency under load, and how long a job waits for an idle worker, on the production stack.
+"""The API under load, open loop, on the embedded and the production stack; and how long a job waits for a worker.
 
-A deployment asks two things of the service around the numerics: does the API keep answering quickly
-while many clients poll, list and submit at once, and how long does a submitted job sit in the queue
-before an idle worker picks it up. This bench starts the stack the way docker-compose runs it (one
-``uvicorn api.app:create_app --factory`` process and one Celery worker from ``worker_argv``) against
-a fresh PostgreSQL database on the local server, the local Redis and a local-folder storage, mints a
-key with ``swquant create-key``, then
+A job service must stay fast while many clients poll, and degrade gracefully beyond its capacity.
+For each stack (``embedded``: SQLite; ``production``: PostgreSQL; both with Redis and local-folder
+storage, as ``swquant serve`` and docker-compose run them), this bench starts ``uvicorn
+api.app:create_app --factory`` with N processes and one Celery worker, mints a key with ``swquant
+create-key``, runs two tiny RTN jobs to completion (their ids are what the pollers ask for), stops the
+worker (so jobs submitted under load wait in the queue instead of taking the CPU), and then
 
-1. submits a tiny RTN job with the worker idle and times submit -> running and submit -> succeeded,
-   as a client polling every 10 ms sees them and from the server's own timestamps;
-2. drives closed-loop clients from a separate process (so the load generator does not share the API's
-   interpreter): mostly ``GET /v1/jobs/{id}``, some ``GET /v1/jobs``, a few ``POST /v1/jobs``.
+1. sends ``GET /v1/jobs/{id}`` open loop (:mod:`bench.open_loop`) at each fixed rate (50 ... 800 a
+   second, rate limiting off), from generator processes of its own, and reports per rate: the rate
+   actually sent, answered/s, p50, p99 and max latency of every answer, answers by status (a 503 is
+   the admission control refusing), requests with no answer, and the API's CPU and memory;
+2. the same with a mixed profile: 90% status polls, 8% listings, 2% submissions;
+3. on the production stack, submits a tiny job to an idle worker and times submit -> running.
 
 Prints markdown tables and writes ``bench/results/service.json``. Everything it starts (processes,
-database, queue keys) is removed on exit, Ctrl-C and SIGTERM included. Heavy imports sit inside the
-functions that use them, so the spawned load process starts light.
+databases, queue keys) is removed on exit, Ctrl-C and SIGTERM included. Heavy imports sit inside the
+functions that use them, so the spawned generator processes start light. Run it on free cores: the
+generators share the machine with the API.
 
-    python -m bench.service [--clients 50] [--duration 30] [--pickup-runs 5] [--log-dir DIR]
+    python -m bench.service [--stacks embedded production] [--rates 50 100 200 400 800] [--api-workers 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import platform
-import random
 import re
 import signal
 import socket
@@ -39,17 +41,18 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from api.client import TERMINAL, SWQuantClient
+from bench.profile_shares import shares as profile_shares
+from bench.profile_shares import table as profile_table
 
 RESULTS = Path(__file__).with_name("results") / "service.json"
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
@@ -137,13 +140,14 @@ def fresh_database(admin_dsn: str) -> Iterator[str]:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stack:
     url: str
     api_key: str
-    api_pid: int
+    api_pid: int  # the uvicorn main process; its process group holds the worker processes too
     logs: dict[str, Path]
     ready_s: float
+    worker: subprocess.Popen | None
 
 
 def log_tail(logs: dict[str, Path], lines: int = 40) -> str:
@@ -217,20 +221,31 @@ def wait_ready(url: str, processes: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def production_stack(database_url: str, broker_url: str, storage_dir: Path, log_dir: Path) -> Iterator[Stack]:
-    """uvicorn + one Celery worker on a run-unique queue, with a fresh key for tenant ``bench``."""
+def service_stack(
+    database_url: str, broker_url: str, storage_dir: Path, log_dir: Path, api_workers: int = 1
+) -> Iterator[Stack]:
+    """uvicorn (``api_workers`` processes) + one Celery worker on a run-unique queue, a fresh key for tenant ``bench``.
+
+    Rate limiting is off (the bench measures the service, not one key's budget); with several API
+    processes the Prometheus counters go to a shared multiprocess folder, as in production.
+    """
     from swq_shared.queue import worker_argv
 
     run = uuid.uuid4().hex[:8]
     queue = f"swq-bench-{run}"
+    metrics_dir = log_dir / f"prometheus-{run}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWQUANT_")} | {
         "SWQUANT_DATABASE_URL": database_url,
         "SWQUANT_BROKER_URL": broker_url,
         "SWQUANT_STORAGE_URL": storage_dir.resolve().as_uri(),
         "SWQUANT_DATA_DIR": str(storage_dir.parent),
         "SWQUANT_QUEUE": queue,
+        "SWQUANT_RATE_LIMIT_PER_MINUTE": "0",
         "HF_HUB_OFFLINE": "1",
     }
+    if api_workers > 1:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     storage_dir.mkdir(parents=True, exist_ok=True)
     swquant = str(Path(sys.executable).with_name("swquant"))
     created = subprocess.run(
@@ -243,8 +258,9 @@ def production_stack(database_url: str, broker_url: str, storage_dir: Path, log_
     api_key = created.stdout.split()[-1]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    stack_logs = {"api": log_dir / "api.log", "worker": log_dir / "worker.log"}
+    stack_logs = {"api": log_dir / f"api-{run}.log", "worker": log_dir / f"worker-{run}.log"}
     uvicorn = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
+    uvicorn += ["--port", str(port), "--workers", str(api_workers), "--no-access-log"]
     # Gossip and mingle would talk to other workers on a shared Redis; this worker needs neither.
     celery = [*worker_argv(queue, f"{queue}@%h"), "--without-gossip", "--without-mingle"]
     started = time.perf_counter()
@@ -253,20 +269,51 @@ def production_stack(database_url: str, broker_url: str, storage_dir: Path, log_
         worker = start_process(celery, env, stack_logs["worker"])
         cleanup.callback(stop_process_group, worker)
         cleanup.callback(purge_queue, broker_url, queue)  # before the worker stops: no job is picked up any more
-        api = start_process([*uvicorn, "--port", str(port)], env, stack_logs["api"])
+        api = start_process(uvicorn, env, stack_logs["api"])
         cleanup.callback(stop_process_group, api)
         try:
             wait_ready(url, [api, worker])
-            yield Stack(url, api_key, api.pid, stack_logs, time.perf_counter() - started)
+            yield Stack(url, api_key, api.pid, stack_logs, time.perf_counter() - started, worker)
         except Exception:
             print(log_tail(stack_logs), file=sys.stderr)
             raise
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def stop_worker(stack: Stack) -> None:
+    """Stop the Celery worker: jobs submitted under load then wait in the queue instead of taking the CPU."""
+    if stack.worker is not None:
+        stop_process_group(stack.worker)
+        stack.worker = None
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live process in a process group (the uvicorn main process and its worker processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def cpu_seconds(pgid: int) -> float:
+    """User + system CPU time so far of a process group's live processes (Linux ``/proc``)."""
+    total = 0.0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rss_mib(pgid: int) -> float:
+    """Resident memory of a process group's processes, MiB."""
+    total = 0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError, ValueError):
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total / 2**20
 
 
 # --- submit -> running with an idle worker ---------------------------------------------------------
@@ -324,145 +371,79 @@ def measure_pickup(stack: Stack, spec: dict[str, Any], runs: int, settle_s: floa
 # --- load ------------------------------------------------------------------------------------------
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    return ordered[max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))]
+# --- load ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EndpointStats:
-    latencies_s: list[float] = field(default_factory=list)
-    statuses: Counter[int] = field(default_factory=Counter)
-    exceptions: Counter[str] = field(default_factory=Counter)
-
-    def record(self, latency_s: float, status: int | None, exception: str | None) -> None:
-        self.latencies_s.append(latency_s)
-        if status is not None:
-            self.statuses[status] += 1
-        if exception is not None:
-            self.exceptions[exception] += 1
-
-    def merge(self, other: EndpointStats) -> None:
-        self.latencies_s += other.latencies_s
-        self.statuses += other.statuses
-        self.exceptions += other.exceptions
-
-    def summary(self, window_s: float) -> dict[str, Any]:
-        ordered = sorted(self.latencies_s)
-        ok = sum(n for status, n in self.statuses.items() if 200 <= status < 300)
-        return {
-            "requests": len(ordered),
-            "per_s": len(ordered) / window_s,
-            "p50_ms": 1000 * percentile(ordered, 0.5) if ordered else None,
-            "p99_ms": 1000 * percentile(ordered, 0.99) if ordered else None,
-            "max_ms": 1000 * ordered[-1] if ordered else None,
-            "errors": len(ordered) - ok,
-            "server_5xx": sum(n for status, n in self.statuses.items() if status >= 500),
-            "statuses": {str(s): n for s, n in sorted(self.statuses.items())},
-            "exceptions": dict(self.exceptions),
-        }
+def generator_processes(rate: float) -> int:
+    """One generator process per 300 requests a second, so none of them falls behind its schedule."""
+    return max(1, math.ceil(rate / 300))
 
 
-@dataclass(frozen=True)
-class LoadPlan:
-    url: str
-    api_key: str
-    job_ids: list[str]
-    spec: dict[str, Any]
-    clients: int
-    duration_s: float
-    warmup_s: float
-    shares: dict[str, float]
-    seed: int
-
-
-def send(
-    http: httpx.AsyncClient, endpoint: str, rng: random.Random, ids: list[str], plan: LoadPlan
-) -> Awaitable[httpx.Response]:
-    if endpoint == POLL:
-        return http.get(f"/v1/jobs/{rng.choice(ids)}")
-    if endpoint == LIST:
-        return http.get("/v1/jobs", params={"limit": LIST_LIMIT})
-    return http.post("/v1/jobs", json=plan.spec)
-
-
-async def one_client(
-    http: httpx.AsyncClient,
-    rng: random.Random,
+def run_rate(
+    stack: Stack,
+    rate: float,
+    shares: dict[str, float],
     ids: list[str],
-    plan: LoadPlan,
-    stats: dict[str, EndpointStats],
-    window: tuple[float, float],
-) -> None:
-    """Closed loop: the next request leaves when the last answer is in; requests started in the window count."""
-    measure_from, stop_at = window
-    endpoints, weights = zip(*plan.shares.items(), strict=True)
-    while (started := time.perf_counter()) < stop_at:
-        endpoint = rng.choices(endpoints, weights)[0]
-        status, exception = None, None
-        try:
-            response = await send(http, endpoint, rng, ids, plan)
-            status = response.status_code
-        except httpx.HTTPError as exc:
-            exception = type(exc).__name__
-        latency_s = time.perf_counter() - started
-        if started >= measure_from:
-            stats[endpoint].record(latency_s, status, exception)
-        if endpoint == SUBMIT and status == 201:
-            ids.append(response.json()["id"])
+    spec: dict[str, Any],
+    args: Any,
+    profile_to: Path | None = None,
+) -> dict[str, Any]:
+    """Open-loop load at ``rate`` requests a second, split over generator processes; one merged summary."""
+    from bench.open_loop import EndpointStats, OpenLoopPlan, run_generator
 
-
-async def drive_load(plan: LoadPlan) -> dict[str, Any]:
-    stats = {endpoint: EndpointStats() for endpoint in ENDPOINTS}
-    ids = list(plan.job_ids)
-    limits = httpx.Limits(max_connections=plan.clients, max_keepalive_connections=plan.clients)
-    headers = {"Authorization": f"Bearer {plan.api_key}"}
-    cpu_before = time.process_time()
-    async with httpx.AsyncClient(base_url=plan.url, headers=headers, limits=limits, timeout=REQUEST_TIMEOUT_S) as http:
-        begin = time.perf_counter()
-        window = (begin + plan.warmup_s, begin + plan.warmup_s + plan.duration_s)
-        await asyncio.gather(
-            *(one_client(http, random.Random(plan.seed + i), ids, plan, stats, window) for i in range(plan.clients))
+    processes = generator_processes(rate)
+    start_at = time.time() + 1.5  # every process starts its schedule at the same instant
+    plans = [
+        OpenLoopPlan(
+            stack.url,
+            stack.api_key,
+            rate / processes,
+            args.duration,
+            args.warmup,
+            args.timeout,
+            shares,
+            ids,
+            spec,
+            LIST_LIMIT,
+            args.seed + 1000 * i,
+            start_at + i / rate,
         )
-        wall_s = time.perf_counter() - begin
+        for i in range(processes)
+    ]
+    rss_before, cpu_before = rss_mib(stack.api_pid), cpu_seconds(stack.api_pid)
+    profiler = None
+    if profile_to is not None:  # samples the API processes through warm-up and the measured window
+        seconds = str(math.ceil(args.warmup + args.duration + 1.5))
+        py_spy = [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(stack.api_pid)]
+        py_spy += ["--subprocesses", "--nonblocking", "--format", "raw", "--rate", "200", "--duration", seconds]
+        profiler = subprocess.Popen([*py_spy, "--output", str(profile_to)], stdout=subprocess.DEVNULL)
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.map(run_generator, plans)
+    cpu_s = cpu_seconds(stack.api_pid) - cpu_before
+    profile = None
+    if profiler is not None and profile_to is not None:
+        profiler.wait()
+        profile = profile_shares(profile_to.read_text()) if profile_to.exists() else None
+    merged = {endpoint: EndpointStats() for endpoint in shares}
+    for result in results:
+        for endpoint, raw in result["endpoints"].items():
+            merged[endpoint].merge(EndpointStats.from_dict(raw))
     total = EndpointStats()
-    for endpoint_stats in stats.values():
-        total.merge(endpoint_stats)
+    for stats in merged.values():
+        total.merge(stats)
     return {
-        "endpoints": {endpoint: s.summary(plan.duration_s) for endpoint, s in stats.items()},
-        "total": total.summary(plan.duration_s),
-        "jobs_submitted_incl_warmup": len(ids) - len(plan.job_ids),
-        "generator_wall_s": wall_s,
-        "generator_cpu_s": time.process_time() - cpu_before,
+        "rate": rate,
+        "generator_processes": processes,
+        "sent_per_s": sum(r["sent_per_s"] for r in results),
+        "send_lateness_p99_ms": max(r["send_lateness_p99_ms"] or 0.0 for r in results),
+        "connections_opened": sum(r["connections_opened"] for r in results),
+        "endpoints": {endpoint: stats.summary(args.duration) for endpoint, stats in merged.items()},
+        "total": total.summary(args.duration),
+        "api_cores_used": cpu_s / (args.duration + args.warmup),
+        "api_rss_mib_before": rss_before,
+        "api_rss_mib_after": rss_mib(stack.api_pid),
+        "profile": profile,
     }
-
-
-def load_process(plan: LoadPlan, conn: Connection) -> None:
-    conn.send(asyncio.run(drive_load(plan)))
-    conn.close()
-
-
-def run_load(plan: LoadPlan, api_pid: int) -> dict[str, Any]:
-    """The load generator in a spawned process; the API process's CPU time is read around it."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    generator = context.Process(target=load_process, args=(plan, sender), daemon=True)
-    api_cpu_before = cpu_seconds(api_pid)
-    generator.start()
-    sender.close()
-    try:
-        try:
-            result = receiver.recv()
-        except EOFError as exc:
-            generator.join()
-            raise RuntimeError(f"the load generator exited with {generator.exitcode} before reporting") from exc
-        generator.join()
-    finally:
-        if generator.is_alive():
-            generator.terminate()
-            generator.join()
-    api_cpu_s = cpu_seconds(api_pid) - api_cpu_before
-    return result | {"api_cpu_s": api_cpu_s, "api_cores_used": api_cpu_s / result["generator_wall_s"]}
 
 
 # --- after the run ---------------------------------------------------------------------------------
@@ -511,16 +492,27 @@ def pickup_table(pickup: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def load_table(load: dict[str, Any]) -> str:
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def load_table(rows: list[dict[str, Any]]) -> str:
+    """One line per stack, API processes, profile and rate."""
     out = [
-        "| endpoint | requests | req/s | p50 ms | p99 ms | max ms | errors | 5xx |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stack | API procs | profile | rate | sent/s | answered/s | p50 ms | p99 ms | max ms | admitted p99 ms "
+        "| 503s | 503 p99 ms | statuses | no answer | API cores | API RSS MiB before -> after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, row in [*load["endpoints"].items(), ("all", load["total"])]:
-        p50, p99, top = (f"{row[k]:.1f}" if row[k] is not None else "-" for k in ("p50_ms", "p99_ms", "max_ms"))
+    for row in rows:
+        t = row["total"]
+        statuses = ", ".join(f"{k}: {v}" for k, v in t["statuses"].items())
+        failures = ", ".join(f"{k}: {v}" for k, v in t["no_answer"].items()) or "0"
         out.append(
-            f"| {name} | {row['requests']} | {row['per_s']:.1f} | {p50} | {p99} | {top} | {row['errors']} | "
-            f"{row['server_5xx']} |"
+            f"| {row['stack']} | {row['api_workers']} | {row['profile']} | {row['rate']:g} | {row['sent_per_s']:.0f} "
+            f"| {t['answered_per_s']:.0f} | {_ms(t['p50_ms'])} | {_ms(t['p99_ms'])} | {_ms(t['max_ms'])} "
+            f"| {_ms(t['admitted']['p99_ms'])} | {t['refused']['count']} | {_ms(t['refused']['p99_ms'])} "
+            f"| {statuses} | {failures} | {row['api_cores_used']:.2f} "
+            f"| {row['api_rss_mib_before']:.0f} -> {row['api_rss_mib_after']:.0f} |"
         )
     return "\n".join(out)
 
@@ -529,23 +521,40 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+@contextmanager
+def stack_database(kind: str, workdir: Path, pg_dsn: str) -> Iterator[str]:
+    """A fresh, migrated database: SQLite in the work folder (embedded) or one on the PostgreSQL server."""
+    if kind == "production":
+        with fresh_database(pg_dsn) as url:
+            yield url
+        return
+    from swq_shared.migrate import upgrade
+
+    url = f"sqlite:///{workdir / f'embedded-{uuid.uuid4().hex[:8]}.db'}"
+    upgrade(url)
+    yield url
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=50, help="concurrent closed-loop clients")
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds of load")
+    parser.add_argument("--stacks", nargs="+", choices=["embedded", "production"], default=["embedded", "production"])
+    parser.add_argument("--api-workers", type=int, nargs="+", default=[1], help="API process counts to run")
+    parser.add_argument("--rates", type=float, nargs="+", default=[50, 100, 200, 400, 800], help="requests a second")
+    parser.add_argument("--mixed-rates", type=float, nargs="*", default=[100, 400], help="rates of the mixed profile")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
-    parser.add_argument("--list-share", type=float, default=0.12, help="share of requests listing jobs")
-    parser.add_argument("--submit-share", type=float, default=0.03, help="share of requests submitting a job")
-    parser.add_argument("--pickup-runs", type=int, default=5, help="idle-worker jobs timed to running")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as unanswered")
+    parser.add_argument("--profile-rate", type=float, help="also sample the API with py-spy at this poll rate")
+    parser.add_argument("--pickup-runs", type=int, default=5, help="idle-worker jobs timed to running (production)")
     parser.add_argument("--settle", type=float, default=6.0, help="seconds the worker idles before each timed job")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pg-dsn", default=os.environ.get("SWQUANT_BENCH_PG_DSN", PG_ADMIN_DSN))
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--log-dir", type=Path, help="keep api.log and worker.log here (default: removed)")
+    parser.add_argument("--log-dir", type=Path, help="keep the API and worker logs here (default: removed)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    shares = {POLL: 1 - args.list_share - args.submit_share, LIST: args.list_share, SUBMIT: args.submit_share}
     signal.signal(signal.SIGTERM, _interrupt)
+    profiles = {"poll": {POLL: 1.0}, "mixed": {POLL: 0.90, LIST: 0.08, SUBMIT: 0.02}}
 
     started = time.perf_counter()
     machine = {
@@ -554,56 +563,77 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "loadavg_before": os.getloadavg(),
     }
+    rows: list[dict[str, Any]] = []
+    pickup: dict[str, Any] | None = None
+    server_logs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="swq-bench-service-") as tmp:
         workdir = Path(tmp)
         log_dir = args.log_dir or workdir
         log_dir.mkdir(parents=True, exist_ok=True)
-        with ExitStack() as cleanup:
-            spec = tiny_job(build_tiny_model(workdir / "tiny-llama"))
-            database_url = cleanup.enter_context(fresh_database(args.pg_dsn))
-            stack = cleanup.enter_context(production_stack(database_url, args.broker_url, workdir / "storage", log_dir))
-            pickup = measure_pickup(stack, spec, args.pickup_runs, args.settle)
-            ids = [pickup["first_after_start"]["id"], *(r["id"] for r in pickup["idle_runs"])]
-            plan = LoadPlan(
-                stack.url, stack.api_key, ids, spec, args.clients, args.duration, args.warmup, shares, args.seed
-            )
-            load = run_load(plan, stack.api_pid)
-            jobs_after_load = job_counts(database_url)
-        server_log = server_log_summary(stack.logs["api"])
+        spec = tiny_job(build_tiny_model(workdir / "tiny-llama"))
+        for kind in args.stacks:
+            for workers in args.api_workers:
+                with ExitStack() as cleanup:
+                    database_url = cleanup.enter_context(stack_database(kind, workdir, args.pg_dsn))
+                    stack = cleanup.enter_context(
+                        service_stack(database_url, args.broker_url, workdir / f"storage-{kind}", log_dir, workers)
+                    )
+                    if kind == "production" and pickup is None:
+                        pickup = measure_pickup(stack, spec, args.pickup_runs, args.settle)
+                        ids = [pickup["first_after_start"]["id"], *(r["id"] for r in pickup["idle_runs"])]
+                    else:
+                        client = SWQuantClient(stack.url, stack.api_key)
+                        ids = [time_job(client, spec)["id"] for _ in range(2)]
+                        client.close()
+                    stop_worker(stack)
+                    plan = [("poll", rate) for rate in args.rates] + [("mixed", rate) for rate in args.mixed_rates]
+                    if args.profile_rate:
+                        plan.append(("poll, py-spy", args.profile_rate))
+                    for profile, rate in plan:
+                        profile_to = log_dir / f"py-spy-{kind}-{workers}.txt" if "py-spy" in profile else None
+                        shares = profiles[profile.split(",")[0]]
+                        row = run_rate(stack, rate, shares, ids, spec, args, profile_to)
+                        row |= {"stack": kind, "api_workers": workers, "profile": profile}
+                        rows.append(row)
+                        print(load_table([row]).splitlines()[-1], flush=True)
+                        time.sleep(2)  # let the API drain what the last rate left before the next
+                server_logs[f"{kind}/{workers}"] = server_log_summary(stack.logs["api"])
     machine["loadavg_after"] = os.getloadavg()
     wall_s = time.perf_counter() - started
 
-    print(f"stack ready in {stack.ready_s:.1f} s; {args.clients} clients, {args.duration:g} s", end="")
-    print(f" (+{args.warmup:g} s warm-up)\n")
-    print(pickup_table(pickup) + "\n")
-    print(load_table(load) + "\n")
-    print(
-        f"jobs by status after the load: {jobs_after_load}; API process used {load['api_cpu_s']:.1f} CPU-s "
-        f"({load['api_cores_used']:.2f} cores), load generator {load['generator_cpu_s']:.1f} CPU-s"
-    )
-    if server_log["exceptions"] or server_log["access_5xx"]:
-        print(f"API log: {server_log['access_5xx']} 5xx responses; exceptions: {server_log['exceptions']}")
+    print()
+    if pickup is not None:
+        print(pickup_table(pickup) + "\n")
+    print(load_table(rows) + "\n")
+    for row in rows:
+        if row["profile"]:
+            print(f"py-spy, {row['stack']}, {row['rate']:g} polls/s:\n{profile_table(row['profile'])}\n")
+    for name, summary in server_logs.items():
+        if summary["exceptions"] or summary["access_5xx"]:
+            print(f"API log ({name}): {summary['access_5xx']} 5xx; exceptions: {summary['exceptions']}")
     print(f"wall time {wall_s:.1f} s")
     payload = {
         "settings": {
-            "clients": args.clients,
+            "stacks": args.stacks,
+            "api_workers": args.api_workers,
+            "rates": args.rates,
+            "mixed_rates": args.mixed_rates,
+            "profiles": profiles,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
-            "shares": shares,
+            "timeout_s": args.timeout,
             "list_limit": LIST_LIMIT,
             "pickup_runs": args.pickup_runs,
             "settle_s": args.settle,
             "seed": args.seed,
             "job": {k: v for k, v in spec.items() if k != "model"},
-            "stack": "uvicorn (1 process) + Celery worker (concurrency 1, max-tasks-per-child 1), "
-            "PostgreSQL, Redis, local-folder storage",
+            "stack": "uvicorn (N processes, no access log, rate limit off) + Redis + local-folder storage; "
+            "the Celery worker stopped during the load",
         },
         "machine": machine,
-        "stack_ready_s": stack.ready_s,
         "pickup": pickup,
-        "load": load,
-        "jobs_after_load": jobs_after_load,
-        "server_log": server_log,
+        "load": [{k: v for k, v in row.items()} for row in rows],
+        "server_logs": server_logs,
         "wall_s": wall_s,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # Requests per API key: a token bucket refilled at rate_limit_per_minute, holding rate_limit_burst.
     rate_limit_per_minute: int = Field(default=600, ge=0, description="0 switches rate limiting off")
     rate_limit_burst: int = Field(default=60, ge=1)
+    # Requests inside one API process at once; more get a fast 503 + Retry-After (api/admission.py).
+    max_concurrent_requests: int = Field(default=16, ge=0, description="per API process; 0: unbounded")
+    # How long an API process trusts a key it has looked up: the longest a revoked key keeps working.
+    api_key_cache_seconds: float = Field(default=5.0, ge=0, description="0 looks every key up on every request")
 
     @property
     def resolved_database_url(self) -> str:

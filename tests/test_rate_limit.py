@@ -237,10 +237,17 @@ def test_a_key_gets_its_burst_then_429_with_retry_after_and_a_message(api: Api) 
 
 
 def test_another_tenants_key_is_served_while_one_is_limited(api: Api) -> None:
+    """Checked within one refill period of the refusal; a busy machine may need a few tries to fit in it."""
     limited, other = api.new_key("noisy"), api.new_key("quiet")
-    _until_refused(api, limited)
-    assert api.get(other).status_code == 200
-    assert api.get(limited).status_code == 429
+    for _ in range(5):
+        _until_refused(api, limited)
+        refused_at = time.monotonic()
+        assert api.get(other).status_code == 200
+        still_limited = api.get(limited).status_code
+        if time.monotonic() - refused_at < 60 / PER_MINUTE:  # no token can have arrived yet
+            assert still_limited == 429
+            return
+    raise AssertionError("never fit two requests within one refill period")
 
 
 def test_a_limited_key_is_served_again_after_retry_after(api: Api) -> None:

@@ -1,0 +1,235 @@
+"""The polling paths under pressure: admission control, the key cache and conditional requests.
+
+The API runs as in production (uvicorn against PostgreSQL, Redis and S3) and is reached over HTTP,
+with a bound of one request in flight and a one-second key cache so both limits can be reached on
+purpose. Nothing here is timed except the cache's stated bound on revocation.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from api.conditional import entity_tag, tagged_json
+from swq_shared.auth import Caller, KeyCache, create_api_key, digest
+from swq_shared.db import get_engine, session_scope
+from tests.s3_server import S3Endpoint
+from tests.service_stack import Stack, api_only_stack, migrated_backing
+
+REDIS_URL = "redis://127.0.0.1:6379/7"
+KEY_CACHE_S = 1.0
+JOB = {"model": "/models/none", "bits": 4, "group_size": 32, "method": "rtn"}
+
+
+@dataclass(frozen=True)
+class Api:
+    stack: Stack
+    database_url: str
+
+    def new_key(self, tenant: str) -> str:
+        with session_scope(self.database_url) as session:
+            return create_api_key(session, tenant, "hot-path test")
+
+    def get(self, key: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        return httpx.get(f"{self.stack.url}{path}", headers={"Authorization": f"Bearer {key}", **(headers or {})})
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[Api]:
+    with migrated_backing(s3_server, "hot") as (database_url, storage_url, extra):
+        try:
+            settings = {
+                "SWQUANT_MAX_CONCURRENT_REQUESTS": "1",
+                "SWQUANT_API_KEY_CACHE_SECONDS": str(KEY_CACHE_S),
+                "SWQUANT_RATE_LIMIT_PER_MINUTE": "0",
+            }
+            workdir = tmp_path_factory.mktemp("hot")
+            with api_only_stack(workdir, database_url, REDIS_URL, storage_url, {**extra, **settings}, "") as stack:
+                yield Api(stack, database_url)
+        finally:
+            get_engine(database_url).dispose()
+
+
+def _held_request(api: Api, key: str) -> socket.socket:
+    """A submission whose body is only half sent: the app has admitted it and waits for the rest."""
+    parts = urlsplit(api.stack.url)
+    held = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    held.sendall(head.encode() + b'{"model": ')
+    return held
+
+
+def _wait_until_busy(api: Api, key: str) -> httpx.Response:
+    """The first refusal once the held request occupies the only slot (it gets there within moments)."""
+    for _ in range(200):
+        response = api.get(key, "/v1/jobs")
+        if response.status_code == 503:
+            return response
+        time.sleep(0.01)
+    raise AssertionError("the held request never occupied the slot")
+
+
+def test_beyond_the_bound_requests_get_a_503_with_retry_after_and_health_still_answers(api: Api) -> None:
+    key = api.new_key("busy")
+    held = _held_request(api, key)
+    try:
+        refused = _wait_until_busy(api, key)
+        assert refused.headers["retry-after"] == "1"
+        assert "at capacity" in refused.json()["detail"]
+        assert httpx.get(f"{api.stack.url}/healthz").status_code == 200
+        assert httpx.get(f"{api.stack.url}/readyz").status_code == 200
+        assert api.get(key, "/v1/jobs").status_code == 503  # still held: still refused, not queued
+        held.sendall(b" " * 90)  # the rest of the body: an invalid document, answered with a 4xx
+        answer = held.recv(4096).decode()
+        assert answer.startswith("HTTP/1.1 422"), answer[:200]
+    finally:
+        held.close()
+    assert api.get(key, "/v1/jobs").status_code == 200  # the slot is free again
+
+
+def test_a_revoked_key_stops_working_within_the_cache_bound_and_unknown_keys_never_work(api: Api) -> None:
+    key = api.new_key("revoked")
+    assert api.get(key, "/v1/jobs").status_code == 200  # now in the cache
+    revoke = subprocess.run(
+        [sys.executable, "-m", "api.cli", "revoke-key"],
+        input=key + "\n",
+        env={**api.stack.env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "revoked" in revoke.stdout
+    revoked_at = time.monotonic()
+    while api.get(key, "/v1/jobs").status_code == 200:
+        assert time.monotonic() - revoked_at < KEY_CACHE_S + 2.0, "a revoked key outlived the cache bound"
+        time.sleep(0.05)
+    assert api.get(key, "/v1/jobs").status_code == 401
+    assert api.get("swq_never-issued", "/v1/jobs").status_code == 401
+    again = subprocess.run(
+        [sys.executable, "-m", "api.cli", "revoke-key"],
+        input=key + "\n",
+        env={**api.stack.env},
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 1  # nothing active left to revoke
+
+
+def test_an_unchanged_job_is_a_bodiless_304_and_a_change_sends_the_new_state(api: Api) -> None:
+    key = api.new_key("poller")
+    job = httpx.post(f"{api.stack.url}/v1/jobs", json=JOB, headers={"Authorization": f"Bearer {key}"})
+    assert job.status_code == 201, job.text
+    path = f"/v1/jobs/{job.json()['id']}"
+    first = api.get(key, path)
+    tag = first.headers["etag"]
+    assert first.headers["cache-control"] == "private, no-cache"
+    assert tag == entity_tag(first.content)
+    unchanged = api.get(key, path, {"If-None-Match": tag})
+    assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["etag"] == tag
+    assert api.get(key, path, {"If-None-Match": f'"other", W/{tag}'}).status_code == 304
+    cancel = httpx.post(f"{api.stack.url}{path}/cancel", headers={"Authorization": f"Bearer {key}"})
+    assert cancel.status_code == 200, cancel.text
+    changed = api.get(key, path, {"If-None-Match": tag})
+    assert changed.status_code == 200 and changed.json()["status"] == "cancelled"
+    assert changed.headers["etag"] != tag
+    events = api.get(key, f"{path}/events")
+    assert api.get(key, f"{path}/events", {"If-None-Match": events.headers["etag"]}).status_code == 304
+    listing = api.get(key, "/v1/jobs")
+    assert api.get(key, "/v1/jobs", {"If-None-Match": listing.headers["etag"]}).status_code == 304
+    other_tenant = api.new_key("stranger")
+    assert api.get(other_tenant, path, {"If-None-Match": tag}).status_code == 404  # a tag never bypasses ownership
+
+
+# --- the key cache on its own, with a clock the test moves ------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_key_cache_looks_a_key_up_again_after_its_ttl_and_never_remembers_unknown_keys() -> None:
+    clock, lookups = Clock(), []
+    valid = {"good": Caller("t1", "one")}
+
+    def lookup(key: str) -> Caller | None:
+        lookups.append(key)
+        return valid.get(key)
+
+    cache = KeyCache(5.0, clock=clock)
+    assert cache.caller("good", lookup) == Caller("t1", "one")
+    clock.now = 4.9
+    assert cache.caller("good", lookup) == Caller("t1", "one")
+    assert lookups == ["good"]
+    del valid["good"]  # revoked
+    clock.now = 5.0
+    assert cache.caller("good", lookup) is None
+    assert cache.caller("bad", lookup) is None and cache.caller("bad", lookup) is None
+    assert lookups == ["good", "good", "bad", "bad"]
+    assert digest("good") not in cache._entries and digest("bad") not in cache._entries
+
+
+def test_the_key_cache_holds_at_most_its_bound_dropping_the_least_recently_used() -> None:
+    cache = KeyCache(60.0, max_keys=2, clock=Clock())
+    lookups: list[str] = []
+
+    def lookup(key: str) -> Caller:
+        lookups.append(key)
+        return Caller(key, key)
+
+    for key in ("a", "b", "a", "c", "a", "b"):
+        cache.caller(key, lookup)
+    assert lookups == ["a", "b", "c", "b"]  # "b" was the least recently used when "c" came in
+    assert len(cache._entries) == 2
+
+
+def test_a_zero_ttl_looks_every_request_up() -> None:
+    cache = KeyCache(0.0, clock=Clock())
+    lookups: list[str] = []
+    for _ in range(3):
+        cache.caller("k", lambda key: lookups.append(key) or Caller("t", "n"))
+    assert lookups == ["k", "k", "k"]
+
+
+class Body(BaseModel):
+    status: str
+
+
+def _answer(if_none_match: str | None, method: str = "GET") -> int:
+    headers = [(b"if-none-match", if_none_match.encode())] if if_none_match is not None else []
+    request = Request({"type": "http", "method": method, "path": "/", "headers": headers, "query_string": b""})
+    return tagged_json(request, Body(status="queued")).status_code
+
+
+@pytest.mark.parametrize(
+    ("if_none_match", "method", "status"),
+    [
+        (None, "GET", 200),
+        ("TAG", "GET", 304),
+        ("W/TAG", "GET", 304),  # weak comparison, as RFC 9110 asks of If-None-Match
+        ('"nope", TAG', "GET", 304),
+        ("*", "GET", 304),
+        ('"nope"', "GET", 200),
+        ("TAG", "POST", 200),  # only safe methods answer 304
+    ],
+)
+def test_if_none_match_is_compared_as_the_rfc_says(if_none_match: str | None, method: str, status: int) -> None:
+    tag = entity_tag(Body(status="queued").model_dump_json().encode())
+    header = None if if_none_match is None else if_none_match.replace("TAG", tag)
+    assert _answer(header, method) == status
