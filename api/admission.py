@@ -1,22 +1,29 @@
-"""Bounded concurrency in front of the app: beyond capacity, a fast 503 instead of a growing queue.
+"""Bounded work in front of the app: beyond capacity, a 503 instead of a growing queue.
 
 An API process answers a few hundred polls a second. Past that, without a bound, every request
-waits behind all the others (uvicorn accepts them all, the thread pool queues them), latency grows
-for as long as the overload lasts, clients time out and retry, and throughput collapses to a
-fraction of capacity. With a bound, at most ``limit`` requests are inside the app at once; one more
-gets ``503`` with ``Retry-After`` at once (the client honours it), written here without routing,
-authentication or a database, so refusing costs far less than answering and admitted requests keep
-their latency.
+waits behind all the others, latency grows for as long as the overload lasts, clients time out and
+retry, and throughput collapses to a fraction of capacity. Two bounds refuse the excess with ``503``
+and ``Retry-After`` (the client honours it), written here without routing, authentication or a
+database, so refusing costs a fraction of answering and admitted requests keep their latency:
 
-The bound is ``capacity x acceptable latency``: at about 300 answers a second and a 50 ms budget,
-16 requests in flight. A slot is held until the response starts, so a long download streams outside
-the bound; uploads (``POST /v1/models``, ``/v1/datasets``) are admitted without a slot, as reading
-a multi-gigabyte body would hold one for minutes. Health, readiness and metrics are always answered,
-so an overloaded process is not mistaken for a dead one.
+- **Requests in the app**, at most ``limit``: the routes that run in the thread pool (writes,
+  downloads) pile up there when the process is short of CPU. The bound is ``capacity x acceptable
+  latency``. A slot is held until the response starts, so a long download streams outside it;
+  uploads (``POST /v1/models``, ``/v1/datasets``) take no slot, as reading a multi-gigabyte body
+  would hold one for minutes.
+- **Event-loop lag**, at most ``max_lag_s``: the polling reads run on the event loop (see
+  ``api/jobs_routes.py``), so under overload they never pile up in the app; they wait, unseen, in
+  the sockets until the loop reaches them. A timer the loop should run every ``LAG_TICK_S`` measures
+  how far behind it is, which is how long a request now waits before the app sees it.
+
+Health, readiness and metrics are always answered, so an overloaded process is not mistaken for a
+dead one. A refusal still waits its turn on the loop, so under heavy overload a 503 takes about
+``max_lag_s``; refusing faster than that needs a proxy in front with its own connection limit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -30,6 +37,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 ALWAYS_ANSWERED = ("/healthz", "/readyz", "/metrics")
 UNBOUNDED_UPLOADS = ("/v1/models", "/v1/datasets")
 RETRY_AFTER_S = 1
+LAG_TICK_S = 0.01
 _BUSY_BODY = json.dumps({"detail": "the server is at capacity; retry after the Retry-After seconds"}).encode()
 _BUSY_HEADERS = [
     (b"content-type", b"application/json"),
@@ -38,13 +46,47 @@ _BUSY_HEADERS = [
 ]
 
 
-class AdmissionControl:
-    """ASGI middleware: at most ``limit`` HTTP requests in the app until their responses start."""
+class LoopLag:
+    """How far behind the event loop runs: the lateness of a timer due every ``LAG_TICK_S``.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    Lateness is averaged over the last few ticks (exponentially, weight ``SMOOTHING`` on the newest),
+    so a single pause (a garbage collection, one slow query) does not refuse a burst of requests while
+    a sustained overload does within a few ticks; a tick overdue right now counts as it stands, so a
+    request is refused while the loop is stuck far behind, before any tick could tell.
+    """
+
+    SMOOTHING = 0.2
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.average = 0.0
+        self.next_due = 0.0
+
+    def _tick(self) -> None:
+        assert self.loop is not None
+        now = self.loop.time()
+        self.average += self.SMOOTHING * (max(0.0, now - self.next_due) - self.average)
+        self.next_due = now + LAG_TICK_S
+        self.loop.call_at(self.next_due, self._tick)
+
+    def seconds(self) -> float:
+        """The recent average lateness, or the lateness of the tick overdue now if larger (starts on first use)."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # first request, or a new loop (tests): start ticking on this one
+            self.loop, self.average, self.next_due = loop, 0.0, loop.time() + LAG_TICK_S
+            loop.call_at(self.next_due, self._tick)
+            return 0.0
+        return max(self.average, loop.time() - self.next_due)
+
+
+class AdmissionControl:
+    """ASGI middleware: at most ``limit`` HTTP requests in the app, and none while the loop lags ``max_lag_s``."""
+
+    def __init__(self, app: ASGIApp, limit: int, max_lag_s: float) -> None:
+        self.app, self.limit, self.max_lag_s = app, limit, max_lag_s
         self.in_flight = 0  # the event loop is one thread: no lock needed
         self.refused = 0
+        self.lag = LoopLag()
 
     def _exempt(self, scope: Scope) -> bool:
         path: str = scope["path"]
@@ -52,11 +94,16 @@ class AdmissionControl:
             return True
         return scope["method"] == "POST" and path in UNBOUNDED_UPLOADS
 
+    def _busy(self) -> bool:
+        if self.limit > 0 and self.in_flight >= self.limit:
+            return True
+        return self.max_lag_s > 0 and self.lag.seconds() > self.max_lag_s
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.limit <= 0 or self._exempt(scope):
+        if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        if self._busy():
             self.refused += 1
             await send({"type": "http.response.start", "status": 503, "headers": _BUSY_HEADERS})
             await send({"type": "http.response.body", "body": _BUSY_BODY})

@@ -34,7 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter.from_settings(app.state.settings)
     app.state.key_cache = KeyCache(app.state.settings.api_key_cache_seconds)
     install_error_handlers(app)
-    app.add_middleware(AdmissionControl, limit=app.state.settings.max_concurrent_requests)
+    settings = app.state.settings
+    app.add_middleware(
+        AdmissionControl, limit=settings.max_concurrent_requests, max_lag_s=settings.max_loop_lag_ms / 1000
+    )
     install_metrics(app)  # added last, so outermost: it also counts the requests refused with a 503
     app.include_router(health_routes.router)
     app.include_router(jobs_routes.router)

@@ -20,7 +20,8 @@ CHECK_TIMEOUT_S = 3
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
+    """On the event loop, not in the thread pool: liveness must answer even when the pool is saturated."""
     return Health(status="ok")
 
 

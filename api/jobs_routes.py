@@ -1,4 +1,12 @@
-"""``/v1/jobs``: submit, list, inspect, cancel, follow events, download artifacts."""
+"""``/v1/jobs``: submit, list, inspect, cancel, follow events, download artifacts.
+
+The reads pollers hit (a job, a page of its events, a page of jobs) are ``async`` and read the
+database on the event loop. A thread-pool hand-off, which a plain ``def`` route costs, took more CPU
+than the read itself (about 0.7 ms against 0.3-0.8 ms on a 2-core machine, bench/README.md), and
+these reads never wait on a lock: a read session runs each statement on its own (autocommit), and
+readers wait for no writer under PostgreSQL's MVCC or SQLite's WAL. Everything that writes, streams
+or calls another service stays in the thread pool.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from api.conditional import tagged_json
-from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
+from api.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
 from api.errors import validation_error
 from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut, error_responses
 from api.submission import artifact_response, own_job, submit_job_request
@@ -84,9 +92,9 @@ def validate_job(spec: JobRequest) -> JobRequest:
 
 
 @router.get("", response_model=JobList, responses=_NOT_MODIFIED)
-def list_jobs(
+async def list_jobs(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: TenantDep,
     status: Annotated[list[JobStatus] | None, Query()] = None,
     metadata: Annotated[list[str] | None, Query(description="KEY=VALUE; repeat to require several labels")] = None,
@@ -107,8 +115,11 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_JOB_MISSING | _NOT_MODIFIED)
-def get_job(request: Request, job_id: str, session: SessionDep, tenant: TenantDep) -> Response:
-    """The job; send its last ``ETag`` as ``If-None-Match`` to get a bodiless 304 while it is unchanged."""
+async def get_job(request: Request, job_id: str, session: ReadSessionDep, tenant: TenantDep) -> Response:
+    """The job; send its last ``ETag`` as ``If-None-Match`` to get a bodiless 304 while it is unchanged.
+
+    Runs on the event loop (see the module docstring): one indexed read by primary key.
+    """
     return tagged_json(request, JobOut.of(own_job(session, tenant, job_id)))
 
 
@@ -135,10 +146,10 @@ def cancel_job(
 
 
 @router.get("/{job_id}/events", response_model=EventList, responses=_JOB_MISSING | _NOT_MODIFIED)
-def job_events(
+async def job_events(
     request: Request,
     job_id: str,
-    session: SessionDep,
+    session: ReadSessionDep,
     tenant: TenantDep,
     cursor: Annotated[int, Query(ge=0, le=2**63 - 1, description="last event id seen; 0 for the start")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -150,7 +161,7 @@ def job_events(
 
 
 @router.get("/{job_id}/artifacts", response_model=list[ArtifactOut], responses=_JOB_MISSING)
-def list_artifacts(job_id: str, session: SessionDep, tenant: TenantDep) -> list[ArtifactOut]:
+def list_artifacts(job_id: str, session: ReadSessionDep, tenant: TenantDep) -> list[ArtifactOut]:
     job = own_job(session, tenant, job_id)
     return [ArtifactOut.of(a) for a in sorted(job.artifacts, key=lambda a: a.name)]
 

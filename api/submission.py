@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from fastapi.responses import RedirectResponse, StreamingResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from api.ranges import parse_range
 from swq_shared import jobs
@@ -31,7 +31,8 @@ ARTIFACT_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
 def own_job(session: Session, tenant: Caller, job_id: str) -> Job:
     """The caller's job; another tenant's job is reported missing, not forbidden (no existence leak)."""
-    job = session.get(Job, job_id) if is_id(job_id) else None
+    # The metrics every answer about a job carries come in the same query, not in a second one.
+    job = session.get(Job, job_id, options=[joinedload(Job.metrics)]) if is_id(job_id) else None
     if job is None or job.tenant_id != tenant.id:
         raise HTTPException(404, f"job {job_id} not found")
     return job

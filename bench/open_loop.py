@@ -26,6 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 CONNECT_TIMEOUT_S = 5.0
+# uvicorn closes a keep-alive connection idle for 5 s; a client that reused one that old would race it.
+MAX_IDLE_S = 4.0
 MAX_CONNECTIONS = 4000  # beyond this many open at once, a departure is counted as refused by the client
 
 
@@ -108,18 +110,24 @@ class OpenLoopPlan:
     start_at: float  # wall-clock (time.time) instant all generator processes start from
 
 
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
 class Connections:
-    """Idle keep-alive connections to one host; a departure takes one or opens a new one."""
+    """Idle keep-alive connections to one host; a departure takes the most recently used or opens one."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.idle: list[tuple[Connection, float]] = []  # with the time each was given back
         self.open = 0
         self.opened = 0
 
-    async def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.idle:
-            return self.idle.pop()
+    async def take(self) -> Connection:
+        while self.idle:
+            connection, since = self.idle.pop()
+            if time.perf_counter() - since < MAX_IDLE_S:
+                return connection
+            self.discard(connection)
         if self.open >= MAX_CONNECTIONS:
             raise ConnectionRefusedError("client connection limit")
         self.open += 1
@@ -130,10 +138,10 @@ class Connections:
             self.open -= 1
             raise
 
-    def give_back(self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-        self.idle.append(connection)
+    def give_back(self, connection: Connection) -> None:
+        self.idle.append((connection, time.perf_counter()))
 
-    def discard(self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    def discard(self, connection: Connection) -> None:
         self.open -= 1
         connection[1].close()
 
@@ -235,8 +243,8 @@ class Generator:
             index += 1
         if tasks:
             await asyncio.wait(tasks)
-        for reader_writer in self.connections.idle:
-            reader_writer[1].close()
+        for (_reader, writer), _since in self.connections.idle:
+            writer.close()
         lateness = sorted(self.lateness_s)
         return {
             "sent_per_s": self.sent_in_window / plan.duration_s,

@@ -1,10 +1,18 @@
 """Where an API process's CPU time goes, from py-spy's sampled stacks, in the categories a request passes through.
 
 ``py-spy record --format raw`` writes one line per distinct stack, ``frame;frame;... count``, root
-first. Each sample is charged to the first category (in the order below) that any of its frames
-belongs to, so a database query made while looking up a key counts as the key lookup, and a query
-made by the route itself as the database. Samples of idle threads are not recorded (py-spy's
-default), so the shares are of CPU time, not of wall time.
+first. A sample is charged in two tiers:
+
+1. to a *context* anywhere on its stack, if any (first match in ``CONTEXTS``): everything done while
+   looking up a key, asking Redis for a token, writing an access log line, or checking a connection
+   out, beginning or committing a transaction, whatever the innermost frame;
+2. otherwise to the *innermost* frame that belongs to a category in ``LAYERS``: every request's
+   stack runs through the middlewares and the router, so the outer frames say little; the innermost
+   one says what the CPU was doing (an ORM query from inside a response model counts as a query).
+
+Samples of waiting threads (an idle thread-pool worker in ``Condition.wait``, the event loop in its
+selector) are dropped: py-spy records them when it samples without pausing the process, and they
+are not CPU time.
 
     python -m bench.profile_shares STACKS.txt     # a table of shares
 """
@@ -16,36 +24,46 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-# (category, substrings of a frame "function (file:line)" that put a sample in it), by priority.
-CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("key lookup", ("swq_shared/auth.py", "caller_for_key")),
+CONTEXTS: list[tuple[str, tuple[str, ...]]] = [
+    ("key lookup", ("swq_shared/auth.py",)),
     ("rate limit (Redis round trip)", ("api/rate_limit.py",)),
     ("access logging", ("uvicorn/logging.py", "logging/__init__.py", "log_redaction.py")),
+    (
+        "connection checkout and transaction (BEGIN, COMMIT)",
+        ("pool/", "session_scope", "_connection_for_bind", "Connection.begin", "Connection.commit"),
+    ),
+]
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("queries (SQL, driver, ORM loading)", ("sqlalchemy", "psycopg", "sqlite3", "swq_shared/jobs.py")),
+    ("serialization (pydantic, JSON, ETag)", ("pydantic", "api/schemas.py", "api/conditional.py", "json/")),
     ("metrics middleware", ("api/metrics.py", "prometheus_client")),
     ("admission control", ("api/admission.py",)),
-    ("serialization (pydantic, JSON, ETag)", ("pydantic", "api/schemas.py", "api/conditional.py", "json/")),
-    ("session and transaction (commit, pool)", ("session_scope", "orm/session.py", "pool/", "engine/base.py")),
-    ("queries (SQL, driver, ORM loading)", ("sqlalchemy", "psycopg", "sqlite3", "swq_shared/jobs.py")),
-    ("thread-pool hand-off", ("anyio", "concurrent/futures", "threading.py", "to_thread")),
-    ("routing and dependencies", ("fastapi/", "starlette/")),
-    ("HTTP parsing and the event loop", ("uvicorn/", "h11", "httptools", "asyncio/", "uvloop")),
+    ("thread-pool hand-off", ("anyio", "concurrent/futures", "threading.py", "queue.py")),
+    ("routing and dependencies", ("fastapi/", "starlette/", "api/deps.py", "api/jobs_routes.py")),
+    ("HTTP parsing and the event loop", ("uvicorn/", "h11", "httptools", "asyncio/")),
 ]
 OTHER = "other"
+# Leaf frames of a thread that waits rather than computes.
+IDLE_LEAVES = ("Condition.wait (threading.py", "Runner.run (asyncio/runners.py", "select (selectors.py")
 
 
 def category(stack: str) -> str:
-    for name, needles in CATEGORIES:
+    for name, needles in CONTEXTS:
         if any(needle in stack for needle in needles):
             return name
+    for frame in reversed(stack.split(";")):
+        for name, needles in LAYERS:
+            if any(needle in frame for needle in needles):
+                return name
     return OTHER
 
 
 def shares(raw: str) -> dict[str, float]:
-    """Share of samples per category, largest first."""
+    """Share of CPU samples per category, largest first."""
     samples: Counter[str] = Counter()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
+        if stack and count.isdigit() and not stack.rsplit(";", 1)[-1].startswith(IDLE_LEAVES):
             samples[category(stack)] += int(count)
     total = sum(samples.values()) or 1
     return {name: n / total for name, n in samples.most_common()}

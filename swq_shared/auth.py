@@ -84,16 +84,26 @@ class KeyCache:
         self._entries: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
         self._lock = threading.Lock()
 
+    def fresh(self, key: str) -> Caller | None:
+        """The key's tenant if the cache holds it and it has not expired; never looks anything up."""
+        if self.ttl_s <= 0:
+            return None
+        hashed = digest(key)
+        with self._lock:
+            entry = self._entries.get(hashed)
+            if entry is None or entry[1] <= self._clock():
+                return None
+            self._entries.move_to_end(hashed)
+            return entry[0]
+
     def caller(self, key: str, lookup: Callable[[str], Caller | None]) -> Caller | None:
         """The key's tenant from the cache while fresh, else from ``lookup`` (remembered if valid)."""
         if self.ttl_s <= 0:
             return lookup(key)
+        cached = self.fresh(key)
+        if cached is not None:
+            return cached
         hashed, now = digest(key), self._clock()
-        with self._lock:
-            entry = self._entries.get(hashed)
-            if entry is not None and entry[1] > now:
-                self._entries.move_to_end(hashed)
-                return entry[0]
         found = lookup(key)
         with self._lock:
             if found is None:

@@ -6,7 +6,7 @@ The defaults need nothing installed beyond the package: SQLite and a local folde
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import Field
@@ -45,12 +45,14 @@ class Settings(BaseSettings):
     # Requests per API key: a token bucket refilled at rate_limit_per_minute, holding rate_limit_burst.
     rate_limit_per_minute: int = Field(default=600, ge=0, description="0 switches rate limiting off")
     rate_limit_burst: int = Field(default=60, ge=1)
-    # Requests inside one API process at once; more get a fast 503 + Retry-After (api/admission.py).
+    # Requests inside one API process at once, and how far its event loop may fall behind, before
+    # more get a 503 + Retry-After (api/admission.py).
     max_concurrent_requests: int = Field(default=16, ge=0, description="per API process; 0: unbounded")
+    max_loop_lag_ms: float = Field(default=20.0, ge=0, description="0: no bound on the event loop's lag")
     # How long an API process trusts a key it has looked up: the longest a revoked key keeps working.
     api_key_cache_seconds: float = Field(default=5.0, ge=0, description="0 looks every key up on every request")
 
-    @property
+    @cached_property  # read on every request; resolving the path costs system calls
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'swquant.db').resolve()}"
 

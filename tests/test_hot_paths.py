@@ -7,11 +7,12 @@ purpose. Nothing here is timed except the cache's stated bound on revocation.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ import pytest
 from pydantic import BaseModel
 from starlette.requests import Request
 
+from api.admission import AdmissionControl
 from api.conditional import entity_tag, tagged_json
 from swq_shared.auth import Caller, KeyCache, create_api_key, digest
 from swq_shared.db import get_engine, session_scope
@@ -233,3 +235,37 @@ def test_if_none_match_is_compared_as_the_rfc_says(if_none_match: str | None, me
     tag = entity_tag(Body(status="queued").model_dump_json().encode())
     header = None if if_none_match is None else if_none_match.replace("TAG", tag)
     assert _answer(header, method) == status
+
+
+# --- the event-loop lag bound, in process -------------------------------------------------------------
+
+
+async def _status(app: AdmissionControl, path: str = "/v1/jobs") -> int:
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": "GET", "path": path, "headers": []}, receive, send)
+    return int(sent[0]["status"])  # type: ignore[call-overload]
+
+
+async def _ok(scope: object, receive: object, send: Callable[[dict[str, object]], Awaitable[None]]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_a_lagging_event_loop_refuses_until_it_catches_up_and_health_still_answers() -> None:
+    async def scenario() -> list[int]:
+        app = AdmissionControl(_ok, limit=0, max_lag_s=0.02)
+        statuses = [await _status(app)]  # starts the ticking
+        time.sleep(0.1)  # the loop is stuck for 100 ms: the tick due in 10 ms is 90 ms late
+        statuses += [await _status(app), await _status(app, "/healthz")]
+        await asyncio.sleep(0.5)  # the loop runs freely again: the average lateness decays
+        statuses.append(await _status(app))
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 503, 200, 200]
