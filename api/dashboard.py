@@ -31,7 +31,7 @@ from api.dashboard_session import (
     read_session,
     write_session,
 )
-from api.deps import SessionDep, SettingsDep, StorageDep, caller_for_key
+from api.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, caller_for_key
 from api.submission import artifact_response, submit_job_request
 from swq_shared import jobs
 from swq_shared.auth import Caller, tenant_for_key
@@ -97,7 +97,7 @@ class Viewer:
         return self.browser.csrf_token
 
 
-def get_viewer(request: Request, session: SessionDep) -> Viewer:
+def get_viewer(request: Request, session: ReadSessionDep) -> Viewer:
     """The signed-in tenant; anyone else goes to the login page and comes back afterwards."""
     browser = read_session(request)
     tenant = caller_for_key(request, session, browser.api_key) if browser else None
@@ -180,7 +180,7 @@ ListQuery = Annotated[str, Query(max_length=200)]
 
 
 def list_context(
-    session: SessionDep,
+    session: ReadSessionDep,
     viewer: ViewerDep,
     status: ListQuery = "",
     label: ListQuery = "",
@@ -235,7 +235,7 @@ def _submit_context(values: dict[str, Any], errors: dict[str, str]) -> dict[str,
 @router.get("/jobs/new", response_class=HTMLResponse)
 def submit_page(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     viewer: ViewerDep,
     from_job: Annotated[str | None, Query(alias="from")] = None,
 ) -> HTMLResponse:
@@ -286,14 +286,14 @@ def _job_context(session: SessionDep, viewer: Viewer, job_id: str) -> dict[str, 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(
-    request: Request, session: SessionDep, viewer: ViewerDep, job_id: str, notice: str | None = None
+    request: Request, session: ReadSessionDep, viewer: ViewerDep, job_id: str, notice: str | None = None
 ) -> HTMLResponse:
     context = {**_job_context(session, viewer, job_id), "notice": views.NOTICES.get(notice or "")}
     return render(request, "job.html", context, viewer)
 
 
 @router.get("/jobs/{job_id}/live", response_class=HTMLResponse)
-def job_live(request: Request, session: SessionDep, viewer: ViewerDep, job_id: str) -> HTMLResponse:
+def job_live(request: Request, session: ReadSessionDep, viewer: ViewerDep, job_id: str) -> HTMLResponse:
     return render(request, "_job_live.html", _job_context(session, viewer, job_id), viewer)
 
 
@@ -313,7 +313,7 @@ def cancel(
 
 @router.get("/jobs/{job_id}/artifacts/{name}")
 def artifact(
-    session: SessionDep,
+    session: ReadSessionDep,
     viewer: ViewerDep,
     settings: SettingsDep,
     storage: StorageDep,
@@ -331,7 +331,7 @@ def artifact(
 @router.get("/compare", response_class=HTMLResponse)
 def compare(
     request: Request,
-    session: SessionDep,
+    session: ReadSessionDep,
     viewer: ViewerDep,
     ids: Annotated[list[str] | None, Query(max_length=12)] = None,
     only_differences: bool = False,

@@ -12,6 +12,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: list[Engine] = []
+CONNECT_TIMEOUT_S = 5
 
 
 def _drop_inherited_connections() -> None:
@@ -50,7 +51,11 @@ def get_engine(url: str) -> Engine:
 
         _ENGINES.append(engine)
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # A bounded connect: the API reads on its event loop (api/jobs_routes.py), and an unreachable
+    # server must cost a request a few seconds and a 503, not the operating system's TCP timeout.
+    engine = create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+    )
     _ENGINES.append(engine)
     return engine
 

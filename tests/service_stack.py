@@ -152,11 +152,12 @@ def service_env(
 
 
 @contextmanager
-def _api_server(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """uvicorn serving the app on a free port: (its URL, its process)."""
+def _api_server(env: dict[str, str], log: Path, processes: int = 1) -> Iterator[tuple[str, subprocess.Popen]]:
+    """uvicorn serving the app on a free port with ``processes`` worker processes: (its URL, its main process)."""
     (port,) = free_ports(1)
     argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
-    with _process([*argv, "--port", str(port)], env, log) as api:
+    argv += ["--port", str(port), "--workers", str(processes)]
+    with _process(argv, env, log) as api:
         yield f"http://127.0.0.1:{port}", api
 
 
@@ -194,12 +195,18 @@ def production_stack(
 
 @contextmanager
 def api_only_stack(
-    workdir: Path, database_url: str, broker_url: str, storage_url: str, extra_env: dict[str, str], api_key: str
+    workdir: Path,
+    database_url: str,
+    broker_url: str,
+    storage_url: str,
+    extra_env: dict[str, str],
+    api_key: str,
+    api_processes: int = 1,
 ) -> Iterator[Stack]:
     """uvicorn as in ``production_stack``, without a worker: jobs are queued and never consumed."""
     env = service_env(workdir, database_url, broker_url, storage_url, extra_env)
     logs = [workdir / "api.log"]
-    with _api_server(env, logs[0]) as (url, api):
+    with _api_server(env, logs[0], api_processes) as (url, api):
         _wait_ready(url, [api], logs)
         yield Stack(url, api_key, env, logs)
 

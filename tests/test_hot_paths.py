@@ -269,3 +269,37 @@ def test_a_lagging_event_loop_refuses_until_it_catches_up_and_health_still_answe
         return statuses
 
     assert asyncio.run(scenario()) == [200, 503, 200, 200]
+
+
+# --- several API processes behind one port -------------------------------------------------------------
+
+
+def _requests_counted(metrics_text: str) -> float:
+    """``swquant_http_requests_total`` for ``GET /v1/jobs`` answered 200, from a Prometheus text scrape."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("swquant_http_requests_total{") and 'route="/v1/jobs"' in line and 'status="200"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_two_api_processes_share_one_metrics_view(
+    tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint
+) -> None:
+    """In multiprocess mode every scrape, whichever process answers it, counts every process's requests."""
+    metrics_dir = tmp_path_factory.mktemp("prometheus")
+    settings = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "SWQUANT_RATE_LIMIT_PER_MINUTE": "0"}
+    with migrated_backing(s3_server, "multi") as (database_url, storage_url, extra):
+        try:
+            workdir = tmp_path_factory.mktemp("multi")
+            with api_only_stack(workdir, database_url, REDIS_URL, storage_url, {**extra, **settings}, "", 2) as stack:
+                api = Api(stack, database_url)
+                key = api.new_key("counted")
+                for _ in range(40):  # a new connection each: the kernel spreads them over both processes
+                    assert api.get(key, "/v1/jobs").status_code == 200
+                counter_files = {path.name for path in metrics_dir.glob("counter_*.db")}
+                assert len(counter_files) == 2, counter_files  # both processes answered some
+                for _ in range(6):
+                    assert _requests_counted(httpx.get(f"{stack.url}/metrics").text) == 40
+        finally:
+            get_engine(database_url).dispose()
