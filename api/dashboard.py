@@ -190,15 +190,19 @@ def list_context(
 ) -> dict[str, Any]:
     """The job list's filters and rows, shared by the page and its live-refreshed table fragment."""
     labels, label_error = views.parse_label_filter(label)
+    status_error = views.parse_status_filter(status)
     sort = sort if sort in views.SORTS else "created"
     rows, next_cursor = (
-        ([], None) if label_error else views.list_job_rows(session, viewer.tenant, status, labels, sort, cursor)
+        ([], None)
+        if label_error or status_error
+        else views.list_job_rows(session, viewer.tenant, status, labels, sort, cursor)
     )
     query = {"status": status, "label": label, "sort": sort}
     return {
         "rows": rows,
         "filters": query,
         "label_error": label_error,
+        "status_error": status_error,
         "sorts": views.SORTS,
         "selected": set(ids or []),
         "cursor": cursor,

@@ -264,21 +264,25 @@ def _accuracy(metrics: dict[str, float]) -> dict[str, tuple[float | None, float 
 
 
 def parse_label_filter(text: str) -> tuple[dict[str, str], str | None]:
-    """``team=nlp, run=3`` -> labels; an error message for a pair without '='."""
-    labels: dict[str, str] = {}
-    for item in text.replace(",", " ").split():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            return {}, f"'{item}' is not KEY=VALUE"
-        labels[key] = value
-    return labels, None
+    """``team=nlp, run=3`` -> labels, by the REST API's rule; an error message instead of labels."""
+    try:
+        return jobs.parse_label_filters(text.replace(",", " ").split()), None
+    except jobs.LabelFilterError as exc:
+        return {}, str(exc)
+
+
+def parse_status_filter(status: str) -> str | None:
+    """An error message for a status that is no job status ("" means any), as the REST API refuses it."""
+    if status and status not in JobStatus.__members__:
+        return f"{status!r} is not a job status: one of {', '.join(JobStatus.__members__)}"
+    return None
 
 
 def list_job_rows(
     session: Session, tenant: Caller, status: str, labels: dict[str, str], sort: str, cursor: str | None
 ) -> tuple[list[JobRow], str | None]:
     """One page of the tenant's jobs (newest first, as the API pages them), sorted for display."""
-    statuses = [status] if status in JobStatus.__members__ else []
+    statuses = [status] if status else []
     page = jobs.list_jobs(session, tenant.id, limit=LIST_LIMIT, cursor=cursor, statuses=statuses, labels=labels)
     rows = [job_row(j) for j in page.items]
     if sort == "duration":

@@ -101,13 +101,10 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=400)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Response:
-    labels: dict[str, str] = {}
-    for item in metadata or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or "\x00" in item:
-            message = "metadata filters must look like KEY=VALUE, without NUL characters"
-            raise HTTPException(422, [{"loc": ["query", "metadata"], "msg": message, "type": "value_error"}])
-        labels[key] = value
+    try:
+        labels = jobs.parse_label_filters(metadata or [])
+    except jobs.LabelFilterError as exc:
+        raise HTTPException(422, [{"loc": ["query", "metadata"], "msg": str(exc), "type": "value_error"}]) from exc
     page = jobs.list_jobs(
         session, tenant.id, limit=limit, cursor=cursor, statuses=[s.value for s in status or []], labels=labels
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -306,6 +307,25 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     if not is_id(job_id):
         raise InvalidCursorError("cursor is not valid")
     return when, job_id
+
+
+class LabelFilterError(ValueError):
+    """A label filter that is not ``KEY=VALUE``; the message names the item."""
+
+
+def parse_label_filters(items: Iterable[str]) -> dict[str, str]:
+    """``["team=nlp", "run=3"]`` -> labels: the one rule the REST API and the dashboard share.
+
+    Each item is ``KEY=VALUE`` with a non-empty key and no NUL character (PostgreSQL's text refuses
+    NUL, so a filter holding one could never match and would fail in the database instead).
+    """
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "\x00" in item:
+            raise LabelFilterError(f"{item!r} is not KEY=VALUE (a non-empty key, no NUL character)")
+        labels[key] = value
+    return labels
 
 
 def list_jobs(

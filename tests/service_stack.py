@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from swq_shared.auth import create_api_key
+from swq_shared.db import session_scope
 from swq_shared.migrate import upgrade
 from swq_shared.queue import worker_argv
 from tests.databases import fresh_postgres_database
@@ -234,3 +236,19 @@ def embedded_stack(workdir: Path) -> Iterator[Stack]:
         _wait_ready(url, [serve], logs)
         key = (workdir / "data" / "api_key").read_text().strip()
         yield Stack(url, key, env, logs)
+
+
+@dataclass(frozen=True)
+class KeyedApi:
+    """A running API with its database at hand, to mint keys and send authenticated requests."""
+
+    stack: Stack
+    database_url: str
+
+    def new_key(self, tenant: str) -> str:
+        with session_scope(self.database_url) as session:
+            return create_api_key(session, tenant, "test")
+
+    def get(self, key: str | None, path: str = "/v1/jobs", headers: dict[str, str] | None = None) -> httpx.Response:
+        auth = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.get(f"{self.stack.url}{path}", headers={**auth, **(headers or {})}, timeout=30)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -23,31 +22,18 @@ from starlette.requests import Request
 
 from api.admission import AdmissionControl
 from api.conditional import entity_tag, tagged_json
-from swq_shared.auth import Caller, KeyCache, create_api_key, digest
-from swq_shared.db import get_engine, session_scope
+from swq_shared.auth import Caller, KeyCache, digest
+from swq_shared.db import get_engine
 from tests.s3_server import S3Endpoint
-from tests.service_stack import Stack, api_only_stack, migrated_backing
+from tests.service_stack import KeyedApi, api_only_stack, migrated_backing
 
 REDIS_URL = "redis://127.0.0.1:6379/7"
 KEY_CACHE_S = 1.0
 JOB = {"model": "/models/none", "bits": 4, "group_size": 32, "method": "rtn"}
 
 
-@dataclass(frozen=True)
-class Api:
-    stack: Stack
-    database_url: str
-
-    def new_key(self, tenant: str) -> str:
-        with session_scope(self.database_url) as session:
-            return create_api_key(session, tenant, "hot-path test")
-
-    def get(self, key: str, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
-        return httpx.get(f"{self.stack.url}{path}", headers={"Authorization": f"Bearer {key}", **(headers or {})})
-
-
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[Api]:
+def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[KeyedApi]:
     with migrated_backing(s3_server, "hot") as (database_url, storage_url, extra):
         try:
             settings = {
@@ -57,12 +43,12 @@ def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iter
             }
             workdir = tmp_path_factory.mktemp("hot")
             with api_only_stack(workdir, database_url, REDIS_URL, storage_url, {**extra, **settings}, "") as stack:
-                yield Api(stack, database_url)
+                yield KeyedApi(stack, database_url)
         finally:
             get_engine(database_url).dispose()
 
 
-def _held_request(api: Api, key: str) -> socket.socket:
+def _held_request(api: KeyedApi, key: str) -> socket.socket:
     """A submission whose body is only half sent: the app has admitted it and waits for the rest."""
     parts = urlsplit(api.stack.url)
     held = socket.create_connection((parts.hostname, parts.port), timeout=30)
@@ -74,7 +60,7 @@ def _held_request(api: Api, key: str) -> socket.socket:
     return held
 
 
-def _wait_until_busy(api: Api, key: str) -> httpx.Response:
+def _wait_until_busy(api: KeyedApi, key: str) -> httpx.Response:
     """The first refusal once the held request occupies the only slot (it gets there within moments)."""
     for _ in range(200):
         response = api.get(key, "/v1/jobs")
@@ -84,7 +70,7 @@ def _wait_until_busy(api: Api, key: str) -> httpx.Response:
     raise AssertionError("the held request never occupied the slot")
 
 
-def test_beyond_the_bound_requests_get_a_503_with_retry_after_and_health_still_answers(api: Api) -> None:
+def test_beyond_the_bound_requests_get_a_503_with_retry_after_and_health_still_answers(api: KeyedApi) -> None:
     key = api.new_key("busy")
     held = _held_request(api, key)
     try:
@@ -102,35 +88,27 @@ def test_beyond_the_bound_requests_get_a_503_with_retry_after_and_health_still_a
     assert api.get(key, "/v1/jobs").status_code == 200  # the slot is free again
 
 
-def test_a_revoked_key_stops_working_within_the_cache_bound_and_unknown_keys_never_work(api: Api) -> None:
+def _revoke(api: KeyedApi, key: str) -> subprocess.CompletedProcess[str]:
+    """``swquant revoke-key`` against the stack's database, the key on standard input."""
+    argv = [sys.executable, "-m", "api.cli", "revoke-key"]
+    return subprocess.run(argv, input=key + "\n", env=api.stack.env, capture_output=True, text=True)
+
+
+def test_a_revoked_key_stops_working_within_the_cache_bound_and_unknown_keys_never_work(api: KeyedApi) -> None:
     key = api.new_key("revoked")
     assert api.get(key, "/v1/jobs").status_code == 200  # now in the cache
-    revoke = subprocess.run(
-        [sys.executable, "-m", "api.cli", "revoke-key"],
-        input=key + "\n",
-        env={**api.stack.env},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "revoked" in revoke.stdout
+    revoke = _revoke(api, key)
+    assert revoke.returncode == 0 and "revoked" in revoke.stdout
     revoked_at = time.monotonic()
     while api.get(key, "/v1/jobs").status_code == 200:
         assert time.monotonic() - revoked_at < KEY_CACHE_S + 2.0, "a revoked key outlived the cache bound"
         time.sleep(0.05)
     assert api.get(key, "/v1/jobs").status_code == 401
     assert api.get("swq_never-issued", "/v1/jobs").status_code == 401
-    again = subprocess.run(
-        [sys.executable, "-m", "api.cli", "revoke-key"],
-        input=key + "\n",
-        env={**api.stack.env},
-        capture_output=True,
-        text=True,
-    )
-    assert again.returncode == 1  # nothing active left to revoke
+    assert _revoke(api, key).returncode == 1  # nothing active left to revoke
 
 
-def test_an_unchanged_job_is_a_bodiless_304_and_a_change_sends_the_new_state(api: Api) -> None:
+def test_an_unchanged_job_is_a_bodiless_304_and_a_change_sends_the_new_state(api: KeyedApi) -> None:
     key = api.new_key("poller")
     job = httpx.post(f"{api.stack.url}/v1/jobs", json=JOB, headers={"Authorization": f"Bearer {key}"})
     assert job.status_code == 201, job.text
@@ -293,7 +271,7 @@ def test_two_api_processes_share_one_metrics_view(
         try:
             workdir = tmp_path_factory.mktemp("multi")
             with api_only_stack(workdir, database_url, REDIS_URL, storage_url, {**extra, **settings}, "", 2) as stack:
-                api = Api(stack, database_url)
+                api = KeyedApi(stack, database_url)
                 key = api.new_key("counted")
                 for _ in range(40):  # a new connection each: the kernel spreads them over both processes
                     assert api.get(key, "/v1/jobs").status_code == 200

@@ -23,11 +23,11 @@ import redis
 from api import rate_limit
 from api.client import ApiError, SWQuantClient
 from api.rate_limit import KEY_PREFIX, RateLimiter, RateLimitExceeded
-from swq_shared.auth import create_api_key, digest
-from swq_shared.db import get_engine, session_scope
+from swq_shared.auth import digest
+from swq_shared.db import get_engine
 from swq_shared.settings import Settings
 from tests.s3_server import S3Endpoint, free_ports
-from tests.service_stack import Stack, api_only_stack, migrated_backing
+from tests.service_stack import KeyedApi, api_only_stack, migrated_backing
 
 REDIS_URL = "redis://127.0.0.1:6379/6"
 PER_MINUTE = 60  # one token a second
@@ -190,33 +190,19 @@ def test_zero_per_minute_switches_the_limit_off() -> None:
 # --- the limit as the API's clients meet it ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Api:
-    stack: Stack
-    database_url: str
-
-    def new_key(self, tenant: str) -> str:
-        with session_scope(self.database_url) as session:
-            return create_api_key(session, tenant, "rate-limit test")
-
-    def get(self, key: str | None, path: str = LIMITED) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.get(f"{self.stack.url}{path}", headers=headers, timeout=30)
-
-
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[Api]:
+def api(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint) -> Iterator[KeyedApi]:
     with migrated_backing(s3_server, "rate") as (database_url, storage_url, extra):
         try:
             limits = {"SWQUANT_RATE_LIMIT_PER_MINUTE": str(PER_MINUTE), "SWQUANT_RATE_LIMIT_BURST": str(BURST)}
             workdir = tmp_path_factory.mktemp("rate")
             with api_only_stack(workdir, database_url, REDIS_URL, storage_url, {**extra, **limits}, "") as stack:
-                yield Api(stack, database_url)
+                yield KeyedApi(stack, database_url)
         finally:
             get_engine(database_url).dispose()  # before the database is dropped
 
 
-def _until_refused(api: Api, key: str) -> tuple[int, httpx.Response, float]:
+def _until_refused(api: KeyedApi, key: str) -> tuple[int, httpx.Response, float]:
     """Requests with ``key`` until one is refused: (how many were served, the refusal, seconds taken)."""
     started = time.monotonic()
     for served in range(10 * BURST):
@@ -226,7 +212,7 @@ def _until_refused(api: Api, key: str) -> tuple[int, httpx.Response, float]:
     raise AssertionError(f"no request refused in {10 * BURST}")
 
 
-def test_a_key_gets_its_burst_then_429_with_retry_after_and_a_message(api: Api) -> None:
+def test_a_key_gets_its_burst_then_429_with_retry_after_and_a_message(api: KeyedApi) -> None:
     served, refused, seconds = _until_refused(api, api.new_key("burst"))
     # Exactly the burst, plus a token for each whole second the requests took (one a second).
     assert BURST <= served <= BURST + math.floor(seconds * PER_MINUTE / 60), (served, seconds)
@@ -236,7 +222,7 @@ def test_a_key_gets_its_burst_then_429_with_retry_after_and_a_message(api: Api) 
     assert "bursts of at most 5" in refused.json()["detail"]
 
 
-def test_another_tenants_key_is_served_while_one_is_limited(api: Api) -> None:
+def test_another_tenants_key_is_served_while_one_is_limited(api: KeyedApi) -> None:
     """Checked within one refill period of the refusal; a busy machine may need a few tries to fit in it."""
     limited, other = api.new_key("noisy"), api.new_key("quiet")
     for _ in range(5):
@@ -250,14 +236,14 @@ def test_another_tenants_key_is_served_while_one_is_limited(api: Api) -> None:
     raise AssertionError("never fit two requests within one refill period")
 
 
-def test_a_limited_key_is_served_again_after_retry_after(api: Api) -> None:
+def test_a_limited_key_is_served_again_after_retry_after(api: KeyedApi) -> None:
     key = api.new_key("patient")
     _, refused, _ = _until_refused(api, key)
     time.sleep(int(refused.headers["retry-after"]))
     assert api.get(key).status_code == 200
 
 
-def test_requests_without_a_valid_key_are_401_never_429(api: Api) -> None:
+def test_requests_without_a_valid_key_are_401_never_429(api: KeyedApi) -> None:
     key = api.new_key("anonymous-neighbour")
     _until_refused(api, key)
     strangers = [_fresh_key() for _ in range(2 * BURST)]
@@ -272,7 +258,7 @@ def test_requests_without_a_valid_key_are_401_never_429(api: Api) -> None:
         buckets.close()
 
 
-def test_health_checks_and_static_files_are_not_limited(api: Api) -> None:
+def test_health_checks_and_static_files_are_not_limited(api: KeyedApi) -> None:
     key = api.new_key("prober")
     _until_refused(api, key)
     for _ in range(2 * BURST):
@@ -280,7 +266,7 @@ def test_health_checks_and_static_files_are_not_limited(api: Api) -> None:
             assert api.get(key, path).status_code == 200, path
 
 
-def test_every_operation_taking_a_key_declares_429_with_retry_after(api: Api) -> None:
+def test_every_operation_taking_a_key_declares_429_with_retry_after(api: KeyedApi) -> None:
     paths = httpx.get(f"{api.stack.url}/openapi.json", timeout=30).json()["paths"]
     for path, operations in paths.items():
         for method, operation in operations.items():
@@ -292,7 +278,7 @@ def test_every_operation_taking_a_key_declares_429_with_retry_after(api: Api) ->
     assert "401" in paths["/v1/jobs"]["post"]["responses"] and "401" not in paths["/v1/methods"]["get"]["responses"]
 
 
-def test_the_client_waits_out_its_rate_limit_and_says_so_when_it_cannot(api: Api) -> None:
+def test_the_client_waits_out_its_rate_limit_and_says_so_when_it_cannot(api: KeyedApi) -> None:
     key = api.new_key("client")
     patient = SWQuantClient(api.stack.url, key)
     started = time.monotonic()
