@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -35,6 +35,7 @@ from api.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, caller
 from api.submission import artifact_response, submit_job_request
 from swq_shared import jobs
 from swq_shared.auth import Caller, tenant_for_key
+from swq_shared.errors import InvalidFieldError, QueueUnavailableError
 from swq_shared.models import JobStatus
 
 PREFIX = "/ui"
@@ -262,8 +263,10 @@ async def submit(request: Request, session: SessionDep, viewer: ViewerDep) -> Re
         try:
             job, _ = submit_job_request(request.app.state.celery, session, viewer.tenant, spec, key)
             return RedirectResponse(f"{PREFIX}/jobs/{job.id}", 303)
-        except HTTPException as exc:
-            errors, status_code = {"": str(exc.detail)}, exc.status_code
+        except InvalidFieldError as exc:  # beside the form field it names (loc: body, then the field path)
+            errors = {".".join(exc.loc[1:]): str(exc)}
+        except QueueUnavailableError as exc:
+            errors, status_code = {"": str(exc)}, 503
     return render(request, "submit.html", _submit_context(values, errors), viewer, status_code)
 
 

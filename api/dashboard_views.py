@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, get_args
 
-from fastapi import HTTPException
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
@@ -24,6 +23,7 @@ from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
 from swq_shared import jobs
 from swq_shared.auth import Caller
+from swq_shared.errors import NotFoundInTenantError
 from swq_shared.jobspec import JobRequest
 from swq_shared.models import Job, JobStatus, utcnow
 
@@ -299,8 +299,8 @@ def owned_job(session: Session, tenant: Caller, job_id: str) -> Job:
     """The tenant's job; another tenant's is missing (404), as in the REST API."""
     try:
         return own_job(session, tenant, job_id)
-    except HTTPException as exc:
-        raise PageError(exc.status_code, str(exc.detail)) from exc
+    except NotFoundInTenantError as exc:
+        raise PageError(404, str(exc)) from exc
 
 
 def job_events(session: Session, job_id: str) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
@@ -101,10 +101,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=400)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Response:
-    try:
-        labels = jobs.parse_label_filters(metadata or [])
-    except jobs.LabelFilterError as exc:
-        raise HTTPException(422, [{"loc": ["query", "metadata"], "msg": str(exc), "type": "value_error"}]) from exc
+    labels = jobs.parse_label_filters(metadata or [])  # a bad filter: LabelFilterError, a 422 (api/errors.py)
     page = jobs.list_jobs(
         session, tenant.id, limit=limit, cursor=cursor, statuses=[s.value for s in status or []], labels=labels
     )
@@ -129,11 +126,7 @@ def cancel_job(
     force: Annotated[bool, Query(description="also kill the worker process at once")] = False,
 ) -> JobOut:
     """Cancel: a queued job at once; a running one stops after its current block (or now, with force)."""
-    job = own_job(session, tenant, job_id)
-    try:
-        job = jobs.request_cancel(session, job)
-    except jobs.JobStateError as exc:
-        raise HTTPException(409, str(exc)) from exc
+    job = jobs.request_cancel(session, own_job(session, tenant, job_id))  # already ended: 409 (api/errors.py)
     if force and job.status == JobStatus.running.value:
         session.commit()
         revoke_job(request.app.state.celery, job.id)

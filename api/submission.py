@@ -10,7 +10,6 @@ import re
 from typing import Any
 
 from celery import Celery
-from fastapi import HTTPException
 from fastapi.responses import RedirectResponse, StreamingResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
@@ -19,6 +18,7 @@ from sqlalchemy.orm import Session, joinedload
 from api.ranges import parse_range
 from swq_shared import jobs
 from swq_shared.auth import Caller
+from swq_shared.errors import InvalidFieldError, NotFoundInTenantError, QueueUnavailableError
 from swq_shared.jobspec import JobRequest
 from swq_shared.models import Artifact, Job, JobStatus, Upload, is_id
 from swq_shared.queue import enqueue_job
@@ -34,7 +34,7 @@ def own_job(session: Session, tenant: Caller, job_id: str) -> Job:
     # The metrics every answer about a job carries come in the same query, not in a second one.
     job = session.get(Job, job_id, options=[joinedload(Job.metrics)]) if is_id(job_id) else None
     if job is None or job.tenant_id != tenant.id:
-        raise HTTPException(404, f"job {job_id} not found")
+        raise NotFoundInTenantError(f"job {job_id} not found")
     return job
 
 
@@ -42,8 +42,7 @@ def check_uploads(session: Session, tenant: Caller, spec: JobRequest) -> None:
     for field, upload_id in spec.upload_ids().items():
         upload = session.get(Upload, upload_id) if is_id(upload_id) else None
         if upload is None or upload.tenant_id != tenant.id:
-            message = f"upload:{upload_id} not found among your uploads"
-            raise HTTPException(422, [{"loc": ["body", *field.split(".")], "msg": message, "type": "value_error"}])
+            raise InvalidFieldError(("body", *field.split(".")), f"upload:{upload_id} not found among your uploads")
 
 
 def submit_job_request(
@@ -51,9 +50,10 @@ def submit_job_request(
 ) -> tuple[Job, bool]:
     """Check, store and queue a job; ``created`` is False when the idempotency key names an existing job.
 
-    Raises ConfigError (semantic checks), HTTPException 422 (someone else's upload) or 503 (the job is
-    stored but the queue is unreachable; retrying with the same idempotency key is safe, since
-    re-sending a still-queued job is harmless: only one worker can claim it).
+    Raises ConfigError (semantic checks), InvalidFieldError (someone else's upload) or
+    QueueUnavailableError (the job is stored but the queue is unreachable; retrying with the same
+    idempotency key is safe, since re-sending a still-queued job is harmless: only one worker can
+    claim it).
     """
     spec = spec.model_copy(update={"loss": spec.to_job_spec().loss})  # store the method's default loss by name
     check_uploads(session, tenant, spec)
@@ -64,10 +64,8 @@ def submit_job_request(
             enqueue_job(celery, job.id, job.spec.get("queue"))
         except KombuOperationalError as exc:
             log.warning("queue unavailable for job %s: %s", job.id, exc)
-            raise HTTPException(
-                503,
-                f"job {job.id} is stored but the queue is unavailable; retry with the same Idempotency-Key",
-                {"Retry-After": "5"},
+            raise QueueUnavailableError(
+                f"job {job.id} is stored but the queue is unavailable; retry with the same Idempotency-Key"
             ) from exc
     session.refresh(job)
     return job, created
@@ -88,7 +86,7 @@ def artifact_response(
     if ARTIFACT_NAME.fullmatch(name):
         artifact = session.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
     if artifact is None:
-        raise HTTPException(404, f"artifact {name} not found")
+        raise NotFoundInTenantError(f"artifact {name} not found")
     if settings.presigned_downloads and (url := storage.presigned_url(artifact.storage_key)):
         return RedirectResponse(url, status_code=307)
     headers = {"Accept-Ranges": "bytes", "Content-Disposition": f'attachment; filename="{artifact.name}"'}

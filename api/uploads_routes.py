@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from api.archives import ArchiveError, model_files, open_members, read_member
 from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import invalid_field
 from api.schemas import UploadOut, error_responses
 from swq_shared.artifacts import upload_prefix
 from swq_shared.models import Upload, new_id
@@ -42,8 +43,8 @@ def _copy_limited(source: BinaryIO, target: Path, limit: int) -> int:
 
 
 def _file_error(message: str) -> HTTPException:
-    """A 422 shaped like FastAPI's own validation errors, naming the uploaded file field."""
-    return HTTPException(422, [{"loc": ["body", "file"], "msg": message, "type": "value_error"}])
+    """A 422 naming the uploaded file field."""
+    return invalid_field(("body", "file"), message)
 
 
 def _record(session: SessionDep, upload: Upload) -> UploadOut:
