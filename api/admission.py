@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -47,12 +48,16 @@ _BUSY_HEADERS = [
 
 
 class LoopLag:
-    """How far behind the event loop runs: the lateness of a timer due every ``LAG_TICK_S``.
+    """How far behind the event loop runs because of this process's own work.
 
-    Lateness is averaged over the last few ticks (exponentially, weight ``SMOOTHING`` on the newest),
-    so a single pause (a garbage collection, one slow query) does not refuse a burst of requests while
-    a sustained overload does within a few ticks; a tick overdue right now counts as it stands, so a
-    request is refused while the loop is stuck far behind, before any tick could tell.
+    A timer due every ``LAG_TICK_S`` measures the loop's lateness. Lateness is charged in proportion
+    to the share of the elapsed time this process spent on the CPU, so a loop that is late because
+    other processes had the cores (a busy machine, a browser beside a test server) is not taken
+    for an overloaded server, while one late because it is busy answering requests is. It is then
+    averaged over the last few ticks (exponentially, weight ``SMOOTHING`` on the newest), so one
+    pause (a garbage collection, one slow query) does not refuse a burst while a sustained overload
+    does within a few ticks; a tick overdue right now counts as it stands, so requests are refused
+    while the loop is stuck far behind, before any tick could tell.
     """
 
     SMOOTHING = 0.2
@@ -61,22 +66,35 @@ class LoopLag:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.average = 0.0
         self.next_due = 0.0
+        self.last_tick = 0.0
+        self.last_cpu = 0.0
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.average = loop, 0.0
+        self.last_tick, self.last_cpu = loop.time(), time.process_time()
+        self.next_due = self.last_tick + LAG_TICK_S
+        loop.call_at(self.next_due, self._tick)
+
+    def _own_lateness(self, now: float, cpu: float) -> float:
+        """Lateness of the tick due at ``next_due``, times our CPU share of the time since the last tick."""
+        busy = min(1.0, (cpu - self.last_cpu) / max(now - self.last_tick, 1e-9))
+        return max(0.0, now - self.next_due) * busy
 
     def _tick(self) -> None:
         assert self.loop is not None
-        now = self.loop.time()
-        self.average += self.SMOOTHING * (max(0.0, now - self.next_due) - self.average)
+        now, cpu = self.loop.time(), time.process_time()
+        self.average += self.SMOOTHING * (self._own_lateness(now, cpu) - self.average)
+        self.last_tick, self.last_cpu = now, cpu
         self.next_due = now + LAG_TICK_S
         self.loop.call_at(self.next_due, self._tick)
 
     def seconds(self) -> float:
-        """The recent average lateness, or the lateness of the tick overdue now if larger (starts on first use)."""
+        """The recent average lateness, or that of the tick overdue now if larger (starts on first use)."""
         loop = asyncio.get_running_loop()
         if self.loop is not loop:  # first request, or a new loop (tests): start ticking on this one
-            self.loop, self.average, self.next_due = loop, 0.0, loop.time() + LAG_TICK_S
-            loop.call_at(self.next_due, self._tick)
+            self._start(loop)
             return 0.0
-        return max(self.average, loop.time() - self.next_due)
+        return max(self.average, self._own_lateness(loop.time(), time.process_time()))
 
 
 class AdmissionControl:
