@@ -39,7 +39,7 @@ def test_one_staged_pass_gives_the_replays_weights_and_outputs_bit_for_bit(arch:
     Seven windows in batches of three also check a ragged last batch. Tolerance: exact equality,
     since both paths run the same kernels on the same tensors in the same order.
     """
-    staged, staged_mse = _quantized_weights(arch, {})
+    staged, staged_mse = _quantized_weights(arch, {"staged_pass": True})
     replayed, replayed_mse = _quantized_weights(arch, {"staged_pass": False})
     assert staged.keys() == replayed.keys()
     for name in staged:
@@ -137,7 +137,7 @@ def test_running_out_of_memory_mid_pass_falls_back_to_the_replay(monkeypatch: py
         return real(block, data, stages, quantize, batch_size)
 
     monkeypatch.setattr(gptq_module, "staged_pass", out_of_memory_at_third_stage)
-    fallen_back, _ = _quantized_weights("llama", {})
+    fallen_back, _ = _quantized_weights("llama", {"staged_pass": True})
     monkeypatch.undo()
     replayed, _ = _quantized_weights("llama", {"staged_pass": False})
     for name in replayed:
@@ -156,4 +156,28 @@ def test_outputs_kept_by_the_base_are_not_fed_forward_once_a_refinement_changed_
         method = build_method("normtweaking", SPEC, build_loss("mse"), {"base_options": base_options, "lr": 1e-2})
         return [r.mse_after for r in calibrate_blocks(model, WINDOWS, method, build_loss("mse"), seed=0)]
 
-    assert after({}) == after({"staged_pass": False})
+    assert after({"staged_pass": True}) == after({"staged_pass": False})
+
+
+def test_by_default_the_pass_is_staged_on_one_cpu_thread_and_replayed_on_several(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several CPU threads: each paused batch's thread would bring its own OpenMP team (slower, measured)."""
+    calls: list[int] = []
+    real = gptq_module.staged_pass
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "staged_pass", counted)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _quantized_weights("llama", {})
+        staged_calls = len(calls)
+        torch.set_num_threads(2)
+        _quantized_weights("llama", {})
+    finally:
+        torch.set_num_threads(threads)
+    assert staged_calls == 2 and len(calls) == 2  # one per block with one thread, none with two
