@@ -103,7 +103,6 @@ class AdmissionControl:
     def __init__(self, app: ASGIApp, limit: int, max_lag_s: float) -> None:
         self.app, self.limit, self.max_lag_s = app, limit, max_lag_s
         self.in_flight = 0  # the event loop is one thread: no lock needed
-        self.refused = 0
         self.lag = LoopLag()
 
     def _exempt(self, scope: Scope) -> bool:
@@ -122,7 +121,6 @@ class AdmissionControl:
             await self.app(scope, receive, send)
             return
         if self._busy():
-            self.refused += 1
             await send({"type": "http.response.start", "status": 503, "headers": _BUSY_HEADERS})
             await send({"type": "http.response.body", "body": _BUSY_BODY})
             return

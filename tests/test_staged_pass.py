@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import quant_core.methods.gptq as gptq_module
-from quant_core.engine import calibrate_blocks, capture_block_inputs
+from quant_core.engine import block_forward, calibrate_blocks, capture_block_inputs
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.methods.base import BlockData
@@ -50,11 +50,7 @@ def test_one_staged_pass_gives_the_replays_weights_and_outputs_bit_for_bit(arch:
 def _block_data(model: nn.Module) -> tuple[nn.Module, BlockData]:
     block = find_decoder_blocks(model)[0]
     captured = capture_block_inputs(model, WINDOWS, "cpu")
-
-    def forward(hidden: Tensor, overrides: object) -> Tensor:
-        out = block(hidden, **captured.kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
+    forward = block_forward(block, captured.kwargs)
     data = BlockData(0, 2, captured.hidden, None, forward, torch.Generator().manual_seed(0))
     return block, data
 
