@@ -81,9 +81,9 @@ COPY bench ./bench
 
 USER 10001:10001
 
-# One worker process per GPU; a fresh child process for every job.
+# One worker process per GPU; each job in a fresh process the task forks (worker/job_process.py).
 CMD ["celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "--queues", "gpu", \
-     "--concurrency", "1", "--max-tasks-per-child", "1", "--prefetch-multiplier", "1"]
+     "--pool", "solo", "--prefetch-multiplier", "1"]
 
 # --------------------------------------------------------------------------- cpu: build the venv
 FROM python:${PYTHON_VERSION}-slim-trixie AS cpu-build

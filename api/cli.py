@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dest", type=Path, default=Path("."))
     c = client_command("cancel", "cancel a job", cancel)
     c.add_argument("job_id")
-    c.add_argument("--force", action="store_true", help="kill the worker process now")
+    c.add_argument("--force", action="store_true", help="end the job now and stop its process")
 
     k = commands.add_parser("create-key", help="(operator) create an API key for a tenant")
     k.add_argument("--tenant", required=True)

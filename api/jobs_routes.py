@@ -24,7 +24,6 @@ from api.submission import artifact_response, own_job, submit_job_request
 from swq_shared import jobs
 from swq_shared.jobspec import JobRequest, request_from_lightcompress
 from swq_shared.models import JobStatus
-from swq_shared.queue import revoke_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 429, 503))
 _JOB_MISSING = error_responses(404)
@@ -119,17 +118,15 @@ async def get_job(request: Request, job_id: str, session: ReadSessionDep, tenant
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
 def cancel_job(
-    request: Request,
     job_id: str,
     session: SessionDep,
     tenant: TenantDep,
-    force: Annotated[bool, Query(description="also kill the worker process at once")] = False,
+    force: Annotated[bool, Query(description="also stop the job's process at once")] = False,
 ) -> JobOut:
-    """Cancel: a queued job at once; a running one stops after its current block (or now, with force)."""
+    """Cancel: a queued job at once; a running one stops after its current block, or with ``force``
+    ends cancelled now and its worker stops the job's process within ``job_watch_seconds``."""
     job = jobs.request_cancel(session, own_job(session, tenant, job_id))  # already ended: 409 (api/errors.py)
     if force and job.status == JobStatus.running.value:
-        session.commit()
-        revoke_job(request.app.state.celery, job.id)
         jobs.finish_job(session, job.id, JobStatus.cancelled)
         session.refresh(job)
     return JobOut.of(job)

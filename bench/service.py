@@ -173,7 +173,7 @@ def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the process and its children (Celery's pool), then SIGKILL whatever of the group remains."""
+    """SIGTERM the process and its children (the job process it forked), then SIGKILL whatever of the group remains."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -348,9 +348,8 @@ def time_job(client: SWQuantClient, spec: dict[str, Any]) -> dict[str, float]:
 def measure_pickup(stack: Stack, spec: dict[str, Any], runs: int, settle_s: float) -> dict[str, Any]:
     """One job right after start, then ``runs`` jobs each submitted to a worker idle for ``settle_s``.
 
-    The worker's child process exits after every job (``--max-tasks-per-child 1``) and the prefork pool
-    forks its replacement on its maintenance timer (every 5 s) or when the next task arrives, so a job
-    sent sooner than that after the last one also waits for a fork. Idle means longer than the timer.
+    The worker forks each job's process when the task arrives (worker.job_process); ``settle_s`` lets
+    the previous job's process exit and its worker return to the broker before the next submit.
     """
     client = SWQuantClient(stack.url, stack.api_key)
     try:

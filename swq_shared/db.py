@@ -16,7 +16,7 @@ CONNECT_TIMEOUT_S = 5
 
 
 def _drop_inherited_connections() -> None:
-    """In a forked child (a Celery pool process), never reuse the parent's pooled connections.
+    """In a forked child (a job's process, see worker.job_process), never reuse the parent's pooled connections.
 
     Two processes writing on one PostgreSQL socket corrupt each other's protocol state; SQLAlchemy's
     remedy is to give the child fresh pools without closing the parent's connections.

@@ -14,7 +14,7 @@ Why a log record factory rather than a filter on handlers: uvicorn's access log 
 own that does not propagate to the root logger, and Celery installs its handlers when the worker
 starts, after this code ran; a filter on the handlers present at start-up would miss some. The
 factory builds every record of the process, whatever logger and handler it goes through, and the
-worker's pool children inherit it when they are forked.
+processes the worker forks for its jobs inherit it.
 
 The message and each argument are masked apart, because some formatters read the arguments back
 (uvicorn's access formatter unpacks them); a traceback is rendered and masked when the record is

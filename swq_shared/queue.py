@@ -1,9 +1,10 @@
-"""The Celery application both sides use: the API to enqueue and revoke, the worker to consume.
+"""The Celery application both sides use: the API to enqueue, the worker to consume.
 
-Settings chosen for long GPU jobs: a task is acknowledged only after it finishes (``acks_late``) and
-is handed back to the queue if its worker process dies, each worker takes one job at a time, and
-each child process runs one job and exits, so CUDA state never leaks from one job to the next.
-The job id doubles as the task id, so a job can be revoked without a lookup.
+Settings chosen for long GPU jobs: a task is acknowledged only after it finishes (``acks_late``),
+each worker takes one job at a time in its main process (the solo pool), and the task forks a
+process for the job that exits with it, so CUDA state never leaks from one job to the next (see
+worker.job_process). A worker that dies holding a job is recovered from the database by the reaper,
+not by the broker. The job id doubles as the task id.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("swquant", broker=settings.broker_url)
     app.conf.update(
         task_acks_late=True,
-        task_reject_on_worker_lost=True,
         task_ignore_result=True,
+        worker_pool="solo",
         worker_prefetch_multiplier=1,
-        worker_max_tasks_per_child=1,
         task_default_queue=settings.queue,
         task_routes={RUN_JOB_TASK: {"queue": settings.queue}},
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
@@ -85,13 +85,9 @@ def waiting_task_ids(app: Celery, queues: set[str]) -> set[str]:
     return {task_id for task_id in found if task_id is not None}
 
 
-def revoke_job(app: Celery, job_id: str) -> None:
-    """Kill a running job's worker child: the fallback when the between-blocks check is too slow."""
-    app.control.revoke(job_id, terminate=True, signal="SIGTERM")
-
-
 def worker_argv(queue: str, hostname: str | None = None) -> list[str]:
-    """The command that runs one worker on ``queue``: one job at a time, a fresh child per job."""
+    """The command that runs one worker on ``queue``: one job at a time, each in a process of its own
+    forked by the task (worker.job_process), not by a pool."""
     argv = [
         sys.executable,
         "-m",
@@ -103,9 +99,7 @@ def worker_argv(queue: str, hostname: str | None = None) -> list[str]:
         "INFO",
         "--queues",
         queue,
-        "--concurrency",
-        "1",
-        "--max-tasks-per-child",
-        "1",
+        "--pool",
+        "solo",
     ]
     return argv + (["--hostname", hostname] if hostname else [])

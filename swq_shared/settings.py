@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(default=10.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    job_watch_seconds: float = Field(
+        default=1.0, gt=0, description="how often a worker checks that its running job still belongs to it"
+    )
     resend_after_seconds: float = Field(
         default=30.0, ge=0, description="a queued job the broker does not hold is re-sent after this long"
     )

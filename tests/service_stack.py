@@ -114,7 +114,7 @@ def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
 
 
 def stop_process_group(process: subprocess.Popen, timeout_s: float = 20) -> None:
-    """SIGTERM the process and its children (Celery's pool), then SIGKILL what remains."""
+    """SIGTERM the process and its children (the job process it forked), then SIGKILL what remains."""
     if process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
 from quant_core.catalog import catalog
+from swq_shared.db import session_scope
+from swq_shared.models import Job
 from tests.lm_eval_task import write_task
 from tests.s3_server import S3Endpoint
 from tests.service_stack import Stack, embedded_stack, migrated_backing, production_stack
@@ -172,6 +175,50 @@ def test_running_job_shows_in_metrics_and_is_cancelled_between_blocks(production
     assert job["status"] == "cancelled"
     assert job["progress"]["blocks_done"] < 6
     assert client.artifacts(job_id) == []
+
+
+def _process_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)  # a zombie still answers: the worker must also have reaped it
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_force_cancel_stops_the_job_process_at_once_and_the_worker_goes_on(
+    production: Stack, tiny_llama_dir: Path
+) -> None:
+    client = _client(production)
+    endless = {**JOB, "model": str(tiny_llama_dir), "method_options": {"epochs": 100000, "batch_size": 1}}
+    job_id = client.submit(endless)["id"]
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        with session_scope(production.env["SWQUANT_DATABASE_URL"]) as session:
+            job = session.get(Job, job_id)
+            status, worker = job.status, job.worker
+        if status == "running":
+            break
+        assert time.monotonic() < deadline and status == "queued", production.log_tail()
+        time.sleep(0.2)
+    pid = int(worker.rsplit(":", 1)[1])
+    cancelled = client.cancel(job_id, force=True)
+    assert cancelled["status"] == "cancelled" and cancelled["cancel_requested"]
+    assert _process_gone(pid, 10.0), f"job process {pid} outlived a forced cancel\n{production.log_tail()}"
+    assert client.job(job_id)["status"] == "cancelled" and client.artifacts(job_id) == []
+    # The worker that ran it takes the next job (the one worker of this stack).
+    follow_up = client.submit({**JOB, "model": str(tiny_llama_dir)})["id"]
+    assert _wait(client, production, follow_up)["status"] == "succeeded"
+
+
+def test_jobs_sent_back_to_back_to_one_worker_all_run(production: Stack, tiny_llama_dir: Path) -> None:
+    """Each job's process ends as the next task arrives: none may be left received but never run."""
+    client = _client(production)
+    quick = {**JOB, "model": str(tiny_llama_dir), "method": "rtn", "method_options": {}, "loss": "mse"}
+    job_ids = [client.submit(quick)["id"] for _ in range(5)]
+    assert [_wait(client, production, job_id)["status"] for job_id in job_ids] == ["succeeded"] * 5
 
 
 def test_a_job_that_fails_reports_a_code_and_message(production: Stack) -> None:

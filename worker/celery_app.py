@@ -1,6 +1,6 @@
 """The worker's Celery entry point: ``celery -A worker.celery_app worker --queues gpu``.
 
-Secrets are masked in every log record of the worker and of the pool children it forks, from import on.
+Secrets are masked in every log record of the worker and of the job processes it forks, from import on.
 """
 
 from swq_shared.log_redaction import install_log_redaction

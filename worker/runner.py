@@ -116,12 +116,15 @@ class CheckpointMirror:
             log.warning("could not delete the checkpoint under %s: %s", self.prefix, type(exc).__name__)
 
 
-def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
+def execute_job(
+    job_id: str, settings: Settings, worker_name: str, on_recorded: Callable[[], None] | None = None
+) -> str:
     """Run the job if it is queued; return its final status, ``skipped`` or ``lease_lost``.
 
     The claim gives this attempt a lease, renewed by a heartbeat while the job runs; progress and
     the outcome are written only under that lease. An attempt that follows a dead worker's resumes
-    from the checkpoint the dead one left in storage.
+    from the checkpoint the dead one left in storage. ``on_recorded`` is called once the outcome is
+    in the database, before the clean-up (see worker.job_process).
     """
     claimed = _database(
         settings,
@@ -194,6 +197,8 @@ def execute_job(job_id: str, settings: Settings, worker_name: str) -> str:
         if not finished:
             log.error("job %s: lease lost before the outcome was recorded", job_id)
             return "lease_lost"
+        if on_recorded is not None:
+            on_recorded()
         mirror.delete()
     return outcome.value
 

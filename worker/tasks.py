@@ -1,9 +1,8 @@
-"""The one Celery task: a thin shell around ``execute_job``, which runs without Celery too."""
+"""The one Celery task: a thin shell around the job's own process (worker.job_process), whose
+``execute_job`` runs without Celery too."""
 
 from __future__ import annotations
 
-import os
-import socket
 from typing import Any
 
 from celery import Task
@@ -12,14 +11,13 @@ from celery.signals import worker_ready
 from swq_shared.queue import RUN_JOB_TASK
 from swq_shared.settings import get_settings
 from worker.celery_app import app
+from worker.job_process import run_job_process
 from worker.reaper import start_reaper
-from worker.runner import execute_job
 
 
 @app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self: Task, job_id: str) -> str:
-    worker_name = f"{socket.gethostname()}:{self.request.hostname or 'worker'}:{os.getpid()}"
-    return execute_job(job_id, get_settings(), worker_name)
+    return run_job_process(job_id, self.request.hostname or "worker", get_settings())
 
 
 @worker_ready.connect
