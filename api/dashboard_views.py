@@ -64,6 +64,9 @@ INT_FIELDS = ("bits", "seed", "calibration.n_samples", "calibration.seq_len")
 OPTIONAL_INT_FIELDS = ("group_size", "evaluation.seq_len", "evaluation.max_windows")
 JSON_FIELDS = ("method_options", "loss_options", "metadata")
 TEXT_FIELDS = ("model", "method", "loss", "calibration.text", "queue")
+# lm-eval is asked for by naming tasks; its limit and few-shot count mean nothing without them.
+LM_EVAL_TASKS = "evaluation.lm_eval.tasks"
+LM_EVAL_INT_FIELDS = ("evaluation.lm_eval.limit", "evaluation.lm_eval.num_fewshot")
 FORM_FIELDS = (
     *TEXT_FIELDS,
     *INT_FIELDS,
@@ -71,6 +74,8 @@ FORM_FIELDS = (
     *JSON_FIELDS,
     "symmetric",
     "evaluation.texts",
+    LM_EVAL_TASKS,
+    *LM_EVAL_INT_FIELDS,
     "export_formats",
 )
 EXPORT_FORMATS: tuple[str, ...] = get_args(get_args(JobRequest.model_fields["export_formats"].annotation)[0])
@@ -92,6 +97,7 @@ def form_defaults() -> dict[str, Any]:
 def form_values_of(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A stored job spec as form values, to submit it again with changes."""
     calibration, evaluation = spec["calibration"], spec["evaluation"]
+    lm_eval = evaluation.get("lm_eval") or {}
     return {
         "model": spec["model"],
         "bits": str(spec["bits"]),
@@ -107,6 +113,11 @@ def form_values_of(spec: Mapping[str, Any]) -> dict[str, Any]:
         "evaluation.texts": ", ".join(evaluation["texts"]),
         "evaluation.seq_len": "" if evaluation["seq_len"] is None else str(evaluation["seq_len"]),
         "evaluation.max_windows": "" if evaluation["max_windows"] is None else str(evaluation["max_windows"]),
+        LM_EVAL_TASKS: ", ".join(lm_eval.get("tasks") or []),
+        **{
+            name: "" if lm_eval.get(name.rsplit(".", 1)[1]) is None else str(lm_eval[name.rsplit(".", 1)[1]])
+            for name in LM_EVAL_INT_FIELDS
+        },
         "export_formats": list(spec["export_formats"]),
         "seed": str(spec["seed"]),
         "metadata": json.dumps(spec["metadata"]) if spec["metadata"] else "",
@@ -125,9 +136,13 @@ def form_values(form: Mapping[str, Any], export_formats: list[str]) -> dict[str,
 def _nest(body: dict[str, Any], path: str, value: Any) -> None:
     head, _, rest = path.partition(".")
     if rest:
-        body.setdefault(head, {})[rest] = value
+        _nest(body.setdefault(head, {}), rest, value)
     else:
         body[head] = value
+
+
+def _comma_list(raw: Any) -> list[str]:
+    return [item.strip() for item in str(raw or "").split(",") if item.strip()]
 
 
 def request_from_form(values: Mapping[str, Any]) -> tuple[JobRequest | None, dict[str, str]]:
@@ -156,9 +171,14 @@ def request_from_form(values: Mapping[str, Any]) -> tuple[JobRequest | None, dic
             errors[name] = 'must be a JSON object, e.g. {"key": "value"}'
             continue
         body[name] = parsed
-    texts = [t.strip() for t in str(values.get("evaluation.texts", "")).split(",") if t.strip()]
+    texts = _comma_list(values.get("evaluation.texts"))
     if texts:
         _nest(body, "evaluation.texts", texts)
+    tasks = _comma_list(values.get(LM_EVAL_TASKS))
+    if tasks or any(values.get(name) for name in LM_EVAL_INT_FIELDS):  # a limit without tasks: pydantic says so
+        _nest(body, LM_EVAL_TASKS, tasks)
+        for name in LM_EVAL_INT_FIELDS:
+            _nest(body, name, values.get(name) or None)
     if errors:
         return None, errors
     try:

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "dtype": "float32",
     "lazy_load": None,
-    "export": ["fake_quant"],
+    "export": ["auto"],
 }
 
 
@@ -136,7 +136,11 @@ def add_job_arguments(q: argparse.ArgumentParser) -> None:
         "--export",
         nargs="+",
         choices=EXPORT_FORMATS,
-        help=_default("fake_quant (dequantized) and/or pack_quantized (vLLM)", "export"),
+        help=_default(
+            "auto (pack_quantized where the format can hold the result, else fake_quant), or fake_quant "
+            "(dequantized floats) and/or pack_quantized (int codes in compressed-tensors, for vLLM)",
+            "export",
+        ),
     )
 
 

@@ -72,7 +72,10 @@ class EvalSpec:
         _positive_int(self.batch_size, "eval.batch_size")
 
 
-EXPORT_FORMATS = ("fake_quant", "pack_quantized")
+# ``auto``: the packed checkpoint wherever compressed-tensors can hold the result, else the
+# fake-quantized one (rotated weights, streamed blocks, layers the format refuses); see
+# pipeline.export_formats_for.
+EXPORT_FORMATS = ("auto", "fake_quant", "pack_quantized")
 # Dtype the model is loaded and run in. Quantization parameters, Hessians and losses stay in float32
 # whatever this is; bfloat16 halves the memory of weights and activations on a GPU.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,12 +98,14 @@ class JobSpec:
     dtype: str = "float32"
     lazy_load: bool = False  # stream blocks from the safetensors shards: for models larger than memory
     trust_remote_code: bool = False
-    export_formats: tuple[str, ...] = ("fake_quant",)
+    export_formats: tuple[str, ...] = ("auto",)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.export_formats if f not in EXPORT_FORMATS]
         if unknown or not self.export_formats:
             raise ConfigError(f"export_formats must be some of: {', '.join(EXPORT_FORMATS)}", "export_formats")
+        if "auto" in self.export_formats and len(self.export_formats) > 1:
+            raise ConfigError("export_formats: auto chooses the format itself; give it alone", "export_formats")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError("seed must be an integer", "seed")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

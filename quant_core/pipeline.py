@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 import transformers
+from torch import nn
+from transformers import PreTrainedModel
 
 import quant_core
 from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
@@ -27,6 +29,7 @@ from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
+from quant_core.methods.base import QuantMethod
 from quant_core.model_card import write_model_cards
 from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tokenizer, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
@@ -68,10 +71,35 @@ def _advance_past(progress: PhaseProgress, index: int) -> None:
     progress.advance(index + 1)
 
 
+def export_formats_for(
+    spec: JobSpec, method: QuantMethod, model: PreTrainedModel, blocks: nn.ModuleList
+) -> tuple[str, ...]:
+    """The formats this job writes, checked before any calibration.
+
+    ``auto`` takes the packed checkpoint, a quarter of the float model's size or less and what vLLM
+    serves, wherever compressed-tensors can hold the result; otherwise the fake-quantized one:
+    weights in a rotated basis, blocks streamed from disk, or layers the format refuses (Conv1D, a
+    ragged last group). An explicit ``pack_quantized`` that cannot be held is an error instead.
+    """
+    auto = spec.export_formats == ("auto",)
+    if auto and (spec.lazy_load or method.rotates):
+        return ("fake_quant",)
+    if auto or "pack_quantized" in spec.export_formats:
+        block_linears = {id(m) for m in quantizable_linears(blocks).values()}
+        try:
+            check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], spec.quant)
+        except ConfigError:
+            if not auto:
+                raise
+            return ("fake_quant",)
+    return ("pack_quantized",) if auto else spec.export_formats
+
+
 def run_job(
     spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None, checkpoint_dir: Path | None = None
 ) -> dict[str, Any]:
-    """Run ``spec`` and write ``out_dir/model`` (fake-quant HF directory) and ``out_dir/report.json``.
+    """Run ``spec`` and write its checkpoint (``out_dir/packed`` and/or ``out_dir/model``, see
+    :func:`export_formats_for`) and ``out_dir/report.json``.
 
     With ``checkpoint_dir``, progress is kept there after every block and a rerun of the same job
     continues from the last finished block.
@@ -106,9 +134,7 @@ def run_job(
                 f"{spec.method} trains the whole model at once and cannot resume from blocks", "checkpoint"
             )
         resources = method.check_resources(model, spec.calib.seq_len, spec.device)
-    if "pack_quantized" in spec.export_formats:
-        block_linears = {id(m) for m in quantizable_linears(blocks).values()}
-        check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], spec.quant)
+    formats = export_formats_for(spec, method, model, blocks)
     windows = calibration_windows(
         tokenize_file(tokenizer, calib_path), spec.calib.n_samples, spec.calib.seq_len, spec.seed
     )
@@ -209,9 +235,9 @@ def run_job(
     exports: dict[str, Any] = {}
     if written is not None:
         exports["fake_quant"] = {"path": str(written)}
-    elif "fake_quant" in spec.export_formats:
+    elif "fake_quant" in formats:
         exports["fake_quant"] = {"path": str(save_fake_quant(model, tokenizer, out_dir))}
-    if "pack_quantized" in spec.export_formats:
+    if "pack_quantized" in formats:
         exports["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)
     for export in exports.values():  # relative: the report travels with the folders, not the worker's disk
         export["path"] = str(Path(export["path"]).relative_to(out_dir))

@@ -21,8 +21,8 @@ from quant_core.lightcompress_config import parse_lightcompress
 from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 
 UPLOAD_PREFIX = "upload:"
-ExportFormat = Literal["fake_quant", "pack_quantized"]
-DEFAULT_EXPORT: ExportFormat = "fake_quant"
+ExportFormat = Literal["auto", "fake_quant", "pack_quantized"]
+DEFAULT_EXPORT: ExportFormat = "auto"
 MAX_SAMPLES = 4096
 MAX_SEQ_LEN = 32768
 

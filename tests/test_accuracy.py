@@ -53,7 +53,7 @@ def test_a_job_reports_accuracy_before_and_after_and_caches_the_float_scores(
     monkeypatch.setenv("SWQUANT_CACHE_DIR", str(tmp_path / "cache"))
     argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--bits", "2", "--group-size", "32"]
     argv += ["--n-samples", "4", "--seq-len", "32", "--eval-max-windows", "2", "--lm-eval-task", str(task_file)]
-    argv += ["--lm-eval-limit", "5", "--out", str(tmp_path / "out")]
+    argv += ["--lm-eval-limit", "5", "--export", "fake_quant", "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     acc = report["lm_eval"]["next_word"]["acc"]

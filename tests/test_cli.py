@@ -60,16 +60,19 @@ def test_report_holds_settings_blocks_perplexity_and_versions(quantized: Path) -
 
 
 def test_saved_model_loads_with_transformers_and_reproduces_the_reported_perplexity(quantized: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(quantized / "model", dtype=torch.float32)
-    weight = model.model.layers[0].self_attn.q_proj.weight
-    levels = torch.tensor([g.unique().numel() for g in weight.reshape(-1, 32)])
-    assert (levels <= 8).all()  # 3 bits: each group of 32 holds at most 8 distinct values
+    """The default export is the packed checkpoint here (a 64-wide model, group 32, no rotation)."""
     from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
     from quant_core.perplexity import perplexity
 
-    _, tokenizer = load_model(str(quantized / "model"))
-    windows = evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 32, 3)
     report = json.loads((quantized / "report.json").read_text())
+    assert list(report["exports"]) == ["pack_quantized"]
+    directory = quantized / report["exports"]["pack_quantized"]["path"]
+    assert directory.name == "packed" and (directory / "README.md").exists()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+    _, tokenizer = load_model(str(directory))
+    windows = evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 32, 3)
     assert perplexity(model, windows) == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
 
 

@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quant_core.errors import ConfigError
 from quant_core.export import export_pack_quantized, vllm_serving_blockers
+from quant_core.job import JobSpec
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, stored_layout, weight_matrix
+from quant_core.pipeline import export_formats_for
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, scale_and_zero, ungroup_columns
 from tests.tiny_models import VOCAB, build_model
 
@@ -213,3 +215,34 @@ def test_vllm_serving_blockers_name_what_marlin_cannot_run(spec, blockers):
     found = vllm_serving_blockers(spec)
 
     assert [reason.split(":")[0] for reason in found] == blockers
+
+
+@pytest.mark.parametrize(
+    ("options", "group_size", "expected"),
+    [
+        ({}, 32, ("pack_quantized",)),
+        ({"incoherence": "hadamard"}, 32, ("fake_quant",)),  # rotated weights are off the packed grid
+        ({}, 48, ("fake_quant",)),  # 64 wide: a ragged last group the format refuses
+    ],
+    ids=["packable", "rotated", "ragged"],
+)
+def test_auto_export_packs_wherever_the_format_can_hold_the_result(options, group_size, expected):
+    model = build_model("llama")
+    spec = JobSpec(model="-", quant=QuantSpec(3, False, group_size), method="gptq", method_options=options)
+    assert spec.export_formats == ("auto",)
+    assert export_formats_for(spec, spec.build_method(), model, find_decoder_blocks(model)) == expected
+
+
+def test_explicit_export_is_kept_or_refused_and_auto_goes_alone():
+    model = build_model("llama")
+    both = JobSpec(
+        model="-", quant=QuantSpec(3, False, 32), method="rtn", export_formats=("fake_quant", "pack_quantized")
+    )
+    assert export_formats_for(both, both.build_method(), model, find_decoder_blocks(model)) == both.export_formats
+    ragged = JobSpec(model="-", quant=QuantSpec(3, False, 48), method="rtn", export_formats=("pack_quantized",))
+    with pytest.raises(ConfigError, match="ragged last group") as caught:
+        export_formats_for(ragged, ragged.build_method(), model, find_decoder_blocks(model))
+    assert caught.value.field == "group_size"
+    with pytest.raises(ConfigError, match="auto chooses the format itself") as caught:
+        JobSpec(model="-", method="rtn", export_formats=("auto", "fake_quant"))
+    assert caught.value.field == "export_formats"

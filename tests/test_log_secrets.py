@@ -138,7 +138,7 @@ def _drive(url: str, key: str, model: Path, broken: Path, download_to: Path) -> 
     outcomes: dict[str, object] = {}
     job = client.wait(client.submit({**JOB, "model": str(model)})["id"], timeout_s=TIMEOUT_S, poll_s=0.5)
     outcomes["succeeded"] = job["status"]
-    outcomes["downloaded"] = client.download(job["id"], "model.tar", download_to / "model.tar").stat().st_size
+    outcomes["downloaded"] = client.download(job["id"], "packed.tar", download_to / "packed.tar").stat().st_size
     with httpx.Client(base_url=url, timeout=30) as browser:
         login = browser.post("/ui/login", data={"api_key": key, "next": "/ui/jobs"})
         outcomes["cookie"] = login.cookies.get(COOKIE_NAME, "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
@@ -79,8 +81,10 @@ def _model_archive(model_dir: Path, dest: Path) -> Path:
 
 
 def _check_succeeded_job(
-    client: SWQuantClient, stack: Stack, job_id: str, tmp_path: Path, packed: bool = False
+    client: SWQuantClient, stack: Stack, job_id: str, tmp_path: Path, archives: tuple[str, ...] = ("packed.tar",)
 ) -> None:
+    """The job succeeded with ``archives`` (the default export: the packed checkpoint); the first of
+    them downloads resumably, keeps shareable modes and loads with transformers on the 3-bit grid."""
     job = _wait(client, stack, job_id)
     assert job["status"] == "succeeded", f"{job['error']}\n{stack.log_tail()}"
     assert job["progress"] == {"blocks_done": 2, "num_blocks": 2}
@@ -91,25 +95,34 @@ def _check_succeeded_job(
     assert all(b["loss_after"] <= b["loss_before"] * 1.5 and b["seconds"] > 0 for b in blocks)
     statuses = [e["data"]["status"] for e in events if e["kind"] == "status"]
     assert statuses == ["queued", "running", "succeeded"]
-    names = {a["name"] for a in client.artifacts(job_id)}
-    assert names == {"model.tar", "report.json"} | ({"packed.tar"} if packed else set())
+    assert {a["name"] for a in client.artifacts(job_id)} == {*archives, "report.json"}
 
     # Download in two pieces through HTTP Range (a resumed download), then load it with transformers.
-    size = next(a["size"] for a in client.artifacts(job_id) if a["name"] == "model.tar")
+    archive = archives[0]
+    size = next(a["size"] for a in client.artifacts(job_id) if a["name"] == archive)
     headers = {"Authorization": f"Bearer {stack.api_key}", "Range": f"bytes=0-{size // 2}"}
-    first = httpx.get(f"{stack.url}/v1/jobs/{job_id}/artifacts/model.tar", headers=headers, timeout=30)
+    first = httpx.get(f"{stack.url}/v1/jobs/{job_id}/artifacts/{archive}", headers=headers, timeout=30)
     assert first.status_code == 206 and first.headers["content-range"] == f"bytes 0-{size // 2}/{size}"
-    partial = tmp_path / "model.tar"
+    partial = tmp_path / archive
     partial.write_bytes(first.content)
-    client.download(job_id, "model.tar", partial)
+    client.download(job_id, archive, partial)
     assert partial.stat().st_size == size
     with tarfile.open(partial) as tar:
         assert {m.mode for m in tar.getmembers() if m.isfile()} == {0o644}
         tar.extractall(tmp_path / "unpacked", filter="data")
-    assert (tmp_path / "unpacked" / "model" / "README.md").read_text().startswith("---\nbase_model:")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked" / "model", dtype=torch.float32)
-    weight = model.model.layers[1].mlp.down_proj.weight
-    assert max(g.unique().numel() for g in weight.reshape(-1, 32)) <= 8  # 3-bit grid, group 32
+    directory = tmp_path / "unpacked" / archive.removesuffix(".tar")
+    assert (directory / "README.md").read_text().startswith("---\nbase_model:")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    if archive == "packed.tar":
+        config = json.loads((directory / "config.json").read_text())
+        assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
+        with safe_open(directory / "model.safetensors", "pt") as packed:
+            assert packed.get_tensor("model.layers.1.mlp.down_proj.weight_packed").dtype == torch.int32
+    else:
+        weight = model.model.layers[1].mlp.down_proj.weight
+        assert max(g.unique().numel() for g in weight.reshape(-1, 32)) <= 8  # 3-bit grid, group 32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
 def test_job_from_uploaded_model_succeeds_on_postgres_redis_s3(
@@ -133,7 +146,7 @@ def test_job_on_embedded_defaults_succeeds(embedded: Stack, tiny_llama_dir: Path
     evaluation = {**JOB["evaluation"], "lm_eval": {"tasks": [str(task)], "limit": 3}}
     spec = {**JOB, "model": str(tiny_llama_dir), "export_formats": ["fake_quant", "pack_quantized"]}
     job = client.submit({**spec, "evaluation": evaluation})
-    _check_succeeded_job(client, embedded, job["id"], tmp_path, packed=True)
+    _check_succeeded_job(client, embedded, job["id"], tmp_path, archives=("model.tar", "packed.tar"))
     metrics = client.job(job["id"])["metrics"]
     assert 0 <= metrics["lm_eval.before.next_word.acc"] <= 1 and 0 <= metrics["lm_eval.after.next_word.acc"] <= 1
 
@@ -240,7 +253,7 @@ def test_artifacts_are_in_s3(production: Stack, tiny_llama_dir: Path, s3_server:
     bucket = production.env["SWQUANT_STORAGE_URL"].removeprefix("s3://")
     s3 = s3_server.client()
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"jobs/{job['id']}/")["Contents"]}
-    assert keys == {f"jobs/{job['id']}/model.tar", f"jobs/{job['id']}/report.json"}
+    assert keys == {f"jobs/{job['id']}/packed.tar", f"jobs/{job['id']}/report.json"}
     body = s3.get_object(Bucket=bucket, Key=f"jobs/{job['id']}/report.json")["Body"].read()
     assert b'"method": "rtn"' in body
 
@@ -271,7 +284,7 @@ def test_a_whole_model_method_runs_through_the_service(production: Stack, tiny_l
     job = _wait(client, production, client.submit({**spec, "method_options": {"n_samples": 2, "grad_accum": 2}})["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["metrics"]["perplexity.after.persuasion"] > 1
-    assert {a["name"] for a in client.artifacts(job["id"])} == {"model.tar", "report.json"}
+    assert {a["name"] for a in client.artifacts(job["id"])} == {"packed.tar", "report.json"}
 
 
 def test_uploads_are_checked_and_limited(production: Stack, tmp_path: Path) -> None:
@@ -312,7 +325,7 @@ def test_another_tenant_sees_nothing(production: Stack, tiny_llama_dir: Path) ->
         f"/v1/jobs/{job_id}",
         f"/v1/jobs/{job_id}/events",
         f"/v1/jobs/{job_id}/artifacts",
-        f"/v1/jobs/{job_id}/artifacts/model.tar",
+        f"/v1/jobs/{job_id}/artifacts/packed.tar",
     ):
         assert other.http.get(path).status_code == 404, path
     assert other.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 404

@@ -109,7 +109,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Endpoint, toke
 
 
 def _weights(client: SWQuantClient, job_id: str, tmp_path: Path) -> dict[str, torch.Tensor]:
-    archive = client.download(job_id, "model.tar", tmp_path / f"{job_id}.tar")
+    archive = client.download(job_id, "packed.tar", tmp_path / f"{job_id}.tar")
     with tarfile.open(archive) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".safetensors"))
         return load(tar.extractfile(member).read())
@@ -311,7 +311,7 @@ def test_storage_cut_during_upload_is_retried_then_fails_clearly(faults: FaultSt
     finally:
         faults.s3_relay.up()
     assert faults.wait_all([brief])[brief]["status"] == "succeeded"
-    assert {a["name"] for a in client.artifacts(brief)} == {"model.tar", "report.json"}
+    assert {a["name"] for a in client.artifacts(brief)} == {"packed.tar", "report.json"}
 
     lasting = client.submit(faults.spec(**slow_eval), idempotency_key="storage-down")["id"]
     _wait_for_stage(client, lasting, "evaluating the quantized model")
@@ -322,6 +322,6 @@ def test_storage_cut_during_upload_is_retried_then_fails_clearly(faults: FaultSt
         faults.s3_relay.up()
     assert job["status"] == "failed"
     assert job["error"]["code"] == "storage_error"
-    assert "model.tar" in job["error"]["message"]
+    assert "packed.tar" in job["error"]["message"]
     assert "gave up after 4 attempts" in job["error"]["message"]
     assert client.artifacts(lasting) == []
