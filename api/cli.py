@@ -190,14 +190,12 @@ def _print(obj: Any) -> None:
 
 
 def submit(args: argparse.Namespace) -> int:
-    from swq_shared.jobspec import request_from_settings
-
     client = _client(args)
-    if args.config is not None and not _has_overrides(args):
+    if args.config is not None and not (core_cli.given_job_flags(args) or args.label):
         job = client.submit(args.config.read_text(), args.idempotency_key)
-    else:
-        body = request_from_settings(core_cli.settings_from_args(args)).model_dump(mode="json")
-        body["metadata"] = dict(args.label)
+    else:  # flags win over the file: send the merged settings as JSON
+        settings, _ = core_cli.settings_from_args(args)
+        body = {**settings.model_dump(mode="json"), "metadata": dict(args.label)}
         job = client.submit(body, args.idempotency_key)
     print(job["id"])
     if not args.watch:
@@ -206,13 +204,6 @@ def submit(args: argparse.Namespace) -> int:
     if code == 0 and args.download is not None:
         _download_all(client, job["id"], args.download)
     return code
-
-
-def _has_overrides(args: argparse.Namespace) -> bool:
-    """Whether any job flag was given beside ``--config`` (then the flags win and JSON is sent)."""
-    return any(getattr(args, f, None) is not None for f in core_cli.DEFAULTS) or bool(
-        args.loss_opt or args.method_opt or args.label
-    )
 
 
 def status(args: argparse.Namespace) -> int:

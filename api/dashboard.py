@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from api import dashboard_views as views
+from api import job_form
 from api.dashboard_session import (
     BrowserSession,
     clear_session,
@@ -232,7 +233,7 @@ def _submit_context(values: dict[str, Any], errors: dict[str, str]) -> dict[str,
     return {
         "values": values,
         "errors": errors,
-        "choices": views.form_choices(),
+        "sections": job_form.sections(),
         "idempotency_key": f"ui-{secrets.token_urlsafe(16)}",
     }
 
@@ -245,9 +246,9 @@ def submit_page(
     from_job: Annotated[str | None, Query(alias="from")] = None,
 ) -> HTMLResponse:
     """The form with JobRequest's defaults, or with another job's settings (``?from=<job id>``)."""
-    values = views.form_defaults()
+    values = job_form.defaults()
     if from_job:
-        values = views.form_values_of(views.owned_job(session, viewer.tenant, from_job).spec)
+        values = job_form.values_of(views.owned_job(session, viewer.tenant, from_job).spec)
     return render(request, "submit.html", _submit_context(values, {}), viewer)
 
 
@@ -255,8 +256,8 @@ def submit_page(
 async def submit(request: Request, session: SessionDep, viewer: ViewerDep) -> Response:
     form = await request.form()
     _check_csrf(viewer, str(form.get("csrf_token", "")))
-    values = views.form_values(form, [str(v) for v in form.getlist("export_formats")])
-    spec, errors = views.request_from_form(values)
+    values = job_form.values_from(form)
+    spec, errors = job_form.request_from(values)
     status_code = 422
     if spec is not None:
         key = str(form.get("idempotency_key", ""))[:200] or None

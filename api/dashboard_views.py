@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, get_args
+from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.submission import own_job
-from quant_core.errors import ConfigError
-from quant_core.losses import LOSSES
-from quant_core.methods import METHODS
 from swq_shared import jobs
 from swq_shared.auth import Caller
 from swq_shared.errors import NotFoundInTenantError
-from swq_shared.jobspec import JobRequest
 from swq_shared.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -56,151 +50,6 @@ class LoginRequired(Exception):
 
 
 # --- submitting ------------------------------------------------------------------------------------
-
-
-# --- the submit form -------------------------------------------------------------------------------
-
-INT_FIELDS = ("bits", "seed", "calibration.n_samples", "calibration.seq_len")
-OPTIONAL_INT_FIELDS = ("group_size", "evaluation.seq_len", "evaluation.max_windows")
-JSON_FIELDS = ("method_options", "loss_options", "metadata")
-TEXT_FIELDS = ("model", "method", "loss", "calibration.text", "queue")
-# lm-eval is asked for by naming tasks; its limit and few-shot count mean nothing without them.
-LM_EVAL_TASKS = "evaluation.lm_eval.tasks"
-LM_EVAL_INT_FIELDS = ("evaluation.lm_eval.limit", "evaluation.lm_eval.num_fewshot")
-FORM_FIELDS = (
-    *TEXT_FIELDS,
-    *INT_FIELDS,
-    *OPTIONAL_INT_FIELDS,
-    *JSON_FIELDS,
-    "symmetric",
-    "evaluation.texts",
-    LM_EVAL_TASKS,
-    *LM_EVAL_INT_FIELDS,
-    "export_formats",
-)
-EXPORT_FORMATS: tuple[str, ...] = get_args(get_args(JobRequest.model_fields["export_formats"].annotation)[0])
-
-
-def form_choices() -> dict[str, list[str]]:
-    """Names the registries know today: a method or loss added to quant_core shows up here by itself."""
-    return {"method": sorted(METHODS), "loss": list(LOSSES), "export_formats": list(EXPORT_FORMATS)}
-
-
-def form_defaults() -> dict[str, Any]:
-    """The form's initial values: JobRequest's own defaults, so the form and the API never disagree."""
-    spec = JobRequest(model="-").model_dump(mode="json")
-    values = form_values_of(spec)
-    values["model"] = ""
-    return values
-
-
-def form_values_of(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored job spec as form values, to submit it again with changes."""
-    calibration, evaluation = spec["calibration"], spec["evaluation"]
-    lm_eval = evaluation.get("lm_eval") or {}
-    return {
-        "model": spec["model"],
-        "bits": str(spec["bits"]),
-        "group_size": "" if spec["group_size"] is None else str(spec["group_size"]),
-        "symmetric": bool(spec["symmetric"]),
-        "method": spec["method"],
-        "method_options": json.dumps(spec["method_options"]) if spec["method_options"] else "",
-        "loss": spec["loss"],
-        "loss_options": json.dumps(spec["loss_options"]) if spec["loss_options"] else "",
-        "calibration.text": calibration["text"],
-        "calibration.n_samples": str(calibration["n_samples"]),
-        "calibration.seq_len": str(calibration["seq_len"]),
-        "evaluation.texts": ", ".join(evaluation["texts"]),
-        "evaluation.seq_len": "" if evaluation["seq_len"] is None else str(evaluation["seq_len"]),
-        "evaluation.max_windows": "" if evaluation["max_windows"] is None else str(evaluation["max_windows"]),
-        LM_EVAL_TASKS: ", ".join(lm_eval.get("tasks") or []),
-        **{
-            name: "" if lm_eval.get(name.rsplit(".", 1)[1]) is None else str(lm_eval[name.rsplit(".", 1)[1]])
-            for name in LM_EVAL_INT_FIELDS
-        },
-        "export_formats": list(spec["export_formats"]),
-        "seed": str(spec["seed"]),
-        "metadata": json.dumps(spec["metadata"]) if spec["metadata"] else "",
-        "queue": spec["queue"] or "",
-    }
-
-
-def form_values(form: Mapping[str, Any], export_formats: list[str]) -> dict[str, Any]:
-    """What the user typed, to show again next to the errors."""
-    values: dict[str, Any] = {name: str(form.get(name, "")).strip() for name in FORM_FIELDS}
-    values["symmetric"] = form.get("symmetric") is not None
-    values["export_formats"] = export_formats
-    return values
-
-
-def _nest(body: dict[str, Any], path: str, value: Any) -> None:
-    head, _, rest = path.partition(".")
-    if rest:
-        _nest(body.setdefault(head, {}), rest, value)
-    else:
-        body[head] = value
-
-
-def _comma_list(raw: Any) -> list[str]:
-    return [item.strip() for item in str(raw or "").split(",") if item.strip()]
-
-
-def request_from_form(values: Mapping[str, Any]) -> tuple[JobRequest | None, dict[str, str]]:
-    """A JobRequest from the form's values, or the errors keyed by form field ("" for the whole form).
-
-    Integers are passed as typed so that pydantic's own messages and ``loc`` apply; an empty optional
-    field means null (group size: per channel), an empty required one its default.
-    """
-    body: dict[str, Any] = {"symmetric": bool(values.get("symmetric")), "export_formats": values["export_formats"]}
-    errors: dict[str, str] = {}
-    for name in TEXT_FIELDS + INT_FIELDS:
-        if values.get(name):
-            _nest(body, name, values[name])
-    for name in OPTIONAL_INT_FIELDS:
-        raw = values.get(name, "")
-        empty = raw == "" or (name == "group_size" and raw in ("0", "-1"))
-        _nest(body, name, None if empty else raw)
-    for name in JSON_FIELDS:
-        raw = values.get(name, "")
-        try:
-            parsed = json.loads(raw) if raw else {}
-        except json.JSONDecodeError as exc:
-            errors[name] = f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-            continue
-        if not isinstance(parsed, dict):
-            errors[name] = 'must be a JSON object, e.g. {"key": "value"}'
-            continue
-        body[name] = parsed
-    texts = _comma_list(values.get("evaluation.texts"))
-    if texts:
-        _nest(body, "evaluation.texts", texts)
-    tasks = _comma_list(values.get(LM_EVAL_TASKS))
-    if tasks or any(values.get(name) for name in LM_EVAL_INT_FIELDS):  # a limit without tasks: pydantic says so
-        _nest(body, LM_EVAL_TASKS, tasks)
-        for name in LM_EVAL_INT_FIELDS:
-            _nest(body, name, values.get(name) or None)
-    if errors:
-        return None, errors
-    try:
-        spec = JobRequest.model_validate(body)
-        spec.to_job_spec()
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            errors.setdefault(form_field_for(error["loc"]), error["msg"])
-        return None, errors
-    except ConfigError as exc:
-        return None, {form_field_for(tuple(exc.field.split(".")) if exc.field else ()): str(exc)}
-    return spec, {}
-
-
-def form_field_for(loc: Iterable[Any]) -> str:
-    """The form field an error path belongs to (``loss_options.sw_block_size`` -> ``loss_options``)."""
-    parts = [str(p) for p in loc if p != "body"]
-    for size in range(len(parts), 0, -1):
-        name = ".".join(parts[:size])
-        if name in FORM_FIELDS:
-            return name
-    return ""
 
 
 # --- jobs as rows ----------------------------------------------------------------------------------

@@ -7,43 +7,18 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
-from quant_core.accuracy import LmEvalSpec
 from quant_core.catalog import catalog, format_catalog
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.job import DTYPES, EXPORT_FORMATS, CalibSpec, EvalSpec, JobSpec
+from quant_core.job_settings import JobSettings, Setting, leaf_settings, set_path, validated
 from quant_core.lightcompress_config import read_lightcompress
-from quant_core.losses import LOSSES
-from quant_core.methods import METHODS
 from quant_core.pipeline import REPORT_NAME, JobHooks, run_job
-from quant_core.quantizer import QuantSpec
-
-DEFAULTS: dict[str, Any] = {
-    "method": "omniquant",
-    "bits": 4,
-    "group_size": 128,
-    "symmetric": False,
-    "loss": None,
-    "calib": "austen",
-    "n_samples": 128,
-    "seq_len": 512,
-    "eval": ["persuasion"],
-    "eval_seq_len": None,
-    "eval_max_windows": None,
-    "lm_eval_task": [],
-    "lm_eval_limit": None,
-    "lm_eval_fewshot": None,
-    "seed": 0,
-    "device": "cpu",
-    "dtype": "float32",
-    "lazy_load": None,
-    "export": ["auto"],
-}
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -68,80 +43,76 @@ def _group_size(text: str) -> int:
     return int(text)
 
 
-def lm_eval_spec(settings: dict[str, Any]) -> LmEvalSpec | None:
-    """The lm-eval part of a job from the flat settings; None when no task is named."""
-    if not settings.get("lm_eval_task"):
-        return None
-    return LmEvalSpec(
-        tasks=tuple(settings["lm_eval_task"]),
-        limit=settings.get("lm_eval_limit"),
-        num_fewshot=settings.get("lm_eval_fewshot"),
-    )
+def job_flags() -> list[Setting]:
+    """The settings that have a flag, in JobSettings' order."""
+    return [setting for setting in leaf_settings() if setting.flag is not None]
 
 
-def _default(text: str, key: str) -> str:
-    """Help text with the default a job gets when neither the flag nor --config sets it."""
-    value = DEFAULTS[key]
-    shown = " ".join(value) if isinstance(value, list) else value
-    return f"{text} (default: {shown})"
+def _help(setting: Setting) -> str:
+    """The field's description with the default a job gets when neither the flag nor --config sets it."""
+    default = setting.default
+    if default in (None, {}, []) or default is PydanticUndefined:
+        return setting.info.description or ""
+    shown = " ".join(map(str, default)) if isinstance(default, list) else default
+    return f"{setting.info.description} (default: {shown})"
+
+
+def _add_flag(parser: argparse.ArgumentParser, setting: Setting) -> None:
+    """One flag, its kind read off the field's type: a list takes several values, a Literal its choices."""
+    flag = setting.flag
+    assert flag is not None
+    metavar = flag.metavar or flag.name.lstrip("-").upper().replace("-", "_")
+    kwargs: dict[str, Any] = {"dest": setting.path, "help": _help(setting), "metavar": metavar}
+    annotation = setting.info.annotation
+    item = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+    if flag.kind == "key_value":
+        kwargs.update(type=key_value, action="append", default=[], metavar="NAME=VALUE")
+    elif flag.kind == "repeat":
+        kwargs.update(action="append", help=f"{kwargs['help']}; repeatable")
+    elif flag.kind == "group_size":
+        kwargs.update(type=_group_size)
+    elif annotation is bool:
+        described = f"{setting.info.title.lower()}: {setting.info.description}" if setting.info.title else None
+        kwargs = {"dest": setting.path, "help": described or setting.info.description}
+        kwargs.update(action="store_true", default=None)
+    elif get_origin(annotation) is list:
+        kwargs.update(nargs="+")
+    elif annotation in (int, int | None):
+        kwargs.update(type=int)
+    if get_origin(item) is Literal:
+        kwargs.update(choices=list(get_args(item)), metavar=None)
+    if setting.choices is not None:
+        kwargs.update(choices=setting.choices.names(), metavar=None)
+    parser.add_argument(flag.name, **kwargs)
 
 
 def add_job_arguments(q: argparse.ArgumentParser) -> None:
-    """The flags that describe a job, shared by ``quantize`` (local) and ``submit`` (to a server).
-
-    Defaults are None so that flags given on the command line override a --config file.
-    """
+    """The flags that describe a job, shared by ``quantize`` (local) and ``submit`` (to a server),
+    built from JobSettings. Defaults are None so that flags given override a --config file."""
     q.add_argument("--config", type=Path, help="LightCompress-style YAML; command-line flags override it")
-    q.add_argument("--model", help="Hugging Face directory (safetensors) or hub id")
-    q.add_argument("--method", choices=sorted(METHODS), help=_default("method", "method"))
-    q.add_argument("--bits", type=int, help=_default("bits per weight", "bits"))
-    q.add_argument(
-        "--group-size", type=_group_size, help=_default("columns per scale; 0 or -1 for per-channel", "group_size")
-    )
-    q.add_argument("--symmetric", action="store_true", default=None, help="symmetric grid (default: asymmetric)")
-    q.add_argument("--loss", choices=list(LOSSES), help="training loss (default: the method's own; swquant methods)")
-    q.add_argument(
-        "--loss-opt", type=key_value, action="append", default=[], metavar="NAME=VALUE", help="a loss option"
-    )
-    q.add_argument(
-        "--method-opt",
-        type=key_value,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a method option (see swquant methods)",
-    )
-    q.add_argument("--calib", help=_default("bundled corpus or text file", "calib"))
-    q.add_argument("--n-samples", type=int, help=_default("calibration windows", "n_samples"))
-    q.add_argument("--seq-len", type=int, help=_default("tokens per calibration window", "seq_len"))
-    q.add_argument("--eval", action="append", help=_default("bundled corpus or text file; repeatable", "eval"))
-    q.add_argument("--eval-seq-len", type=int, help="tokens per evaluation window (default: --seq-len)")
-    q.add_argument("--eval-max-windows", type=int, help="evaluation windows per text (default: all)")
-    q.add_argument(
-        "--lm-eval-task",
-        action="append",
-        metavar="TASK",
-        help="lm-eval task name or task YAML file, run on the float and the quantized model; repeatable",
-    )
-    q.add_argument("--lm-eval-limit", type=int, metavar="N", help="documents per lm-eval task (default: all)")
-    q.add_argument("--lm-eval-fewshot", type=int, metavar="K", help="few-shot examples (default: the task's)")
-    q.add_argument("--seed", type=int, help=_default("seed of every random draw", "seed"))
-    q.add_argument(
-        "--lazy-load", action="store_true", default=None, help="stream blocks from disk (models larger than memory)"
-    )
-    q.add_argument(
-        "--dtype", choices=DTYPES, help=_default("model dtype for calibration (grids and losses stay fp32)", "dtype")
-    )
-    q.add_argument(
-        "--export",
-        nargs="+",
-        choices=EXPORT_FORMATS,
-        help=_default(
-            "auto (pack_quantized where the format can hold the result, else fake_quant), or fake_quant "
-            "(dequantized floats) and/or pack_quantized (int codes in compressed-tensors, for vLLM)",
-            "export",
-        ),
-    )
+    for setting in job_flags():
+        _add_flag(q, setting)
+
+
+def given_job_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The job flags given on the command line, by setting path."""
+    found = {setting.path: getattr(args, setting.path, None) for setting in job_flags()}
+    return {path: value for path, value in found.items() if value not in (None, [])}
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[JobSettings, str | None]:
+    """JobSettings' defaults, then the config file, then explicit flags; and the config's save path."""
+    body, save_path = read_lightcompress(args.config) if args.config is not None else ({}, None)
+    kinds = {setting.path: setting.flag.kind for setting in job_flags() if setting.flag is not None}
+    for path, value in given_job_flags(args).items():
+        if kinds[path] == "key_value":  # options from flags join (and override) the config's
+            value = {**(body.get(path) or {}), **dict(value)}
+        elif kinds[path] == "group_size":
+            value = value or None
+        set_path(body, path, value)
+    if not body.get("model"):
+        raise ConfigError("--model is required", "model")
+    return validated(JobSettings, body), save_path
 
 
 def add_quantize_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -176,56 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the config file, then explicit flags."""
-    settings = dict(DEFAULTS, loss_options={}, method_options={})
-    if args.config is not None:
-        settings.update(read_lightcompress(args.config))
-    for key in DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    settings["loss_options"] = {**settings["loss_options"], **dict(args.loss_opt)}
-    settings["method_options"] = {**settings["method_options"], **dict(args.method_opt)}
-    if args.model is not None:
-        settings["model"] = args.model
-    if getattr(args, "out", None) is not None:
-        settings["save_path"] = str(args.out)
-    if not settings.get("model"):
-        raise ConfigError("--model is required", "model")
-    settings["group_size"] = settings["group_size"] or None
-    return settings
-
-
-def spec_from_settings(settings: dict[str, Any]) -> JobSpec:
-    return JobSpec(
-        model=settings["model"],
-        quant=QuantSpec(bits=settings["bits"], symmetric=settings["symmetric"], group_size=settings["group_size"]),
-        method=settings["method"],
-        method_options=settings["method_options"],
-        loss=settings["loss"],
-        loss_options=settings["loss_options"],
-        calib=CalibSpec(text=settings["calib"], n_samples=settings["n_samples"], seq_len=settings["seq_len"]),
-        eval=EvalSpec(
-            texts=tuple(settings["eval"]),
-            seq_len=settings["eval_seq_len"],
-            max_windows=settings["eval_max_windows"],
-            lm_eval=lm_eval_spec(settings),
-        ),
-        seed=settings["seed"],
-        device=settings["device"],
-        dtype=settings["dtype"],
-        lazy_load=bool(settings["lazy_load"]),
-        export_formats=tuple(settings["export"]),
-    )
-
-
 def quantize(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    if not settings.get("save_path"):
+    settings, save_path = settings_from_args(args)
+    out_dir = args.out if args.out is not None else save_path and Path(save_path)
+    if not out_dir:
         raise ConfigError("--out is required", "save_path")
-    spec = spec_from_settings(settings)
-    out_dir = Path(settings["save_path"])
+    spec = settings.to_job_spec(device=args.device or "cpu")
     bars: list[tqdm] = []
 
     def on_block(record: BlockRecord) -> None:

@@ -1,4 +1,5 @@
-"""Reading a LightCompress (llmc) YAML config into our job settings, so existing configs run as is.
+"""Reading a LightCompress (llmc) YAML config into our job settings (quant_core.job_settings), so
+existing configs run as is.
 
 Mapped: ``model.path``, ``calib.path/n_samples/seq_len/seed``, ``eval.path/seq_len/bs``,
 ``quant.method``, ``quant.weight.bit/symmetric/granularity/group_size``, ``quant.special.loss_method``,
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from quant_core.errors import ConfigError
+from quant_core.job_settings import set_path
 
 # Per method: llmc special key -> our option; keys ignored; keys that must hold one value.
 _SPECIAL_TO_OPTION = {
@@ -48,8 +50,9 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def read_lightcompress(path: Path) -> dict[str, Any]:
-    """Keyword settings (the CLI's names) found in an llmc YAML file; absent keys are left out."""
+def read_lightcompress(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The job settings (a partial :class:`~quant_core.job_settings.JobSettings` body) found in an
+    llmc YAML file, and its ``save.save_path``; absent keys are left out."""
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -57,38 +60,37 @@ def read_lightcompress(path: Path) -> dict[str, Any]:
     return parse_lightcompress(config)
 
 
-def parse_lightcompress(config: Any) -> dict[str, Any]:
-    """Keyword settings (the CLI's names) from a parsed llmc document."""
+def parse_lightcompress(config: Any) -> tuple[dict[str, Any], str | None]:
+    """The job settings body and the save path of a parsed llmc document."""
     if not isinstance(config, dict):
         raise ConfigError("config: the YAML file must hold a mapping", "config")
     model, calib, evaluation = _section(config, "model"), _section(config, "calib"), _section(config, "eval")
     quant = _section(config, "quant")
     weight, special = _section(quant, "weight"), _section(quant, "special")
-    settings: dict[str, Any] = {}
-    for key, value in (
+    body: dict[str, Any] = {}
+    for path, value in (
         ("model", model.get("path")),
-        ("calib", calib.get("path")),
-        ("n_samples", calib.get("n_samples")),
-        ("seq_len", calib.get("seq_len")),
+        ("calibration.text", calib.get("path")),
+        ("calibration.n_samples", calib.get("n_samples")),
+        ("calibration.seq_len", calib.get("seq_len")),
         ("seed", calib.get("seed")),
-        ("eval_seq_len", evaluation.get("seq_len")),
+        ("evaluation.texts", [evaluation["path"]] if evaluation.get("path") is not None else None),
+        ("evaluation.seq_len", evaluation.get("seq_len")),
+        ("evaluation.batch_size", evaluation.get("bs")),
         ("method", str(quant["method"]).lower() if "method" in quant else None),
         ("bits", weight.get("bit")),
         ("symmetric", weight.get("symmetric")),
         ("loss", special.get("loss_method")),
-        ("save_path", _section(config, "save").get("save_path")),
     ):
         if value is not None:
-            settings[key] = value
-    if evaluation.get("path") is not None:
-        settings["eval"] = [evaluation["path"]]
+            set_path(body, path, value)
     if weight.get("granularity") == "per_channel":
-        settings["group_size"] = None
+        body["group_size"] = None
     elif "group_size" in weight:
-        settings["group_size"] = weight["group_size"]
-    settings["loss_options"] = dict(special.get("loss_kwargs") or {})
-    settings["method_options"] = _method_options(special, settings.get("method", ""))
-    return settings
+        body["group_size"] = weight["group_size"]
+    body["loss_options"] = dict(special.get("loss_kwargs") or {})
+    body["method_options"] = _method_options(special, body.get("method", ""))
+    return body, _section(config, "save").get("save_path")
 
 
 def _method_options(special: dict[str, Any], method: str) -> dict[str, Any]:

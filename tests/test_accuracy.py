@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from api.cli import build_parser
 from quant_core.accuracy import LmEvalSpec, task_scores
-from quant_core.cli import main
+from quant_core.cli import main, settings_from_args
 from quant_core.errors import ConfigError
-from swq_shared.jobspec import JobRequest, request_from_settings
+from swq_shared.jobspec import JobRequest
 from tests.lm_eval_task import QUESTIONS, write_task
 from tests.tiny_models import build_model, build_tokenizer
 
@@ -101,7 +102,9 @@ def test_the_request_carries_lm_eval_into_the_job_spec() -> None:
 
 
 def test_submit_flags_carry_lm_eval_into_the_request() -> None:
-    request = request_from_settings({"model": "m", "group_size": 32, "lm_eval_task": ["arc_easy"], "lm_eval_limit": 5})
+    argv = ["submit", "--model", "m", "--group-size", "32", "--lm-eval-task", "arc_easy", "--lm-eval-limit", "5"]
+    settings, _ = settings_from_args(build_parser().parse_args(argv))
+    request = JobRequest.model_validate(settings.model_dump())
     assert request.evaluation.lm_eval is not None
     assert (request.evaluation.lm_eval.tasks, request.evaluation.lm_eval.limit) == (["arc_easy"], 5)
     assert request.evaluation.lm_eval.num_fewshot is None

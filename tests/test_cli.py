@@ -162,8 +162,9 @@ quant:
   special: {aug_loss: False, lwc: True, let: False, lwc_lr: 0.005, epochs: 40, wd: 0,
             loss_method: l2_sw, loss_kwargs: {sw_num_projections: 32, sw_block_size: 64}}
 """)
-    settings = read_lightcompress(config)
+    settings, save_path = read_lightcompress(config)
     assert settings["method"] == "omniquant" and settings["group_size"] is None and settings["bits"] == 2
+    assert save_path is None
     assert settings["method_options"] == {
         "lr": 0.005,
         "epochs": 40,
@@ -179,7 +180,7 @@ quant:
 def test_lightcompress_search_clip_init_chooses_omniquants_start(tmp_path: Path, value: str, init: str) -> None:
     config = tmp_path / "c.yml"
     config.write_text(f"quant:\n  method: OmniQuant\n  special: {{search_clip_init: {value}, epochs: 2}}\n")
-    assert read_lightcompress(config)["method_options"]["init"] == init
+    assert read_lightcompress(config)[0]["method_options"]["init"] == init
 
 
 def test_lightcompress_aug_loss_is_refused_rather_than_ignored(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_lightcompress_gptq_special_section_maps_to_options(tmp_path: Path) -> N
         "quant:\n  method: GPTQ\n  weight: {bit: 3, symmetric: False, granularity: per_group, group_size: 64}\n"
         "  special: {actorder: True, static_groups: True, percdamp: 0.02, blocksize: 64, true_sequential: True}\n"
     )
-    settings = read_lightcompress(config)
+    settings, _ = read_lightcompress(config)
     assert settings["method"] == "gptq"
     assert settings["method_options"] == {
         "act_order": True,
