@@ -165,10 +165,10 @@ def quantize(args: argparse.Namespace) -> int:
 
     hooks = JobHooks(on_block=on_block, on_stage=lambda m: tqdm.write(f"• {m}"))
     report = run_job(spec, out_dir, hooks, args.checkpoint)
-    for name, ppl in report["perplexity"].items():
-        print(f"perplexity {name}: {ppl['before']:.3f} -> {ppl['after']:.3f}")
-    print(f"calibration {report['seconds']['calibration']:.1f}s, peak host memory {report['peak_host_mb']:.0f} MiB")
-    stats = report.get("method_stats") or {}
+    for name, ppl in report.perplexity.items():
+        print(f"perplexity {name}: {ppl.before:.3f} -> {ppl.after:.3f}")
+    print(f"calibration {report.seconds.calibration:.1f}s, peak host memory {report.peak_host_mb:.0f} MiB")
+    stats = report.method_stats
     if "loss_final" in stats:
         losses = f"{stats['loss_first']:.4g} -> {stats['loss_final']:.4g}"
         corners = 100 * stats["fraction_near_corners"]
@@ -176,10 +176,10 @@ def quantize(args: argparse.Namespace) -> int:
             f"{spec.method}: {stats['steps']} steps, {spec.loss} {losses}, {corners:.1f}% of x at a corner "
             "before rounding"
         )
-    for name, export in report["exports"].items():
-        blockers = export.get("vllm_blockers")
+    for name, export in report.exports.items():
+        blockers = export.vllm_blockers
         serving = f" (vLLM cannot serve it: {'; '.join(blockers)})" if blockers else ""
-        print(f"wrote {name}: {out_dir / export['path']}{serving}")
+        print(f"wrote {name}: {out_dir / export.path}{serving}")
     print(f"wrote {out_dir / REPORT_NAME}")
     return 0
 

@@ -10,8 +10,12 @@ it. The card uses the Hugging Face model-card layout: YAML front matter that the
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from quant_core.report import Export, JobReport, PairedScores
 
 CARD_NAME = "README.md"
 FORMAT_TITLES = {
@@ -25,29 +29,28 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def _front_matter(report: dict[str, Any], export_format: str) -> str:
-    spec = report["spec"]
-    quant = spec["quant"]
-    tags = ["swquant", "quantized", f"w{quant['bits']}", spec["method"], spec["loss"], export_format]
+def _front_matter(report: JobReport, export_format: str) -> str:
+    spec, quant = report.spec, report.spec.quant
+    tags = ["swquant", "quantized", f"w{quant.bits}", spec.method, str(spec.loss), export_format]
     quantization = {
-        "method": spec["method"],
-        "loss": spec["loss"],
-        "bits": quant["bits"],
-        "group_size": quant["group_size"],
-        "symmetric": quant["symmetric"],
+        "method": spec.method,
+        "loss": spec.loss,
+        "bits": quant.bits,
+        "group_size": quant.group_size,
+        "symmetric": quant.symmetric,
         "format": export_format,
     }
-    lines = ["---", f"base_model: {_yaml_value(spec['model'])}", "library_name: transformers", "tags:"]
+    lines = ["---", f"base_model: {_yaml_value(spec.model)}", "library_name: transformers", "tags:"]
     lines += [f"  - {_yaml_value(tag)}" for tag in dict.fromkeys(tags)]
     lines += ["quantization:"] + [f"  {key}: {_yaml_value(value)}" for key, value in quantization.items()]
     return "\n".join([*lines, "---"])
 
 
-def _options(options: dict[str, Any]) -> str:
+def _options(options: Mapping[str, Any]) -> str:
     return ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in options.items()) or "defaults"
 
 
-def _loading(export_format: str, export: dict[str, Any]) -> str:
+def _loading(export_format: str, export: Export) -> str:
     load = (
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -61,7 +64,7 @@ def _loading(export_format: str, export: dict[str, Any]) -> str:
             "any tool that loads the base model loads this one; it is as large as the base model and "
             "runs at its speed (use the pack-quantized export to save memory).\n\n" + load
         )
-    blockers = export.get("vllm_blockers") or []
+    blockers = export.vllm_blockers
     vllm = (
         "vLLM cannot serve it: " + "; ".join(blockers) + "."
         if blockers
@@ -69,7 +72,7 @@ def _loading(export_format: str, export: dict[str, Any]) -> str:
     )
     return (
         f"transformers decompresses it on load when `compressed-tensors` "
-        f"(written with {export.get('compressed_tensors', 'an unknown version')}) is installed:\n\n"
+        f"(written with {export.details.get('compressed_tensors', 'an unknown version')}) is installed:\n\n"
         f"{load}\n{vllm}\n"
     )
 
@@ -78,7 +81,7 @@ def _number(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def _accuracy_table(lm_eval: dict[str, Any]) -> str:
+def _accuracy_table(lm_eval: PairedScores) -> str:
     """lm-evaluation-harness scores beside the base model's, when the job ran any."""
     if not lm_eval:
         return ""
@@ -91,50 +94,48 @@ def _accuracy_table(lm_eval: dict[str, Any]) -> str:
     return header + "\n".join(rows) + "\n"
 
 
-def model_card(report: dict[str, Any], export_format: str) -> str:
+def model_card(report: JobReport, export_format: str) -> str:
     """The card of the ``export_format`` export described by the job ``report``."""
-    spec = report["spec"]
-    quant, calib = spec["quant"], spec["calib"]
-    export = report["exports"][export_format]
+    spec = report.spec
+    quant, calib = spec.quant, spec.calib
     rows = "\n".join(
-        f"| {text} | {ppl['before']:.2f} | {ppl['after']:.2f} | {report['eval_windows'][text]} |"
-        for text, ppl in report["perplexity"].items()
+        f"| {text} | {ppl.before:.2f} | {ppl.after:.2f} | {report.eval_windows[text]} |"
+        for text, ppl in report.perplexity.items()
     )
-    accuracy = _accuracy_table(report.get("lm_eval") or {})
-    versions = ", ".join(f"{name} {version}" for name, version in report["versions"].items())
-    group = f"group {quant['group_size']}" if quant["group_size"] else "per channel"
+    versions = ", ".join(f"{name} {version}" for name, version in report.versions.items())
+    group = f"group {quant.group_size}" if quant.group_size else "per channel"
     return f"""{_front_matter(report, export_format)}
 
-# {Path(spec["model"]).name or spec["model"]}: {report["quant_label"]}, {spec["method"]} + {spec["loss"]}
+# {Path(spec.model).name or spec.model}: {quant.label}, {spec.method} + {spec.loss}
 
-A {quant["bits"]}-bit ({group}, {"symmetric" if quant["symmetric"] else "asymmetric"}) quantization of
-`{spec["model"]}`, {FORMAT_TITLES[export_format]}, made by SWQuant {report["versions"].get("swquant", "")}.
+A {quant.bits}-bit ({group}, {"symmetric" if quant.symmetric else "asymmetric"}) quantization of
+`{spec.model}`, {FORMAT_TITLES[export_format]}, made by SWQuant {report.versions.get("swquant", "")}.
 
 ## How it was made
 
 | setting | value |
 | --- | --- |
-| method | `{spec["method"]}` with {_options(spec["method_options"])} |
-| loss | `{spec["loss"]}` with {_options(spec["loss_options"])} |
-| calibration | `{calib["text"]}`: {calib["n_samples"]} windows of {calib["seq_len"]} tokens \
-({report["calibration_tokens"]} tokens), seed {report["seed"]} |
-| calibration time | {report["seconds"]["calibration"] / 60:.1f} min on `{report["device"]}` |
+| method | `{spec.method}` with {_options(spec.method_options)} |
+| loss | `{spec.loss}` with {_options(spec.loss_options)} |
+| calibration | `{calib.text}`: {calib.n_samples} windows of {calib.seq_len} tokens \
+({report.calibration_tokens} tokens), seed {spec.seed} |
+| calibration time | {report.seconds.calibration / 60:.1f} min on `{spec.device}` |
 | software | {versions} |
 
 ## Quality
 
-Perplexity of the base model and of this one on the same windows of {report["eval_seq_len"]} tokens:
+Perplexity of the base model and of this one on the same windows of {report.eval_seq_len} tokens:
 
 | text | base model | this model | windows |
 | --- | --- | --- | --- |
 {rows}
-{accuracy}
+{_accuracy_table(report.lm_eval)}
 ## How to load it
 
-{_loading(export_format, export)}"""
+{_loading(export_format, report.exports[export_format])}"""
 
 
-def write_model_cards(out_dir: Path, report: dict[str, Any]) -> None:
+def write_model_cards(out_dir: Path, report: JobReport) -> None:
     """A README.md in every export folder the report lists (paths relative to ``out_dir``)."""
-    for export_format, export in report["exports"].items():
-        (out_dir / export["path"] / CARD_NAME).write_text(model_card(report, export_format), encoding="utf-8")
+    for export_format, export in report.exports.items():
+        (out_dir / export.path / CARD_NAME).write_text(model_card(report, export_format), encoding="utf-8")

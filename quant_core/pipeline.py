@@ -35,6 +35,7 @@ from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tok
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
 from quant_core.progress import PhaseProgress
+from quant_core.report import Export, JobReport, PerplexityPair, Seconds
 
 REPORT_NAME = "report.json"
 
@@ -97,7 +98,7 @@ def export_formats_for(
 
 def run_job(
     spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None, checkpoint_dir: Path | None = None
-) -> dict[str, Any]:
+) -> JobReport:
     """Run ``spec`` and write its checkpoint (``out_dir/packed`` and/or ``out_dir/model``, see
     :func:`export_formats_for`) and ``out_dir/report.json``.
 
@@ -232,37 +233,33 @@ def run_job(
 
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    exports: dict[str, Any] = {}
+    written_to: dict[str, Path] = {}
+    details: dict[str, dict[str, Any]] = {}
     if written is not None:
-        exports["fake_quant"] = {"path": str(written)}
+        written_to["fake_quant"] = written
     elif "fake_quant" in formats:
-        exports["fake_quant"] = {"path": str(save_fake_quant(model, tokenizer, out_dir))}
+        written_to["fake_quant"] = save_fake_quant(model, tokenizer, out_dir)
     if "pack_quantized" in formats:
-        exports["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)
-    for export in exports.values():  # relative: the report travels with the folders, not the worker's disk
-        export["path"] = str(Path(export["path"]).relative_to(out_dir))
-    report = {
-        "spec": spec.to_dict(),
-        "quant_label": spec.quant.label,
-        "seed": spec.seed,
-        "calibration_tokens": int(windows.numel()),
-        "eval_seq_len": eval_seq_len,
-        "eval_windows": {name: int(w.shape[0]) for name, w in eval_sets.items()},
-        "perplexity": {name: {"before": ppl_before[name], "after": ppl_after[name]} for name in eval_sets},
-        "lm_eval": paired(accuracy_before, accuracy_after),
-        "blocks": [r.to_dict() for r in records],  # empty for a whole-model method
-        "method_stats": method_stats,  # a whole-model method's own statistics (per-block ones are in blocks)
-        "seconds": {
-            "calibration": calib_seconds,
-            "evaluation": eval_seconds,
-            "total": time.perf_counter() - started,
+        details["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)
+        written_to["pack_quantized"] = Path(details["pack_quantized"].pop("path"))
+    report = JobReport(
+        spec=spec,
+        calibration_tokens=int(windows.numel()),
+        eval_seq_len=eval_seq_len,
+        eval_windows={name: int(w.shape[0]) for name, w in eval_sets.items()},
+        perplexity={name: PerplexityPair(ppl_before[name], ppl_after[name]) for name in eval_sets},
+        lm_eval=paired(accuracy_before, accuracy_after),
+        blocks=records,
+        method_stats=method_stats,
+        seconds=Seconds(calib_seconds, eval_seconds, time.perf_counter() - started),
+        peak_host_mb=peak_host_mb(),
+        peak_device_mb=peak_device_mb,
+        versions=library_versions(),
+        # relative: the report travels with the folders, not the worker's disk
+        exports={
+            name: Export(str(path.relative_to(out_dir)), details.get(name, {})) for name, path in written_to.items()
         },
-        "peak_host_mb": peak_host_mb(),
-        "peak_device_mb": peak_device_mb,
-        "device": spec.device,
-        "versions": library_versions(),
-        "exports": exports,
-    }
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    )
+    (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     write_model_cards(out_dir, report)
     return report

@@ -21,7 +21,7 @@ from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from swq_shared.models import Artifact, Job, JobEvent, JobStatus, Metric, is_id, new_id, utcnow
+from swq_shared.models import Artifact, ErrorCode, Job, JobEvent, JobStatus, Metric, is_id, new_id, utcnow
 
 
 def _rows_changed(session: Session, statement: Update) -> int:
@@ -177,7 +177,7 @@ def finish_job(
     *,
     metrics: dict[str, float] | None = None,
     artifacts: list[dict[str, Any]] | None = None,
-    error_code: str | None = None,
+    error_code: ErrorCode | None = None,
     error_message: str | None = None,
     lease_token: str | None = None,
 ) -> bool:
@@ -196,7 +196,7 @@ def finish_job(
             status=status.value,
             finished_at=now,
             updated_at=now,
-            error_code=error_code,
+            error_code=error_code.value if error_code else None,
             error_message=error_message,
             lease_token=None,
             lease_expires_at=None,
@@ -208,7 +208,7 @@ def finish_job(
         session.add(Metric(job_id=job_id, name=name, value=value))
     for artifact in artifacts or []:
         session.add(Artifact(job_id=job_id, **artifact))
-    details = {"error_code": error_code, "error_message": error_message} if error_code else {}
+    details = {"error_code": error_code.value, "error_message": error_message} if error_code else {}
     add_event(session, job_id, "status", status=status.value, **details)
     return True
 
@@ -231,11 +231,11 @@ def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
                 f"the job's worker stopped without finishing it {job.attempts} times "
                 f"(attempt limit {max_attempts}); last worker: {job.worker}"
             )
-            values: dict[str, Any] = {"status": JobStatus.failed.value, "finished_at": now, "error_code": "worker_lost"}
-            values["error_message"] = message
+            values: dict[str, Any] = {"status": JobStatus.failed.value, "finished_at": now}
+            values.update(error_code=ErrorCode.worker_lost.value, error_message=message)
             event: dict[str, Any] = {
                 "status": JobStatus.failed.value,
-                "error_code": "worker_lost",
+                "error_code": ErrorCode.worker_lost.value,
                 "error_message": message,
             }
         else:

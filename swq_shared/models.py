@@ -57,6 +57,15 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class ErrorCode(enum.StrEnum):
+    """Why a job failed, as stored in ``jobs.error_code`` and answered in its ``error.code``."""
+
+    invalid_spec = "invalid_spec"  # the settings cannot run (a ConfigError at the worker)
+    storage_error = "storage_error"  # object storage refused the model, texts or artifacts for good
+    internal_error = "internal_error"  # anything else that broke in the job
+    worker_lost = "worker_lost"  # its workers died holding it, attempt after attempt
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timestamps stored and returned in UTC; SQLite drops the zone, so it is put back on reading."""
 

@@ -52,7 +52,7 @@ from swq_shared.artifacts import artifact_key
 from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
 from swq_shared.jobspec import JobRequest
-from swq_shared.models import JobStatus
+from swq_shared.models import ErrorCode, JobStatus
 from tests.s3_server import S3Endpoint
 from tests.service_stack import Stack, api_only_stack, migrated_backing
 
@@ -123,7 +123,9 @@ def _seed_jobs(database_url: str, api_key: str, s3: S3Endpoint, bucket: str) -> 
             succeeded,
             {"index": 0, "num_blocks": 1, "loss": "mse", "loss_before": 2.0, "loss_after": 1.0, "seconds": 0.1},
         )
-        jobs.finish_job(session, failed, JobStatus.failed, error_code="invalid_spec", error_message="model: missing")
+        jobs.finish_job(
+            session, failed, JobStatus.failed, error_code=ErrorCode.invalid_spec, error_message="model: missing"
+        )
         key = artifact_key(succeeded, "report.json")
         s3.client().put_object(Bucket=bucket, Key=key, Body=REPORT)
         jobs.finish_job(

@@ -307,3 +307,24 @@ def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_co
     assert listed["methods"]["tesseraq"]["default_loss"] == "l2"
     assert listed["losses"]["options"]["sw_num_projections"] == LossOptions().sw_num_projections
     assert main(["methods"]) == 0 and "--method-opt NAME=VALUE" in capsys.readouterr().out
+
+
+def test_run_job_returns_the_typed_report_that_report_json_holds(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from quant_core.job import EvalSpec
+    from quant_core.pipeline import REPORT_NAME, run_job
+    from quant_core.quantizer import QuantSpec
+
+    spec = JobSpec(
+        model=str(tiny_llama_dir),
+        quant=QuantSpec(3, False, 32),
+        method="rtn",
+        calib=CalibSpec(n_samples=2, seq_len=32),
+        eval=EvalSpec(max_windows=2),
+    )
+    report = run_job(spec, tmp_path)
+    assert json.loads((tmp_path / REPORT_NAME).read_text()) == json.loads(json.dumps(report.to_dict()))
+    ppl = report.perplexity["persuasion"]
+    assert ppl.before > 1 and ppl.after > 1 and ppl.after != ppl.before
+    assert report.exports["pack_quantized"].path == "packed" and report.exports["pack_quantized"].vllm_blockers
+    assert [record.index for record in report.blocks] == [0, 1]
+    assert report.seconds.total >= report.seconds.calibration > 0

@@ -13,7 +13,7 @@ from swq_shared import jobs
 from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
 from swq_shared.migrate import downgrade, upgrade
-from swq_shared.models import ApiKey, Job, JobEvent, JobStatus
+from swq_shared.models import ApiKey, ErrorCode, Job, JobEvent, JobStatus
 from swq_shared.settings import Settings
 from tests.databases import fresh_postgres_database
 
@@ -97,7 +97,9 @@ def test_a_lapsed_lease_puts_the_job_back_and_fences_the_old_attempt(db_url: str
             jobs.record_block(session, job_id, {"index": 1, "num_blocks": 2}, old)
         with pytest.raises(jobs.LeaseLostError):
             jobs.add_leased_event(session, job_id, old, "message", message="late")
-        assert not jobs.finish_job(session, job_id, JobStatus.failed, error_code="x", lease_token=old)
+        assert not jobs.finish_job(
+            session, job_id, JobStatus.failed, error_code=ErrorCode.internal_error, lease_token=old
+        )
     with session_scope(db_url) as session:
         assert jobs.requeue_lapsed(session, max_attempts=3) == []  # the live lease is left alone
         assert jobs.finish_job(session, job_id, JobStatus.succeeded, lease_token=new)
@@ -141,7 +143,9 @@ def test_finish_records_metrics_artifacts_and_events_once(db_url: str, tenant_id
     with session_scope(db_url) as session:
         assert jobs.finish_job(session, job_id, JobStatus.succeeded, metrics={"ppl": 9.5}, artifacts=[artifact])
     with session_scope(db_url) as session:
-        assert not jobs.finish_job(session, job_id, JobStatus.failed, error_code="x", error_message="late")
+        assert not jobs.finish_job(
+            session, job_id, JobStatus.failed, error_code=ErrorCode.internal_error, error_message="late"
+        )
         job = session.get(Job, job_id)
         assert job.status == "succeeded" and job.blocks_done == 1 and job.num_blocks == 2
         assert [a.name for a in job.artifacts] == ["report.json"] and job.metrics[0].value == 9.5

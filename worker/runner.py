@@ -7,6 +7,7 @@ A job is marked succeeded only in the same transaction that records its uploaded
 
 from __future__ import annotations
 
+import enum
 import logging
 import shutil
 import tarfile
@@ -21,6 +22,7 @@ from quant_core.checkpoint import saved_files, stored_fingerprint
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint, run_job
+from quant_core.report import JobReport
 from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, checkpoint_prefix, open_settings_storage
 from swq_shared.db import session_scope
 from swq_shared.jobs import (
@@ -32,13 +34,25 @@ from swq_shared.jobs import (
     record_block,
 )
 from swq_shared.jobspec import UPLOAD_PREFIX, JobRequest
-from swq_shared.models import JobStatus, Upload
+from swq_shared.models import ErrorCode, JobStatus, Upload
 from swq_shared.retry import DATABASE_DOWN, retry_call
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage, StorageError
 from worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
+
+
+class AttemptOutcome(enum.StrEnum):
+    """How one attempt at a job ended: the job's final status, or why this attempt recorded none."""
+
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"  # the job was no longer queued when this attempt came to claim it
+    lease_lost = "lease_lost"  # another attempt owns the job now; this one wrote no outcome
+
+
 T = TypeVar("T")
 # With back-off doubling from 0.5 s (capped at 30 s), about a minute: a database restart.
 DATABASE_ATTEMPTS = 8
@@ -118,8 +132,8 @@ class CheckpointMirror:
 
 def execute_job(
     job_id: str, settings: Settings, worker_name: str, on_recorded: Callable[[], None] | None = None
-) -> str:
-    """Run the job if it is queued; return its final status, ``skipped`` or ``lease_lost``.
+) -> AttemptOutcome:
+    """Run the job if it is queued and say how this attempt ended.
 
     The claim gives this attempt a lease, renewed by a heartbeat while the job runs; progress and
     the outcome are written only under that lease. An attempt that follows a dead worker's resumes
@@ -133,7 +147,7 @@ def execute_job(
     )
     if claimed is None:
         log.info("job %s is not queued any more; skipping", job_id)
-        return "skipped"
+        return AttemptOutcome.skipped
     tenant_id, spec, token, attempt = claimed
     storage = open_settings_storage(settings)
     with tempfile.TemporaryDirectory(prefix=f"swquant-{job_id}-") as tmp, LeaseKeeper(settings, job_id, token) as lease:
@@ -175,19 +189,22 @@ def execute_job(
             outcome, details = JobStatus.succeeded, {"metrics": metrics, "artifacts": artifacts}
         except LeaseLostError:
             log.error("job %s: lease lost; this attempt stops without recording an outcome", job_id)
-            return "lease_lost"
+            return AttemptOutcome.lease_lost
         except CancelledError:
             outcome, details = JobStatus.cancelled, {}
         except ConfigError as exc:
             where = f"{exc.field}: " if exc.field and not str(exc).startswith(f"{exc.field}:") else ""
-            outcome, details = JobStatus.failed, {"error_code": "invalid_spec", "error_message": f"{where}{exc}"}
+            outcome, details = (
+                JobStatus.failed,
+                {"error_code": ErrorCode.invalid_spec, "error_message": f"{where}{exc}"},
+            )
         except StorageError as exc:
             message = f"{exc}; gave up after {settings.storage_attempts} attempts"
-            outcome, details = JobStatus.failed, {"error_code": "storage_error", "error_message": message}
+            outcome, details = JobStatus.failed, {"error_code": ErrorCode.storage_error, "error_message": message}
         except Exception as exc:  # the job must end recorded as failed, whatever broke
             log.exception("job %s failed", job_id)
             outcome = JobStatus.failed
-            details = {"error_code": "internal_error", "error_message": f"{type(exc).__name__}: {exc}"}
+            details = {"error_code": ErrorCode.internal_error, "error_message": f"{type(exc).__name__}: {exc}"}
         lease.finishing()
         finished = _database(
             settings,
@@ -196,11 +213,11 @@ def execute_job(
         )
         if not finished:
             log.error("job %s: lease lost before the outcome was recorded", job_id)
-            return "lease_lost"
+            return AttemptOutcome.lease_lost
         if on_recorded is not None:
             on_recorded()
         mirror.delete()
-    return outcome.value
+    return AttemptOutcome(outcome.value)
 
 
 def _claim(session: Session, job_id: str, worker_name: str, settings: Settings) -> tuple[str, dict, str, int] | None:
@@ -256,16 +273,17 @@ def _upload_artifacts(settings: Settings, storage: Storage, job_id: str, out_dir
     return uploaded
 
 
-def _metrics(request: JobRequest, report: dict[str, Any]) -> dict[str, float]:
+def _metrics(request: JobRequest, report: JobReport) -> dict[str, float]:
+    """The report's figures as the job's metrics, texts named as the request names them."""
     metrics = {
-        "seconds.total": report["seconds"]["total"],
-        "seconds.calibration": report["seconds"]["calibration"],
-        "peak_host_mb": report["peak_host_mb"],
+        "seconds.total": report.seconds.total,
+        "seconds.calibration": report.seconds.calibration,
+        "peak_host_mb": report.peak_host_mb,
     }
-    for name, ppl in zip(request.evaluation.texts, report["perplexity"].values(), strict=True):
-        metrics[f"perplexity.before.{name}"] = ppl["before"]
-        metrics[f"perplexity.after.{name}"] = ppl["after"]
-    for task, values in report.get("lm_eval", {}).items():
+    for name, ppl in zip(request.evaluation.texts, report.perplexity.values(), strict=True):
+        metrics[f"perplexity.before.{name}"] = ppl.before
+        metrics[f"perplexity.after.{name}"] = ppl.after
+    for task, values in report.lm_eval.items():
         for metric, pair in values.items():
             metrics.update({f"lm_eval.{phase}.{task}.{metric}": v for phase, v in pair.items() if v is not None})
     return metrics

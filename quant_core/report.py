@@ -1,0 +1,79 @@
+"""A job's report, typed: what ``run_job`` returns and ``report.json`` holds.
+
+The CLI, the model card and the worker read it by attribute; ``to_dict`` is the JSON form, whose
+keys are the report.json format users and the dashboard already read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quant_core.engine import BlockRecord
+from quant_core.job import JobSpec
+
+# lm-eval scores per task and metric: the float model's value (None without a baseline) and the quantized one's.
+PairedScores = dict[str, dict[str, dict[str, float | None]]]
+
+
+@dataclass(frozen=True)
+class PerplexityPair:
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
+class Seconds:
+    calibration: float
+    evaluation: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Export:
+    """One checkpoint written: its folder relative to the job's output, and what the format adds
+    (the packed export's size, library version and the reasons vLLM cannot serve it)."""
+
+    path: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vllm_blockers(self) -> list[str]:
+        return list(self.details.get("vllm_blockers", []))
+
+
+@dataclass(frozen=True)
+class JobReport:
+    spec: JobSpec
+    calibration_tokens: int
+    eval_seq_len: int
+    eval_windows: dict[str, int]
+    perplexity: dict[str, PerplexityPair]  # by evaluation text as the spec names it
+    lm_eval: PairedScores
+    blocks: list[BlockRecord]  # empty for a whole-model method
+    method_stats: dict[str, Any]  # a whole-model method's own statistics (per-block ones are in blocks)
+    seconds: Seconds
+    peak_host_mb: float
+    peak_device_mb: float | None
+    versions: dict[str, str]
+    exports: dict[str, Export]  # by format: fake_quant, pack_quantized
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "quant_label": self.spec.quant.label,
+            "seed": self.spec.seed,
+            "calibration_tokens": self.calibration_tokens,
+            "eval_seq_len": self.eval_seq_len,
+            "eval_windows": self.eval_windows,
+            "perplexity": {name: asdict(pair) for name, pair in self.perplexity.items()},
+            "lm_eval": self.lm_eval,
+            "blocks": [record.to_dict() for record in self.blocks],
+            "method_stats": self.method_stats,
+            "seconds": asdict(self.seconds),
+            "peak_host_mb": self.peak_host_mb,
+            "peak_device_mb": self.peak_device_mb,
+            "device": self.spec.device,
+            "versions": self.versions,
+            "exports": {name: {"path": e.path, **e.details} for name, e in self.exports.items()},
+        }
