@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import quant_core
 from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
@@ -29,6 +29,7 @@ from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
+from quant_core.losses import Loss
 from quant_core.methods.base import QuantMethod
 from quant_core.model_card import write_model_cards
 from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tokenizer, save_fake_quant
@@ -96,23 +97,45 @@ def export_formats_for(
     return ("pack_quantized",) if auto else spec.export_formats
 
 
-def run_job(
-    spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None, checkpoint_dir: Path | None = None
-) -> JobReport:
-    """Run ``spec`` and write its checkpoint (``out_dir/packed`` and/or ``out_dir/model``, see
-    :func:`export_formats_for`) and ``out_dir/report.json``.
+@dataclass
+class LoadedJob:
+    """What the load stage gives the others: the model (in memory or streamed), its blocks, the
+    calibration and evaluation windows, and the formats the job will write."""
 
-    With ``checkpoint_dir``, progress is kept there after every block and a rerun of the same job
-    continues from the last finished block.
-    """
-    hooks = hooks or JobHooks()
-    started = time.perf_counter()
-    method = spec.build_method()
-    eval_loss = spec.build_loss()
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    blocks: nn.ModuleList
+    lazy: LazyModel | None
+    residency: StreamingBlocks | None
+    windows: torch.Tensor
+    eval_seq_len: int
+    eval_sets: dict[str, torch.Tensor]
+    formats: tuple[str, ...]
+    resources: dict[str, Any]  # a whole-model method's memory estimate
+
+
+@dataclass
+class Evaluation:
+    """Perplexity per text and lm-eval scores of one model, and what they cost."""
+
+    perplexity: dict[str, float]
+    accuracy: Scores
+    seconds: float
+
+
+@dataclass
+class Calibration:
+    records: list[BlockRecord]
+    method_stats: dict[str, Any]
+    peak_device_mb: float | None
+    seconds: float
+    written: Path | None  # the streamed model's fake-quant folder, already on disk
+
+
+def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None) -> LoadedJob:
+    """Load the model and the texts, and refuse before any work what cannot run to the end."""
     calib_path = resolve_text(spec.calib.text, "calib.text")
     eval_paths = {name: resolve_text(name, "eval.texts") for name in spec.eval.texts}
-    torch.manual_seed(spec.seed)
-
     hooks.stage(f"loading {spec.model}")
     lazy: LazyModel | None = None
     residency: StreamingBlocks | None = None
@@ -144,121 +167,142 @@ def run_job(
         name: evaluation_windows(tokenize_file(tokenizer, path), eval_seq_len, spec.eval.max_windows)
         for name, path in eval_paths.items()
     }
+    return LoadedJob(model, tokenizer, blocks, lazy, residency, windows, eval_seq_len, eval_sets, formats, resources)
 
-    def evaluate(weights: ShardedWeights | None, which: str) -> dict[str, float]:
-        """Perplexity per text: of the model in memory, or streaming the blocks stored in ``weights``."""
-        streamed = lazy is not None and weights is not None
-        if not streamed:
-            model.to(spec.device)
-        scores = {}
-        for name, w in eval_sets.items():
-            label = f"evaluating the {which} model on {name}"
-            if streamed:
-                assert lazy is not None and weights is not None
-                by_block = PhaseProgress(label, len(lazy.blocks), "blocks", hooks.stage)
-                scores[name] = blockwise_perplexity(
-                    lazy, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)
-                )
-            else:
-                by_window = PhaseProgress(label, w.shape[0], "windows", hooks.stage)
-                scores[name] = perplexity(model, w, spec.eval.batch_size, spec.device, by_window.advance)
-        if not streamed:
-            model.to("cpu")
-        return scores
 
-    def accuracy() -> Scores:
-        """lm-eval scores of the model in memory (lm-eval is refused with lazy_load)."""
-        assert lm_eval is not None
-        model.to(spec.device)
-        scores = task_scores(model, tokenizer, lm_eval, spec.device)
-        model.to("cpu")
-        return scores
+def evaluate(spec: JobSpec, job: LoadedJob, hooks: JobHooks, which: str, weights: ShardedWeights | None) -> Evaluation:
+    """Perplexity on every text and, when asked, lm-eval scores (the float model's from the cache).
 
-    lm_eval = spec.eval.lm_eval
-    hooks.stage("evaluating the full-precision model")
-    eval_started = time.perf_counter()
-    ppl_before = evaluate(lazy.weights if lazy is not None else None, "full-precision")
-    accuracy_before: Scores = {}
-    if lm_eval is not None and lm_eval.baseline:
-        hooks.stage(f"lm-eval on the full-precision model ({', '.join(lm_eval.tasks)}; cached per model and task)")
-        accuracy_before = cached_baseline(spec.model, spec.dtype, lm_eval, accuracy)
-    eval_seconds = time.perf_counter() - eval_started
+    ``weights``: evaluate by streaming these blocks (a lazily loaded model) instead of the model in memory.
+    """
+    started = time.perf_counter()
+    baseline = which == "full-precision"
+    hooks.stage(f"evaluating the {which} model")
+    streamed = job.lazy is not None and weights is not None
+    if not streamed:
+        nn.Module.to(job.model, spec.device)
+    scores = {}
+    for name, w in job.eval_sets.items():
+        label = f"evaluating the {which} model on {name}"
+        if job.lazy is not None and weights is not None:
+            by_block = PhaseProgress(label, len(job.lazy.blocks), "blocks", hooks.stage)
+            scores[name] = blockwise_perplexity(
+                job.lazy, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)
+            )
+        else:
+            by_window = PhaseProgress(label, w.shape[0], "windows", hooks.stage)
+            scores[name] = perplexity(job.model, w, spec.eval.batch_size, spec.device, by_window.advance)
 
+    lm_eval, accuracy_scores = spec.eval.lm_eval, {}
+    if lm_eval is not None:  # refused with lazy_load, so the model is in memory
+        accuracy = partial(task_scores, job.model, job.tokenizer, lm_eval, spec.device)
+        if baseline and lm_eval.baseline:
+            hooks.stage(f"lm-eval on the full-precision model ({', '.join(lm_eval.tasks)}; cached per model and task)")
+            accuracy_scores = cached_baseline(spec.model, spec.dtype, lm_eval, accuracy)
+        elif not baseline:
+            hooks.stage(f"lm-eval on the quantized model ({', '.join(lm_eval.tasks)})")
+            accuracy_scores = accuracy()
+    if not streamed:
+        nn.Module.to(job.model, "cpu")
+    return Evaluation(scores, accuracy_scores, time.perf_counter() - started)
+
+
+def calibrate(
+    spec: JobSpec,
+    method: QuantMethod,
+    record_loss: Loss,
+    job: LoadedJob,
+    hooks: JobHooks,
+    checkpoint_dir: Path | None,
+) -> Calibration:
+    """Quantize the model: block by block through the engine, or all at once for a whole-model method."""
     hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
-    calib_started = time.perf_counter()
+    started = time.perf_counter()
     records: list[BlockRecord] = []
     method_stats: dict[str, Any] = {}
     peak_device_mb: float | None = None
     if method.whole_model:
         if spec.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(spec.device)
-        method_stats = {
-            **resources,
-            **method.quantize_model(
-                model,
-                windows,
-                device=spec.device,
-                seed=spec.seed,
-                on_stage=hooks.on_stage,
-                should_cancel=hooks.should_cancel,
-            ),
-        }
+        trained = method.quantize_model(
+            job.model,
+            job.windows,
+            device=spec.device,
+            seed=spec.seed,
+            on_stage=hooks.on_stage,
+            should_cancel=hooks.should_cancel,
+        )
+        method_stats = {**job.resources, **trained}
         if spec.device.startswith("cuda"):
             peak_device_mb = torch.cuda.max_memory_allocated(spec.device) / 2**20
     else:
         records = calibrate_blocks(
-            model,
-            windows,
+            job.model,
+            job.windows,
             method,
-            eval_loss,
+            record_loss,
             device=spec.device,
             seed=spec.seed,
             on_block=hooks.on_block,
             should_cancel=hooks.should_cancel,
             checkpoint=BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None,
-            residency=residency,
+            residency=job.residency,
         )
         peak_device_mb = max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None
-    calib_seconds = time.perf_counter() - calib_started
-    written = residency.writer.finish(tokenizer) if residency is not None else None
+    written = job.residency.writer.finish(job.tokenizer) if job.residency is not None else None
+    return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
 
-    hooks.stage("evaluating the quantized model")
-    eval_started = time.perf_counter()
-    ppl_after = evaluate(ShardedWeights(written) if written is not None else None, "quantized")
-    accuracy_after: Scores = {}
-    if lm_eval is not None:
-        hooks.stage(f"lm-eval on the quantized model ({', '.join(lm_eval.tasks)})")
-        accuracy_after = accuracy()
-    eval_seconds += time.perf_counter() - eval_started
 
-    hooks.stage("saving the quantized model and report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def export(spec: JobSpec, job: LoadedJob, written: Path | None, out_dir: Path) -> dict[str, Export]:
+    """Write the checkpoint in each format the job takes; paths relative to ``out_dir``, since the
+    report travels with the folders, not with the worker's disk."""
     written_to: dict[str, Path] = {}
     details: dict[str, dict[str, Any]] = {}
     if written is not None:
         written_to["fake_quant"] = written
-    elif "fake_quant" in formats:
-        written_to["fake_quant"] = save_fake_quant(model, tokenizer, out_dir)
-    if "pack_quantized" in formats:
-        details["pack_quantized"] = write_packed(model, spec.quant, out_dir / PACKED_DIR, tokenizer)
+    elif "fake_quant" in job.formats:
+        written_to["fake_quant"] = save_fake_quant(job.model, job.tokenizer, out_dir)
+    if "pack_quantized" in job.formats:
+        details["pack_quantized"] = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
         written_to["pack_quantized"] = Path(details["pack_quantized"].pop("path"))
+    return {name: Export(str(path.relative_to(out_dir)), details.get(name, {})) for name, path in written_to.items()}
+
+
+def run_job(
+    spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None, checkpoint_dir: Path | None = None
+) -> JobReport:
+    """Run ``spec`` and write its checkpoint (``out_dir/packed`` and/or ``out_dir/model``, see
+    :func:`export_formats_for`) and ``out_dir/report.json``: load, evaluate, calibrate, evaluate
+    again, export, report.
+
+    With ``checkpoint_dir``, progress is kept there after every block and a rerun of the same job
+    continues from the last finished block.
+    """
+    hooks = hooks or JobHooks()
+    started = time.perf_counter()
+    method, record_loss = spec.build_method(), spec.build_loss()  # the loss the block records measure
+    torch.manual_seed(spec.seed)
+    job = load(spec, method, out_dir, hooks, checkpoint_dir)
+    before = evaluate(spec, job, hooks, "full-precision", job.lazy.weights if job.lazy is not None else None)
+    calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir)
+    written = calibration.written
+    after = evaluate(spec, job, hooks, "quantized", ShardedWeights(written) if written is not None else None)
+    hooks.stage("saving the quantized model and report")
+    out_dir.mkdir(parents=True, exist_ok=True)
     report = JobReport(
         spec=spec,
-        calibration_tokens=int(windows.numel()),
-        eval_seq_len=eval_seq_len,
-        eval_windows={name: int(w.shape[0]) for name, w in eval_sets.items()},
-        perplexity={name: PerplexityPair(ppl_before[name], ppl_after[name]) for name in eval_sets},
-        lm_eval=paired(accuracy_before, accuracy_after),
-        blocks=records,
-        method_stats=method_stats,
-        seconds=Seconds(calib_seconds, eval_seconds, time.perf_counter() - started),
+        calibration_tokens=int(job.windows.numel()),
+        eval_seq_len=job.eval_seq_len,
+        eval_windows={name: int(w.shape[0]) for name, w in job.eval_sets.items()},
+        perplexity={name: PerplexityPair(before.perplexity[name], after.perplexity[name]) for name in job.eval_sets},
+        lm_eval=paired(before.accuracy, after.accuracy),
+        blocks=calibration.records,
+        method_stats=calibration.method_stats,
+        seconds=Seconds(calibration.seconds, before.seconds + after.seconds, time.perf_counter() - started),
         peak_host_mb=peak_host_mb(),
-        peak_device_mb=peak_device_mb,
+        peak_device_mb=calibration.peak_device_mb,
         versions=library_versions(),
-        # relative: the report travels with the folders, not the worker's disk
-        exports={
-            name: Export(str(path.relative_to(out_dir)), details.get(name, {})) for name, path in written_to.items()
-        },
+        exports=export(spec, job, written, out_dir),
     )
     (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     write_model_cards(out_dir, report)
