@@ -116,8 +116,10 @@ class JobSettings(_Section):
         ..., min_length=1, max_length=500, description="Hugging Face directory, hub id, or upload:<model id>"
     )
     bits: Annotated[int, Flag("--bits")] = Field(4, ge=MIN_BITS, le=MAX_BITS, description="bits per weight")
+    # 64 divides the hidden and MLP widths of the common families (SmolLM2's 576 and 960 among them,
+    # which 128 does not), so the packed format can hold the result; 128 leaves a ragged last group there.
     group_size: Annotated[int | None, Flag("--group-size", "group_size")] = Field(
-        128,
+        64,
         ge=1,
         le=65536,
         description="columns per scale; unset (0 or -1 on the command line): one per output channel",
