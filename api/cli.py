@@ -23,6 +23,7 @@ import httpx
 from api.client import ApiError, SWQuantClient
 from quant_core import cli as core_cli
 from quant_core.progress import minutes_seconds
+from swq_shared.events import BlockEvent, StatusEvent, read_event
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 KEY_FILE = "api_key"
@@ -220,23 +221,21 @@ def time_left(block_seconds: list[float], remaining: int) -> str:
 
 def _follow(client: SWQuantClient, job_id: str) -> int:
     block_seconds: list[float] = []
-    for event in client.follow(job_id):
-        data = event["data"]
-        if event["kind"] == "block":
-            block_seconds.append(data["seconds"])
-            done, total = data["index"] + 1, data["num_blocks"]
+    for stored in client.follow(job_id):
+        event = read_event(stored["kind"], stored["data"])
+        if isinstance(event, BlockEvent):
+            block_seconds.append(event.seconds)
+            done, total = event.index + 1, event.num_blocks
             print(
-                f"block {done}/{total}: loss {data['loss_before']:.4g} -> "
-                f"{data['loss_after']:.4g} ({data['seconds']:.1f}s, about {time_left(block_seconds, total - done)} "
-                "left to calibrate)",
+                f"block {done}/{total}: loss {event.loss_before:.4g} -> {event.loss_after:.4g} "
+                f"({event.seconds:.1f}s, about {time_left(block_seconds, total - done)} left to calibrate)",
                 flush=True,
             )
+        elif isinstance(event, StatusEvent):
+            failure = f" ({event.error_code}: {event.error_message})" if event.error_code else ""
+            print(f"status: {event.status}{failure}", flush=True)
         else:
-            print(
-                f"{event['kind']}: {data.get('status') or data.get('message')}"
-                + (f" ({data['error_code']}: {data['error_message']})" if data.get("error_code") else ""),
-                flush=True,
-            )
+            print(f"{event.kind}: {event.summary()}", flush=True)
     job = client.job(job_id)
     for name, value in sorted(job["metrics"].items()):
         print(f"{name}: {value:.4f}")

@@ -19,6 +19,7 @@ from api.submission import own_job
 from swq_shared import jobs
 from swq_shared.auth import Caller
 from swq_shared.errors import NotFoundInTenantError
+from swq_shared.events import BlockEvent, EventKind, read_event
 from swq_shared.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -184,24 +185,15 @@ def job_events(session: Session, job_id: str) -> list[dict[str, Any]]:
             return events
 
 
-def block_records(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def block_records(events: list[dict[str, Any]]) -> list[BlockEvent]:
     """The last record per block (a resumed job may report a block twice), in block order."""
-    latest = {e["data"]["index"]: e["data"] for e in events if e["kind"] == "block"}
+    blocks = [BlockEvent.model_validate(e["data"]) for e in events if e["kind"] == EventKind.block]
+    latest = {block.index: block for block in blocks}
     return [latest[i] for i in sorted(latest)]
 
 
 def event_summary(event: dict[str, Any]) -> str:
-    data = event["data"]
-    if event["kind"] == "status":
-        detail = f": {data['error_code']}: {data.get('error_message', '')}" if data.get("error_code") else ""
-        worker = f" on {data['worker']}" if data.get("worker") else ""
-        return f"{data.get('status')}{worker}{detail}"
-    if event["kind"] == "block":
-        return (
-            f"block {data['index'] + 1}/{data['num_blocks']}: loss {data['loss_before']:.4g} → "
-            f"{data['loss_after']:.4g}, {data['seconds']:.2f} s"
-        )
-    return str(data.get("message", json.dumps(data, default=str)))
+    return read_event(event["kind"], event["data"]).summary()
 
 
 def chart(x: list[int], series: list[dict[str, Any]], y_label: str, log_scale: bool = True) -> dict[str, Any]:
@@ -210,22 +202,22 @@ def chart(x: list[int], series: list[dict[str, Any]], y_label: str, log_scale: b
     return {"x": x, "series": series, "y_label": y_label, "log": log_scale and bool(values) and min(values) > 0}
 
 
-def job_charts(blocks: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    x = [b["index"] for b in blocks]
+def job_charts(blocks: list[BlockEvent]) -> dict[str, dict[str, Any]]:
+    x = [b.index for b in blocks]
     return {
         "loss": chart(
             x,
             [
-                {"label": "after calibration", "values": [b["loss_after"] for b in blocks], "color": 0},
-                {"label": "with RTN weights", "values": [b["loss_before"] for b in blocks], "color": 1, "dash": True},
+                {"label": "after calibration", "values": [b.loss_after for b in blocks], "color": 0},
+                {"label": "with RTN weights", "values": [b.loss_before for b in blocks], "color": 1, "dash": True},
             ],
             "loss",
         ),
         "mse": chart(
             x,
             [
-                {"label": "after calibration", "values": [b["mse_after"] for b in blocks], "color": 0},
-                {"label": "with RTN weights", "values": [b["mse_before"] for b in blocks], "color": 1, "dash": True},
+                {"label": "after calibration", "values": [b.mse_after for b in blocks], "color": 0},
+                {"label": "with RTN weights", "values": [b.mse_before for b in blocks], "color": 1, "dash": True},
             ],
             "MSE",
         ),
@@ -270,12 +262,12 @@ def run_labels(rows: list[JobRow], diff: list[dict[str, Any]], fields: int = 3) 
     return labels
 
 
-def compare_charts(runs: list[list[dict[str, Any]]], labels: list[str]) -> dict[str, dict[str, Any]]:
+def compare_charts(runs: list[list[BlockEvent]], labels: list[str]) -> dict[str, dict[str, Any]]:
     """Per-block curves of several runs on one x axis (block index); a missing block is a gap."""
-    x = sorted({b["index"] for blocks in runs for b in blocks})
+    x = sorted({b.index for blocks in runs for b in blocks})
 
-    def aligned(blocks: list[dict[str, Any]], key: str) -> list[float | None]:
-        by_index = {b["index"]: b[key] for b in blocks}
+    def aligned(blocks: list[BlockEvent], key: str) -> list[float | None]:
+        by_index = {b.index: getattr(b, key) for b in blocks}
         return [by_index.get(i) for i in x]
 
     named = list(enumerate(zip(labels, runs, strict=True)))

@@ -21,6 +21,7 @@ from sqlalchemy import CursorResult, Update, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from swq_shared.events import BlockEvent, EventData, MessageEvent, StatusEvent
 from swq_shared.models import Artifact, ErrorCode, Job, JobEvent, JobStatus, Metric, is_id, new_id, utcnow
 
 
@@ -42,8 +43,8 @@ class InvalidCursorError(ValueError):
     """A pagination cursor that this service did not issue."""
 
 
-def add_event(session: Session, job_id: str, kind: str, **data: Any) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, data=data))
+def add_event(session: Session, job_id: str, event: EventData) -> None:
+    session.add(JobEvent(job_id=job_id, kind=event.kind.value, data=event.stored()))
 
 
 def create_job(
@@ -64,7 +65,7 @@ def create_job(
         return session.scalars(
             select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
         ).one(), False
-    add_event(session, job.id, "status", status=JobStatus.queued.value)
+    add_event(session, job.id, StatusEvent(status=JobStatus.queued))
     return job, True
 
 
@@ -99,7 +100,7 @@ def claim_job(
         return None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    add_event(session, job_id, "status", status=JobStatus.running.value, worker=worker, attempt=job.attempts)
+    add_event(session, job_id, StatusEvent(status=JobStatus.running, worker=worker, attempt=job.attempts))
     return job
 
 
@@ -122,14 +123,14 @@ def renew_lease(session: Session, job_id: str, lease_token: str, lease_seconds: 
         raise LeaseLostError(f"job {job_id}: lease lost")
 
 
-def add_leased_event(session: Session, job_id: str, lease_token: str, kind: str, **data: Any) -> None:
+def add_leased_event(session: Session, job_id: str, lease_token: str, event: EventData) -> None:
     """Append an event for a running attempt, refused (LeaseLostError) once its lease is gone."""
     if not _rows_changed(session, update(Job).where(*_leased(job_id, lease_token)).values(updated_at=utcnow())):
         raise LeaseLostError(f"job {job_id}: lease lost")
-    add_event(session, job_id, kind, **data)
+    add_event(session, job_id, event)
 
 
-def record_block(session: Session, job_id: str, block: dict[str, Any], lease_token: str | None = None) -> None:
+def record_block(session: Session, job_id: str, block: BlockEvent, lease_token: str | None = None) -> None:
     """Store a finished block's record as an event and advance the job's progress.
 
     With ``lease_token``, only while that lease is held (LeaseLostError otherwise).
@@ -138,11 +139,11 @@ def record_block(session: Session, job_id: str, block: dict[str, Any], lease_tok
         session,
         update(Job)
         .where(*_leased(job_id, lease_token))
-        .values(blocks_done=block["index"] + 1, num_blocks=block["num_blocks"], updated_at=utcnow()),
+        .values(blocks_done=block.index + 1, num_blocks=block.num_blocks, updated_at=utcnow()),
     )
     if not done:
         raise LeaseLostError(f"job {job_id} is not running under this lease")
-    add_event(session, job_id, "block", **block)
+    add_event(session, job_id, block)
 
 
 def is_cancel_requested(session: Session, job_id: str) -> bool:
@@ -164,9 +165,9 @@ def request_cancel(session: Session, job: Job) -> Job:
     )
     session.refresh(job)
     if job.status == JobStatus.cancelled.value:
-        add_event(session, job.id, "status", status=JobStatus.cancelled.value)
+        add_event(session, job.id, StatusEvent(status=JobStatus.cancelled))
     else:
-        add_event(session, job.id, "message", message="cancellation requested")
+        add_event(session, job.id, MessageEvent(message="cancellation requested"))
     return job
 
 
@@ -183,9 +184,9 @@ def finish_job(
 ) -> bool:
     """Record the outcome of a running job with its metrics and artifacts, all in one transaction.
 
-    Returns False (and changes nothing) when the job is no longer running, e.g. it was finished by
-    someone else, or, with ``lease_token``, when that lease is no longer held; a succeeded job always
-    has its artifacts, because both are written together.
+    With ``lease_token``, only while that lease is held: LeaseLostError otherwise, as for every write
+    of a leased attempt. Without one (the API ending a job), returns False and changes nothing when
+    the job is no longer running. A succeeded job always has its artifacts: both are written together.
     """
     now = utcnow()
     done = _rows_changed(
@@ -203,13 +204,15 @@ def finish_job(
         ),
     )
     if not done:
+        if lease_token is not None:
+            raise LeaseLostError(f"job {job_id}: lease lost before its outcome was recorded")
         return False
     for name, value in (metrics or {}).items():
         session.add(Metric(job_id=job_id, name=name, value=value))
     for artifact in artifacts or []:
         session.add(Artifact(job_id=job_id, **artifact))
-    details = {"error_code": error_code.value, "error_message": error_message} if error_code else {}
-    add_event(session, job_id, "status", status=status.value, **details)
+    details = {"error_code": error_code, "error_message": error_message} if error_code else {}
+    add_event(session, job_id, StatusEvent(status=status, **details))
     return True
 
 
@@ -231,16 +234,12 @@ def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
                 f"the job's worker stopped without finishing it {job.attempts} times "
                 f"(attempt limit {max_attempts}); last worker: {job.worker}"
             )
+            event = StatusEvent(status=JobStatus.failed, error_code=ErrorCode.worker_lost, error_message=message)
             values: dict[str, Any] = {"status": JobStatus.failed.value, "finished_at": now}
             values.update(error_code=ErrorCode.worker_lost.value, error_message=message)
-            event: dict[str, Any] = {
-                "status": JobStatus.failed.value,
-                "error_code": ErrorCode.worker_lost.value,
-                "error_message": message,
-            }
         else:
+            event = StatusEvent(status=JobStatus.queued, reason=f"worker {job.worker} lost", attempts=job.attempts)
             values = {"status": JobStatus.queued.value}
-            event = {"status": JobStatus.queued.value, "reason": f"worker {job.worker} lost", "attempts": job.attempts}
         changed = _rows_changed(
             session,
             update(Job)
@@ -249,7 +248,7 @@ def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
             .execution_options(synchronize_session=False),
         )
         if changed:
-            add_event(session, job.id, "status", **event)
+            add_event(session, job.id, event)
             if values["status"] == JobStatus.queued.value:
                 requeued.append(job)
     return requeued
@@ -277,7 +276,9 @@ def claim_resend(session: Session, older_than_s: float, waiting_ids: set[str]) -
             .execution_options(synchronize_session=False),
         )
         if stamped:
-            add_event(session, job.id, "message", message="re-sent to the queue: the broker no longer held it")
+            add_event(
+                session, job.id, MessageEvent(message="re-sent to the queue: the broker no longer held it", resent=True)
+            )
             taken.append(job)
     return taken
 

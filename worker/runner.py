@@ -25,6 +25,7 @@ from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint, run_job
 from quant_core.report import JobReport
 from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, checkpoint_prefix, open_settings_storage
 from swq_shared.db import session_scope
+from swq_shared.events import BlockEvent, MessageEvent
 from swq_shared.jobs import (
     LeaseLostError,
     add_leased_event,
@@ -161,14 +162,17 @@ def execute_job(
                 checkpoint_dir = mirror.directory
                 restored = mirror.restore(job_fingerprint(core_spec))
                 if attempt > 1:
-                    _event(settings, job_id, token, f"attempt {attempt}: resuming after {restored} finished blocks")
+                    resumed = MessageEvent(
+                        message=f"attempt {attempt}: resuming after {restored} finished blocks", resumed_blocks=restored
+                    )
+                    _event(settings, job_id, token, resumed)
 
             def on_block(record: BlockRecord) -> None:
                 lease.check()
                 _database(
                     settings,
                     f"recording block {record.index} of job {job_id}",
-                    lambda session: record_block(session, job_id, {**record.to_dict(), "attempt": attempt}, token),
+                    lambda session: record_block(session, job_id, _block_event(record, attempt), token),
                 )
                 if checkpoint_dir is not None:
                     mirror.store_block(record.index)
@@ -179,7 +183,7 @@ def execute_job(
 
             hooks = JobHooks(
                 on_block=on_block,
-                on_stage=lambda message: _event(settings, job_id, token, message),
+                on_stage=lambda message: _event(settings, job_id, token, MessageEvent(message=message)),
                 should_cancel=should_cancel,
             )
             report = run_job(core_spec, workdir / "out", hooks, checkpoint_dir)
@@ -206,12 +210,13 @@ def execute_job(
             outcome = JobStatus.failed
             details = {"error_code": ErrorCode.internal_error, "error_message": f"{type(exc).__name__}: {exc}"}
         lease.finishing()
-        finished = _database(
-            settings,
-            f"recording the outcome of job {job_id}",
-            lambda session: finish_job(session, job_id, outcome, lease_token=token, **details),
-        )
-        if not finished:
+        try:
+            _database(
+                settings,
+                f"recording the outcome of job {job_id}",
+                lambda session: finish_job(session, job_id, outcome, lease_token=token, **details),
+            )
+        except LeaseLostError:
             log.error("job %s: lease lost before the outcome was recorded", job_id)
             return AttemptOutcome.lease_lost
         if on_recorded is not None:
@@ -228,12 +233,17 @@ def _claim(session: Session, job_id: str, worker_name: str, settings: Settings) 
     return job.tenant_id, job.spec, job.lease_token, job.attempts
 
 
-def _event(settings: Settings, job_id: str, token: str, message: str) -> None:
+def _event(settings: Settings, job_id: str, token: str, event: MessageEvent) -> None:
     _database(
         settings,
         f"logging an event of job {job_id}",
-        lambda session: add_leased_event(session, job_id, token, "message", message=message),
+        lambda session: add_leased_event(session, job_id, token, event),
     )
+
+
+def _block_event(record: BlockRecord, attempt: int) -> BlockEvent:
+    """A block record as the job's event, with every figure the engine measured and the attempt."""
+    return BlockEvent.model_validate({**record.to_dict(), "attempt": attempt})
 
 
 def _shareable(member: tarfile.TarInfo) -> tarfile.TarInfo:
