@@ -1,25 +1,16 @@
 """What a job can ask for: every registered method and loss with its options and their defaults.
 
-Read from the registries and the option dataclasses themselves, so the list a user sees
+Read from the registries and the option models themselves (quant_core.options), so the list a user sees
 (``swquant methods``, ``GET /v1/methods``) is always the list the code accepts.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import MISSING, fields
 from typing import Any
 
 from quant_core.losses import LOSSES, LossOptions
 from quant_core.methods import METHODS
-
-
-def _defaults(options_type: type) -> dict[str, Any]:
-    defaults = {}
-    for f in fields(options_type):
-        value = f.default_factory() if f.default is MISSING and f.default_factory is not MISSING else f.default
-        defaults[f.name] = list(value) if isinstance(value, tuple) else value
-    return defaults
 
 
 def _summary(cls: type) -> str:
@@ -29,27 +20,32 @@ def _summary(cls: type) -> str:
 
 
 def catalog() -> dict[str, Any]:
-    """Methods (summary, default loss, options with defaults) and losses (names, shared options)."""
+    """Methods (summary, default loss, options with default and description) and losses (names, shared options)."""
     methods = {
         name: {
             "summary": _summary(cls),
             "default_loss": cls.default_loss,
             "whole_model": cls.whole_model,
-            "options": _defaults(cls.options_type),
+            "options": cls.options_type.described(),
         }
         for name, cls in METHODS.items()
     }
-    return {"methods": methods, "losses": {"names": list(LOSSES), "options": _defaults(LossOptions)}}
+    return {"methods": methods, "losses": {"names": list(LOSSES), "options": LossOptions.described()}}
+
+
+def _option_lines(options: dict[str, dict[str, Any]]) -> list[str]:
+    if not options:
+        return ["      (no options)"]
+    return [f"      {name}={option['default']}  {option['description']}" for name, option in options.items()]
 
 
 def format_catalog(entries: dict[str, Any]) -> str:
-    """The catalog as text for a terminal."""
+    """The catalog as text for a terminal: each method, then each of its options on a line."""
     lines = ["Methods (--method NAME; options with --method-opt NAME=VALUE):"]
     for name, method in entries["methods"].items():
         lines.append(f"  {name}  [default loss: {method['default_loss']}]  {method['summary']}")
-        options = "  ".join(f"{k}={v}" for k, v in method["options"].items()) or "(no options)"
-        lines.append(f"      {options}")
+        lines += _option_lines(method["options"])
     lines.append("Losses (--loss NAME; options with --loss-opt NAME=VALUE, each loss reads those it uses):")
     lines.append("  " + ", ".join(entries["losses"]["names"]))
-    lines.append("      " + "  ".join(f"{k}={v}" for k, v in entries["losses"]["options"].items()))
+    lines += _option_lines(entries["losses"]["options"])
     return "\n".join(lines)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch.nn.functional as F
+from pydantic import AfterValidator, Field, StrictInt
 from torch import Tensor
 
 from quant_core.errors import ConfigError
 from quant_core.loss_base import Loss, ModelOutputs, compute_dtype, tokens
+from quant_core.options import NonNegativeNumber, Number, Options, PositiveCount, one_of
 from quant_core.sliced import (
     BLOCK_SIZE_ERROR,
     SCALE_ERROR,
@@ -59,86 +60,60 @@ MAX_PROJECTIONS = 65536
 MAX_ASCENT_STEPS = 100
 
 
-@dataclass(frozen=True)
-class LossOptions:
+def _hybrid_weights(value: dict[str, float]) -> dict[str, float]:
+    unknown = set(value) - set(HYBRID_WEIGHT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}; valid keys: base, sw")
+    return {**HYBRID_WEIGHT_DEFAULTS, **value}
+
+
+def _distinct(value: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(set(value)) != len(value):
+        raise ValueError("must hold distinct values")
+    return value
+
+
+def _sw_p(value: int) -> int:
+    if value not in (1, 2):
+        raise ValueError("must be 1 (sliced W1) or 2 (squared sliced W2)")
+    return value
+
+
+class LossOptions(Options):
     """The keyword options every loss accepts; each loss reads the ones that concern it."""
 
-    sw_num_projections: int = 16
-    sw_block_size: int | None = None
-    hybrid_weights: Mapping[str, float] = field(default_factory=lambda: dict(HYBRID_WEIGHT_DEFAULTS))
-    reduction: str = "mean"
-    sw_p: int = 1
-    seed: int = 0
-    sw_ascent_steps: int = 4  # max-sliced: ascent steps per call
-    sw_step_size: float = 0.2  # max-sliced and learned projections: first ascent step, in radians
-    sw_scales: tuple[int, ...] = (1, 4, 16)  # multi-scale: 1 is the token level, b > 1 blocks of b tokens
-    sw_sites: tuple[str, ...] = ("self_attn", "mlp")  # site SW: the block's submodules whose outputs align
+    what: ClassVar[str] = "loss option"
 
-    def __post_init__(self) -> None:
-        if not _is_int(self.sw_num_projections) or not 1 <= self.sw_num_projections <= MAX_PROJECTIONS:
-            raise ConfigError(
-                f"sw_num_projections must be a positive integer up to {MAX_PROJECTIONS}", "sw_num_projections"
-            )
-        if self.sw_block_size is not None and (not _is_int(self.sw_block_size) or self.sw_block_size < 1):
-            raise ConfigError("sw_block_size must be a positive integer or null", "sw_block_size")
-        if self.reduction not in REDUCTIONS:
-            raise ConfigError(f"reduction must be one of {', '.join(REDUCTIONS)}", "reduction")
-        if self.sw_p not in (1, 2):
-            raise ConfigError("sw_p must be 1 (sliced W1) or 2 (squared sliced W2)", "sw_p")
-        if not _is_int(self.seed):
-            raise ConfigError("seed must be an integer", "seed")
-        if not _is_int(self.sw_ascent_steps) or not 0 <= self.sw_ascent_steps <= MAX_ASCENT_STEPS:
-            raise ConfigError(f"sw_ascent_steps must be an integer from 0 to {MAX_ASCENT_STEPS}", "sw_ascent_steps")
-        step = self.sw_step_size
-        if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step <= math.pi:
-            raise ConfigError("sw_step_size must be a number of radians in (0, pi]", "sw_step_size")
-        object.__setattr__(self, "sw_scales", _int_tuple(self.sw_scales, "sw_scales"))
-        object.__setattr__(self, "sw_sites", _name_tuple(self.sw_sites, "sw_sites"))
-        if not isinstance(self.hybrid_weights, Mapping):
-            raise ConfigError("hybrid_weights must be a mapping with keys 'base' and 'sw'", "hybrid_weights")
-        unknown = set(self.hybrid_weights) - set(HYBRID_WEIGHT_DEFAULTS)
-        if unknown:
-            raise ConfigError(
-                f"Unknown hybrid_weights key(s): {', '.join(sorted(unknown))}; valid keys: base, sw",
-                "hybrid_weights",
-            )
-        for key, value in self.hybrid_weights.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ConfigError(f"hybrid_weights.{key} must be a finite number", f"hybrid_weights.{key}")
-            if value < 0:
-                raise ConfigError(f"hybrid_weights.{key} must be non-negative", f"hybrid_weights.{key}")
-        object.__setattr__(self, "hybrid_weights", {**HYBRID_WEIGHT_DEFAULTS, **self.hybrid_weights})
+    sw_num_projections: Annotated[StrictInt, Field(ge=1, le=MAX_PROJECTIONS)] = Field(
+        16, description="random directions per SW estimate"
+    )
+    sw_block_size: PositiveCount | None = Field(
+        None, description="SW over blocks of this many tokens (it must divide seq_len); unset: token level"
+    )
+    hybrid_weights: Annotated[dict[str, NonNegativeNumber], AfterValidator(_hybrid_weights)] = Field(
+        default_factory=lambda: dict(HYBRID_WEIGHT_DEFAULTS),
+        description="weights of the point-wise (base) and SW (sw) terms of a hybrid loss",
+    )
+    reduction: Annotated[str, one_of(*REDUCTIONS)] = Field("mean", description="mean or sum over items")
+    sw_p: Annotated[StrictInt, AfterValidator(_sw_p)] = Field(1, description="1: sliced W1; 2: squared sliced W2")
+    seed: StrictInt = Field(0, description="seed of the SW directions (default: the job's)")
+    sw_ascent_steps: Annotated[StrictInt, Field(ge=0, le=MAX_ASCENT_STEPS)] = Field(
+        4, description="max-sliced: ascent steps per call"
+    )
+    sw_step_size: Annotated[Number, Field(gt=0, le=math.pi)] = Field(
+        0.2, description="max-sliced and learned projections: first ascent step, in radians"
+    )
+    sw_scales: Annotated[
+        tuple[Annotated[StrictInt, Field(ge=1)], ...], Field(min_length=1), AfterValidator(_distinct)
+    ] = Field((1, 4, 16), description="multi-scale: 1 is the token level, b > 1 blocks of b tokens")
+    sw_sites: Annotated[
+        tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1), AfterValidator(_distinct)
+    ] = Field(("self_attn", "mlp"), description="site SW: the block's submodules whose outputs align")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> LossOptions:
         """Build options from user keywords, rejecting unknown names instead of ignoring typos."""
-        valid = [f.name for f in fields(cls)]
-        for name in kwargs:
-            if name not in valid:
-                raise ConfigError(f"Unknown loss option: {name}. Valid options: {', '.join(valid)}", name)
-        return cls(**kwargs)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
-    """A non-empty list of distinct positive integers, as a tuple (YAML and JSON give lists)."""
-    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
-        raise ConfigError(f"{name} must be a non-empty list of positive integers", name)
-    if not all(_is_int(v) and v >= 1 for v in value) or len(set(value)) != len(value):
-        raise ConfigError(f"{name} must be a non-empty list of distinct positive integers", name)
-    return tuple(value)
-
-
-def _name_tuple(value: Any, name: str) -> tuple[str, ...]:
-    """A non-empty list of distinct module names, as a tuple."""
-    if isinstance(value, str) or not isinstance(value, list | tuple) or not value:
-        raise ConfigError(f"{name} must be a non-empty list of submodule names", name)
-    if not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
-        raise ConfigError(f"{name} must be a list of distinct, non-empty submodule names", name)
-    return tuple(value)
+        return cls.from_dict(kwargs)
 
 
 def _reduce(per_item: Tensor, reduction: str) -> Tensor:

@@ -303,9 +303,12 @@ def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_co
     assert set(listed["methods"]) == set(METHODS) and listed["losses"]["names"] == list(LOSSES)
     for name, method in listed["methods"].items():
         built = METHODS[name].options_type.from_dict({})
-        assert method["options"] == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(built).items()}
+        defaults = {k: option["default"] for k, option in method["options"].items()}
+        assert defaults == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(built).items()}
+        assert all(option["description"] for option in method["options"].values()), name
     assert listed["methods"]["tesseraq"]["default_loss"] == "l2"
-    assert listed["losses"]["options"]["sw_num_projections"] == LossOptions().sw_num_projections
+    assert listed["losses"]["options"]["sw_num_projections"]["default"] == LossOptions().sw_num_projections
+    assert all(option["description"] for option in listed["losses"]["options"].values())
     assert main(["methods"]) == 0 and "--method-opt NAME=VALUE" in capsys.readouterr().out
 
 

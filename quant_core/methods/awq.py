@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import Field, StrictBool
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -40,6 +41,7 @@ from quant_core.methods.base import (
 from quant_core.methods.clipping import mean_ratio
 from quant_core.methods.layer_inputs import capture_call, first_argument, input_grams, input_groups, layer_input
 from quant_core.model_structure import LinearLike, linear_named, quantizable_linears, stored_layout, weight_matrix
+from quant_core.options import Fraction, PositiveCount
 from quant_core.quantizer import fake_quantize
 
 FOLD_TOLERANCE = 1e-3  # relative change of the block output allowed by folding scales in float32
@@ -70,21 +72,15 @@ LAYOUTS: dict[str, tuple[ScaleMapping, ...]] = {"llama-style (Llama, Mistral, Qw
 UNCLIPPED = ("q_proj", "k_proj")
 
 
-@dataclass(frozen=True)
 class AwqOptions(MethodOptions):
     """AWQ's search grid: exponents 0, 1/20, ..., 19/20; clipping ratios 1, 0.95, ..., 0.55
     (``1 - i / n_grid`` for ``i < max_shrink * n_grid``, as in AWQ); fewer than two ratios means no
     clipping search."""
 
-    n_grid: int = 20
-    max_shrink: float = 0.5
-    search_samples: int = 32
-    clip: bool = True
-
-    def __post_init__(self) -> None:
-        self.require("int>0", "n_grid", "search_samples")
-        self.require("frac", "max_shrink")
-        self.require_bool("clip")
+    n_grid: PositiveCount = Field(20, description="grid points of the scale exponent and of the clipping ratio")
+    max_shrink: Fraction = Field(0.5, description="the largest share of the range the clipping may cut")
+    search_samples: PositiveCount = Field(32, description="windows the searches measure on")
+    clip: StrictBool = Field(True, description="search the clipping after the scales")
 
 
 def find_layout(block: nn.Module) -> tuple[ScaleMapping, ...]:

@@ -6,18 +6,19 @@ a method only sees one block and its calibration data, and leaves fake-quantized
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
 from quant_core.incoherence import INCOHERENCE_CHOICES, LinearRotation, check_widths
 from quant_core.losses import Loss
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.options import Options, one_of
 from quant_core.quantizer import QuantSpec, fake_quantize, grid_params
 
 # Runs the block on a batch of inputs, optionally with some parameters replaced (by full name).
@@ -64,71 +65,18 @@ def weights_state(block: nn.Module) -> tuple[tuple[int, int, int], ...]:
     return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class MethodOptions(Options):
+    """Base for a method's options (quant_core.options)."""
+
+    what: ClassVar[str] = "method option"
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
-
-
-# Counts (epochs, steps, batch sizes, grid points) above this are a typo or an attack, never a schedule:
-# refused up front rather than holding a worker for years or exhausting its memory.
-MAX_COUNT = 1_000_000
-
-_OPTION_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "num": (_is_number, "a finite number"),
-    "int>0": (lambda v: _is_int(v) and 0 < v <= MAX_COUNT, f"a positive integer up to {MAX_COUNT}"),
-    "int>=0": (lambda v: _is_int(v) and 0 <= v <= MAX_COUNT, f"a non-negative integer up to {MAX_COUNT}"),
-    "num>0": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "num>=0": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
-    "frac": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
-}
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Base for a method's options; subclasses add fields with defaults."""
-
-    def require(self, kind: str, *names: str) -> None:
-        """Check options by kind (``num``, ``int>0``, ``int>=0``, ``num>0``, ``num>=0``, ``frac``), naming the bad one.
-
-        ``frac`` is a number in [0, 1]. ``None`` passes for options whose default is ``None``.
-        """
-        for name in names:
-            value = getattr(self, name)
-            if value is None and getattr(type(self), name, 0) is None:
-                continue
-            if not _OPTION_KINDS[kind][0](value):
-                raise ConfigError(f"{name} must be {_OPTION_KINDS[kind][1]}", name)
-
-    def require_bool(self, *names: str) -> None:
-        for name in names:
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false", name)
-
-    def require_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if getattr(self, name) not in choices:
-            raise ConfigError(f"{name} must be one of: {', '.join(choices)}", name)
-
-    @classmethod
-    def from_dict(cls, options: Mapping[str, Any]) -> MethodOptions:
-        valid = [f.name for f in fields(cls)]
-        for name in options:
-            if name not in valid:
-                listed = ", ".join(valid) if valid else "none"
-                raise ConfigError(f"Unknown method option: {name}. Valid options: {listed}", name)
-        return cls(**options)
-
-
-@dataclass(frozen=True)
 class IncoherenceOptions(MethodOptions):
     """Options of a method that can quantize in QuIP's rotated basis (:mod:`quant_core.incoherence`)."""
 
-    incoherence: str = "none"
-
-    def __post_init__(self) -> None:
-        self.require_choice("incoherence", INCOHERENCE_CHOICES)
+    incoherence: Annotated[str, one_of(*INCOHERENCE_CHOICES)] = Field(
+        "none", description="hadamard: quantize in QuIP's randomized Hadamard basis (fake-quant export only)"
+    )
 
     @property
     def rotates(self) -> bool:

@@ -38,34 +38,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, StrictBool
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation
 from quant_core.losses import ModelOutputs
-from quant_core.methods.base import (
-    IncoherenceOptions,
-    QuantMethod,
-    register_method,
-    write_dequantized,
-    write_quantized,
-)
+from quant_core.methods.base import IncoherenceOptions, QuantMethod, register_method, write_dequantized, write_quantized
 from quant_core.methods.training import cosine_with_warmup
 from quant_core.model_structure import LinearLike, find_decoder_blocks, quantizable_linears, text_config, weight_matrix
+from quant_core.options import Count, NonNegativeNumber, PositiveCount, PositiveNumber, one_of
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
 INIT_CHOICES = ("rand", "orig")
-EARLY_SAVE_CHOICES = (None, "greedy")
 CORNER_TOLERANCE = 1e-2  # an x this close to 0 or 1 counts as "near a corner" (the authors' count)
 GIB = 2**30
 
 
-@dataclass(frozen=True)
 class DiscQuantOptions(IncoherenceOptions):
     """The authors' options under short names (their ``discq.py`` flag in brackets).
 
@@ -81,29 +75,22 @@ class DiscQuantOptions(IncoherenceOptions):
     job may assume (default: what the device has free).
     """
 
-    lr: float = 0.1
-    clamp: float = 1.0
-    rho: float = 200.0
-    n_samples: int | None = None
-    batch_size: int = 1
-    grad_accum: int = 8
-    warmup: int | None = None
-    weight_decay: float = 0.0
-    init: str = "rand"
-    early_save: str | None = None
-    grad_checkpoint: bool = False
-    memory_budget_gib: float | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require("num>0", "lr", "clamp", "memory_budget_gib")
-        self.require("num>=0", "rho", "weight_decay")
-        self.require("int>0", "n_samples", "batch_size", "grad_accum")
-        self.require("int>=0", "warmup")
-        self.require_choice("init", INIT_CHOICES)
-        if self.early_save not in EARLY_SAVE_CHOICES:
-            raise ConfigError("early_save must be null (train) or greedy", "early_save")
-        self.require_bool("grad_checkpoint")
+    lr: PositiveNumber = Field(0.1, description="learning rate of x (learning_rate)")
+    clamp: PositiveNumber = Field(1.0, description="gradient clamp (clamp_value)")
+    rho: NonNegativeNumber = Field(200.0, description="weight of the linear term toward y (rho_factor)")
+    n_samples: PositiveCount | None = Field(None, description="windows consumed in all; unset: each once")
+    batch_size: PositiveCount = Field(1, description="windows per forward")
+    grad_accum: PositiveCount = Field(8, description="forwards per optimizer step")
+    warmup: Count | None = Field(None, description="warm-up optimizer steps; unset: an eighth of them")
+    weight_decay: NonNegativeNumber = Field(0.0, description="AdamW weight decay")
+    init: Annotated[str, one_of(*INIT_CHOICES)] = Field("rand", description="x starts at random (rand) or at y (orig)")
+    early_save: Annotated[str, one_of("greedy")] | None = Field(
+        None, description="greedy: skip training and round greedily; unset: train"
+    )
+    grad_checkpoint: StrictBool = Field(False, description="recompute activations in the backward pass")
+    memory_budget_gib: PositiveNumber | None = Field(
+        None, description="memory the job may assume; unset: what the device has free"
+    )
 
 
 @dataclass

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import Field, StrictBool
 from torch import Tensor, nn
 
 from quant_core.clip_search import search_clipping
@@ -54,12 +55,12 @@ from quant_core.methods.base import (
 from quant_core.methods.layer_inputs import input_grams, input_groups, layer_input
 from quant_core.methods.staged_pass import staged_pass
 from quant_core.model_structure import quantizable_linears, weight_matrix
+from quant_core.options import PositiveCount, PositiveNumber
 from quant_core.quantizer import QuantSpec, dequantize, grid_params
 
 MAX_DAMP_RETRIES = 6
 
 
-@dataclass(frozen=True)
 class GptqOptions(IncoherenceOptions):
     """1% damping, lazy batches of 128 columns, and activation order with static groups.
 
@@ -67,26 +68,23 @@ class GptqOptions(IncoherenceOptions):
     at W4 g64 it gives perplexity 40.05 where the natural order gives 43.88 (bench/results/quality_w4.json).
     """
 
-    block_size: int = 128
-    damp: float = 0.01
-    act_order: bool = True
-    static_groups: bool = True
-    batch_size: int = 8
-    clip_search: bool | None = None  # None: on whenever the group grids are static
-    true_sequential: bool = True
-    # One suspended pass per block instead of a replay up to each stage (quant_core.methods.staged_pass);
-    # None: on a GPU, or on a CPU running one intra-op thread (see the module docstring)
-    staged_pass: bool | None = None
+    block_size: PositiveCount = Field(128, description="columns per lazy batch of the column walk")
+    damp: PositiveNumber = Field(0.01, description="Hessian damping, a fraction of its mean diagonal")
+    act_order: StrictBool = Field(True, description="walk the columns by decreasing Hessian diagonal")
+    static_groups: StrictBool = Field(True, description="fix every group's grid before the walk")
+    batch_size: PositiveCount = Field(8, description="windows per forward when collecting Hessians")
+    clip_search: StrictBool | None = Field(
+        None, description="static grids from the searched clipping; unset: on whenever the grids are static"
+    )
+    true_sequential: StrictBool = Field(
+        True, description="each stage's Hessian with the earlier stages already quantized"
+    )
+    staged_pass: StrictBool | None = Field(
+        None,
+        description="one suspended pass per block instead of a replay per stage; unset: on a GPU or one CPU thread",
+    )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require("int>0", "block_size", "batch_size")
-        self.require("num>0", "damp")
-        self.require_bool("act_order", "static_groups", "true_sequential")
-        if self.staged_pass is not None:
-            self.require_bool("staged_pass")
-        if self.clip_search is not None:
-            self.require_bool("clip_search")
+    def model_post_init(self, context: Any) -> None:
         if self.clip_search and not self.static_groups:
             raise ConfigError(
                 "clip_search needs static_groups: true (scales fixed before the column walk)", "clip_search"

@@ -13,11 +13,10 @@ Norms are found by type name (``LayerNorm``, ``LlamaRMSNorm``, ``Qwen2RMSNorm``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from quant_core.errors import ConfigError
@@ -31,33 +30,26 @@ from quant_core.methods.base import (
     write_weights,
 )
 from quant_core.methods.training import epochs_to_steps, train_parameters
+from quant_core.options import Count, NonNegativeNumber, PositiveCount, PositiveNumber, one_of
 
 BASES = ("gptq", "rtn")
 
 
-@dataclass(frozen=True)
 class NormTweakOptions(MethodOptions):
     """``base_options`` configure the base method (e.g. ``{incoherence: hadamard, clip_search: true}``)."""
 
-    base: str = "gptq"
-    base_options: Mapping[str, Any] = field(default_factory=dict)
-    epochs: int = 1
-    lr: float = 1e-5
-    depth_scale: float = 5.0
-    batch_size: int = 1
+    base: Annotated[str, one_of(*BASES)] = Field("gptq", description="the method whose weights the norms adapt to")
+    base_options: dict[str, Any] = Field(default_factory=dict, description="the base method's options")
+    epochs: Count = Field(1, description="passes over the windows per block")
+    lr: PositiveNumber = Field(1e-5, description="learning rate of the norm weights (first block; grows with depth)")
+    depth_scale: NonNegativeNumber = Field(5.0, description="how much the learning rate grows toward the last block")
+    batch_size: PositiveCount = Field(1, description="windows per step")
 
-    def __post_init__(self) -> None:
-        self.require_choice("base", BASES)
-        if not isinstance(self.base_options, Mapping):
-            raise ConfigError("base_options must be a mapping of the base method's options", "base_options")
+    def model_post_init(self, context: Any) -> None:
         try:
             method_class(self.base).options_type.from_dict(self.base_options)
         except ConfigError as exc:
             raise ConfigError(f"base_options: {exc}", f"base_options.{exc.field}") from exc
-        self.require("int>=0", "epochs")
-        self.require("int>0", "batch_size")
-        self.require("num>0", "lr")
-        self.require("num>=0", "depth_scale")
 
 
 def norm_parameters(block: nn.Module) -> dict[str, nn.Parameter]:

@@ -24,10 +24,10 @@ Any of ``epochs``/``steps``, ``lr`` and ``init`` given explicitly overrides the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
@@ -35,6 +35,7 @@ from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, regis
 from quant_core.methods.clipping import block_clip_factors, mean_ratio
 from quant_core.methods.training import cosine_with_warmup, epochs_to_steps, train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.options import Count, NonNegativeNumber, Number, PositiveCount, PositiveNumber, one_of
 from quant_core.quantizer import fake_quantize, grid_params, num_groups
 
 SCHEDULES = ("budget", "paper")
@@ -45,28 +46,23 @@ WARMUP_SHARE = 0.1
 PAPER_LR = 1e-2
 
 
-@dataclass(frozen=True)
 class OmniQuantOptions(MethodOptions):
-    """``None`` leaves the value to the schedule (see the module docstring)."""
+    """Unset values are left to the schedule (see the module docstring)."""
 
-    schedule: str = "budget"
-    epochs: int | None = None
-    steps: int | None = None
-    lr: float | None = None
-    init: str | None = None
-    weight_decay: float = 0.0
-    batch_size: int = 1
-    init_logit: float = 4.0
+    schedule: Annotated[str, one_of(*SCHEDULES)] = Field(
+        "budget", description="budget: warm-up and cosine over a fixed step count; paper: constant rate, epochs"
+    )
+    epochs: Count | None = Field(None, description="passes over the windows per block (or give steps)")
+    steps: Count | None = Field(None, description="optimizer steps per block (or give epochs)")
+    lr: PositiveNumber | None = Field(None, description="learning rate of the clipping factors")
+    init: Annotated[str, one_of(*INITS)] | None = Field(
+        None, description="starting factors: clip_search (searched clipping) or full (the paper's full range)"
+    )
+    weight_decay: NonNegativeNumber = Field(0.0, description="AdamW weight decay")
+    batch_size: PositiveCount = Field(1, description="windows per step")
+    init_logit: Number = Field(4.0, description="starting logit of the factors with init: full (sigmoid 0.98)")
 
-    def __post_init__(self) -> None:
-        self.require_choice("schedule", SCHEDULES)
-        self.require("int>=0", "epochs", "steps")
-        self.require("int>0", "batch_size")
-        self.require("num>0", "lr")
-        self.require("num>=0", "weight_decay")
-        self.require("num", "init_logit")
-        if self.init is not None:
-            self.require_choice("init", INITS)
+    def model_post_init(self, context: Any) -> None:
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give either epochs or steps, not both", "steps")
 

@@ -7,9 +7,9 @@ With ``incoherence: hadamard`` the rounding happens in QuIP's rotated basis (:mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from pydantic import Field, StrictBool
 from torch import nn
 
 from quant_core.errors import ConfigError
@@ -26,13 +26,10 @@ from quant_core.methods.base import (
 from quant_core.methods.clipping import block_clip_factors, mean_ratio
 
 
-@dataclass(frozen=True)
 class RtnOptions(IncoherenceOptions):
-    clip_search: bool = False
+    clip_search: StrictBool = Field(False, description="each group's clipping from the searched ratio")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.require_bool("clip_search")
+    def model_post_init(self, context: Any) -> None:
         if self.clip_search and self.rotates:
             raise ConfigError("clip_search is not available with incoherence for rtn", "clip_search")
 

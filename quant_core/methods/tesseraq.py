@@ -26,10 +26,10 @@ Starting points (``init``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field, StrictBool
 from torch import Tensor, nn
 
 from quant_core.methods.awq import Awq, AwqOptions, find_layout
@@ -38,6 +38,7 @@ from quant_core.methods.clipping import block_clip_factors, mean_ratio
 from quant_core.methods.gptq import Gptq, GptqOptions
 from quant_core.methods.training import train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
+from quant_core.options import Count, PositiveCount, PositiveNumber, one_of
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
@@ -126,26 +127,18 @@ class LearnedRounding:
         return self.tuned_scale().detach().squeeze(-1), self.zero.squeeze(-1)
 
 
-@dataclass(frozen=True)
 class TesseraQOptions(MethodOptions):
     """The paper's schedule is 20 rounds of 250 steps on batches of 4; the paper starts from AWQ or
     OmniQuant, here from GPTQ by default (W3 on SmolLM2, a short CPU schedule: 48.6 perplexity on
     Persuasion, against 64.5 from plain round-to-nearest before; bench/README.md)."""
 
-    rounds: int = 20
-    steps_per_round: int = 250
-    batch_size: int = 4
-    lr: float = 1e-3
-    scale_lr: float = 1e-4
-    init: str = "gptq"
-    clip_search: bool = True
-
-    def __post_init__(self) -> None:
-        self.require("int>0", "rounds", "batch_size")
-        self.require("int>=0", "steps_per_round")
-        self.require("num>0", "lr", "scale_lr")
-        self.require_choice("init", INITS)
-        self.require_bool("clip_search")
+    rounds: PositiveCount = Field(20, description="rounds of progressive hardening of the rounding")
+    steps_per_round: Count = Field(250, description="optimizer steps per round")
+    batch_size: PositiveCount = Field(4, description="windows per step")
+    lr: PositiveNumber = Field(1e-3, description="learning rate of the rounding variables")
+    scale_lr: PositiveNumber = Field(1e-4, description="learning rate of the dequantization scales")
+    init: Annotated[str, one_of(*INITS)] = Field("gptq", description="starting codes and scales: awq, rtn or gptq")
+    clip_search: StrictBool = Field(True, description="the starting method uses the searched clipping")
 
 
 @register_method

@@ -1,0 +1,86 @@
+"""Method and loss options as pydantic models: each option one field with its type, range, default
+and a line of description, which ``swquant methods`` and ``GET /v1/methods`` show.
+
+The value kinds below are what a user's YAML or JSON may hold: true/false is never a number, NaN
+and infinities never a setting, and counts have a ceiling (a typo or an attack, never a schedule).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
+
+from quant_core.errors import ConfigError
+
+# Counts (epochs, steps, batch sizes, grid points) above this are refused up front rather than
+# holding a worker for years or exhausting its memory.
+MAX_COUNT = 1_000_000
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def one_of(*choices: str) -> AfterValidator:
+    """A string option that takes one of ``choices`` (kept as tuples where other code reads them)."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of: {', '.join(choices)}")
+        return value
+
+    return AfterValidator(check)
+
+
+Number = Annotated[float, BeforeValidator(_finite)]
+PositiveNumber = Annotated[Number, Field(gt=0)]
+NonNegativeNumber = Annotated[Number, Field(ge=0)]
+Fraction = Annotated[Number, Field(ge=0, le=1)]
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
+PositiveCount = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
+
+
+class Options(BaseModel):
+    """Base of a method's or the losses' options; ``what`` names them in errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    what: ClassVar[str] = "option"
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> Self:
+        """The options, or a ConfigError naming the unknown or bad one."""
+        valid = list(cls.model_fields)
+        for name in options:
+            if name not in valid:
+                listed = ", ".join(valid) if valid else "none"
+                raise ConfigError(f"Unknown {cls.what}: {name}. Valid options: {listed}", name)
+        try:
+            return cls.model_validate(dict(options))
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, ConfigError):  # a check across options (model_post_init) names its own field
+                raise cause from None
+            where = [str(part) for part in error["loc"]]
+            # The field is the option, or a key of a mapping option (hybrid_weights.sw), not a list index.
+            named = [str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), error["loc"])]
+            message = str(error["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"{'.'.join(where)}: {message}", ".".join(named) or None) from exc
+
+    @classmethod
+    def described(cls) -> dict[str, dict[str, Any]]:
+        """Each option's default and description, for the catalog."""
+        listed = {}
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            listed[name] = {
+                "default": list(default) if isinstance(default, tuple) else default,
+                "description": info.description or "",
+            }
+        return listed
