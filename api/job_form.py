@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 import annotated_types
 from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
+from starlette.datastructures import FormData
 
 from quant_core.errors import ConfigError
 from quant_core.job_settings import Setting, leaf_settings, set_path
@@ -157,15 +158,14 @@ def defaults() -> dict[str, Any]:
     return {**values_of(JobRequest(model="-").model_dump(mode="json")), "model": ""}
 
 
-def values_from(form: Any) -> dict[str, Any]:
-    """What the user sent (a Starlette form or a mapping), to parse and to show again beside errors."""
+def values_from(form: FormData) -> dict[str, Any]:
+    """What the user sent, to parse and to show again beside errors."""
     values: dict[str, Any] = {}
     for form_field in FIELDS:
         if form_field.kind == "checkbox":
             values[form_field.name] = form.get(form_field.name) is not None
         elif form_field.kind == "checkboxes":
-            raw = form.getlist(form_field.name) if hasattr(form, "getlist") else form.get(form_field.name, [])
-            values[form_field.name] = [str(v) for v in raw]
+            values[form_field.name] = [str(v) for v in form.getlist(form_field.name)]
         else:
             values[form_field.name] = str(form.get(form_field.name, "") or "").strip()
     return values

@@ -12,10 +12,11 @@ import contextlib
 import resource
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -40,9 +41,11 @@ class BlockResidency(Protocol):
     def leave(self, index: int) -> None: ...
 
 
-@dataclass
-class BlockRecord:
-    """What happened to one block: losses with round-to-nearest (before) and after calibration."""
+class BlockRecord(BaseModel):
+    """What happened to one block: losses with round-to-nearest (before) and after calibration.
+
+    A pydantic model because the service stores it as the block's event (swq_shared.events.BlockEvent
+    extends it) and reads it back from JSON."""
 
     index: int
     num_blocks: int
@@ -53,13 +56,13 @@ class BlockRecord:
     seconds: float
     peak_host_mb: float
     peak_device_mb: float | None
-    method_stats: dict[str, Any] = field(default_factory=dict)
+    method_stats: dict[str, Any] = Field(default_factory=dict)
     # quant_core.output_stats.distribution_errors of the block output, before and after calibration.
-    distribution_before: dict[str, float] = field(default_factory=dict)
-    distribution_after: dict[str, float] = field(default_factory=dict)
+    distribution_before: dict[str, float] = Field(default_factory=dict)
+    distribution_after: dict[str, float] = Field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass

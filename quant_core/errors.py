@@ -4,6 +4,10 @@ Every configuration error names the field it concerns, so the CLI can print it a
 turn it into an HTTP 422 whose message points at the offending field.
 """
 
+import itertools
+
+from pydantic import ValidationError
+
 
 class ConfigError(ValueError):
     """A job setting is invalid; ``field`` is its dotted path (e.g. ``loss.sw_block_size``)."""
@@ -11,6 +15,21 @@ class ConfigError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    """Pydantic's first complaint about settings or options as a ConfigError.
+
+    The field is the setting, or a key of a mapping (``hybrid_weights.sw``), never a list index; a
+    ConfigError raised by a check across fields (``model_post_init``) comes out as it was raised.
+    """
+    error = exc.errors(include_url=False)[0]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return cause
+    where = ".".join(str(part) for part in error["loc"])
+    named = ".".join(str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), error["loc"]))
+    return ConfigError(f"{where}: {str(error['msg']).removeprefix('Value error, ')}", named or None)
 
 
 class CancelledError(RuntimeError):

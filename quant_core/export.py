@@ -105,13 +105,13 @@ def export_pack_quantized(
 
 def write_packed(
     model: PreTrainedModel, spec: QuantSpec, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
-) -> dict[str, Any]:
-    """Pack every layer that holds a grid from calibration; return what the report says of the export."""
+) -> tuple[Path, dict[str, Any]]:
+    """Pack every layer that holds a grid from calibration; return the folder and what the report
+    says of the export besides."""
     qparams = {name: grid for name, module in model.named_modules() if (grid := layer_grid(module)) is not None}
     path = export_pack_quantized(model, qparams, spec, out_dir, tokenizer)
     unique = {id(p): p for p in model.parameters()}.values()
-    return {
-        "path": str(path),
+    return path, {
         "format": CompressionFormat.pack_quantized.value,
         "compressed_tensors": version("compressed-tensors"),
         "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),

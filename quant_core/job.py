@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -75,10 +75,12 @@ class EvalSpec:
 # ``auto``: the packed checkpoint wherever compressed-tensors can hold the result, else the
 # fake-quantized one (rotated weights, streamed blocks, layers the format refuses); see
 # pipeline.export_formats_for.
-EXPORT_FORMATS = ("auto", "fake_quant", "pack_quantized")
+ExportFormat = Literal["auto", "fake_quant", "pack_quantized"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 # Dtype the model is loaded and run in. Quantization parameters, Hessians and losses stay in float32
 # whatever this is; bfloat16 halves the memory of weights and activations on a GPU.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES = dict(zip(get_args(DtypeName), (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 @dataclass(frozen=True)

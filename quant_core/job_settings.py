@@ -21,15 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from quant_core.accuracy import MAX_TASKS, LmEvalSpec
-from quant_core.errors import ConfigError
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.errors import ConfigError, config_error
+from quant_core.job import CalibSpec, DtypeName, EvalSpec, ExportFormat, JobSpec
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
 from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 
 MAX_SAMPLES = 4096
 MAX_SEQ_LEN = 32768
-ExportFormat = Literal["auto", "fake_quant", "pack_quantized"]
 AUTO_EXPORT: ExportFormat = "auto"
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -147,7 +146,7 @@ class JobSettings(_Section):
         "fake_quant (dequantized floats) and/or pack_quantized (int codes in compressed-tensors, for vLLM)",
     )
     seed: Annotated[int, Flag("--seed")] = Field(0, ge=0, le=2**31 - 1, description="seed of every random draw")
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], Flag("--dtype")] = Field(
+    dtype: Annotated[DtypeName, Flag("--dtype")] = Field(
         "float32", title="Model dtype", description="for calibration; grids, Hessians and losses stay float32"
     )
     lazy_load: Annotated[bool, Flag("--lazy-load")] = Field(
@@ -249,6 +248,4 @@ def validated(model: type[SettingsT], body: dict[str, Any]) -> SettingsT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in error["loc"])
-        raise ConfigError(f"{where}: {error['msg']}", where or None) from exc
+        raise config_error(exc) from exc

@@ -110,11 +110,6 @@ class LossOptions(Options):
         tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1), AfterValidator(_distinct)
     ] = Field(("self_attn", "mlp"), description="site SW: the block's submodules whose outputs align")
 
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> LossOptions:
-        """Build options from user keywords, rejecting unknown names instead of ignoring typos."""
-        return cls.from_dict(kwargs)
-
 
 def _reduce(per_item: Tensor, reduction: str) -> Tensor:
     return per_item.mean() if reduction == "mean" else per_item.sum()
@@ -303,4 +298,4 @@ def build_loss(method: str, **kwargs: Any) -> Loss:
     """The loss registered as ``method``, configured by LightCompress-style keyword options."""
     if method not in LOSSES:
         raise ConfigError(f"Unknown loss method: {method}. Valid methods: {', '.join(LOSSES)}", "method")
-    return LOSSES[method](LossOptions.from_kwargs(**kwargs))
+    return LOSSES[method](LossOptions.from_dict(kwargs))

@@ -7,14 +7,13 @@ and infinities never a setting, and counts have a ceiling (a typo or an attack, 
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
 
-from quant_core.errors import ConfigError
+from quant_core.errors import ConfigError, config_error
 
 # Counts (epochs, steps, batch sizes, grid points) above this are refused up front rather than
 # holding a worker for years or exhausting its memory.
@@ -63,15 +62,7 @@ class Options(BaseModel):
         try:
             return cls.model_validate(dict(options))
         except ValidationError as exc:
-            error = exc.errors(include_url=False)[0]
-            cause = (error.get("ctx") or {}).get("error")
-            if isinstance(cause, ConfigError):  # a check across options (model_post_init) names its own field
-                raise cause from None
-            where = [str(part) for part in error["loc"]]
-            # The field is the option, or a key of a mapping option (hybrid_weights.sw), not a list index.
-            named = [str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), error["loc"])]
-            message = str(error["msg"]).removeprefix("Value error, ")
-            raise ConfigError(f"{'.'.join(where)}: {message}", ".".join(named) or None) from exc
+            raise config_error(exc) from exc
 
     @classmethod
     def described(cls) -> dict[str, dict[str, Any]]:

@@ -170,24 +170,26 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
     return LoadedJob(model, tokenizer, blocks, lazy, residency, windows, eval_seq_len, eval_sets, formats, resources)
 
 
-def evaluate(spec: JobSpec, job: LoadedJob, hooks: JobHooks, which: str, weights: ShardedWeights | None) -> Evaluation:
+def evaluate(
+    spec: JobSpec, job: LoadedJob, hooks: JobHooks, quantized: bool, weights: ShardedWeights | None
+) -> Evaluation:
     """Perplexity on every text and, when asked, lm-eval scores (the float model's from the cache).
 
-    ``weights``: evaluate by streaming these blocks (a lazily loaded model) instead of the model in memory.
+    ``weights``: evaluate a lazily loaded model by streaming these blocks instead of the model in memory.
     """
     started = time.perf_counter()
-    baseline = which == "full-precision"
+    which = "quantized" if quantized else "full-precision"
     hooks.stage(f"evaluating the {which} model")
-    streamed = job.lazy is not None and weights is not None
-    if not streamed:
+    streamed = job.lazy if weights is not None else None
+    if streamed is None:
         nn.Module.to(job.model, spec.device)
     scores = {}
     for name, w in job.eval_sets.items():
         label = f"evaluating the {which} model on {name}"
-        if job.lazy is not None and weights is not None:
-            by_block = PhaseProgress(label, len(job.lazy.blocks), "blocks", hooks.stage)
+        if streamed is not None and weights is not None:
+            by_block = PhaseProgress(label, len(streamed.blocks), "blocks", hooks.stage)
             scores[name] = blockwise_perplexity(
-                job.lazy, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)
+                streamed, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)
             )
         else:
             by_window = PhaseProgress(label, w.shape[0], "windows", hooks.stage)
@@ -196,13 +198,13 @@ def evaluate(spec: JobSpec, job: LoadedJob, hooks: JobHooks, which: str, weights
     lm_eval, accuracy_scores = spec.eval.lm_eval, {}
     if lm_eval is not None:  # refused with lazy_load, so the model is in memory
         accuracy = partial(task_scores, job.model, job.tokenizer, lm_eval, spec.device)
-        if baseline and lm_eval.baseline:
+        if not quantized and lm_eval.baseline:
             hooks.stage(f"lm-eval on the full-precision model ({', '.join(lm_eval.tasks)}; cached per model and task)")
             accuracy_scores = cached_baseline(spec.model, spec.dtype, lm_eval, accuracy)
-        elif not baseline:
+        elif quantized:
             hooks.stage(f"lm-eval on the quantized model ({', '.join(lm_eval.tasks)})")
             accuracy_scores = accuracy()
-    if not streamed:
+    if streamed is None:
         nn.Module.to(job.model, "cpu")
     return Evaluation(scores, accuracy_scores, time.perf_counter() - started)
 
@@ -256,16 +258,14 @@ def calibrate(
 def export(spec: JobSpec, job: LoadedJob, written: Path | None, out_dir: Path) -> dict[str, Export]:
     """Write the checkpoint in each format the job takes; paths relative to ``out_dir``, since the
     report travels with the folders, not with the worker's disk."""
-    written_to: dict[str, Path] = {}
-    details: dict[str, dict[str, Any]] = {}
-    if written is not None:
-        written_to["fake_quant"] = written
-    elif "fake_quant" in job.formats:
-        written_to["fake_quant"] = save_fake_quant(job.model, job.tokenizer, out_dir)
+    exports: dict[str, Export] = {}
+    if written is not None or "fake_quant" in job.formats:
+        path = written if written is not None else save_fake_quant(job.model, job.tokenizer, out_dir)
+        exports["fake_quant"] = Export(str(path.relative_to(out_dir)))
     if "pack_quantized" in job.formats:
-        details["pack_quantized"] = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
-        written_to["pack_quantized"] = Path(details["pack_quantized"].pop("path"))
-    return {name: Export(str(path.relative_to(out_dir)), details.get(name, {})) for name, path in written_to.items()}
+        path, details = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
+        exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), details)
+    return exports
 
 
 def run_job(
@@ -283,10 +283,10 @@ def run_job(
     method, record_loss = spec.build_method(), spec.build_loss()  # the loss the block records measure
     torch.manual_seed(spec.seed)
     job = load(spec, method, out_dir, hooks, checkpoint_dir)
-    before = evaluate(spec, job, hooks, "full-precision", job.lazy.weights if job.lazy is not None else None)
+    before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None)
     calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir)
     written = calibration.written
-    after = evaluate(spec, job, hooks, "quantized", ShardedWeights(written) if written is not None else None)
+    after = evaluate(spec, job, hooks, True, ShardedWeights(written) if written is not None else None)
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = JobReport(

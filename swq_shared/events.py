@@ -2,8 +2,8 @@
 and the dashboard read by attribute.
 
 An event is stored as its kind and a JSON object (``job_events.data``); the REST API hands that
-object out as it is. Each model here is the one shape of its kind's object. A block record keeps
-the extra figures its method reports (``extra="allow"``), which only the report and the API show.
+object out as it is. Each model here is the one shape of its kind's object; a block's is the
+engine's own record (quant_core.engine.BlockRecord) with the attempt that ran it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import enum
 import json
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from quant_core.engine import BlockRecord
 from swq_shared.models import ErrorCode, JobStatus
 
 
@@ -24,8 +25,6 @@ class EventKind(enum.StrEnum):
 
 
 class EventData(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
     kind: ClassVar[EventKind]
 
     def stored(self) -> dict[str, Any]:
@@ -54,19 +53,10 @@ class StatusEvent(EventData):
         return f"{self.status}{worker}{detail}"
 
 
-class BlockEvent(EventData):
-    """A block finished: its losses with round-to-nearest weights (before) and after calibration."""
+class BlockEvent(BlockRecord, EventData):
+    """A block finished: the engine's record of it, and the attempt that ran it."""
 
     kind: ClassVar[EventKind] = EventKind.block
-    index: int
-    num_blocks: int
-    loss_before: float
-    loss_after: float
-    mse_before: float
-    mse_after: float
-    seconds: float
-    peak_host_mb: float | None = None
-    peak_device_mb: float | None = None
     attempt: int | None = None
 
     def summary(self) -> str:

@@ -235,21 +235,20 @@ def requeue_lapsed(session: Session, max_attempts: int) -> list[Job]:
                 f"(attempt limit {max_attempts}); last worker: {job.worker}"
             )
             event = StatusEvent(status=JobStatus.failed, error_code=ErrorCode.worker_lost, error_message=message)
-            values: dict[str, Any] = {"status": JobStatus.failed.value, "finished_at": now}
-            values.update(error_code=ErrorCode.worker_lost.value, error_message=message)
+            ending: dict[str, Any] = {"finished_at": now, "error_code": event.error_code, "error_message": message}
         else:
             event = StatusEvent(status=JobStatus.queued, reason=f"worker {job.worker} lost", attempts=job.attempts)
-            values = {"status": JobStatus.queued.value}
+            ending = {}
         changed = _rows_changed(
             session,
             update(Job)
             .where(*condition)
-            .values(**values, updated_at=now, lease_token=None, lease_expires_at=None)
+            .values(status=event.status.value, **ending, updated_at=now, lease_token=None, lease_expires_at=None)
             .execution_options(synchronize_session=False),
         )
         if changed:
             add_event(session, job.id, event)
-            if values["status"] == JobStatus.queued.value:
+            if event.status == JobStatus.queued:
                 requeued.append(job)
     return requeued
 

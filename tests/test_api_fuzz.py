@@ -123,7 +123,15 @@ def _seed_jobs(database_url: str, api_key: str, s3: S3Endpoint, bucket: str) -> 
             session,
             succeeded,
             BlockEvent(
-                index=0, num_blocks=1, loss_before=2.0, loss_after=1.0, mse_before=0.4, mse_after=0.2, seconds=0.1
+                index=0,
+                num_blocks=1,
+                loss_before=2.0,
+                loss_after=1.0,
+                mse_before=0.4,
+                mse_after=0.2,
+                seconds=0.1,
+                peak_host_mb=512.0,
+                peak_device_mb=None,
             ),
         )
         jobs.finish_job(

@@ -77,7 +77,15 @@ def test_only_one_worker_can_claim_a_job(db_url: str, tenant_id: str) -> None:
 
 def _block(index: int) -> BlockEvent:
     return BlockEvent(
-        index=index, num_blocks=2, loss_before=1.0, loss_after=0.5, mse_before=0.2, mse_after=0.1, seconds=0.5
+        index=index,
+        num_blocks=2,
+        loss_before=1.0,
+        loss_after=0.5,
+        mse_before=0.2,
+        mse_after=0.1,
+        seconds=0.5,
+        peak_host_mb=512.0,
+        peak_device_mb=None,
     )
 
 

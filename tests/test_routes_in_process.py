@@ -57,7 +57,15 @@ class Api:
         key = artifact_key(job_id, "report.json")
         open_settings_storage(self.settings).put_bytes(key, b'{"ok": true}')
         block = BlockEvent(
-            index=0, num_blocks=1, loss_before=2.0, loss_after=1.0, mse_before=0.4, mse_after=0.2, seconds=0.1
+            index=0,
+            num_blocks=1,
+            loss_before=2.0,
+            loss_after=1.0,
+            mse_before=0.4,
+            mse_after=0.2,
+            seconds=0.1,
+            peak_host_mb=512.0,
+            peak_device_mb=None,
         )
         artifact = {"name": "report.json", "storage_key": key, "size": 12, "content_type": "application/json"}
         with session_scope(self.settings.resolved_database_url) as session:
@@ -73,7 +81,8 @@ class Api:
 
 @pytest.fixture()
 def api(tmp_path: Path) -> Iterator[Api]:
-    settings = Settings(data_dir=tmp_path, rate_limit_per_minute=0, max_text_upload_bytes=1000)
+    # No load shedding: the routes' answers are what is tested here (overload: tests/test_hot_paths.py).
+    settings = Settings(data_dir=tmp_path, rate_limit_per_minute=0, max_loop_lag_ms=0, max_text_upload_bytes=1000)
     upgrade(settings.resolved_database_url)
     with session_scope(settings.resolved_database_url) as session:
         mine, theirs = create_api_key(session, "mine"), create_api_key(session, "theirs")

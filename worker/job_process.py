@@ -62,19 +62,16 @@ def _job_main(job_id: str, hostname: str, recorded: Event) -> None:
     log.info("job %s: attempt ended %s", job_id, outcome)
 
 
-def _attempt_over(settings: Settings, job_id: str, name: str, seen_running: bool) -> tuple[bool, bool]:
-    """(whether the job was ever seen running under ``name``, whether it no longer is).
-
-    A database it cannot read leaves the attempt alone: the lease keeper in the child decides then.
-    """
+def _runs_under(settings: Settings, job_id: str, name: str) -> bool | None:
+    """Whether the job runs under ``name`` now; None when the database cannot be read, which leaves
+    the attempt alone (the lease keeper in the child decides then)."""
     try:
         with read_scope(settings.resolved_database_url) as session:
             row = session.execute(select(Job.status, Job.worker).where(Job.id == job_id)).one_or_none()
     except DATABASE_DOWN as exc:
         log.warning("job %s: could not read its state (%s)", job_id, type(exc).__name__)
-        return seen_running, False
-    owned = row is not None and row.status == JobStatus.running.value and row.worker == name
-    return seen_running or owned, (seen_running or owned) and not owned
+        return None
+    return row is not None and row.status == JobStatus.running.value and row.worker == name
 
 
 def _stop(child: multiprocessing.process.BaseProcess) -> None:
@@ -97,8 +94,9 @@ def run_job_process(job_id: str, hostname: str, settings: Settings) -> str:
         child.join(settings.job_watch_seconds)
         if child.exitcode is not None:
             break
-        seen_running, over = _attempt_over(settings, job_id, name, seen_running)
-        if over and not recorded.is_set():
+        running = _runs_under(settings, job_id, name)
+        seen_running = seen_running or running is True
+        if seen_running and running is False and not recorded.is_set():
             log.warning("job %s: cancelled with force or taken over; stopping its process %d", job_id, child.pid)
             _stop(child)
             break

@@ -243,7 +243,7 @@ def _event(settings: Settings, job_id: str, token: str, event: MessageEvent) -> 
 
 def _block_event(record: BlockRecord, attempt: int) -> BlockEvent:
     """A block record as the job's event, with every figure the engine measured and the attempt."""
-    return BlockEvent.model_validate({**record.to_dict(), "attempt": attempt})
+    return BlockEvent(**record.to_dict(), attempt=attempt)
 
 
 def _shareable(member: tarfile.TarInfo) -> tarfile.TarInfo:
