@@ -51,9 +51,9 @@ from swq_shared import jobs
 from swq_shared.artifacts import artifact_key
 from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
-from swq_shared.events import BlockEvent
 from swq_shared.jobspec import JobRequest
 from swq_shared.models import ErrorCode, JobStatus
+from tests.job_records import block_event
 from tests.s3_server import S3Endpoint
 from tests.service_stack import Stack, api_only_stack, migrated_backing
 
@@ -122,17 +122,7 @@ def _seed_jobs(database_url: str, api_key: str, s3: S3Endpoint, bucket: str) -> 
         jobs.record_block(
             session,
             succeeded,
-            BlockEvent(
-                index=0,
-                num_blocks=1,
-                loss_before=2.0,
-                loss_after=1.0,
-                mse_before=0.4,
-                mse_after=0.2,
-                seconds=0.1,
-                peak_host_mb=512.0,
-                peak_device_mb=None,
-            ),
+            block_event(0, 1),
         )
         jobs.finish_job(
             session, failed, JobStatus.failed, error_code=ErrorCode.invalid_spec, error_message="model: missing"

@@ -12,11 +12,12 @@ from api.metrics import ServiceCollector
 from swq_shared import jobs
 from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope
-from swq_shared.events import BlockEvent, MessageEvent
+from swq_shared.events import MessageEvent
 from swq_shared.migrate import downgrade, upgrade
 from swq_shared.models import ApiKey, ErrorCode, Job, JobEvent, JobStatus
 from swq_shared.settings import Settings
 from tests.databases import fresh_postgres_database
+from tests.job_records import block_event
 
 TABLES = {"tenants", "api_keys", "jobs", "job_events", "metrics", "artifacts", "uploads"}
 
@@ -75,20 +76,6 @@ def test_only_one_worker_can_claim_a_job(db_url: str, tenant_id: str) -> None:
         assert session.get(Job, job_id).worker == "w1"
 
 
-def _block(index: int) -> BlockEvent:
-    return BlockEvent(
-        index=index,
-        num_blocks=2,
-        loss_before=1.0,
-        loss_after=0.5,
-        mse_before=0.2,
-        mse_after=0.1,
-        seconds=0.5,
-        peak_host_mb=512.0,
-        peak_device_mb=None,
-    )
-
-
 def _lease_of(db_url: str, job_id: str, worker: str, lease_seconds: float = 60.0, max_attempts: int = 3) -> str:
     with session_scope(db_url) as session:
         return jobs.claim_job(session, job_id, worker, lease_seconds, max_attempts).lease_token
@@ -104,12 +91,12 @@ def test_a_lapsed_lease_puts_the_job_back_and_fences_the_old_attempt(db_url: str
     with session_scope(db_url) as session:
         assert session.get(Job, job_id).attempts == 2
         jobs.renew_lease(session, job_id, new, 60)
-        jobs.record_block(session, job_id, _block(0), new)
+        jobs.record_block(session, job_id, block_event(0, 2), new)
     with session_scope(db_url) as session:
         with pytest.raises(jobs.LeaseLostError):
             jobs.renew_lease(session, job_id, old, 60)
         with pytest.raises(jobs.LeaseLostError):
-            jobs.record_block(session, job_id, _block(1), old)
+            jobs.record_block(session, job_id, block_event(1, 2), old)
         with pytest.raises(jobs.LeaseLostError):
             jobs.add_leased_event(session, job_id, old, MessageEvent(message="late"))
         with pytest.raises(jobs.LeaseLostError):
@@ -147,7 +134,7 @@ def test_finish_records_metrics_artifacts_and_events_once(db_url: str, tenant_id
     job_id = _new_job(db_url, tenant_id)
     with session_scope(db_url) as session:
         jobs.claim_job(session, job_id, "w1")
-        jobs.record_block(session, job_id, _block(0))
+        jobs.record_block(session, job_id, block_event(0, 2))
     artifact = {
         "name": "report.json",
         "storage_key": f"jobs/{job_id}/report.json",

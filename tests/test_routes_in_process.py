@@ -22,10 +22,10 @@ from swq_shared import jobs
 from swq_shared.artifacts import artifact_key, open_settings_storage
 from swq_shared.auth import create_api_key
 from swq_shared.db import session_scope
-from swq_shared.events import BlockEvent
 from swq_shared.migrate import upgrade
 from swq_shared.models import ErrorCode, Job, JobStatus
 from swq_shared.settings import Settings
+from tests.job_records import block_event
 
 JOB = {"model": "/models/none", "bits": 4, "group_size": 32, "method": "rtn"}
 LLMC = "model: {path: /models/none}\nquant: {method: RTN, weight: {bit: 3, group_size: 32}}\n"
@@ -56,17 +56,7 @@ class Api:
         """End a job as a worker would: claimed, one block recorded, an artifact stored."""
         key = artifact_key(job_id, "report.json")
         open_settings_storage(self.settings).put_bytes(key, b'{"ok": true}')
-        block = BlockEvent(
-            index=0,
-            num_blocks=1,
-            loss_before=2.0,
-            loss_after=1.0,
-            mse_before=0.4,
-            mse_after=0.2,
-            seconds=0.1,
-            peak_host_mb=512.0,
-            peak_device_mb=None,
-        )
+        block = block_event(0, 1)
         artifact = {"name": "report.json", "storage_key": key, "size": 12, "content_type": "application/json"}
         with session_scope(self.settings.resolved_database_url) as session:
             token = jobs.claim_job(session, job_id, "w1").lease_token
