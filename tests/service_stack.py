@@ -78,6 +78,7 @@ class Stack:
     env: dict[str, str]
     logs: list[Path]
     workers: WorkerPool | None = None
+    api_pid: int | None = None  # the process answering HTTP, where a test needs to stop it
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(
@@ -214,9 +215,10 @@ def api_only_stack(
 
 
 @contextmanager
-def embedded_stack(workdir: Path) -> Iterator[Stack]:
-    """``swquant serve``: API, one worker and its own Redis, SQLite and a local folder, no other service."""
+def embedded_stack(workdir: Path, *serve_flags: str, env_extra: dict[str, str] | None = None) -> Iterator[Stack]:
+    """``swquant serve [serve_flags]``: API, one worker, its own Redis, SQLite and a local folder, nothing else."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWQUANT_")} | {"HF_HUB_OFFLINE": "1"}
+    env |= env_extra or {}
     port, redis_port = free_ports(2)
     url = f"http://127.0.0.1:{port}"
     logs = [workdir / "serve.log"]
@@ -231,11 +233,12 @@ def embedded_stack(workdir: Path) -> Iterator[Stack]:
         str(redis_port),
         "--data-dir",
         str(workdir / "data"),
+        *serve_flags,
     ]
     with _process(args, env, logs[0]) as serve:
         _wait_ready(url, [serve], logs)
         key = (workdir / "data" / "api_key").read_text().strip()
-        yield Stack(url, key, env, logs)
+        yield Stack(url, key, env, logs, api_pid=serve.pid)
 
 
 @dataclass(frozen=True)
