@@ -157,6 +157,8 @@ def serve(args: argparse.Namespace) -> int:
             )
         )
         os.environ["SWQUANT_BROKER_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
+    if args.front:  # the front bounds what reaches the loop; a refusal from the loop would only be slower
+        os.environ.setdefault("SWQUANT_MAX_LOOP_LAG_MS", "0")
     settings = Settings()
     os.environ.setdefault("SWQUANT_DATABASE_URL", settings.resolved_database_url)
     os.environ.setdefault("SWQUANT_STORAGE_URL", settings.resolved_storage_url)

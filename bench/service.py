@@ -270,6 +270,7 @@ def service_stack(
         front_settings = FrontSettings.for_processes(f"127.0.0.1:{front_port}", f"127.0.0.1:{port}", api_workers)
         url = f"http://127.0.0.1:{front_port}"
         stack_logs["front"] = log_dir / f"front-{run}.log"
+        env["SWQUANT_MAX_LOOP_LAG_MS"] = "0"  # as behind compose's front and `swquant serve --front`
     uvicorn = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
     uvicorn += ["--port", str(port), "--workers", str(api_workers), "--no-access-log"]
     # Gossip and mingle would talk to other workers on a shared Redis; this worker needs neither.
