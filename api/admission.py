@@ -39,10 +39,11 @@ ALWAYS_ANSWERED = ("/healthz", "/readyz", "/metrics")
 UNBOUNDED_UPLOADS = ("/v1/models", "/v1/datasets")
 RETRY_AFTER_S = 1
 LAG_TICK_S = 0.01
-_BUSY_BODY = json.dumps({"detail": "the server is at capacity; retry after the Retry-After seconds"}).encode()
+# The front (api/haproxy.cfg) refuses with this body too: a client sees one 503 whoever wrote it.
+BUSY_BODY = json.dumps({"detail": "the server is at capacity; retry after the Retry-After seconds"}).encode()
 _BUSY_HEADERS = [
     (b"content-type", b"application/json"),
-    (b"content-length", str(len(_BUSY_BODY)).encode()),
+    (b"content-length", str(len(BUSY_BODY)).encode()),
     (b"retry-after", str(RETRY_AFTER_S).encode()),
 ]
 
@@ -122,7 +123,7 @@ class AdmissionControl:
             return
         if self._busy():
             await send({"type": "http.response.start", "status": 503, "headers": _BUSY_HEADERS})
-            await send({"type": "http.response.body", "body": _BUSY_BODY})
+            await send({"type": "http.response.body", "body": BUSY_BODY})
             return
         self.in_flight += 1
         released = False

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from api.client import ApiError, SWQuantClient
-from api.front import FrontSettings, FrontUnavailable, haproxy_binary, start_front
+from api.front import API_ENV_BEHIND_FRONT, FrontSettings, FrontUnavailable, haproxy_binary, start_front
 from quant_core import cli as core_cli
 from quant_core.progress import minutes_seconds
 from swq_shared.events import BlockEvent, StatusEvent, read_event
@@ -157,8 +157,9 @@ def serve(args: argparse.Namespace) -> int:
             )
         )
         os.environ["SWQUANT_BROKER_URL"] = f"redis://127.0.0.1:{args.redis_port}/0"
-    if args.front:  # the front bounds what reaches the loop; a refusal from the loop would only be slower
-        os.environ.setdefault("SWQUANT_MAX_LOOP_LAG_MS", "0")
+    if args.front:
+        for name, value in API_ENV_BEHIND_FRONT.items():
+            os.environ.setdefault(name, value)
     settings = Settings()
     os.environ.setdefault("SWQUANT_DATABASE_URL", settings.resolved_database_url)
     os.environ.setdefault("SWQUANT_STORAGE_URL", settings.resolved_storage_url)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 CONFIG = Path(__file__).with_name("haproxy.cfg")
 SLOTS_PER_PROCESS = 4  # in flight, and as many again waiting: the sizing explained in haproxy.cfg
+# What the API processes behind the front are given: the front bounds what reaches their event loop,
+# so a refusal for loop lag would only be a slower 503 than the front's (bench/README.md).
+API_ENV_BEHIND_FRONT = {"SWQUANT_MAX_LOOP_LAG_MS": "0"}
 
 
 class FrontUnavailable(RuntimeError):

@@ -233,7 +233,7 @@ def service_stack(
     ``front``, HAProxy (``api/haproxy.cfg``, sized for ``api_workers``) listens before uvicorn and
     the load goes to it.
     """
-    from api.front import FrontSettings, start_front
+    from api.front import API_ENV_BEHIND_FRONT, FrontSettings, start_front
     from swq_shared.queue import worker_argv
 
     run = uuid.uuid4().hex[:8]
@@ -270,7 +270,7 @@ def service_stack(
         front_settings = FrontSettings.for_processes(f"127.0.0.1:{front_port}", f"127.0.0.1:{port}", api_workers)
         url = f"http://127.0.0.1:{front_port}"
         stack_logs["front"] = log_dir / f"front-{run}.log"
-        env["SWQUANT_MAX_LOOP_LAG_MS"] = "0"  # as behind compose's front and `swquant serve --front`
+        env |= API_ENV_BEHIND_FRONT
     uvicorn = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1"]
     uvicorn += ["--port", str(port), "--workers", str(api_workers), "--no-access-log"]
     # Gossip and mingle would talk to other workers on a shared Redis; this worker needs neither.
@@ -284,14 +284,15 @@ def service_stack(
         api = start_process(uvicorn, env, stack_logs["api"])
         cleanup.callback(stop_process_group, api)
         services = [api, worker]
+        front_pid = None
         if front_settings is not None:
             with stack_logs["front"].open("wb") as out:
                 proxy = start_front(front_settings, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             cleanup.callback(stop_process_group, proxy)
             services.append(proxy)
+            front_pid = proxy.pid
         try:
             wait_ready(url, services)
-            front_pid = services[2].pid if front_settings is not None else None
             yield Stack(url, api_key, api.pid, stack_logs, time.perf_counter() - started, worker, front_pid)
         except Exception:
             print(log_tail(stack_logs), file=sys.stderr)
