@@ -42,6 +42,7 @@ from matplotlib import pyplot as plt
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.corpus import calibration_windows, evaluation_windows, tokenize_file
 from quant_core.engine import calibrate_blocks, peak_host_mb
+from quant_core.finetune import FinetuneOptions, record_teacher, tune_end_to_end
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.model_io import load_model
@@ -65,6 +66,7 @@ class Row:
     full: dict[str, Any] = field(default_factory=dict)
     peer: str | None = None  # llm-compressor's scheme, run by bench/peer_llmcompressor.py
     loss_options: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)  # end-to-end tuning after the blocks (quant_core.finetune)
 
 
 _AWQ_QUICK = {"search_samples": 4}  # the grid search runs 20 forwards per mapping: 2k tokens on CPU
@@ -199,16 +201,17 @@ class Settings:
     n_samples: int
     seq_len: int
     eval_windows: int
+    seed: int = SEED  # draws the calibration windows and every random choice of the method
 
     @classmethod
-    def of(cls, full: bool, n_samples: int | None = None) -> Settings:
+    def of(cls, full: bool, n_samples: int | None = None, seed: int = SEED) -> Settings:
         chosen = cls(128, 512, 0) if full else cls(16, 512, 10)
-        return chosen if n_samples is None else cls(n_samples, chosen.seq_len, chosen.eval_windows)
+        return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed)
 
 
 def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     windows = calibration_windows(
-        tokenize_file(tokenizer, austen_calibration_text()), settings.n_samples, settings.seq_len, SEED
+        tokenize_file(tokenizer, austen_calibration_text()), settings.n_samples, settings.seq_len, settings.seed
     )
     cap = settings.eval_windows or None
     evals = {
@@ -218,9 +221,9 @@ def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, t
     return windows, evals
 
 
-def run_row(label: str, bits: int | None, full: bool, n_samples: int | None = None) -> dict[str, Any]:
+def run_row(label: str, bits: int | None, full: bool, n_samples: int | None = None, seed: int = SEED) -> dict[str, Any]:
     """Quantize (or, with ``bits=None``, only evaluate) and measure one row in this process."""
-    settings = Settings.of(full, n_samples)
+    settings = Settings.of(full, n_samples, seed)
     model_dir = prepare_smollm2()
     model, tokenizer = load_model(str(model_dir))
     windows, evals = _data(tokenizer, settings)
@@ -235,14 +238,18 @@ def run_row(label: str, bits: int | None, full: bool, n_samples: int | None = No
     elif row is not None and bits is not None:
         spec = QuantSpec(bits=bits, group_size=GROUP_SIZE)
         options = row.full if full else row.quick
-        loss = build_loss(row.loss, seed=SEED, **row.loss_options)
+        loss = build_loss(row.loss, seed=seed, **row.loss_options)
         method = build_method(row.method, spec, loss, options)
         result.update(method=row.method, loss=row.loss, options=options, loss_options=row.loss_options)
         if method.whole_model:
-            result["method_stats"] = method.quantize_model(model, windows, seed=SEED)
+            result["method_stats"] = method.quantize_model(model, windows, seed=seed)
         else:
-            records = calibrate_blocks(model, windows, method, build_loss(row.loss, seed=SEED), seed=SEED)
+            finetune = FinetuneOptions.from_dict(row.finetune)
+            teacher = record_teacher(model, windows, "cpu") if finetune.enabled else None
+            records = calibrate_blocks(model, windows, method, build_loss(row.loss, seed=seed), seed=seed)
             result["mse_ratio"] = sum(r.mse_after for r in records) / sum(r.mse_before for r in records)
+            if teacher is not None:
+                result["finetune"] = tune_end_to_end(model, windows, teacher, finetune, GROUP_SIZE, seed=seed)
     result.setdefault("calibration_s", time.perf_counter() - started)
     result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
     result.setdefault("peak_host_mb", peak_host_mb())
@@ -254,9 +261,9 @@ def _key(label: str, bits: int | None) -> str:
 
 
 def _run_subprocess(
-    label: str, bits: int | None, full: bool, threads: int, n_samples: int | None = None
+    label: str, bits: int | None, full: bool, threads: int, n_samples: int | None = None, seed: int = SEED
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.quality", "--one", label, "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "bench.quality", "--one", label, "--threads", str(threads), "--seed", str(seed)]
     cmd += ["--one-bits", str(bits)] if bits is not None else []
     cmd += ["--full"] if full else []
     cmd += ["--n-samples", str(n_samples)] if n_samples is not None else []
@@ -319,18 +326,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="128 x 512 calibration and the methods' own schedules")
     parser.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
     parser.add_argument("--n-samples", type=int, help="calibration windows (default 16, 128 with --full)")
+    parser.add_argument("--seed", type=int, default=SEED, help="calibration windows and method draws (default 0)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_row(args.one, args.one_bits, args.full, args.n_samples)))
+        print(json.dumps(run_row(args.one, args.one_bits, args.full, args.n_samples, args.seed)))
         return
     prepare_smollm2()
     austen_calibration_text()
     saved = json.loads(args.out.read_text()) if args.out.is_file() and not args.fresh else {}
-    results: dict[str, Any] = saved.get("rows", {}) if saved.get("full") == args.full else {}
+    same_settings = saved.get("full") == args.full and saved.get("settings", {}).get("seed", SEED) == args.seed
+    results: dict[str, Any] = saved.get("rows", {}) if same_settings else {}
     todo = [("fp32", None)] + [(label, bits) for bits in args.bits for label in args.rows]
     todo = [
         (label, bits)
@@ -340,14 +349,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = Settings.of(args.full, args.n_samples)
+        settings = Settings.of(args.full, args.n_samples, args.seed)
         machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_row": args.threads}
         payload = {"full": args.full, "settings": settings.__dict__, "machine": machine, "rows": results}
         args.out.write_text(json.dumps(payload, indent=2))
 
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
-            pool.submit(_run_subprocess, label, bits, args.full, args.threads, args.n_samples): (label, bits)
+            pool.submit(_run_subprocess, label, bits, args.full, args.threads, args.n_samples, args.seed): (label, bits)
             for label, bits in todo
         }
         for future, (label, bits) in futures.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from quant_core.finetune import FinetuneOptions
 from quant_core.losses import LOSSES, LossOptions
 from quant_core.methods import METHODS
 
@@ -20,7 +21,8 @@ def _summary(cls: type) -> str:
 
 
 def catalog() -> dict[str, Any]:
-    """Methods (summary, default loss, options with default and description) and losses (names, shared options)."""
+    """Methods (summary, default loss, options with default and description), losses (names, shared
+    options) and the end-to-end tuning stage's options."""
     methods = {
         name: {
             "summary": _summary(cls),
@@ -30,7 +32,11 @@ def catalog() -> dict[str, Any]:
         }
         for name, cls in METHODS.items()
     }
-    return {"methods": methods, "losses": {"names": list(LOSSES), "options": LossOptions.described()}}
+    return {
+        "methods": methods,
+        "losses": {"names": list(LOSSES), "options": LossOptions.described()},
+        "finetune": {"options": FinetuneOptions.described()},
+    }
 
 
 def _option_lines(options: dict[str, dict[str, Any]]) -> list[str]:
@@ -48,4 +54,6 @@ def format_catalog(entries: dict[str, Any]) -> str:
     lines.append("Losses (--loss NAME; options with --loss-opt NAME=VALUE, each loss reads those it uses):")
     lines.append("  " + ", ".join(entries["losses"]["names"]))
     lines += _option_lines(entries["losses"]["options"])
+    lines.append("End-to-end tuning after calibration (--finetune NAME=VALUE):")
+    lines += _option_lines(entries["finetune"]["options"])
     return "\n".join(lines)

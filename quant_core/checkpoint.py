@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
-from quant_core.methods.base import GRID_BUFFERS, layer_grid
+from quant_core.methods.base import KEPT_BUFFERS
 from quant_core.model_structure import quantizable_linears
 
 STATE_FILE = "state.safetensors"
@@ -47,16 +47,16 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
 
 def _grid_state(block: nn.Module) -> dict[str, Tensor]:
     """The quantization grids methods keep on the block's linears (not part of ``state_dict``)."""
-    state = {}
-    for name, layer in quantizable_linears(block).items():
-        grid = layer_grid(layer)
-        if grid is not None:
-            state.update({f"{name}.{buffer}": value for buffer, value in zip(GRID_BUFFERS, grid, strict=True)})
-    return state
+    return {
+        f"{name}.{buffer}": value
+        for name, layer in quantizable_linears(block).items()
+        for buffer in KEPT_BUFFERS
+        if isinstance(value := getattr(layer, buffer, None), Tensor)
+    }
 
 
 def _load_block(block: nn.Module, tensors: dict[str, Tensor]) -> None:
-    grids = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in GRID_BUFFERS}
+    grids = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] in KEPT_BUFFERS}
     block.load_state_dict({k: v for k, v in tensors.items() if k not in grids})
     for key, value in grids.items():
         module_name, buffer = key.rsplit(".", 1)

@@ -186,6 +186,14 @@ class RandomizedHadamard:
         self.factors = hadamard_factors(n, field)
         self.signs = torch.randint(0, 2, (n,), generator=generator, device=generator.device).double() * 2 - 1
 
+    @classmethod
+    def with_signs(cls, signs: Tensor, field: str = "incoherence") -> RandomizedHadamard:
+        """The rotation with these signs (as kept on a layer), without drawing."""
+        rotation = cls.__new__(cls)
+        rotation.n, rotation.factors = signs.numel(), hadamard_factors(signs.numel(), field)
+        rotation.signs = signs.detach().double()
+        return rotation
+
     def apply(self, x: Tensor) -> Tensor:
         """Each row ``v`` of ``x`` (last dimension ``n``) to ``R v``: that is, ``x @ R^T``."""
         return _kron_apply(x * self.signs.to(x), self.factors, transpose=False) / self.n**0.5

@@ -11,6 +11,7 @@ import torch
 
 from quant_core.accuracy import LmEvalSpec
 from quant_core.errors import ConfigError
+from quant_core.finetune import FinetuneOptions
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
 from quant_core.methods.base import method_class
@@ -101,6 +102,7 @@ class JobSpec:
     lazy_load: bool = False  # stream blocks from the safetensors shards: for models larger than memory
     trust_remote_code: bool = False
     export_formats: tuple[str, ...] = ("auto",)
+    finetune: Mapping[str, Any] = field(default_factory=dict)  # end-to-end tuning after calibration
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.export_formats if f not in EXPORT_FORMATS]
@@ -137,6 +139,13 @@ class JobSpec:
                 "method_options.incoherence",
             )
 
+        if self.build_finetune().enabled and (method.whole_model or self.lazy_load):
+            reason = "it cannot stream blocks" if self.lazy_load else f"{self.method} already trains the whole model"
+            raise ConfigError(
+                f"end-to-end tuning needs the whole model in memory and blockwise calibration: {reason}",
+                "finetune.epochs",
+            )
+
     @property
     def resumable(self) -> bool:
         """Whether ``run_job`` can keep per-block progress for this job: not streamed, not whole-model."""
@@ -153,6 +162,10 @@ class JobSpec:
         loss = self.build_loss()
         with registry_fields("method", "method_options"):
             return build_method(self.method, self.quant, loss, self.method_options)
+
+    def build_finetune(self) -> FinetuneOptions:
+        with registry_fields("finetune", "finetune"):
+            return FinetuneOptions.from_dict(self.finetune)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -145,6 +145,12 @@ class JobSettings(_Section):
         description="auto (pack_quantized where the format can hold the result, else fake_quant), or "
         "fake_quant (dequantized floats) and/or pack_quantized (int codes in compressed-tensors, for vLLM)",
     )
+    finetune: Annotated[dict[str, Any], Flag("--finetune", "key_value")] = Field(
+        default_factory=dict,
+        title="End-to-end tuning",
+        description="after calibration, tune step sizes and norms on the whole model's next-token "
+        'distributions (swquant methods), e.g. {"epochs": 2}; empty: none',
+    )
     seed: Annotated[int, Flag("--seed")] = Field(0, ge=0, le=2**31 - 1, description="seed of every random draw")
     dtype: Annotated[DtypeName, Flag("--dtype")] = Field(
         "float32", title="Model dtype", description="for calibration; grids, Hessians and losses stay float32"
@@ -183,6 +189,7 @@ class JobSettings(_Section):
                 dtype=self.dtype,
                 lazy_load=self.lazy_load,
                 export_formats=tuple(dict.fromkeys(self.export_formats)),
+                finetune=self.finetune,
             )
         except ConfigError as exc:
             raise ConfigError(str(exc), settings_field(exc.field)) from exc

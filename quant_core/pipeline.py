@@ -27,6 +27,7 @@ from quant_core.corpus import calibration_windows, evaluation_windows, resolve_t
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
+from quant_core.finetune import record_teacher, tune_end_to_end
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
 from quant_core.losses import Loss
@@ -217,7 +218,8 @@ def calibrate(
     hooks: JobHooks,
     checkpoint_dir: Path | None,
 ) -> Calibration:
-    """Quantize the model: block by block through the engine, or all at once for a whole-model method."""
+    """Quantize the model: block by block through the engine (then, when the job asks, end-to-end
+    tuning), or all at once for a whole-model method."""
     hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
     started = time.perf_counter()
     records: list[BlockRecord] = []
@@ -238,6 +240,11 @@ def calibrate(
         if spec.device.startswith("cuda"):
             peak_device_mb = torch.cuda.max_memory_allocated(spec.device) / 2**20
     else:
+        finetune = spec.build_finetune()
+        teacher = None
+        if finetune.enabled:  # the teacher is the model before any block is quantized
+            hooks.stage("recording the full-precision model's outputs for end-to-end tuning")
+            teacher = record_teacher(job.model, job.windows, spec.device)
         records = calibrate_blocks(
             job.model,
             job.windows,
@@ -251,6 +258,24 @@ def calibrate(
             residency=job.residency,
         )
         peak_device_mb = max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None
+        if teacher is not None:
+            hooks.stage(f"end-to-end tuning: {finetune.epochs} epochs, loss {finetune.loss}")
+            if spec.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(spec.device)
+            method_stats["finetune"] = tune_end_to_end(
+                job.model,
+                job.windows,
+                teacher,
+                finetune,
+                spec.quant.group_size,
+                device=spec.device,
+                seed=spec.seed,
+                on_stage=hooks.on_stage,
+                should_cancel=hooks.should_cancel,
+            )
+            if spec.device.startswith("cuda"):
+                tuned_mb = torch.cuda.max_memory_allocated(spec.device) / 2**20
+                peak_device_mb = max(peak_device_mb or 0.0, tuned_mb)
     written = job.residency.writer.finish(job.tokenizer) if job.residency is not None else None
     return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
 

@@ -68,9 +68,12 @@ def test_flags_override_the_config_and_join_its_options(tmp_path: Path) -> None:
         "model: {path: m}\ncalib: {n_samples: 4, seq_len: 32}\n"
         "quant: {method: OmniQuant, weight: {bit: 3, group_size: 32}, special: {epochs: 2, lwc_lr: 0.01}}\n"
     )
-    settings = _settings("--config", str(config), "--n-samples", "8", "--method-opt", "epochs=5")
+    settings = _settings(
+        "--config", str(config), "--n-samples", "8", "--method-opt", "epochs=5", "--finetune", "epochs=2"
+    )
     assert (settings.calibration.n_samples, settings.calibration.seq_len, settings.bits) == (8, 32, 3)
     assert settings.method_options["epochs"] == 5 and settings.method_options["lr"] == 0.01
+    assert settings.to_job_spec().build_finetune().epochs == 2
 
 
 @pytest.mark.parametrize(
@@ -81,6 +84,9 @@ def test_flags_override_the_config_and_join_its_options(tmp_path: Path) -> None:
         (["--lm-eval-limit", "5"], "evaluation.lm_eval.tasks"),  # a limit needs tasks
         (["--method", "gptq", "--method-opt", "bogus=1"], "method_options.bogus"),
         (["--export", "auto", "fake_quant"], "export_formats"),
+        (["--finetune", "epochs=-1"], "finetune.epochs"),
+        (["--finetune", "steps=3"], "finetune.steps"),
+        (["--method", "discquant", "--finetune", "epochs=1"], "finetune.epochs"),  # already end to end
     ],
 )
 def test_a_bad_setting_is_refused_naming_its_field(argv: list[str], field: str) -> None:

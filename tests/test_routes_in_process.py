@@ -117,6 +117,7 @@ def test_a_lightcompress_yaml_body_is_a_job_and_bad_yaml_a_clear_error(api: Api)
         ({**JOB, "calibration": {"seq_len": 2}}, "calibration"),
         ({**JOB, "method": "nope"}, "method"),
         ({**JOB, "method_options": {"bogus": 1}}, "method_options"),
+        ({**JOB, "finetune": {"epochs": "two"}}, "finetune.epochs"),
         ({**JOB, "export_formats": ["auto", "fake_quant"]}, "export_formats"),
         ({**JOB, "surprise": 1}, "surprise"),
     ],

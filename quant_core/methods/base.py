@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.errors import ConfigError
-from quant_core.incoherence import INCOHERENCE_CHOICES, LinearRotation, check_widths
+from quant_core.incoherence import INCOHERENCE_CHOICES, LinearRotation, RandomizedHadamard, check_widths
 from quant_core.losses import Loss
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
 from quant_core.options import Options, one_of
@@ -139,6 +139,11 @@ class QuantMethod:
 
 
 GRID_BUFFERS = ("quant_scale", "quant_zero")
+# A grid in QuIP's rotated basis and the rotation's signs: what end-to-end tuning needs to move the
+# step sizes of a rotated layer (quant_core.finetune). Named apart from GRID_BUFFERS so the packed
+# export never takes such a layer for one whose weights lie on a grid.
+ROTATED_GRID_BUFFERS = ("rotated_scale", "rotated_zero", "rotated_out_signs", "rotated_in_signs")
+KEPT_BUFFERS = GRID_BUFFERS + ROTATED_GRID_BUFFERS  # what a block checkpoint keeps beside the state dict
 
 
 def write_quantized(block: nn.Module, quantized: Mapping[str, tuple[Tensor, Tensor, Tensor]]) -> None:
@@ -167,8 +172,36 @@ def write_dequantized(block: nn.Module, matrices: Mapping[str, Tensor]) -> None:
         layer = layers[name]
         with torch.no_grad():
             layer.weight.copy_(stored_layout(layer, matrix))
-        for buffer in GRID_BUFFERS:
+        for buffer in KEPT_BUFFERS:
             layer._buffers.pop(buffer, None)
+
+
+RotatedGrid = tuple[Tensor, Tensor, LinearRotation]  # scale and zero (``[out, groups]``) in the rotated basis
+
+
+def write_rotated(block: nn.Module, quantized: Mapping[str, tuple[Tensor, RotatedGrid]]) -> None:
+    """Write each linear's ``U^T Q V`` (``[out, in]``) and keep the rotated grid and rotation on the layer.
+
+    The weight lies on no grid the export can pack (:func:`write_dequantized`), but its codes in the
+    rotated basis are recoverable from the kept grid, so a later stage can move the step sizes.
+    """
+    write_dequantized(block, {name: matrix for name, (matrix, _) in quantized.items()})
+    layers = quantizable_linears(block)
+    for name, (_, (scale, zero, rotation)) in quantized.items():
+        layer = layers[name]
+        values = (scale, zero, rotation.out_rotation.signs, rotation.in_rotation.signs)
+        for buffer, value in zip(ROTATED_GRID_BUFFERS, values, strict=True):
+            layer.register_buffer(buffer, value.detach().float().to(layer.weight.device), persistent=False)
+
+
+def rotated_grid(layer: nn.Module) -> RotatedGrid | None:
+    """The rotated grid :func:`write_rotated` kept on ``layer``, or None."""
+    values = [value for name in ROTATED_GRID_BUFFERS if isinstance(value := getattr(layer, name, None), Tensor)]
+    if len(values) < len(ROTATED_GRID_BUFFERS):
+        return None
+    scale, zero, out_signs, in_signs = values
+    rotation = LinearRotation(RandomizedHadamard.with_signs(out_signs), RandomizedHadamard.with_signs(in_signs))
+    return scale, zero, rotation
 
 
 def layer_grid(layer: nn.Module) -> tuple[Tensor, Tensor] | None:

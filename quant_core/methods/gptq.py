@@ -49,8 +49,8 @@ from quant_core.methods.base import (
     IncoherenceOptions,
     QuantMethod,
     register_method,
-    write_dequantized,
     write_quantized,
+    write_rotated,
 )
 from quant_core.methods.layer_inputs import input_grams, input_groups, layer_input
 from quant_core.methods.staged_pass import staged_pass
@@ -307,15 +307,15 @@ class Gptq(QuantMethod):
         )
         rows = [m.shape[0] for m in matrices]
         result.compensated.update(zip(stage, quantized.compensated.split(rows), strict=True))
+        grids = zip(quantized.weight.split(rows), quantized.scale.split(rows), quantized.zero.split(rows), strict=True)
         if self.rotates:
-            restored = {
-                name: r.restore(q).to(layers[name].weight.dtype)
-                for name, r, q in zip(stage, rotations, quantized.weight.split(rows), strict=True)
-            }
-            write_dequantized(block, restored)
-        else:
-            parts = zip(
-                quantized.weight.split(rows), quantized.scale.split(rows), quantized.zero.split(rows), strict=True
+            write_rotated(
+                block,
+                {
+                    name: (r.restore(q).to(layers[name].weight.dtype), (scale, zero, r))
+                    for name, r, (q, scale, zero) in zip(stage, rotations, grids, strict=True)
+                },
             )
-            write_quantized(block, dict(zip(stage, parts, strict=True)))
+        else:
+            write_quantized(block, dict(zip(stage, grids, strict=True)))
         result.errors["+".join(stage)] = quantized.error

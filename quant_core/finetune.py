@@ -1,0 +1,262 @@
+"""End-to-end tuning after blockwise calibration: the whole model's next-token distributions.
+
+Every blockwise method fits one block's output at a time. The errors each leaves add up through
+the depth of the model, and none of them looks at what a user samples from, the next-token
+distribution. This stage runs after the blocks are quantized, keeps every weight's integer code
+fixed, and trains what is cheap and safe to move against the full-precision model's distributions
+on the calibration windows:
+
+- the step size of every group of every linear that lies on a grid (the end-to-end stage of
+  EfficientQAT, Chen et al. 2024, "E2E-QP"), as ``scale * exp(theta)``: the learning rate is then
+  relative, one setting for layers whose scales differ by orders of magnitude, and a step never
+  turns a scale negative;
+- every normalization weight (as NormTweaking, but for the whole model at once).
+
+The codes never change, so a grid layer stays exactly on its (new) grid and the packed export
+writes the tuned scales. A linear quantized in QuIP's rotated basis (GPTQ with ``incoherence:
+hadamard``) keeps its rotated grid and rotation (``write_rotated``), and its step sizes move in that
+basis; a linear with neither (round-to-nearest or DiscQuant in the rotated basis) keeps its weight,
+and only the norms around it move.
+
+The teacher is the full-precision model itself, run once over the windows before calibration: its
+last hidden states (small: windows x tokens x hidden) are kept, and its logits are recomputed from
+them through the output layer, which no method quantizes. A model whose logits are not that layer
+applied to its last hidden state (logit soft-capping) is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from quant_core.errors import CancelledError, ConfigError
+from quant_core.incoherence import LinearRotation
+from quant_core.loss_base import ModelOutputs
+from quant_core.losses import Loss, build_loss
+from quant_core.methods.base import layer_grid, rotated_grid, write_quantized, write_rotated
+from quant_core.methods.normtweaking import norm_parameters
+from quant_core.methods.training import cosine_with_warmup
+from quant_core.model_structure import (
+    LinearLike,
+    find_decoder_blocks,
+    quantizable_linears,
+    stored_layout,
+    weight_matrix,
+)
+from quant_core.options import Count, Options, PositiveCount, PositiveNumber, one_of
+from quant_core.progress import PhaseProgress
+from quant_core.quantizer import group_columns, ungroup_columns
+
+MODEL_LOSSES = ("kd", "kd_sw")  # losses whose model_objective compares next-token distributions
+
+
+class FinetuneOptions(Options):
+    """The stage's settings; ``epochs: 0`` (the default) skips it."""
+
+    what = "finetune option"
+
+    epochs: Count = Field(0, description="passes over the calibration windows; 0 skips end-to-end tuning")
+    lr: PositiveNumber = Field(1e-3, description="learning rate of the log step sizes (relative change per step)")
+    norm_lr: PositiveNumber = Field(1e-4, description="learning rate of the normalization weights")
+    batch_size: PositiveCount = Field(1, description="windows per optimizer step")
+    loss: Annotated[str, one_of(*MODEL_LOSSES)] = Field(
+        "kd", description="kd: KL divergence of the next-token distributions; kd_sw adds SW on the last hidden states"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.epochs > 0
+
+    def build_loss(self, seed: int) -> Loss:
+        return build_loss(self.loss, seed=seed)
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """The layer that turns the last hidden state into logits (transformers' output embeddings)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        raise ConfigError("end-to-end tuning needs the model's output layer (get_output_embeddings)", "finetune")
+    return head
+
+
+@torch.no_grad()
+def record_teacher(model: nn.Module, windows: Tensor, device: str, batch_size: int = 4) -> Tensor:
+    """Run the full-precision model over ``windows`` once; its last hidden states, ``[n, seq, hidden]`` on CPU.
+
+    Checks on the first batch that the output layer applied to them gives the model's logits, since
+    training recomputes the teacher's logits that way.
+    """
+    nn.Module.to(model, device)
+    head = output_layer(model)
+    kept = []
+    try:
+        for index, batch in enumerate(windows.split(batch_size)):
+            out = model(input_ids=batch.to(device), use_cache=False, output_hidden_states=True)
+            last = out.hidden_states[-1]
+            if index == 0 and not torch.allclose(head(last[:1]).float(), out.logits[:1].float(), atol=1e-3, rtol=1e-3):
+                raise ConfigError(
+                    "end-to-end tuning: this model's logits are not its output layer applied to its last hidden "
+                    "state (soft-capping or scaling), so the teacher cannot be recomputed; set finetune.epochs: 0",
+                    "finetune.epochs",
+                )
+            kept.append(last.cpu())
+    finally:
+        nn.Module.to(model, "cpu")
+    return torch.cat(kept)
+
+
+class GridScales:
+    """A linear whose weight is ``(codes - zero) * scale * exp(theta)``, codes and zero fixed.
+
+    For a layer quantized in QuIP's rotated basis the grid is the rotated one and the weight is
+    ``U^T [(codes - zero) * scale * exp(theta)] V``.
+    """
+
+    def __init__(self, layer: LinearLike, group_size: int | None) -> None:
+        weight = weight_matrix(layer).detach().float()
+        plain, rotated = layer_grid(layer), rotated_grid(layer)
+        self.rotation: LinearRotation | None = None
+        if plain is not None:
+            scale, zero = plain
+        else:
+            assert rotated is not None
+            scale, zero, self.rotation = rotated
+            weight = self.rotation.rotate(weight)
+        self.scale, self.zero = scale.float()[..., None], zero.float()[..., None]
+        self.layer, self.in_features, self.group_size = layer, weight.shape[1], group_size
+        # codes - zero; exact for a layer on its grid, and for a rotated one up to round-off far below half a step
+        self.offsets = torch.round(group_columns(weight, group_size) / self.scale)
+        self.theta = torch.zeros_like(self.scale, requires_grad=True)
+        self.stored: Tensor = layer.weight
+        del layer.weight  # a plain tensor attribute now: the weight is recomputed from theta every step
+
+    @staticmethod
+    def tunable(layer: nn.Module) -> bool:
+        return layer_grid(layer) is not None or rotated_grid(layer) is not None
+
+    def matrix(self) -> Tensor:
+        """``[out, in]`` weight at the current step sizes, in the layer's own basis."""
+        matrix = ungroup_columns(self.offsets * (self.scale * self.theta.exp()), self.in_features)
+        return matrix if self.rotation is None else self.rotation.restore(matrix)
+
+    def attach(self) -> None:
+        self.layer.weight = stored_layout(self.layer, self.matrix()).to(self.stored.dtype)
+
+    def restore(self, block: nn.Module, name: str) -> None:
+        """Put the weight parameter back and write the tuned weight and grid into it."""
+        del self.layer.weight
+        self.layer.weight = self.stored
+        with torch.no_grad():
+            matrix = self.matrix().to(self.stored.dtype)
+            scale, zero = (self.scale * self.theta.exp()).squeeze(-1), self.zero.squeeze(-1)
+            if self.rotation is None:
+                write_quantized(block, {name: (matrix, scale, zero)})
+            else:
+                write_rotated(block, {name: (matrix, (scale, zero, self.rotation))})
+
+
+def _tunable(
+    model: nn.Module, group_size: int | None
+) -> tuple[list[tuple[nn.Module, str, GridScales]], list[nn.Parameter]]:
+    """Every linear with a grid (by block and name) and every normalization weight of the model."""
+    grids = [
+        (block, name, GridScales(layer, group_size))
+        for block in find_decoder_blocks(model)
+        for name, layer in quantizable_linears(block).items()
+        if GridScales.tunable(layer)
+    ]
+    norms = list({id(p): p for p in norm_parameters(model).values()}.values())
+    return grids, norms
+
+
+def tune_end_to_end(
+    model: nn.Module,
+    windows: Tensor,
+    teacher: Tensor,
+    options: FinetuneOptions,
+    group_size: int | None,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    on_stage: Callable[[str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Train step sizes and norms of the quantized ``model`` to match the full-precision last hidden
+    states ``teacher`` (:func:`record_teacher`) and the logits they give; codes stay fixed.
+
+    Returns the report's statistics: what was trained, the loss before the first and after the last
+    step (mean per epoch), and the time per step.
+    """
+    loss_fn = options.build_loss(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval().requires_grad_(False)
+    nn.Module.to(model, device)
+    grids, norms = _tunable(model, group_size)
+    head = output_layer(model)
+    for norm in norms:
+        norm.requires_grad_(True)
+    groups = [{"params": norms, "lr": options.norm_lr}] if norms else []
+    if grids:
+        groups.append({"params": [g.theta for _, _, g in grids], "lr": options.lr})
+    if not groups:
+        nn.Module.to(model, "cpu")
+        return {"skipped": "nothing to tune: no grid linear and no normalization weight"}
+    optimizer = torch.optim.Adam(groups)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    per_epoch = math.ceil(windows.shape[0] / options.batch_size)
+    steps = options.epochs * per_epoch
+    progress = PhaseProgress("end-to-end tuning", steps, "steps", on_stage or (lambda _: None))
+    epoch_losses: list[float] = []
+    started = time.perf_counter()
+    try:
+        for epoch in range(options.epochs):
+            total = 0.0
+            order = torch.randperm(windows.shape[0], generator=generator)
+            for batch, idx in enumerate(order.split(options.batch_size)):
+                step = epoch * per_epoch + batch
+                if should_cancel is not None and should_cancel():
+                    raise CancelledError(f"cancelled at end-to-end tuning step {step} of {steps}")
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * cosine_with_warmup(step, 0, steps)
+                for _, _, grid in grids:
+                    grid.attach()
+                out = model(input_ids=windows[idx].to(device), use_cache=False, output_hidden_states=True)
+                target_hidden = teacher[idx].to(device)
+                with torch.no_grad():
+                    target_logits = head(target_hidden)
+                loss = loss_fn.model_objective(
+                    ModelOutputs(out.logits, out.hidden_states[-1]), ModelOutputs(target_logits, target_hidden)
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"end-to-end tuning: the loss became {loss.item()} at step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item()
+                progress.advance(step + 1)
+            epoch_losses.append(total / per_epoch)
+            if on_stage is not None:
+                mean = epoch_losses[-1]
+                on_stage(f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {mean:.4g}")
+    finally:
+        for block, name, grid in grids:
+            grid.restore(block, name)
+        for norm in norms:
+            norm.requires_grad_(False)
+        nn.Module.to(model, "cpu")
+    return {
+        "loss": loss_fn.name,
+        "epochs": options.epochs,
+        "steps": steps,
+        "grid_linears": len(grids),
+        "norm_tensors": len(norms),
+        "epoch_losses": epoch_losses,
+        "seconds_per_step": (time.perf_counter() - started) / max(steps, 1),
+    }

@@ -1,0 +1,185 @@
+"""End-to-end tuning after blockwise calibration (quant_core.finetune): codes fixed, step sizes and norms trained."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from quant_core.engine import calibrate_blocks
+from quant_core.errors import ConfigError
+from quant_core.finetune import FinetuneOptions, output_layer, record_teacher, tune_end_to_end
+from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.losses import build_loss
+from quant_core.methods import build_method
+from quant_core.methods.base import layer_grid, rotated_grid
+from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
+from quant_core.pipeline import JobHooks, run_job
+from quant_core.quantizer import QuantSpec, group_columns
+from tests.tiny_models import VOCAB, build_model
+
+SPEC = QuantSpec(3, False, 32)
+
+
+def _windows(count: int = 4, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (count, seq), generator=torch.Generator().manual_seed(0))
+
+
+def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each grid linear's integer codes, read back from its weight and grid."""
+    codes = {}
+    for index, block in enumerate(find_decoder_blocks(model)):
+        for name, layer in quantizable_linears(block).items():
+            grid = layer_grid(layer)
+            assert grid is not None
+            scale, zero = (t[..., None] for t in grid)
+            codes[f"{index}.{name}"] = torch.round(group_columns(weight_matrix(layer).detach(), 32) / scale) + zero
+    return codes
+
+
+def _naive_kl(teacher: nn.Module, student: nn.Module, windows: torch.Tensor) -> float:
+    """Mean over tokens of sum_v p log(p / q), in float64, one window at a time."""
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            p = torch.softmax(teacher(window[None]).logits.double(), -1)
+            q = torch.softmax(student(window[None]).logits.double(), -1)
+            total += float((p * (p.log() - q.log())).sum())
+            tokens += window.numel()
+    return total / tokens
+
+
+def _quantized_rtn(windows: torch.Tensor) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The float model, an RTN copy of it with grids on its layers, and the float model's recorded states."""
+    reference = build_model("llama")
+    model = copy.deepcopy(reference)
+    teacher = record_teacher(model, windows, "cpu")
+    calibrate_blocks(model, windows, build_method("rtn", SPEC, build_loss("mse")), build_loss("mse"))
+    return reference, model, teacher
+
+
+def test_recorded_states_give_back_the_full_precision_logits_through_the_output_layer() -> None:
+    model, windows = build_model("llama"), _windows()
+    hidden = record_teacher(model, windows, "cpu", batch_size=3)
+    with torch.no_grad():
+        expected = model(windows).logits
+        torch.testing.assert_close(output_layer(model)(hidden), expected, rtol=0, atol=1e-5)
+
+
+def test_a_model_whose_logits_are_not_its_output_layer_is_refused() -> None:
+    model = build_model("llama")
+
+    def scale_logits(module: nn.Module, args: object, output: object) -> object:
+        output.logits = 0.5 * output.logits  # type: ignore[attr-defined]  # as Cohere's logit_scale
+        return output
+
+    model.register_forward_hook(scale_logits)
+    with pytest.raises(ConfigError, match="output layer") as caught:
+        record_teacher(model, _windows(), "cpu")
+    assert caught.value.field == "finetune.epochs"
+
+
+def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision() -> None:
+    windows = _windows()
+    reference, model, teacher = _quantized_rtn(windows)
+    codes_before = _codes(model)
+    grids_before = {k: [t.clone() for t in layer_grid(m)] for k, m in model.named_modules() if layer_grid(m)}
+    norms_before = {k: p.detach().clone() for k, p in model.named_parameters() if "norm" in k}
+    kl_before = _naive_kl(reference, model, windows)
+
+    stats = tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2), 32)
+
+    assert stats["steps"] == 8 and len(stats["epoch_losses"]) == 4 and stats["grid_linears"] == 14
+    codes_after = _codes(model)
+    for name, codes in codes_before.items():
+        assert torch.equal(codes_after[name], codes), name
+    for name, (_, zero) in grids_before.items():
+        new_scale, new_zero = layer_grid(model.get_submodule(name))
+        assert torch.equal(new_zero, zero) and (new_scale > 0).all(), name
+    assert any(not torch.equal(layer_grid(model.get_submodule(k))[0], v[0]) for k, v in grids_before.items())
+    assert any(not torch.equal(p, norms_before[k]) for k, p in model.named_parameters() if "norm" in k)
+    linears = [layer for block in find_decoder_blocks(model) for layer in quantizable_linears(block).values()]
+    assert all(isinstance(layer.weight, nn.Parameter) for layer in linears)
+    assert not any(p.requires_grad for p in model.parameters())
+    # Each weight is exactly its fixed code times its new step size (float32 round-off).
+    for layer in linears:
+        scale, zero = (t[..., None] for t in layer_grid(layer))
+        grouped = group_columns(weight_matrix(layer).detach(), 32)
+        torch.testing.assert_close(grouped, (torch.round(grouped / scale + zero) - zero) * scale, rtol=1e-6, atol=0)
+    assert _naive_kl(reference, model, windows) < 0.9 * kl_before
+
+
+def test_rotated_layers_keep_their_rotated_codes_and_move_their_step_sizes() -> None:
+    windows = _windows()
+    reference = build_model("llama")
+    model = copy.deepcopy(reference)
+    teacher = record_teacher(model, windows, "cpu")
+    gptq = build_method("gptq", SPEC, build_loss("mse"), {"incoherence": "hadamard"})
+    calibrate_blocks(model, windows, gptq, build_loss("mse"))
+    linears = [layer for block in find_decoder_blocks(model) for layer in quantizable_linears(block).values()]
+    assert all(layer_grid(layer) is None and rotated_grid(layer) is not None for layer in linears)
+
+    def rotated_codes() -> list[torch.Tensor]:
+        codes = []
+        for layer in linears:
+            scale, zero, rotation = rotated_grid(layer)
+            rotated = group_columns(rotation.rotate(weight_matrix(layer).detach()), 32)
+            codes.append(torch.round(rotated / scale[..., None]) + zero[..., None])
+        return codes
+
+    before, scales_before = rotated_codes(), [rotated_grid(layer)[0].clone() for layer in linears]
+    kl_before = _naive_kl(reference, model, windows)
+    tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2), 32)
+
+    assert all(torch.equal(a, b) for a, b in zip(rotated_codes(), before, strict=True))
+    assert any(not torch.equal(rotated_grid(layer)[0], s) for layer, s in zip(linears, scales_before, strict=True))
+    for layer in linears:  # U^T [(codes - zero) * scale] V, computed with dense rotation matrices
+        scale, _, rotation = rotated_grid(layer)
+        u, v = rotation.out_rotation.matrix(torch.float32), rotation.in_rotation.matrix(torch.float32)
+        offsets = torch.round(group_columns(u @ weight_matrix(layer).detach() @ v.T, 32) / scale[..., None])
+        expected = u.T @ (offsets * scale[..., None]).reshape(offsets.shape[0], -1) @ v
+        torch.testing.assert_close(weight_matrix(layer).detach(), expected, rtol=0, atol=1e-5)
+    assert _naive_kl(reference, model, windows) < 0.9 * kl_before
+
+
+def test_zero_epochs_is_the_default_and_the_job_refuses_what_it_cannot_tune() -> None:
+    assert not FinetuneOptions().enabled
+    base = {"model": "unused", "quant": SPEC, "calib": CalibSpec(n_samples=2, seq_len=16)}
+    cases = [
+        ({"method": "rtn", "finetune": {"epochs": 1}, "lazy_load": True}, "finetune.epochs", "stream"),
+        ({"method": "discquant", "finetune": {"epochs": 1}}, "finetune.epochs", "whole model"),
+        ({"method": "rtn", "finetune": {"epoch": 1}}, "finetune.epoch", "Unknown finetune option"),
+        ({"method": "rtn", "finetune": {"epochs": -1}}, "finetune.epochs", "greater than or equal to 0"),
+        ({"method": "rtn", "finetune": {"loss": "mse"}}, "finetune.loss", "kd"),
+        ({"method": "rtn", "finetune": {"lr": True}}, "finetune.lr", "finite number"),
+    ]
+    for extra, field, words in cases:
+        with pytest.raises(ConfigError, match=words) as caught:
+            JobSpec(**base, **extra)
+        assert caught.value.field == field, extra
+
+
+def test_a_tuned_job_reports_the_stage_and_packs_the_tuned_scales(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = JobSpec(
+        model=str(tiny_llama_dir),
+        quant=SPEC,
+        method="rtn",
+        calib=CalibSpec(n_samples=3, seq_len=32),
+        eval=EvalSpec(max_windows=2),
+        export_formats=("fake_quant", "pack_quantized"),
+        finetune={"epochs": 2, "lr": 1e-2, "loss": "kd_sw"},
+    )
+    stages: list[str] = []
+    report = run_job(spec, tmp_path, JobHooks(on_stage=stages.append))
+    tuned = report.method_stats["finetune"]
+    assert tuned["steps"] == 6 and tuned["loss"] == "kd_sw" and len(tuned["epoch_losses"]) == 2
+    assert any(stage.startswith("end-to-end tuning: epoch 2/2") for stage in stages)
+    ids = _windows(1, 8)
+    with torch.no_grad():
+        fake = AutoModelForCausalLM.from_pretrained(tmp_path / "model")(ids).logits
+        packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")(ids).logits
+    torch.testing.assert_close(packed, fake, rtol=0, atol=1e-5 * fake.abs().max().item())
