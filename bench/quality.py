@@ -9,7 +9,12 @@ The default settings fit two CPU cores in under an hour (16 x 512 calibration wi
 evaluation windows per text, about one epoch of training, AWQ's search on 4 windows);
 ``--full`` uses 128 x 512 calibration windows and each method's published schedule (GPU scale).
 
-    python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh]
+    python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh] [--seed 0]
+
+``--seed`` draws other calibration windows (and the methods' random choices): a row's spread over
+seeds is what a difference between rows must exceed. Rows ending in ``+e2e`` add end-to-end tuning
+after the blocks (quant_core.finetune): the full-precision model's last hidden states are recorded
+before calibration, and step sizes and norms are then trained on the next-token distributions.
 
 The DiscQuant rows (``greedy``, ``discquant``, ``discquant+quip``, ``discquant kd_sw``) train the
 whole model against itself and are not in the default set; at CPU scale they see 64 windows (four
@@ -81,6 +86,9 @@ _DISCQ_QUICK = {"init": "orig", "n_samples": 64, "batch_size": 1, "grad_accum": 
 # Their published schedule: 1024 steps of 8 windows from random x (needs 8192 windows and a GPU).
 _DISCQ_FULL = {"init": "rand", "n_samples": 8192, "grad_accum": 8, "grad_checkpoint": True}
 _KD_SW_WEIGHTS = {"hybrid_weights": {"base": 1.0, "sw": 0.5}}  # SW term about a quarter of KD at W3 RTN
+_GPTQ_CLIP = {"clip_search": True}
+_GPTQ_QUIP_CLIP = {"incoherence": "hadamard", "clip_search": True}
+_E2E = {"epochs": 2}  # end-to-end tuning after the blocks, at the stage's default learning rates
 ROWS = {
     row.label: row
     for row in (
@@ -92,8 +100,13 @@ ROWS = {
         Row("awq", "awq", "mse", _AWQ_QUICK),
         Row("awq+sw", "awq", "mse_sw", _AWQ_QUICK),
         Row("rtn clip", "rtn", "mse", {"clip_search": True}, {"clip_search": True}),
-        Row("gptq clip", "gptq", "mse", {"clip_search": True}, {"clip_search": True}),
-        Row("gptq+quip clip", "gptq", "mse", {"incoherence": "hadamard", "clip_search": True}),
+        Row("gptq clip", "gptq", "mse", _GPTQ_CLIP, _GPTQ_CLIP),
+        Row("gptq+quip clip", "gptq", "mse", _GPTQ_QUIP_CLIP),
+        Row("gptq clip+e2e", "gptq", "mse", _GPTQ_CLIP, finetune=_E2E),
+        Row("gptq+quip clip+e2e", "gptq", "mse", _GPTQ_QUIP_CLIP, finetune=_E2E),
+        Row("gptq+quip clip+e2e kd_sw", "gptq", "mse", _GPTQ_QUIP_CLIP, finetune={**_E2E, "loss": "kd_sw"}),
+        Row("gptq+quip clip+e2e 1 epoch", "gptq", "mse", _GPTQ_QUIP_CLIP, finetune={"epochs": 1}),
+        Row("gptq+quip clip+e2e 4 epochs", "gptq", "mse", _GPTQ_QUIP_CLIP, finetune={"epochs": 4}),
         Row("omniquant mse", "omniquant", "mse", {}, _OMNI_FULL),
         Row("omniquant mse_sw", "omniquant", "mse_sw", {}, _OMNI_FULL),
         Row("gptq clip one-pass", "gptq", "mse", {"clip_search": True, "true_sequential": False}),
@@ -102,6 +115,7 @@ ROWS = {
         Row("gptq clip+normtweak dist", "normtweaking", "dist", _NORM_CLIP),
         Row("gptq clip+normtweak mse_sw", "normtweaking", "mse_sw", _NORM_CLIP),
         Row("gptq+quip clip+normtweak mse_sw", "normtweaking", "mse_sw", _NORM_QUIP_CLIP),
+        Row("gptq+quip clip+normtweak mse_sw+e2e", "normtweaking", "mse_sw", _NORM_QUIP_CLIP, finetune=_E2E),
         Row("omniquant mse_sw 16 steps", "omniquant", "mse_sw", {"steps": 16}),
         Row("omniquant mse_sw 256 steps", "omniquant", "mse_sw", {"steps": 256}),
         Row("omniquant mse_sw paper lr 256 steps", "omniquant", "mse_sw", {"steps": 256, "schedule": "paper"}),
@@ -154,6 +168,15 @@ BUDGET_ROWS = (
     "tesseraq gptq l2_sw 8x16",
     "gptq clip+normtweak mse_sw 4 epochs",
 )
+# End-to-end tuning on top of the best blockwise rows (quant_core.finetune).
+E2E_ROWS = (
+    "gptq clip+e2e",
+    "gptq+quip clip+e2e",
+    "gptq+quip clip+e2e kd_sw",
+    "gptq+quip clip+e2e 1 epoch",
+    "gptq+quip clip+e2e 4 epochs",
+    "gptq+quip clip+normtweak mse_sw+e2e",
+)
 OPT_IN_ROWS = (
     "gptq natural-order",
     "rtn+quip",
@@ -164,6 +187,7 @@ OPT_IN_ROWS = (
     "gptq+quip clip+normtweak mse_sw",
     *BUDGET_ROWS,
     *WHOLE_MODEL_ROWS,
+    *E2E_ROWS,
 )
 DEFAULT_ROWS = [label for label in ROWS if label not in OPT_IN_ROWS]
 PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")

@@ -41,7 +41,7 @@ from quant_core.loss_base import ModelOutputs
 from quant_core.losses import Loss, build_loss
 from quant_core.methods.base import layer_grid, rotated_grid, write_quantized, write_rotated
 from quant_core.methods.normtweaking import norm_parameters
-from quant_core.methods.training import cosine_with_warmup
+from quant_core.methods.training import cosine_with_warmup, gradient_shares
 from quant_core.model_structure import (
     LinearLike,
     find_decoder_blocks,
@@ -57,13 +57,19 @@ MODEL_LOSSES = ("kd", "kd_sw")  # losses whose model_objective compares next-tok
 
 
 class FinetuneOptions(Options):
-    """The stage's settings; ``epochs: 0`` (the default) skips it."""
+    """The stage's settings; ``epochs: 0`` (the default) skips it.
+
+    The learning rates were chosen on held-out windows of the calibration text, never on an
+    evaluation text: on SmolLM2-135M at W3 g64 (GPTQ+QuIP with clipping, 16 windows, 2 epochs)
+    the held-out perplexity went from 42.91 to 39.22 at ``lr`` 1e-3, 38.79 at 3e-3 and 43.65 at
+    1e-2 (``norm_lr`` a tenth of ``lr`` each time): 1e-2 overshoots.
+    """
 
     what = "finetune option"
 
     epochs: Count = Field(0, description="passes over the calibration windows; 0 skips end-to-end tuning")
-    lr: PositiveNumber = Field(1e-3, description="learning rate of the log step sizes (relative change per step)")
-    norm_lr: PositiveNumber = Field(1e-4, description="learning rate of the normalization weights")
+    lr: PositiveNumber = Field(3e-3, description="learning rate of the log step sizes (relative change per step)")
+    norm_lr: PositiveNumber = Field(3e-4, description="learning rate of the normalization weights")
     batch_size: PositiveCount = Field(1, description="windows per optimizer step")
     loss: Annotated[str, one_of(*MODEL_LOSSES)] = Field(
         "kd", description="kd: KL divergence of the next-token distributions; kd_sw adds SW on the last hidden states"
@@ -214,6 +220,8 @@ def tune_end_to_end(
     steps = options.epochs * per_epoch
     progress = PhaseProgress("end-to-end tuning", steps, "steps", on_stage or (lambda _: None))
     epoch_losses: list[float] = []
+    shares: dict[str, dict[str, float]] = {}  # each loss term's share of the gradient, first and last step
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
     started = time.perf_counter()
     try:
         for epoch in range(options.epochs):
@@ -231,12 +239,16 @@ def tune_end_to_end(
                 target_hidden = teacher[idx].to(device)
                 with torch.no_grad():
                     target_logits = head(target_hidden)
-                loss = loss_fn.model_objective(
+                terms = loss_fn.model_terms(
                     ModelOutputs(out.logits, out.hidden_states[-1]), ModelOutputs(target_logits, target_hidden)
                 )
+                loss = sum(terms.values())
+                assert isinstance(loss, Tensor)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"end-to-end tuning: the loss became {loss.item()} at step {step}")
                 optimizer.zero_grad(set_to_none=True)
+                if len(terms) > 1 and step in (0, steps - 1):
+                    shares["first" if step == 0 else "last"] = gradient_shares(terms, trained)
                 loss.backward()
                 optimizer.step()
                 total += loss.item()
@@ -258,5 +270,6 @@ def tune_end_to_end(
         "grid_linears": len(grids),
         "norm_tensors": len(norms),
         "epoch_losses": epoch_losses,
+        **({"gradient_share": shares} if shares else {}),
         "seconds_per_step": (time.perf_counter() - started) / max(steps, 1),
     }

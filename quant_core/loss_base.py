@@ -60,5 +60,9 @@ class Loss:
         """The loss between two whole models' outputs: by default, on their next-token logits."""
         return self(student.logits, teacher.logits)
 
+    def model_terms(self, student: ModelOutputs, teacher: ModelOutputs) -> dict[str, Tensor]:
+        """:meth:`model_objective` as its weighted terms, which sum to it: one term by default."""
+        return {self.name: self.model_objective(student, teacher)}
+
     def reseed(self, seed: int) -> None:
         """Deterministic losses have nothing to reseed."""

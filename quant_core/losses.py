@@ -217,8 +217,14 @@ class HybridLoss(Loss):
 
     def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
         """The base loss on the logits plus the weighted SW term on the final hidden states."""
-        base = self.base.model_objective(student, teacher)
-        return self.base_weight * base + self.sw_weight * self.sw.model_objective(student, teacher)
+        terms = self.model_terms(student, teacher)
+        return terms["base"] + terms["sw"]
+
+    def model_terms(self, student: ModelOutputs, teacher: ModelOutputs) -> dict[str, Tensor]:
+        return {
+            "base": self.base_weight * self.base.model_objective(student, teacher),
+            "sw": self.sw_weight * self.sw.model_objective(student, teacher),
+        }
 
     def reseed(self, seed: int) -> None:
         self.sw.reseed(seed)

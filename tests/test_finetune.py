@@ -177,6 +177,8 @@ def test_a_tuned_job_reports_the_stage_and_packs_the_tuned_scales(tiny_llama_dir
     report = run_job(spec, tmp_path, JobHooks(on_stage=stages.append))
     tuned = report.method_stats["finetune"]
     assert tuned["steps"] == 6 and tuned["loss"] == "kd_sw" and len(tuned["epoch_losses"]) == 2
+    for shares in tuned["gradient_share"].values():  # how much of the gradient the SW term gives, first and last step
+        assert set(shares) == {"base", "sw"} and 0 < shares["sw"] < 1 and sum(shares.values()) == pytest.approx(1)
     assert any(stage.startswith("end-to-end tuning: epoch 2/2") for stage in stages)
     ids = _windows(1, 8)
     with torch.no_grad():

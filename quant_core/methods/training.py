@@ -56,7 +56,8 @@ class TrainLog:
     gradient_share: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[str, float]:
+def gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[str, float]:
+    """Each term's gradient norm over ``params`` divided by the sum of the terms' norms."""
     norms = {}
     for name, term in terms.items():
         grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
@@ -113,7 +114,7 @@ def train_parameters(
             raise FloatingPointError(f"{label}: the loss became {loss.item()} in block {data.index}")
         optimizer.zero_grad(set_to_none=True)
         if len(terms) > 1 and step in (0, steps - 1):
-            log.gradient_share["first" if step == 0 else "last"] = _gradient_shares(terms, params)
+            log.gradient_share["first" if step == 0 else "last"] = gradient_shares(terms, params)
         loss.backward()
         optimizer.step()
         total += loss.item() * idx.numel()
