@@ -41,7 +41,7 @@ from quant_core.loss_base import ModelOutputs
 from quant_core.losses import Loss, build_loss
 from quant_core.methods.base import layer_grid, rotated_grid, write_quantized, write_rotated
 from quant_core.methods.normtweaking import norm_parameters
-from quant_core.methods.training import cosine_with_warmup, gradient_shares
+from quant_core.methods.training import cosine_with_warmup, take_step
 from quant_core.model_structure import (
     LinearLike,
     find_decoder_blocks,
@@ -242,16 +242,7 @@ def tune_end_to_end(
                 terms = loss_fn.model_terms(
                     ModelOutputs(out.logits, out.hidden_states[-1]), ModelOutputs(target_logits, target_hidden)
                 )
-                loss = sum(terms.values())
-                assert isinstance(loss, Tensor)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"end-to-end tuning: the loss became {loss.item()} at step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                if len(terms) > 1 and step in (0, steps - 1):
-                    shares["first" if step == 0 else "last"] = gradient_shares(terms, trained)
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
+                total += take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
                 progress.advance(step + 1)
             epoch_losses.append(total / per_epoch)
             if on_stage is not None:

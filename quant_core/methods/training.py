@@ -56,7 +56,7 @@ class TrainLog:
     gradient_share: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[str, float]:
+def _gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[str, float]:
     """Each term's gradient norm over ``params`` divided by the sum of the terms' norms."""
     norms = {}
     for name, term in terms.items():
@@ -64,6 +64,33 @@ def gradient_shares(terms: Mapping[str, Tensor], params: list[Tensor]) -> dict[s
         norms[name] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
     total = sum(norms.values())
     return {name: norm / total if total > 0 else 0.0 for name, norm in norms.items()}
+
+
+def take_step(
+    terms: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    position: tuple[int, int],
+    shares: dict[str, dict[str, float]],
+    where: str,
+) -> float:
+    """One optimizer step on the sum of the loss ``terms``; returns the loss.
+
+    A non-finite loss stops the run (naming ``where``) before it can write NaN into the weights. At
+    the first and last of ``position = (step, steps)`` each term's share of the gradient is recorded
+    in ``shares`` (a hybrid loss only).
+    """
+    loss = sum(terms.values())
+    assert isinstance(loss, Tensor)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: the loss became {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    step, steps = position
+    if len(terms) > 1 and step in (0, steps - 1):
+        shares["first" if step == 0 else "last"] = _gradient_shares(terms, params)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def train_parameters(
@@ -108,16 +135,8 @@ def train_parameters(
                 {site: torch.cat(out) for site, out in site_outputs.items()},
                 {site: t[idx] for site, t in data.site_targets.items()},
             )
-        loss = sum(terms.values())
-        assert isinstance(loss, Tensor)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{label}: the loss became {loss.item()} in block {data.index}")
-        optimizer.zero_grad(set_to_none=True)
-        if len(terms) > 1 and step in (0, steps - 1):
-            log.gradient_share["first" if step == 0 else "last"] = gradient_shares(terms, params)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * idx.numel()
+        loss = take_step(terms, optimizer, params, (step, steps), log.gradient_share, f"{label} in block {data.index}")
+        total += loss * idx.numel()
         seen += idx.numel()
         if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
             log.epoch_losses.append(total / seen)
