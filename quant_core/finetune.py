@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.incoherence import LinearRotation
+from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.loss_base import ModelOutputs
 from quant_core.losses import Loss, build_loss
 from quant_core.methods.base import layer_grid, rotated_grid, write_quantized, write_rotated
@@ -150,7 +150,7 @@ class GridScales:
     def matrix(self) -> Tensor:
         """``[out, in]`` weight at the current step sizes, in the layer's own basis."""
         matrix = ungroup_columns(self.offsets * (self.scale * self.theta.exp()), self.in_features)
-        return matrix if self.rotation is None else self.rotation.restore(matrix)
+        return matrix if self.rotation is None else restore_rotation(matrix, self.rotation)
 
     def attach(self) -> None:
         self.layer.weight = stored_layout(self.layer, self.matrix()).to(self.stored.dtype)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import cache
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -229,6 +230,26 @@ class LinearRotation:
     def rotate_hessian(self, hessian: Tensor) -> Tensor:
         """``V H V^T``: the Hessian of the rotated layer's input ``V x``."""
         return rotate_hessian(hessian, self.in_rotation)
+
+
+class _Restore(torch.autograd.Function):
+    """``U^T M V`` whose gradient is ``U G V^T`` (the rotations are orthogonal): nothing is kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, matrix: Tensor, rotation: LinearRotation) -> Tensor:
+        ctx.rotation = rotation
+        return rotation.restore(matrix)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return ctx.rotation.rotate(grad), None
+
+
+def restore_rotation(matrix: Tensor, rotation: LinearRotation) -> Tensor:
+    """:meth:`LinearRotation.restore` for a trained matrix: autograd would keep each Hadamard
+    factor's input for backward (several copies of every weight); the transpose rotation needs none."""
+    restored: Tensor = _Restore.apply(matrix, rotation)  # type: ignore[no-untyped-call]
+    return restored
 
 
 def rotate_hessian(hessian: Tensor, in_rotation: RandomizedHadamard) -> Tensor:

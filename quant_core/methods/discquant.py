@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.incoherence import LinearRotation
+from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.losses import ModelOutputs
 from quant_core.methods.base import IncoherenceOptions, QuantMethod, register_method, write_dequantized, write_quantized
 from quant_core.methods.training import cosine_with_warmup
@@ -150,19 +150,6 @@ def grid_neighbours(weight: Tensor, spec: QuantSpec) -> GridNeighbours:
     )
 
 
-class _Restore(torch.autograd.Function):
-    """``U^T M V`` whose gradient is ``U G V^T`` (the rotations are orthogonal): nothing is kept for backward."""
-
-    @staticmethod
-    def forward(ctx: Any, matrix: Tensor, rotation: LinearRotation) -> Tensor:
-        ctx.rotation = rotation
-        return rotation.restore(matrix)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return ctx.rotation.rotate(grad), None
-
-
 class RoundingLinear(nn.Module):
     """A linear layer whose weight is ``down + x * gap`` with a trainable ``x`` in ``[0, 1]`` (Sec. 4).
 
@@ -199,7 +186,7 @@ class RoundingLinear(nn.Module):
         """``[out, in]`` weight at ``x`` (default: the trained one), in the original basis and dtype."""
         matrix = self.down + (self.x if x is None else x) * self.gap
         if self.rotation is not None:
-            matrix = _Restore.apply(matrix, self.rotation)  # type: ignore[no-untyped-call]
+            matrix = restore_rotation(matrix, self.rotation)
         return matrix.to(self.layer.weight.dtype)
 
     def forward(self, hidden: Tensor) -> Tensor:
