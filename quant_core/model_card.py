@@ -117,6 +117,7 @@ A {quant.bits}-bit ({group}, {"symmetric" if quant.symmetric else "asymmetric"})
 | --- | --- |
 | method | `{spec.method}` with {_options(spec.method_options)} |
 | loss | `{spec.loss}` with {_options(spec.loss_options)} |
+| end-to-end tuning | {_options(spec.finetune) if spec.build_finetune().enabled else "none"} |
 | calibration | `{calib.text}`: {calib.n_samples} windows of {calib.seq_len} tokens \
 ({report.calibration_tokens} tokens), seed {spec.seed} |
 | calibration time | {report.seconds.calibration / 60:.1f} min on `{spec.device}` |

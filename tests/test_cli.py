@@ -295,6 +295,7 @@ def test_every_export_carries_a_model_card_with_the_reports_settings_and_figures
         ppl = report["perplexity"]["persuasion"]
         assert f"| persuasion | {ppl['before']:.2f} | {ppl['after']:.2f} |" in body
         assert f"seed {report['seed']}" in body and "from_pretrained" in body
+        assert "| end-to-end tuning | none |" in body
 
 
 def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_code_applies(capsys) -> None:

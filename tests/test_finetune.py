@@ -180,6 +180,8 @@ def test_a_tuned_job_reports_the_stage_and_packs_the_tuned_scales(tiny_llama_dir
     for shares in tuned["gradient_share"].values():  # how much of the gradient the SW term gives, first and last step
         assert set(shares) == {"base", "sw"} and 0 < shares["sw"] < 1 and sum(shares.values()) == pytest.approx(1)
     assert any(stage.startswith("end-to-end tuning: epoch 2/2") for stage in stages)
+    card = (tmp_path / "packed" / "README.md").read_text()
+    assert '| end-to-end tuning | `epochs: 2`, `lr: 0.01`, `loss: "kd_sw"` |' in card
     ids = _windows(1, 8)
     with torch.no_grad():
         fake = AutoModelForCausalLM.from_pretrained(tmp_path / "model")(ids).logits
