@@ -88,7 +88,7 @@ def output_layer(model: nn.Module) -> nn.Module:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if not isinstance(head, nn.Module):
-        raise ConfigError("end-to-end tuning needs the model's output layer (get_output_embeddings)", "finetune")
+        raise ConfigError("end-to-end tuning needs the model's output layer (get_output_embeddings)", "finetune.epochs")
     return head
 
 
