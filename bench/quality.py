@@ -47,7 +47,7 @@ from matplotlib import pyplot as plt
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.corpus import calibration_windows, evaluation_windows, tokenize_file
 from quant_core.engine import calibrate_blocks, peak_host_mb
-from quant_core.finetune import FinetuneOptions, record_teacher, tune_end_to_end
+from quant_core.finetune import FinetuneOptions, calibrate_then_tune
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.model_io import load_model
@@ -268,12 +268,17 @@ def run_row(label: str, bits: int | None, full: bool, n_samples: int | None = No
         if method.whole_model:
             result["method_stats"] = method.quantize_model(model, windows, seed=seed)
         else:
-            finetune = FinetuneOptions.from_dict(row.finetune)
-            teacher = record_teacher(model, windows, "cpu") if finetune.enabled else None
-            records = calibrate_blocks(model, windows, method, build_loss(row.loss, seed=seed), seed=seed)
+            records, tuned = calibrate_then_tune(
+                model,
+                windows,
+                FinetuneOptions.from_dict(row.finetune),
+                GROUP_SIZE,
+                lambda: calibrate_blocks(model, windows, method, build_loss(row.loss, seed=seed), seed=seed),
+                seed=seed,
+            )
             result["mse_ratio"] = sum(r.mse_after for r in records) / sum(r.mse_before for r in records)
-            if teacher is not None:
-                result["finetune"] = tune_end_to_end(model, windows, teacher, finetune, GROUP_SIZE, seed=seed)
+            if tuned is not None:
+                result["finetune"] = tuned
     result.setdefault("calibration_s", time.perf_counter() - started)
     result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
     result.setdefault("peak_host_mb", peak_host_mb())

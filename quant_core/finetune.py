@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import torch
 from pydantic import Field
@@ -125,16 +125,13 @@ class GridScales:
     ``U^T [(codes - zero) * scale * exp(theta)] V``.
     """
 
-    def __init__(self, layer: LinearLike, group_size: int | None) -> None:
+    def __init__(
+        self, layer: LinearLike, group_size: int | None, scale: Tensor, zero: Tensor, rotation: LinearRotation | None
+    ) -> None:
         weight = weight_matrix(layer).detach().float()
-        plain, rotated = layer_grid(layer), rotated_grid(layer)
-        self.rotation: LinearRotation | None = None
-        if plain is not None:
-            scale, zero = plain
-        else:
-            assert rotated is not None
-            scale, zero, self.rotation = rotated
-            weight = self.rotation.rotate(weight)
+        if rotation is not None:
+            weight = rotation.rotate(weight)
+        self.rotation = rotation
         self.scale, self.zero = scale.float()[..., None], zero.float()[..., None]
         self.layer, self.in_features, self.group_size = layer, weight.shape[1], group_size
         # codes - zero; exact for a layer on its grid, and for a rotated one up to round-off far below half a step
@@ -143,9 +140,14 @@ class GridScales:
         self.stored: Tensor = layer.weight
         del layer.weight  # a plain tensor attribute now: the weight is recomputed from theta every step
 
-    @staticmethod
-    def tunable(layer: nn.Module) -> bool:
-        return layer_grid(layer) is not None or rotated_grid(layer) is not None
+    @classmethod
+    def of(cls, layer: LinearLike, group_size: int | None) -> GridScales | None:
+        """The layer's grid (or rotated grid) made trainable; None for a layer with neither."""
+        plain = layer_grid(layer)
+        if plain is not None:
+            return cls(layer, group_size, *plain, None)
+        rotated = rotated_grid(layer)
+        return None if rotated is None else cls(layer, group_size, *rotated)
 
     def matrix(self) -> Tensor:
         """``[out, in]`` weight at the current step sizes, in the layer's own basis."""
@@ -173,13 +175,55 @@ def _tunable(
 ) -> tuple[list[tuple[nn.Module, str, GridScales]], list[nn.Parameter]]:
     """Every linear with a grid (by block and name) and every normalization weight of the model."""
     grids = [
-        (block, name, GridScales(layer, group_size))
+        (block, name, grid)
         for block in find_decoder_blocks(model)
         for name, layer in quantizable_linears(block).items()
-        if GridScales.tunable(layer)
+        if (grid := GridScales.of(layer, group_size)) is not None
     ]
     norms = list({id(p): p for p in norm_parameters(model).values()}.values())
     return grids, norms
+
+
+T = TypeVar("T")
+
+
+def calibrate_then_tune(
+    model: nn.Module,
+    windows: Tensor,
+    options: FinetuneOptions,
+    group_size: int | None,
+    calibrate: Callable[[], T],
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    on_stage: Callable[[str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> tuple[T, dict[str, Any] | None]:
+    """``calibrate()`` (the blockwise calibration of ``model``), then end-to-end tuning when ``options``
+    ask for it; returns what ``calibrate`` returned and the tuning's statistics (None when off).
+
+    The teacher has to be recorded before the first block is quantized; doing it here keeps every
+    caller from getting that order wrong.
+    """
+    if not options.enabled:
+        return calibrate(), None
+    report = on_stage or (lambda _: None)
+    report("recording the full-precision model's outputs for end-to-end tuning")
+    teacher = record_teacher(model, windows, device)
+    calibrated = calibrate()
+    report(f"end-to-end tuning: {options.epochs} epochs, loss {options.loss}")
+    stats = tune_end_to_end(
+        model,
+        windows,
+        teacher,
+        options,
+        group_size,
+        device=device,
+        seed=seed,
+        on_stage=on_stage,
+        should_cancel=should_cancel,
+    )
+    return calibrated, stats
 
 
 def tune_end_to_end(

@@ -27,7 +27,7 @@ from quant_core.corpus import calibration_windows, evaluation_windows, resolve_t
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
-from quant_core.finetune import record_teacher, tune_end_to_end
+from quant_core.finetune import calibrate_then_tune
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
 from quant_core.losses import Loss
@@ -224,10 +224,10 @@ def calibrate(
     started = time.perf_counter()
     records: list[BlockRecord] = []
     method_stats: dict[str, Any] = {}
-    peak_device_mb: float | None = None
+    cuda = spec.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(spec.device)
     if method.whole_model:
-        if spec.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(spec.device)
         trained = method.quantize_model(
             job.model,
             job.windows,
@@ -237,45 +237,36 @@ def calibrate(
             should_cancel=hooks.should_cancel,
         )
         method_stats = {**job.resources, **trained}
-        if spec.device.startswith("cuda"):
-            peak_device_mb = torch.cuda.max_memory_allocated(spec.device) / 2**20
     else:
-        finetune = spec.build_finetune()
-        teacher = None
-        if finetune.enabled:  # the teacher is the model before any block is quantized
-            hooks.stage("recording the full-precision model's outputs for end-to-end tuning")
-            teacher = record_teacher(job.model, job.windows, spec.device)
-        records = calibrate_blocks(
+        checkpoint = BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None
+        records, tuned = calibrate_then_tune(
             job.model,
             job.windows,
-            method,
-            record_loss,
-            device=spec.device,
-            seed=spec.seed,
-            on_block=hooks.on_block,
-            should_cancel=hooks.should_cancel,
-            checkpoint=BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None,
-            residency=job.residency,
-        )
-        peak_device_mb = max((r.peak_device_mb or 0.0 for r in records), default=0.0) or None
-        if teacher is not None:
-            hooks.stage(f"end-to-end tuning: {finetune.epochs} epochs, loss {finetune.loss}")
-            if spec.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats(spec.device)
-            method_stats["finetune"] = tune_end_to_end(
+            spec.build_finetune(),
+            spec.quant.group_size,
+            lambda: calibrate_blocks(
                 job.model,
                 job.windows,
-                teacher,
-                finetune,
-                spec.quant.group_size,
+                method,
+                record_loss,
                 device=spec.device,
                 seed=spec.seed,
-                on_stage=hooks.on_stage,
+                on_block=hooks.on_block,
                 should_cancel=hooks.should_cancel,
-            )
-            if spec.device.startswith("cuda"):
-                tuned_mb = torch.cuda.max_memory_allocated(spec.device) / 2**20
-                peak_device_mb = max(peak_device_mb or 0.0, tuned_mb)
+                checkpoint=checkpoint,
+                residency=job.residency,
+            ),
+            device=spec.device,
+            seed=spec.seed,
+            on_stage=hooks.on_stage,
+            should_cancel=hooks.should_cancel,
+        )
+        if tuned is not None:
+            method_stats["finetune"] = tuned
+    # Blocks restored from a checkpoint bring their own peaks; what ran here is measured since the reset.
+    peaks = [r.peak_device_mb or 0.0 for r in records]
+    peaks += [torch.cuda.max_memory_allocated(spec.device) / 2**20] if cuda else []
+    peak_device_mb = max(peaks, default=0.0) or None
     written = job.residency.writer.finish(job.tokenizer) if job.residency is not None else None
     return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
 

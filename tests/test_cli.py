@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
 from quant_core.errors import ConfigError
+from quant_core.finetune import FinetuneOptions
 from quant_core.job import CalibSpec, JobSpec
 from quant_core.lightcompress_config import read_lightcompress
 from quant_core.losses import LOSSES, LossOptions
@@ -310,6 +311,9 @@ def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_co
     assert listed["methods"]["tesseraq"]["default_loss"] == "l2"
     assert listed["losses"]["options"]["sw_num_projections"]["default"] == LossOptions().sw_num_projections
     assert all(option["description"] for option in listed["losses"]["options"].values())
+    tuning = listed["finetune"]["options"]
+    assert {k: option["default"] for k, option in tuning.items()} == vars(FinetuneOptions())
+    assert all(option["description"] for option in tuning.values())
     assert main(["methods"]) == 0 and "--method-opt NAME=VALUE" in capsys.readouterr().out
 
 

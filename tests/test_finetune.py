@@ -53,12 +53,14 @@ def _naive_kl(teacher: nn.Module, student: nn.Module, windows: torch.Tensor) -> 
     return total / tokens
 
 
-def _quantized_rtn(windows: torch.Tensor) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """The float model, an RTN copy of it with grids on its layers, and the float model's recorded states."""
+def _quantized(
+    windows: torch.Tensor, method: str, options: dict | None = None
+) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """The float model, a copy of it calibrated with ``method``, and the float model's recorded states."""
     reference = build_model("llama")
     model = copy.deepcopy(reference)
     teacher = record_teacher(model, windows, "cpu")
-    calibrate_blocks(model, windows, build_method("rtn", SPEC, build_loss("mse")), build_loss("mse"))
+    calibrate_blocks(model, windows, build_method(method, SPEC, build_loss("mse"), options), build_loss("mse"))
     return reference, model, teacher
 
 
@@ -85,7 +87,7 @@ def test_a_model_whose_logits_are_not_its_output_layer_is_refused() -> None:
 
 def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision() -> None:
     windows = _windows()
-    reference, model, teacher = _quantized_rtn(windows)
+    reference, model, teacher = _quantized(windows, "rtn")
     codes_before = _codes(model)
     grids_before = {k: [t.clone() for t in layer_grid(m)] for k, m in model.named_modules() if layer_grid(m)}
     norms_before = {k: p.detach().clone() for k, p in model.named_parameters() if "norm" in k}
@@ -115,11 +117,7 @@ def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision()
 
 def test_rotated_layers_keep_their_rotated_codes_and_move_their_step_sizes() -> None:
     windows = _windows()
-    reference = build_model("llama")
-    model = copy.deepcopy(reference)
-    teacher = record_teacher(model, windows, "cpu")
-    gptq = build_method("gptq", SPEC, build_loss("mse"), {"incoherence": "hadamard"})
-    calibrate_blocks(model, windows, gptq, build_loss("mse"))
+    reference, model, teacher = _quantized(windows, "gptq", {"incoherence": "hadamard"})
     linears = [layer for block in find_decoder_blocks(model) for layer in quantizable_linears(block).values()]
     assert all(layer_grid(layer) is None and rotated_grid(layer) is not None for layer in linears)
 

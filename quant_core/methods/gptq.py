@@ -307,15 +307,17 @@ class Gptq(QuantMethod):
         )
         rows = [m.shape[0] for m in matrices]
         result.compensated.update(zip(stage, quantized.compensated.split(rows), strict=True))
-        grids = zip(quantized.weight.split(rows), quantized.scale.split(rows), quantized.zero.split(rows), strict=True)
+        on_grid = zip(
+            quantized.weight.split(rows), quantized.scale.split(rows), quantized.zero.split(rows), strict=True
+        )
         if self.rotates:
             write_rotated(
                 block,
                 {
                     name: (r.restore(q).to(layers[name].weight.dtype), (scale, zero, r))
-                    for name, r, (q, scale, zero) in zip(stage, rotations, grids, strict=True)
+                    for name, r, (q, scale, zero) in zip(stage, rotations, on_grid, strict=True)
                 },
             )
         else:
-            write_quantized(block, dict(zip(stage, grids, strict=True)))
+            write_quantized(block, dict(zip(stage, on_grid, strict=True)))
         result.errors["+".join(stage)] = quantized.error
