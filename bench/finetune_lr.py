@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from bench.assets import austen_calibration_text, prepare_smollm2
+from bench.assets import prepare_smollm2
 from bench.quality import GROUP_SIZE, ROWS, SEED, Settings, _data
-from quant_core.corpus import calibration_windows, tokenize_file
 from quant_core.engine import calibrate_blocks
 from quant_core.finetune import FinetuneOptions, record_teacher, tune_end_to_end
 from quant_core.losses import build_loss
@@ -34,8 +33,6 @@ from quant_core.perplexity import perplexity
 from quant_core.quantizer import QuantSpec
 
 BASE_ROW = "gptq+quip clip"
-HELD_OUT_SEED = 12345  # another draw of windows from the calibration text
-HELD_OUT_WINDOWS = 10
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,11 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(str(prepare_smollm2()))
-    windows, evals = _data(tokenizer, Settings.of(False))
-    held_out = calibration_windows(
-        tokenize_file(tokenizer, austen_calibration_text()), HELD_OUT_WINDOWS, windows.shape[1], HELD_OUT_SEED
-    )
-    texts = {"held_out": held_out, **evals}
+    windows, texts = _data(tokenizer, Settings.of(False))
 
     def measure(m: torch.nn.Module) -> dict[str, float]:
         return {name: perplexity(m, w, 4, "cpu") for name, w in texts.items()}

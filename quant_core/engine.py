@@ -24,7 +24,7 @@ from quant_core.checkpoint import BlockCheckpoint
 from quant_core.errors import CancelledError
 from quant_core.losses import Loss, mse
 from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_weights
-from quant_core.methods.layer_inputs import recorded_outputs
+from quant_core.methods.layer_inputs import gathered_linear_inputs, recorded_outputs
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
 from quant_core.output_stats import distribution_errors
 
@@ -192,7 +192,8 @@ def calibrate_blocks(
     first windows that hold ``diagnostic_tokens`` tokens, with fixed random draws; the method trains
     with its own loss object. Passes over the data per block: the quantized chain's output (it feeds
     the next block; spared when the method computed it on the way), the full-precision targets (on
-    every window only for a method that trains against them, ``needs_targets``; otherwise on the
+    every window only for a method that trains against them, ``needs_targets``, or that reads the
+    full-precision linears' inputs recorded on the way, ``needs_float_inputs``; otherwise on the
     diagnostic windows alone), round-to-nearest on the
     diagnostic windows, and whatever the method itself runs. ``should_cancel`` is checked between
     blocks, so a cancelled run never leaves a half-quantized block behind. With a ``checkpoint``,
@@ -207,7 +208,8 @@ def calibrate_blocks(
     kwargs = captured.kwargs
     measured = max(1, min(-(-diagnostic_tokens // windows.shape[1]), windows.shape[0]))
     q_inputs = captured.hidden.cpu()
-    fp_inputs = q_inputs.clone() if method.needs_targets else q_inputs[:measured].clone()
+    full_chain = method.needs_targets or method.needs_float_inputs
+    fp_inputs = q_inputs.clone() if full_chain else q_inputs[:measured].clone()
     records: list[BlockRecord] = []
     resume = checkpoint.load(blocks) if checkpoint is not None else None
     if resume is not None:
@@ -226,7 +228,10 @@ def calibrate_blocks(
         block_seed = seed + index
         fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
         sites = method.loss.sites if method.needs_targets else ()
-        with recorded_outputs(block, sites) as site_outputs:
+        float_linear_inputs: dict[str, list[Tensor]] = {}
+        with recorded_outputs(block, sites) as site_outputs, contextlib.ExitStack() as recording:
+            if method.needs_float_inputs:
+                float_linear_inputs = recording.enter_context(gathered_linear_inputs(block))
             targets = run_block_batched(block, fp_in, kwargs, forward_batch_size)
         site_targets = {site: torch.cat(out) for site, out in site_outputs.items()}
         del fp_in, site_outputs
@@ -244,6 +249,7 @@ def calibrate_blocks(
             forward=block_forward(block, kwargs),
             generator=torch.Generator().manual_seed(block_seed),
             site_targets=site_targets,
+            float_linear_inputs=float_linear_inputs,
         )
         stats = method.calibrate(block, data)
         q_outputs = data.current_outputs(block)
@@ -267,7 +273,7 @@ def calibrate_blocks(
         )
         block.to("cpu")
         fp_inputs, q_inputs = targets.cpu(), q_outputs.cpu()
-        del data, q_in, targets, q_outputs, site_targets
+        del data, q_in, targets, q_outputs, site_targets, float_linear_inputs
         records.append(record)
         if checkpoint is not None:
             checkpoint.save(index, block, fp_inputs, q_inputs, [r.to_dict() for r in records])

@@ -85,7 +85,10 @@ def test_a_model_whose_logits_are_not_its_output_layer_is_refused() -> None:
     assert caught.value.field == "finetune.epochs"
 
 
-def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision() -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision(precision: str) -> None:
+    """In either compute type: codes and zero points fixed, weights exactly on the new grid (the grid
+    is float32 whatever the matmuls ran in), and the KL to full precision down by more than 10%."""
     windows = _windows()
     reference, model, teacher = _quantized(windows, "rtn")
     codes_before = _codes(model)
@@ -93,9 +96,11 @@ def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision()
     norms_before = {k: p.detach().clone() for k, p in model.named_parameters() if "norm" in k}
     kl_before = _naive_kl(reference, model, windows)
 
-    stats = tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2), 32)
+    options = FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2, precision=precision)
+    stats = tune_end_to_end(model, windows, teacher, options, 32)
 
     assert stats["steps"] == 8 and len(stats["epoch_losses"]) == 4 and stats["grid_linears"] == 14
+    assert stats["compute_dtype"] == precision
     codes_after = _codes(model)
     for name, codes in codes_before.items():
         assert torch.equal(codes_after[name], codes), name
@@ -142,6 +147,19 @@ def test_rotated_layers_keep_their_rotated_codes_and_move_their_step_sizes() -> 
         expected = u.T @ (offsets * scale[..., None]).reshape(offsets.shape[0], -1) @ v
         torch.testing.assert_close(weight_matrix(layer).detach(), expected, rtol=0, atol=1e-5)
     assert _naive_kl(reference, model, windows) < 0.9 * kl_before
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = FinetuneOptions()
+    for avx512_bf16, amx, expected in (
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+        (False, False, torch.float32),
+    ):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert options.compute_dtype("cpu") is expected
+    assert FinetuneOptions(precision="float32").compute_dtype("cpu") is torch.float32
 
 
 def test_zero_epochs_is_the_default_and_the_job_refuses_what_it_cannot_tune() -> None:

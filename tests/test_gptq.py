@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant_core.engine import calibrate_blocks
+from quant_core.engine import block_forward, calibrate_blocks, capture_block_inputs
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
-from quant_core.methods.gptq import gptq_quantize
-from quant_core.model_structure import find_decoder_blocks
+from quant_core.methods.base import BlockData
+from quant_core.methods.gptq import float_target_weight, gptq_quantize, stage_inputs_of
+from quant_core.methods.layer_inputs import gathered_linear_inputs, layer_input
+from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.quantizer import QuantSpec, fake_quantize, group_columns, scale_and_zero
 from tests.tiny_models import build_model
+
+WINDOWS = torch.randint(3, 300, (5, 32), generator=torch.Generator().manual_seed(0))
 
 
 def naive_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float, order: torch.Tensor):
@@ -140,4 +144,97 @@ def test_one_pass_hessians_match_true_sequential_on_the_first_stage_and_beat_rtn
         models.append(find_decoder_blocks(model)[0])
     assert torch.allclose(models[0].self_attn.q_proj.weight, models[1].self_attn.q_proj.weight, atol=1e-6)
     assert not torch.equal(models[0].mlp.down_proj.weight, models[1].mlp.down_proj.weight)
+    assert all(r.mse_after < r.mse_before for r in records[1])
+
+
+def _shifted_inputs(seed: int = 0, width: int = 24, windows: int = 5, seq: int = 7):
+    """Full-precision inputs of a stage and the quantized model's inputs: the same plus a correlated error."""
+    gen = torch.Generator().manual_seed(seed)
+    float_inputs = torch.randn(windows, seq, width, generator=gen) * torch.linspace(0.3, 2.0, width)
+    error = 0.3 * float_inputs @ torch.randn(width, width, generator=gen) / width**0.5
+    return float_inputs, float_inputs + error + 0.05 * torch.randn(windows, seq, width, generator=gen)
+
+
+def test_stage_statistics_match_a_per_token_loop() -> None:
+    """Hessian ``2 X^T X / n`` and shift ``2 (X_fp - X)^T X / n`` over ragged batches, against sums of
+    per-token outer products in float64 (tolerance 1e-5 relative: float32 accumulation)."""
+    float_inputs, inputs = _shifted_inputs()
+    stats = stage_inputs_of(inputs.split(2), float_inputs)
+    x, x_fp = inputs.reshape(-1, inputs.shape[-1]).double(), float_inputs.reshape(-1, inputs.shape[-1]).double()
+    hessian = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    shift = torch.zeros_like(hessian)
+    for token in range(x.shape[0]):
+        hessian += torch.outer(x[token], x[token])
+        shift += torch.outer(x_fp[token] - x[token], x[token])
+    assert stats.shift is not None
+    torch.testing.assert_close(stats.hessian.double(), hessian * 2 / x.shape[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.shift.double(), shift * 2 / x.shape[0], rtol=1e-5, atol=1e-5)
+    assert stage_inputs_of(inputs.split(3)).shift is None
+
+
+def test_the_float_target_weight_is_the_damped_least_squares_fit() -> None:
+    """``W + W S (H + l I)^-1`` against ``lstsq`` on the stacked system
+    ``[X; sqrt(l') I] Q^T = [X_fp W^T; sqrt(l') W^T]`` (float64; tolerance 1e-5 relative, as the
+    statistics accumulate in float32)."""
+    float_inputs, inputs = _shifted_inputs(1)
+    weight = torch.randn(9, inputs.shape[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x, x_fp = inputs.reshape(-1, inputs.shape[-1]).double(), float_inputs.reshape(-1, inputs.shape[-1]).double()
+    damp = 0.05
+    ours = float_target_weight(weight, stage_inputs_of([inputs], float_inputs), damp)
+    scale = (2 / x.shape[0]) ** 0.5  # the objective in the Hessian's units
+    ridge = (damp * (2 * x.T @ x / x.shape[0]).diagonal().mean()) ** 0.5
+    system = torch.cat([scale * x, ridge * torch.eye(x.shape[1], dtype=torch.float64)])
+    target = torch.cat([scale * x_fp @ weight.T, ridge * weight.T])
+    reference = torch.linalg.lstsq(system, target).solution.T
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_matching_float_lowers_the_error_against_the_float_layers_output() -> None:
+    """With inputs shifted by earlier layers' error, GPTQ on the float-target weight leaves a smaller
+    ``|X Q^T - X_fp W^T|`` than GPTQ on the float weight (same grid, same Hessian), by at least 20%."""
+    float_inputs, inputs = _shifted_inputs(3, width=32, windows=8, seq=16)
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(4))
+    stats = stage_inputs_of([inputs], float_inputs)
+    spec = QuantSpec(bits=3, group_size=16)
+    x, x_fp = inputs.reshape(-1, 32), float_inputs.reshape(-1, 32)
+    errors = []
+    for start in (weight, float_target_weight(weight, stats, 0.01)):
+        q = gptq_quantize(start, stats.hessian, spec, act_order=True, static_groups=True).weight
+        errors.append(float((x @ q.T - x_fp @ weight.T).square().sum()))
+    assert errors[1] < 0.8 * errors[0]
+
+
+def test_gathered_linear_inputs_are_what_each_linear_receives_with_one_copy_per_shared_input() -> None:
+    """Against capturing each linear's input alone (``layer_input``), batch by batch: exact equality."""
+    model = build_model("llama")
+    block = find_decoder_blocks(model)[0]
+    captured = capture_block_inputs(model, WINDOWS, "cpu")
+    data = BlockData(0, 2, captured.hidden, None, block_forward(block, captured.kwargs), torch.Generator())
+    with torch.no_grad(), gathered_linear_inputs(block) as gathered:
+        for batch in captured.hidden.split(2):
+            data.forward(batch, None)
+    assert gathered.keys() == quantizable_linears(block).keys()
+    for name, parts in gathered.items():
+        expected = [layer_input(block, data, batch, name) for batch in captured.hidden.split(2)]
+        assert len(parts) == len(expected)
+        assert all(torch.equal(p, e) for p, e in zip(parts, expected, strict=True)), name
+    assert all(a is b for a, b in zip(gathered["self_attn.q_proj"], gathered["self_attn.v_proj"], strict=True))
+    assert all(a is b for a, b in zip(gathered["mlp.gate_proj"], gathered["mlp.up_proj"], strict=True))
+
+
+def test_match_float_changes_only_the_stages_whose_inputs_the_earlier_error_shifted() -> None:
+    """In block 0, q/k/v read the model's own embeddings, identical in both chains, so their weights
+    equal plain GPTQ's (tolerance 1e-6); every later stage and block sees shifted inputs and moves.
+    The calibrated chain still beats round-to-nearest on every block."""
+    spec = QuantSpec(bits=3, group_size=32)
+    blocks, records = [], []
+    for match_float in (False, True):
+        model = build_model("llama")
+        method = build_method("gptq", spec, build_loss("mse"), {"match_float": match_float})
+        records.append(calibrate_blocks(model, WINDOWS, method, build_loss("mse"), seed=0))
+        blocks.append(find_decoder_blocks(model))
+    plain, matched = blocks
+    assert torch.allclose(plain[0].self_attn.q_proj.weight, matched[0].self_attn.q_proj.weight, atol=1e-6)
+    assert not torch.allclose(plain[0].mlp.down_proj.weight, matched[0].mlp.down_proj.weight, atol=1e-3)
+    assert not torch.allclose(plain[1].self_attn.q_proj.weight, matched[1].self_attn.q_proj.weight, atol=1e-3)
     assert all(r.mse_after < r.mse_before for r in records[1])

@@ -78,6 +78,7 @@ def test_unknown_method_lists_the_registered_ones() -> None:
         ("rtn", {"clip_search": True, "incoherence": "hadamard"}, "clip_search"),
         ("gptq", {"clip_search": True, "static_groups": False}, "clip_search"),
         ("gptq", {"true_sequential": None}, "true_sequential"),
+        ("gptq", {"match_float": True, "true_sequential": False}, "match_float"),
         ("gptq", {"clip_search": "no"}, "clip_search"),
         ("normtweaking", {"base_options": {"damp": -1}}, "base_options.damp"),
         ("normtweaking", {"base_options": {"epochs": 1}}, "base_options.epochs"),

@@ -32,15 +32,16 @@ def _quantized_weights(arch: str, options: dict[str, object]) -> tuple[dict[str,
     return weights, [r.mse_after for r in records]
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_one_staged_pass_gives_the_replays_weights_and_outputs_bit_for_bit(arch: str) -> None:
+@pytest.mark.parametrize(("arch", "match_float"), [("llama", False), ("opt", False), ("llama", True)])
+def test_one_staged_pass_gives_the_replays_weights_and_outputs_bit_for_bit(arch: str, match_float: bool) -> None:
     """Every stage's Hessian, hence every weight, and the chain fed to the next block are unchanged.
 
-    Seven windows in batches of three also check a ragged last batch. Tolerance: exact equality,
-    since both paths run the same kernels on the same tensors in the same order.
+    Seven windows in batches of three also check a ragged last batch (and, with ``match_float``,
+    that the full-precision inputs are paired with the right tokens either way). Tolerance: exact
+    equality, since both paths run the same kernels on the same tensors in the same order.
     """
-    staged, staged_mse = _quantized_weights(arch, {"staged_pass": True})
-    replayed, replayed_mse = _quantized_weights(arch, {"staged_pass": False})
+    staged, staged_mse = _quantized_weights(arch, {"staged_pass": True, "match_float": match_float})
+    replayed, replayed_mse = _quantized_weights(arch, {"staged_pass": False, "match_float": match_float})
     assert staged.keys() == replayed.keys()
     for name in staged:
         assert torch.equal(staged[name], replayed[name]), name

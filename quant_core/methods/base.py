@@ -39,6 +39,9 @@ class BlockData:
     generator: torch.Generator  # seeded per block, for shuffling and any other draw
     # Full-precision outputs of the submodules the loss aligns (``Loss.sites``), each [n, seq, hidden].
     site_targets: Mapping[str, Tensor] = field(default_factory=dict)
+    # What each linear received in the full-precision block on the full-precision inputs, one CPU
+    # tensor per forward batch, in window order; only for a method with ``needs_float_inputs``.
+    float_linear_inputs: Mapping[str, list[Tensor]] = field(default_factory=dict)
     # The block's output on every input, left by a method that computed it on the way (GPTQ's staged
     # pass) with the weights state it was computed with; see ``keep_outputs``.
     _outputs: tuple[Tensor, tuple[tuple[int, int, int], ...]] | None = None
@@ -95,6 +98,11 @@ class QuantMethod:
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
     whole_model: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = False  # whether calibrate reads BlockData.targets
+
+    @property
+    def needs_float_inputs(self) -> bool:
+        """Whether calibrate reads ``BlockData.float_linear_inputs`` (the engine records them only then)."""
+        return False
 
     def __init__(self, spec: QuantSpec, loss: Loss, options: MethodOptions) -> None:
         self.spec, self.loss, self.options = spec, loss, options

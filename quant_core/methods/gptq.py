@@ -26,6 +26,13 @@ at a time, which is what makes it fast.
 - Clipping (``clip_search``, needs static groups): each row and group's range is shrunk by the ratio
   that minimises its output error under the stage's Hessian (:mod:`quant_core.clip_search`) before
   the grid is fixed; the column walk then compensates the clipped weights' error like any other.
+- Asymmetric calibration (``match_float``): a stage's inputs ``X`` carry the error of every layer
+  quantized before it, and plain GPTQ matches the float weights on them, ``W X``. With the
+  full-precision inputs ``X_fp`` recorded on the engine's full-precision pass, GPTQ instead starts
+  from the weight that best gives the float model's own output ``W X_fp`` on ``X``
+  (:func:`float_target_weight`), so each stage also absorbs what came before it. The fit is pulled
+  toward the float weights by ``match_float_damp``; fitted freely on 16 calibration windows it
+  overfits the calibration text (bench/README.md).
 - Incoherence (``incoherence: hadamard``, QuIP Sec. 4): each stage's weights are quantized as
   ``U W V^T`` against the rotated Hessian ``V H V^T`` (one ``V`` per stage, as its linears share an
   input; one ``U`` per linear), and ``U^T Q V`` is written back (:mod:`quant_core.incoherence`).
@@ -83,12 +90,23 @@ class GptqOptions(IncoherenceOptions):
         None,
         description="one suspended pass per block instead of a replay per stage; unset: on a GPU or one CPU thread",
     )
+    match_float: StrictBool = Field(
+        False,
+        description="fit each stage to the full-precision model's outputs on its own inputs, absorbing the "
+        "earlier layers' error (asymmetric calibration)",
+    )
+    match_float_damp: PositiveNumber = Field(
+        1.0,
+        description="with match_float, the fit's pull toward the float weights, times the mean Hessian diagonal",
+    )
 
     def model_post_init(self, context: Any) -> None:
         if self.clip_search and not self.static_groups:
             raise ConfigError(
                 "clip_search needs static_groups: true (scales fixed before the column walk)", "clip_search"
             )
+        if self.match_float and not self.true_sequential:
+            raise ConfigError("match_float needs true_sequential: true (inputs paired stage by stage)", "match_float")
 
 
 @dataclass
@@ -209,17 +227,54 @@ def gptq_quantize(
     )
 
 
-def hessian_of(inputs: Iterable[Tensor]) -> Tensor:
-    """``2 X^T X / n`` over every token of ``inputs`` (batches of one linear's input), in float32."""
-    hessian: Tensor | None = None
+@dataclass
+class StageInputs:
+    """What GPTQ needs of a stage's inputs ``X`` (each row a token), both scaled by ``2 / n``.
+
+    ``hessian`` is ``X^T X``; ``shift`` is ``(X_fp - X)^T X``, where ``X_fp`` is what the stage
+    receives in the full-precision model, or None when GPTQ matches the float weights on ``X``.
+    """
+
+    hessian: Tensor
+    shift: Tensor | None = None
+
+
+def stage_inputs_of(inputs: Iterable[Tensor], float_inputs: Tensor | None = None) -> StageInputs:
+    """``StageInputs`` over every token of ``inputs`` (batches of one linear's input, in window order), in float32.
+
+    ``float_inputs`` (``[windows, seq, in]``) pairs each of those tokens with its full-precision input.
+    """
+    hessian = shift = torch.zeros(())
     count = 0
     for batch in inputs:
         x = batch.detach().float().reshape(-1, batch.shape[-1])
-        product = x.T @ x
-        hessian = product if hessian is None else hessian + product
+        hessian = hessian + x.T @ x
+        if float_inputs is not None:
+            paired = float_inputs[count // batch.shape[1] :][: batch.shape[0]].to(x.device, torch.float32)
+            shift = shift + (paired.reshape_as(x) - x).T @ x
         count += x.shape[0]
-    assert hessian is not None
-    return hessian * (2.0 / count)
+    if count == 0:
+        raise ValueError("GPTQ: a stage received no inputs")
+    return StageInputs(hessian * (2.0 / count), None if float_inputs is None else shift * (2.0 / count))
+
+
+def float_target_weight(weight: Tensor, stage: StageInputs, damp: float) -> Tensor:
+    """The ``[out, in]`` weight whose output on ``X`` best matches the float layer's output on ``X_fp``.
+
+    Minimises ``|X Q^T - X_fp W^T|^2 + l |Q - W|^2`` with ``l`` ``damp`` times the mean Hessian
+    diagonal, whose solution is ``W + W S (H + l I)^-1`` with ``S`` the stage's shift.
+    Since the objective is that weight's own output error plus a constant, GPTQ run on it (with the
+    same Hessian) minimises the error against the float model's outputs instead of against the float
+    weights on already-perturbed inputs (asymmetric calibration, as in GPTAQ and Qronos). Without a
+    shift the weight is returned unchanged.
+    """
+    if stage.shift is None:
+        return weight
+    hessian = stage.hessian.double()
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damped = hessian + damp * hessian.diagonal().mean() * identity
+    correction = torch.linalg.solve(damped, (weight.double() @ stage.shift.double()).T).T
+    return (weight.double() + correction).to(weight.dtype)
 
 
 @register_method
@@ -236,6 +291,10 @@ class Gptq(QuantMethod):
         (Persuasion / Brown, bench/README.md).
         """
         return self.options.static_groups if self.options.clip_search is None else self.options.clip_search
+
+    @property
+    def needs_float_inputs(self) -> bool:
+        return self.options.match_float
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         """Quantize stage by stage; ``error`` is GPTQ's own objective per stage, for the report."""
@@ -259,7 +318,7 @@ class Gptq(QuantMethod):
             grams = input_grams(block, data, data.inputs, batch_size)
             tokens = data.inputs.shape[0] * data.inputs.shape[1]
             for stage in stages:
-                self._quantize_stage(block, data, stage, grams[stage[0]] * (2.0 / tokens), result)
+                self._quantize_stage(block, data, stage, StageInputs(grams[stage[0]] * (2.0 / tokens)), result)
             return result
         staged = self.options.staged_pass
         if staged is None:
@@ -270,7 +329,9 @@ class Gptq(QuantMethod):
                     block,
                     data,
                     stages,
-                    lambda index, inputs: self._quantize_stage(block, data, stages[index], hessian_of(inputs), result),
+                    lambda index, inputs: self._quantize_stage(
+                        block, data, stages[index], self._stage_inputs(data, stages[index], inputs), result
+                    ),
                     batch_size,
                 )
                 return result
@@ -279,15 +340,23 @@ class Gptq(QuantMethod):
                     torch.cuda.empty_cache()
         for stage in stages[len(result.errors) :]:
             inputs = (layer_input(block, data, hidden, stage[0]) for hidden in data.inputs.split(batch_size))
-            self._quantize_stage(block, data, stage, hessian_of(inputs), result)
+            self._quantize_stage(block, data, stage, self._stage_inputs(data, stage, inputs), result)
         return result
 
+    def _stage_inputs(self, data: BlockData, stage: tuple[str, ...], inputs: Iterable[Tensor]) -> StageInputs:
+        """The stage's Hessian and, with ``match_float``, its inputs' shift from the full-precision ones."""
+        if not self.options.match_float:
+            return stage_inputs_of(inputs)
+        return stage_inputs_of(inputs, torch.cat(data.float_linear_inputs[stage[0]]))
+
     def _quantize_stage(
-        self, block: nn.Module, data: BlockData, stage: tuple[str, ...], hessian: Tensor, result: GptqBlock
+        self, block: nn.Module, data: BlockData, stage: tuple[str, ...], inputs: StageInputs, result: GptqBlock
     ) -> None:
-        """Quantize the linears of one stage (they share ``hessian``) and record them in ``result``."""
+        """Quantize the linears of one stage (they share one Hessian) and record them in ``result``."""
         layers = quantizable_linears(block)
-        matrices = [weight_matrix(layers[name]).detach() for name in stage]
+        hessian = inputs.hessian
+        damp = self.options.match_float_damp
+        matrices = [float_target_weight(weight_matrix(layers[name]).detach(), inputs, damp) for name in stage]
         if self.rotates:
             in_rotation = RandomizedHadamard(hessian.shape[0], data.generator)  # the stage's shared V
             rotations = [LinearRotation(RandomizedHadamard(m.shape[0], data.generator), in_rotation) for m in matrices]

@@ -40,6 +40,34 @@ def recorded_linear_inputs(block: nn.Module) -> Iterator[list[tuple[str, Tensor]
 
 
 @contextmanager
+def gathered_linear_inputs(block: nn.Module) -> Iterator[dict[str, list[Tensor]]]:
+    """While open, each call of one of the block's linears appends a CPU copy of its input to ``[name]``.
+
+    Linears that read the very same tensor one after the other (q/k/v, gate/up) share one copy, so
+    keeping a pass's linear inputs costs one tensor per stage, on the host, whatever the device.
+    """
+    gathered: dict[str, list[Tensor]] = {}
+    last: list[tuple[Tensor, Tensor]] = []  # the last input seen and its copy
+
+    def hook(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        tensor = first_argument(args, kwargs)
+        if not last or last[0][0] is not tensor:
+            last[:] = [(tensor, tensor.detach().to("cpu", copy=True))]
+        gathered.setdefault(name, []).append(last[0][1])
+
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, kwargs, name=name: hook(name, args, kwargs), with_kwargs=True)
+        for name, layer in quantizable_linears(block).items()
+    ]
+    try:
+        yield gathered
+    finally:
+        last.clear()
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def recorded_outputs(block: nn.Module, sites: tuple[str, ...]) -> Iterator[dict[str, list[Tensor]]]:
     """While open, every call of the submodule named ``site`` appends its output to ``[site]``.
 
