@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -131,16 +133,21 @@ def test_singular_hessian_gets_more_damping_instead_of_failing() -> None:
     assert torch.isfinite(result.weight).all() and result.error >= 0
 
 
+def _calibrated_llama(windows: torch.Tensor, options: dict[str, object]) -> tuple[Any, list[Any]]:
+    """A tiny Llama calibrated with W3 g32 GPTQ under ``options``, and its block records."""
+    model = build_model("llama")
+    method = build_method("gptq", QuantSpec(bits=3, group_size=32), build_loss("mse"), options)
+    return model, calibrate_blocks(model, windows, method, build_loss("mse"), seed=0)
+
+
 def test_one_pass_hessians_match_true_sequential_on_the_first_stage_and_beat_rtn() -> None:
     """Without true-sequential, q/k/v see the same inputs (nothing before them is quantized) and so the
     same weights; later stages differ, and the block output still beats round-to-nearest."""
     windows = torch.randint(3, 300, (6, 32), generator=torch.Generator().manual_seed(0))
-    spec = QuantSpec(bits=3, group_size=32)
     models, records = [], []
     for sequential in (True, False):
-        model = build_model("llama")
-        method = build_method("gptq", spec, build_loss("mse"), {"true_sequential": sequential})
-        records.append(calibrate_blocks(model, windows, method, build_loss("mse"), seed=0))
+        model, record = _calibrated_llama(windows, {"true_sequential": sequential})
+        records.append(record)
         models.append(find_decoder_blocks(model)[0])
     assert torch.allclose(models[0].self_attn.q_proj.weight, models[1].self_attn.q_proj.weight, atol=1e-6)
     assert not torch.equal(models[0].mlp.down_proj.weight, models[1].mlp.down_proj.weight)
@@ -226,12 +233,10 @@ def test_match_float_changes_only_the_stages_whose_inputs_the_earlier_error_shif
     """In block 0, q/k/v read the model's own embeddings, identical in both chains, so their weights
     equal plain GPTQ's (tolerance 1e-6); every later stage and block sees shifted inputs and moves.
     The calibrated chain still beats round-to-nearest on every block."""
-    spec = QuantSpec(bits=3, group_size=32)
     blocks, records = [], []
     for match_float in (False, True):
-        model = build_model("llama")
-        method = build_method("gptq", spec, build_loss("mse"), {"match_float": match_float})
-        records.append(calibrate_blocks(model, WINDOWS, method, build_loss("mse"), seed=0))
+        model, record = _calibrated_llama(WINDOWS, {"match_float": match_float})
+        records.append(record)
         blocks.append(find_decoder_blocks(model))
     plain, matched = blocks
     assert torch.allclose(plain[0].self_attn.q_proj.weight, matched[0].self_attn.q_proj.weight, atol=1e-6)
