@@ -8,7 +8,7 @@ object, and so do gate/up.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,18 +25,27 @@ class _Captured(Exception):
 
 
 @contextmanager
-def recorded_linear_inputs(block: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
-    """While open, every call of one of the block's linears appends ``(name, input tensor)`` to the list."""
-    calls: list[tuple[str, Tensor]] = []
+def _linear_input_hooks(block: nn.Module, on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """While open, every call of one of the block's linears passes ``(name, input tensor)`` to ``on_input``."""
     handles = [
-        layer.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
+        layer.register_forward_pre_hook(
+            lambda _m, args, kwargs, name=name: on_input(name, first_argument(args, kwargs)), with_kwargs=True
+        )
         for name, layer in quantizable_linears(block).items()
     ]
     try:
-        yield calls
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def recorded_linear_inputs(block: nn.Module) -> Iterator[list[tuple[str, Tensor]]]:
+    """While open, every call of one of the block's linears appends ``(name, input tensor)`` to the list."""
+    calls: list[tuple[str, Tensor]] = []
+    with _linear_input_hooks(block, lambda name, tensor: calls.append((name, tensor))):
+        yield calls
 
 
 @contextmanager
@@ -49,22 +58,16 @@ def gathered_linear_inputs(block: nn.Module) -> Iterator[dict[str, list[Tensor]]
     gathered: dict[str, list[Tensor]] = {}
     last: list[tuple[Tensor, Tensor]] = []  # the last input seen and its copy
 
-    def hook(name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        tensor = first_argument(args, kwargs)
+    def keep(name: str, tensor: Tensor) -> None:
         if not last or last[0][0] is not tensor:
             last[:] = [(tensor, tensor.detach().to("cpu", copy=True))]
         gathered.setdefault(name, []).append(last[0][1])
 
-    handles = [
-        layer.register_forward_pre_hook(lambda _m, args, kwargs, name=name: hook(name, args, kwargs), with_kwargs=True)
-        for name, layer in quantizable_linears(block).items()
-    ]
     try:
-        yield gathered
+        with _linear_input_hooks(block, keep):
+            yield gathered
     finally:
         last.clear()
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
