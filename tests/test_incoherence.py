@@ -116,6 +116,12 @@ def test_randomized_hadamard_is_orthogonal_and_matches_the_dense_product(n: int)
     x = torch.randn(5, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(rotation.apply(x), x @ dense.T, atol=1e-12)
     assert torch.allclose(rotation.apply_transpose(x), x @ dense, atol=1e-12)
+    # along the first dimension (the output side of a weight): R x and R^T x for x of shape [n, 5]
+    assert torch.allclose(rotation.apply(x.T.contiguous(), dim=0), dense @ x.T, atol=1e-12)
+    assert torch.allclose(rotation.apply_transpose(x.T.contiguous(), dim=0), dense.T @ x.T, atol=1e-12)
+    # along a middle dimension of a 3-D tensor
+    x3 = torch.randn(2, n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(rotation.apply(x3, dim=1), torch.einsum("ij,bjk->bik", dense, x3), atol=1e-12)
 
 
 def test_weight_rotation_is_u_w_vt_and_restores_exactly() -> None:
