@@ -12,7 +12,8 @@ evaluation windows per text, about one epoch of training, AWQ's search on 4 wind
     python -m bench.quality [--bits 3 2] [--rows rtn gptq ...] [--jobs 2] [--full] [--fresh] [--seed 0]
 
 ``--seed`` draws other calibration windows (and the methods' random choices): a row's spread over
-seeds is what a difference between rows must exceed. Rows ending in ``+e2e`` add end-to-end tuning
+seeds is what a difference between rows must exceed. ``--generated N`` adds N windows the float model
+writes itself (:func:`sampled_windows`) to the calibration windows. Rows ending in ``+e2e`` add end-to-end tuning
 after the blocks (quant_core.finetune): the full-precision model's last hidden states are recorded
 before calibration, and step sizes and norms are then trained on the next-token distributions.
 
@@ -248,18 +249,57 @@ class Settings:
     seq_len: int
     eval_windows: int
     seed: int = SEED  # draws the calibration windows and every random choice of the method
+    generated: int = 0  # windows the float model samples itself, added to the calibration windows
 
     @classmethod
-    def of(cls, full: bool, n_samples: int | None = None, seed: int = SEED) -> Settings:
+    def of(cls, full: bool, n_samples: int | None = None, seed: int = SEED, generated: int = 0) -> Settings:
         chosen = cls(128, 512, 0) if full else cls(16, 512, 10)
-        return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed)
+        return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed, generated)
+
+    def flags(self) -> list[str]:
+        """The command-line flags that give these settings to a row's process."""
+        return ["--n-samples", str(self.n_samples), "--seed", str(self.seed), "--generated", str(self.generated)]
 
 
-def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Calibration windows, and the windows each row is measured on: the held-out calibration-text
-    windows (``held_out``) and the evaluation texts."""
+@torch.no_grad()
+def sampled_windows(model: torch.nn.Module, ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[n, seq_len]`` windows written by the float model itself: each starts at one token drawn from
+    the calibration text ``ids`` and continues by sampling at temperature 1 (no top-k or top-p cut).
+
+    Text the model writes covers what it predicts, not one author's style, so these windows test
+    whether calibrating on more than Austen carries to another text (Brown) without using that text.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    first = ids[torch.randint(0, ids.numel(), (n, 1), generator=generator)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        out = model.generate(  # type: ignore[operator]
+            first,
+            attention_mask=torch.ones_like(first),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=seq_len - 1,
+            min_new_tokens=seq_len - 1,  # no window ends early at an end-of-text token
+            pad_token_id=0,
+        )
+    return out[:, :seq_len].cpu()
+
+
+def _data(
+    tokenizer: Any, settings: Settings, model: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Calibration windows (with ``settings.generated`` windows sampled from ``model`` after the text's),
+    and the windows each row is measured on: the held-out calibration-text windows (``held_out``) and
+    the evaluation texts."""
     calibration = tokenize_file(tokenizer, austen_calibration_text())
     windows = calibration_windows(calibration, settings.n_samples, settings.seq_len, settings.seed)
+    if settings.generated:
+        if model is None:
+            raise ValueError("generated calibration windows need the float model")
+        sampled = sampled_windows(model, calibration, settings.generated, settings.seq_len, settings.seed)
+        windows = torch.cat([windows, sampled])
     cap = settings.eval_windows or None
     evals = {"held_out": calibration_windows(calibration, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED)}
     for name in EVAL_TEXTS:
@@ -267,12 +307,12 @@ def _data(tokenizer: Any, settings: Settings) -> tuple[torch.Tensor, dict[str, t
     return windows, evals
 
 
-def run_row(label: str, bits: int | None, full: bool, n_samples: int | None = None, seed: int = SEED) -> dict[str, Any]:
+def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dict[str, Any]:
     """Quantize (or, with ``bits=None``, only evaluate) and measure one row in this process."""
-    settings = Settings.of(full, n_samples, seed)
+    seed = settings.seed
     model_dir = prepare_smollm2()
     model, tokenizer = load_model(str(model_dir))
-    windows, evals = _data(tokenizer, settings)
+    windows, evals = _data(tokenizer, settings, model)
     result: dict[str, Any] = {"label": label, "bits": bits}
     started = time.perf_counter()
     row = ROWS.get(label)
@@ -311,13 +351,10 @@ def _key(label: str, bits: int | None) -> str:
     return f"{label}@W{bits}" if bits is not None else label
 
 
-def _run_subprocess(
-    label: str, bits: int | None, full: bool, threads: int, n_samples: int | None = None, seed: int = SEED
-) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.quality", "--one", label, "--threads", str(threads), "--seed", str(seed)]
+def _run_subprocess(label: str, bits: int | None, full: bool, threads: int, settings: Settings) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.quality", "--one", label, "--threads", str(threads), *settings.flags()]
     cmd += ["--one-bits", str(bits)] if bits is not None else []
     cmd += ["--full"] if full else []
-    cmd += ["--n-samples", str(n_samples)] if n_samples is not None else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -379,18 +416,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="recompute rows already in the results file")
     parser.add_argument("--n-samples", type=int, help="calibration windows (default 16, 128 with --full)")
     parser.add_argument("--seed", type=int, default=SEED, help="calibration windows and method draws (default 0)")
+    parser.add_argument(
+        "--generated", type=int, default=0, help="windows the float model samples, added to the calibration windows"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    settings = Settings.of(args.full, args.n_samples, args.seed, args.generated)
     if args.one:
-        print(json.dumps(run_row(args.one, args.one_bits, args.full, args.n_samples, args.seed)))
+        print(json.dumps(run_row(args.one, args.one_bits, args.full, settings)))
         return
     prepare_smollm2()
     austen_calibration_text()
     saved = json.loads(args.out.read_text()) if args.out.is_file() and not args.fresh else {}
-    same_settings = saved.get("full") == args.full and saved.get("settings", {}).get("seed", SEED) == args.seed
+    saved_settings = saved.get("settings", {})
+    same_settings = (
+        saved.get("full") == args.full
+        and saved_settings.get("seed", SEED) == args.seed
+        and saved_settings.get("generated", 0) == args.generated
+    )
     results: dict[str, Any] = saved.get("rows", {}) if same_settings else {}
     todo = [("fp32", None)] + [(label, bits) for bits in args.bits for label in args.rows]
     todo = [
@@ -401,14 +447,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = Settings.of(args.full, args.n_samples, args.seed)
         machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "threads_per_row": args.threads}
         payload = {"full": args.full, "settings": settings.__dict__, "machine": machine, "rows": results}
         args.out.write_text(json.dumps(payload, indent=2))
 
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {
-            pool.submit(_run_subprocess, label, bits, args.full, args.threads, args.n_samples, args.seed): (label, bits)
+            pool.submit(_run_subprocess, label, bits, args.full, args.threads, settings): (label, bits)
             for label, bits in todo
         }
         for future, (label, bits) in futures.items():
