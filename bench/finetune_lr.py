@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(str(prepare_smollm2()))
-    windows, texts = _data(tokenizer, Settings.of(False))
+    windows, texts = _data(tokenizer, Settings.of(False), model)
 
     def measure(m: torch.nn.Module) -> dict[str, float]:
         return {name: perplexity(m, w, 4, "cpu") for name, w in texts.items()}

@@ -287,17 +287,13 @@ def sampled_windows(model: torch.nn.Module, ids: torch.Tensor, n: int, seq_len: 
     return out[:, :seq_len].cpu()
 
 
-def _data(
-    tokenizer: Any, settings: Settings, model: torch.nn.Module | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _data(tokenizer: Any, settings: Settings, model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Calibration windows (with ``settings.generated`` windows sampled from ``model`` after the text's),
     and the windows each row is measured on: the held-out calibration-text windows (``held_out``) and
     the evaluation texts."""
     calibration = tokenize_file(tokenizer, austen_calibration_text())
     windows = calibration_windows(calibration, settings.n_samples, settings.seq_len, settings.seed)
     if settings.generated:
-        if model is None:
-            raise ValueError("generated calibration windows need the float model")
         sampled = sampled_windows(model, calibration, settings.generated, settings.seq_len, settings.seed)
         windows = torch.cat([windows, sampled])
     cap = settings.eval_windows or None
@@ -345,6 +341,14 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
     result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
     result.setdefault("peak_host_mb", peak_host_mb())
     return result
+
+
+def _same_settings(saved: dict[str, Any], full: bool, settings: Settings) -> bool:
+    """Whether a results file was measured with these settings, so its rows can be kept."""
+    try:
+        return bool(saved["full"] == full and Settings(**saved["settings"]) == settings)
+    except (KeyError, TypeError):  # no file, or one written before a setting existed
+        return False
 
 
 def _key(label: str, bits: int | None) -> str:
@@ -431,13 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     prepare_smollm2()
     austen_calibration_text()
     saved = json.loads(args.out.read_text()) if args.out.is_file() and not args.fresh else {}
-    saved_settings = saved.get("settings", {})
-    same_settings = (
-        saved.get("full") == args.full
-        and saved_settings.get("seed", SEED) == args.seed
-        and saved_settings.get("generated", 0) == args.generated
-    )
-    results: dict[str, Any] = saved.get("rows", {}) if same_settings else {}
+    results: dict[str, Any] = saved.get("rows", {}) if _same_settings(saved, args.full, settings) else {}
     todo = [("fp32", None)] + [(label, bits) for bits in args.bits for label in args.rows]
     todo = [
         (label, bits)
