@@ -57,6 +57,7 @@ from quant_core.quantizer import QuantSpec
 
 RESULTS = Path(__file__).with_name("results") / "quality.json"
 EVAL_TEXTS = ("persuasion", "brown")
+AUSTEN = "austen"  # the four Austen novels other than Persuasion (bench.assets.austen_calibration_text)
 # Windows of the calibration text drawn with another seed: what a default may be chosen on (the
 # evaluation texts never are). A held-out window can overlap a calibration window (a few percent).
 HELD_OUT_SEED = 12345
@@ -250,15 +251,23 @@ class Settings:
     eval_windows: int
     seed: int = SEED  # draws the calibration windows and every random choice of the method
     generated: int = 0  # windows the float model samples itself, added to the calibration windows
+    calibration: str = AUSTEN  # the text the calibration windows come from
 
     @classmethod
-    def of(cls, full: bool, n_samples: int | None = None, seed: int = SEED, generated: int = 0) -> Settings:
+    def of(
+        cls, full: bool, n_samples: int | None = None, seed: int = SEED, generated: int = 0, calibration: str = AUSTEN
+    ) -> Settings:
         chosen = cls(128, 512, 0) if full else cls(16, 512, 10)
-        return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed, generated)
+        if calibration in EVAL_TEXTS and not chosen.eval_windows:
+            raise SystemExit(f"--calibration {calibration}: with --full every window of it is evaluated")
+        return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed, generated, calibration)
 
     def flags(self) -> list[str]:
         """The command-line flags that give these settings to a row's process."""
-        return ["--n-samples", str(self.n_samples), "--seed", str(self.seed), "--generated", str(self.generated)]
+        return [
+            *("--n-samples", str(self.n_samples), "--seed", str(self.seed), "--generated", str(self.generated)),
+            *("--calibration", self.calibration),
+        ]
 
 
 @torch.no_grad()
@@ -287,17 +296,28 @@ def sampled_windows(model: torch.nn.Module, ids: torch.Tensor, n: int, seq_len: 
     return out[:, :seq_len].cpu()
 
 
+def _calibration_ids(tokenizer: Any, settings: Settings, austen: torch.Tensor) -> torch.Tensor:
+    """The token stream the calibration windows are drawn from: the Austen corpus, or another text
+    past the windows evaluated on it (``--calibration brown`` asks how much of a text's gap is its
+    domain rather than the method, by calibrating on that text's own unevaluated part)."""
+    if settings.calibration == AUSTEN:
+        return austen
+    ids = tokenize_file(tokenizer, text_path(settings.calibration))
+    return ids[settings.eval_windows * settings.seq_len :] if settings.calibration in EVAL_TEXTS else ids
+
+
 def _data(tokenizer: Any, settings: Settings, model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Calibration windows (with ``settings.generated`` windows sampled from ``model`` after the text's),
-    and the windows each row is measured on: the held-out calibration-text windows (``held_out``) and
-    the evaluation texts."""
-    calibration = tokenize_file(tokenizer, austen_calibration_text())
-    windows = calibration_windows(calibration, settings.n_samples, settings.seq_len, settings.seed)
+    and the windows each row is measured on: held-out windows of the Austen corpus (``held_out``,
+    whatever the calibration text) and the evaluation texts."""
+    austen = tokenize_file(tokenizer, austen_calibration_text())
+    source = _calibration_ids(tokenizer, settings, austen)
+    windows = calibration_windows(source, settings.n_samples, settings.seq_len, settings.seed)
     if settings.generated:
-        sampled = sampled_windows(model, calibration, settings.generated, settings.seq_len, settings.seed)
+        sampled = sampled_windows(model, source, settings.generated, settings.seq_len, settings.seed)
         windows = torch.cat([windows, sampled])
     cap = settings.eval_windows or None
-    evals = {"held_out": calibration_windows(calibration, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED)}
+    evals = {"held_out": calibration_windows(austen, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED)}
     for name in EVAL_TEXTS:
         evals[name] = evaluation_windows(tokenize_file(tokenizer, text_path(name)), settings.seq_len, cap)
     return windows, evals
@@ -423,12 +443,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--generated", type=int, default=0, help="windows the float model samples, added to the calibration windows"
     )
+    parser.add_argument(
+        "--calibration",
+        default=AUSTEN,
+        help="text of the calibration windows: austen, or a text's name (its evaluated windows are skipped)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = Settings.of(args.full, args.n_samples, args.seed, args.generated)
+    settings = Settings.of(args.full, args.n_samples, args.seed, args.generated, args.calibration)
     if args.one:
         print(json.dumps(run_row(args.one, args.one_bits, args.full, settings)))
         return
