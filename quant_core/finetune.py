@@ -233,7 +233,8 @@ def calibrate_then_tune(
     report("recording the full-precision model's outputs for end-to-end tuning")
     teacher = record_teacher(model, windows, device)
     calibrated = calibrate()
-    report(f"end-to-end tuning: {options.epochs} epochs, loss {options.loss}")
+    epochs = f"{options.epochs} epoch{'s' if options.epochs > 1 else ''}"
+    report(f"end-to-end tuning: {epochs}, loss {options.loss}")
     stats = tune_end_to_end(
         model,
         windows,
