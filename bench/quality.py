@@ -258,8 +258,6 @@ class Settings:
         cls, full: bool, n_samples: int | None = None, seed: int = SEED, generated: int = 0, calibration: str = AUSTEN
     ) -> Settings:
         chosen = cls(128, 512, 0) if full else cls(16, 512, 10)
-        if calibration in EVAL_TEXTS and not chosen.eval_windows:
-            raise SystemExit(f"--calibration {calibration}: with --full every window of it is evaluated")
         return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed, generated, calibration)
 
     def flags(self) -> list[str]:
@@ -452,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.full and args.calibration in EVAL_TEXTS:
+        parser.error(f"--calibration {args.calibration}: with --full every window of it is evaluated")
     torch.set_num_threads(args.threads)
     settings = Settings.of(args.full, args.n_samples, args.seed, args.generated, args.calibration)
     if args.one:
