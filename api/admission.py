@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -54,27 +56,32 @@ class LoopLag:
     A timer due every ``LAG_TICK_S`` measures the loop's lateness. Lateness is charged in proportion
     to the share of the elapsed time this process spent on the CPU, so a loop that is late because
     other processes had the cores (a busy machine, a browser beside a test server) is not taken
-    for an overloaded server, while one late because it is busy answering requests is. It is then
-    averaged over the last few ticks (exponentially, weight ``SMOOTHING`` on the newest), so one
-    pause (a garbage collection, one slow query) does not refuse a burst while a sustained overload
-    does within a few ticks; a tick overdue right now counts as it stands, so requests are refused
-    while the loop is stuck far behind, before any tick could tell.
+    for an overloaded server, while one late because it is busy answering requests is. The lag is
+    the median of the last ``WINDOW`` ticks: a pause that has ended (the first request of a new
+    process, a garbage collection, one slow query: one or two late ticks, however late) refuses
+    nothing once the loop has caught up, where an average would stay above the bound for as many
+    ticks as the pause was long; a sustained overload makes most ticks late and refuses within three.
+    A tick overdue right now counts as it stands, so requests are refused while the loop is stuck
+    far behind, before any tick could tell.
     """
 
-    SMOOTHING = 0.2
+    WINDOW = 5
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.average = 0.0
+        self.recent = self._on_time()
         self.next_due = 0.0
         self.last_tick = 0.0
         self.last_cpu = 0.0
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.average = loop, 0.0
+        self.loop, self.recent = loop, self._on_time()
         self.last_tick, self.last_cpu = loop.time(), time.process_time()
         self.next_due = self.last_tick + LAG_TICK_S
         loop.call_at(self.next_due, self._tick)
+
+    def _on_time(self) -> deque[float]:
+        return deque([0.0] * self.WINDOW, maxlen=self.WINDOW)
 
     def _own_lateness(self, now: float, cpu: float) -> float:
         """Lateness of the tick due at ``next_due``, times our CPU share of the time since the last tick."""
@@ -84,18 +91,18 @@ class LoopLag:
     def _tick(self) -> None:
         assert self.loop is not None
         now, cpu = self.loop.time(), time.process_time()
-        self.average += self.SMOOTHING * (self._own_lateness(now, cpu) - self.average)
+        self.recent.append(self._own_lateness(now, cpu))
         self.last_tick, self.last_cpu = now, cpu
         self.next_due = now + LAG_TICK_S
         self.loop.call_at(self.next_due, self._tick)
 
     def seconds(self) -> float:
-        """The recent average lateness, or that of the tick overdue now if larger (starts on first use)."""
+        """The recent ticks' median lateness, or that of the tick overdue now if larger (starts on first use)."""
         loop = asyncio.get_running_loop()
         if self.loop is not loop:  # first request, or a new loop (tests): start ticking on this one
             self._start(loop)
             return 0.0
-        return max(self.average, self._own_lateness(loop.time(), time.process_time()))
+        return max(statistics.median(self.recent), self._own_lateness(loop.time(), time.process_time()))
 
 
 class AdmissionControl:

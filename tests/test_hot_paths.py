@@ -257,6 +257,24 @@ def test_a_loop_lagging_from_its_own_work_refuses_until_it_catches_up_and_health
     assert asyncio.run(scenario()) == [200, 503, 200, 200]
 
 
+def test_one_pause_that_has_ended_refuses_nothing_but_a_sustained_lag_refuses() -> None:
+    """A new process's first request, or a collection, stalls the loop once; overload keeps it behind."""
+
+    async def scenario() -> list[int]:
+        app = AdmissionControl(_ok, limit=0, max_lag_s=0.02)
+        statuses = [await _status(app)]
+        _burn(0.5)  # one tick 490 ms late from our own work ...
+        await asyncio.sleep(0.05)  # ... then the loop catches up: a few ticks on time
+        statuses.append(await _status(app))
+        for _ in range(6):  # every tick about 70 ms late, as when requests keep the loop busy
+            _burn(0.08)
+            await asyncio.sleep(0.001)  # the late tick runs; the next one is not yet due
+        statuses.append(await _status(app))
+        return statuses
+
+    assert asyncio.run(scenario()) == [200, 200, 503]
+
+
 def test_a_loop_late_only_because_the_process_was_off_the_cpu_admits() -> None:
     """A busy machine (other processes on the cores) delays the loop without this server being overloaded."""
 
