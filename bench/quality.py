@@ -252,19 +252,32 @@ class Settings:
     seed: int = SEED  # draws the calibration windows and every random choice of the method
     generated: int = 0  # windows the float model samples itself, added to the calibration windows
     calibration: str = AUSTEN  # the text the calibration windows come from
+    calib_seq_len: int = 0  # tokens per calibration window; 0: seq_len, the evaluation windows' length
 
     @classmethod
     def of(
-        cls, full: bool, n_samples: int | None = None, seed: int = SEED, generated: int = 0, calibration: str = AUSTEN
+        cls,
+        full: bool,
+        n_samples: int | None = None,
+        seed: int = SEED,
+        generated: int = 0,
+        calibration: str = AUSTEN,
+        calib_seq_len: int = 0,
     ) -> Settings:
         chosen = cls(128, 512, 0) if full else cls(16, 512, 10)
-        return cls(n_samples or chosen.n_samples, chosen.seq_len, chosen.eval_windows, seed, generated, calibration)
+        n = n_samples or chosen.n_samples
+        return cls(n, chosen.seq_len, chosen.eval_windows, seed, generated, calibration, calib_seq_len)
+
+    @property
+    def window_tokens(self) -> int:
+        """Tokens per calibration window."""
+        return self.calib_seq_len or self.seq_len
 
     def flags(self) -> list[str]:
         """The command-line flags that give these settings to a row's process."""
         return [
             *("--n-samples", str(self.n_samples), "--seed", str(self.seed), "--generated", str(self.generated)),
-            *("--calibration", self.calibration),
+            *("--calibration", self.calibration, "--calib-seq-len", str(self.calib_seq_len)),
         ]
 
 
@@ -310,9 +323,9 @@ def _data(tokenizer: Any, settings: Settings, model: torch.nn.Module) -> tuple[t
     whatever the calibration text) and the evaluation texts."""
     austen = tokenize_file(tokenizer, austen_calibration_text())
     source = _calibration_ids(tokenizer, settings, austen)
-    windows = calibration_windows(source, settings.n_samples, settings.seq_len, settings.seed)
+    windows = calibration_windows(source, settings.n_samples, settings.window_tokens, settings.seed)
     if settings.generated:
-        sampled = sampled_windows(model, source, settings.generated, settings.seq_len, settings.seed)
+        sampled = sampled_windows(model, source, settings.generated, settings.window_tokens, settings.seed)
         windows = torch.cat([windows, sampled])
     cap = settings.eval_windows or None
     evals = {"held_out": calibration_windows(austen, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED)}
@@ -446,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
         default=AUSTEN,
         help="text of the calibration windows: austen, or a text's name (its evaluated windows are skipped)",
     )
+    parser.add_argument(
+        "--calib-seq-len", type=int, default=0, help="tokens per calibration window (default: 512, as evaluated)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--one-bits", type=int, help=argparse.SUPPRESS)
@@ -453,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.full and args.calibration in EVAL_TEXTS:
         parser.error(f"--calibration {args.calibration}: with --full every window of it is evaluated")
     torch.set_num_threads(args.threads)
-    settings = Settings.of(args.full, args.n_samples, args.seed, args.generated, args.calibration)
+    settings = Settings.of(args.full, args.n_samples, args.seed, args.generated, args.calibration, args.calib_seq_len)
     if args.one:
         print(json.dumps(run_row(args.one, args.one_bits, args.full, settings)))
         return
