@@ -307,14 +307,17 @@ def sampled_windows(model: torch.nn.Module, ids: torch.Tensor, n: int, seq_len: 
     return out[:, :seq_len].cpu()
 
 
-def _calibration_ids(tokenizer: Any, settings: Settings, austen: torch.Tensor) -> torch.Tensor:
+def _calibration_ids(
+    tokenizer: Any, settings: Settings, austen: torch.Tensor, eval_ids: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The token stream the calibration windows are drawn from: the Austen corpus, or another text
     past the windows evaluated on it (``--calibration brown`` asks how much of a text's gap is its
     domain rather than the method, by calibrating on that text's own unevaluated part)."""
     if settings.calibration == AUSTEN:
         return austen
-    ids = tokenize_file(tokenizer, text_path(settings.calibration))
-    return ids[settings.eval_windows * settings.seq_len :] if settings.calibration in EVAL_TEXTS else ids
+    if settings.calibration in eval_ids:
+        return eval_ids[settings.calibration][settings.eval_windows * settings.seq_len :]
+    return tokenize_file(tokenizer, text_path(settings.calibration))
 
 
 def _data(tokenizer: Any, settings: Settings, model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -322,15 +325,16 @@ def _data(tokenizer: Any, settings: Settings, model: torch.nn.Module) -> tuple[t
     and the windows each row is measured on: held-out windows of the Austen corpus (``held_out``,
     whatever the calibration text) and the evaluation texts."""
     austen = tokenize_file(tokenizer, austen_calibration_text())
-    source = _calibration_ids(tokenizer, settings, austen)
+    eval_ids = {name: tokenize_file(tokenizer, text_path(name)) for name in EVAL_TEXTS}
+    source = _calibration_ids(tokenizer, settings, austen, eval_ids)
     windows = calibration_windows(source, settings.n_samples, settings.window_tokens, settings.seed)
     if settings.generated:
         sampled = sampled_windows(model, source, settings.generated, settings.window_tokens, settings.seed)
         windows = torch.cat([windows, sampled])
     cap = settings.eval_windows or None
     evals = {"held_out": calibration_windows(austen, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED)}
-    for name in EVAL_TEXTS:
-        evals[name] = evaluation_windows(tokenize_file(tokenizer, text_path(name)), settings.seq_len, cap)
+    for name, ids in eval_ids.items():
+        evals[name] = evaluation_windows(ids, settings.seq_len, cap)
     return windows, evals
 
 
