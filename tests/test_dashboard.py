@@ -72,9 +72,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(workdir: Path) -> Iterator[Stack]:
-    # The event-loop lag bound is tested in test_hot_paths; here the browser, the worker's jobs and
-    # the server share two cores, and a page refused with 503 would fail a test about the page.
-    with embedded_stack(workdir, env_extra={"SWQUANT_MAX_LOOP_LAG_MS": "0"}) as stack:
+    with embedded_stack(workdir) as stack:
         yield stack
 
 
