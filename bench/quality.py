@@ -131,6 +131,16 @@ ROWS = {
         ),
         Row("gptq+quip clip+e2e 1 epoch", "gptq", "mse", _GPTQ_QUIP_CLIP, finetune={"epochs": 1}),
         Row("gptq+quip clip+e2e 4 epochs", "gptq", "mse", _GPTQ_QUIP_CLIP, finetune={"epochs": 4}),
+        *(
+            Row(
+                f"gptq+quip clip+e2e 1 epoch on {n} windows",
+                "gptq",
+                "mse",
+                _GPTQ_QUIP_CLIP,
+                finetune={"epochs": 1, "n_samples": n},
+            )
+            for n in (32, 64)
+        ),
         Row("omniquant mse", "omniquant", "mse", {}, _OMNI_FULL),
         Row("omniquant mse_sw", "omniquant", "mse_sw", {}, _OMNI_FULL),
         Row("gptq clip one-pass", "gptq", "mse", {"clip_search": True, "true_sequential": False}),
@@ -199,6 +209,8 @@ E2E_ROWS = (
     "gptq+quip clip+e2e kd_sw",
     "gptq+quip clip+e2e 1 epoch",
     "gptq+quip clip+e2e 4 epochs",
+    "gptq+quip clip+e2e 1 epoch on 32 windows",
+    "gptq+quip clip+e2e 1 epoch on 64 windows",
     "gptq+quip clip+normtweak mse_sw+e2e",
 )
 OPT_IN_ROWS = (
@@ -320,14 +332,20 @@ def _calibration_ids(
     return tokenize_file(tokenizer, text_path(settings.calibration))
 
 
-def _data(tokenizer: Any, settings: Settings, model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Calibration windows (with ``settings.generated`` windows sampled from ``model`` after the text's),
-    and the windows each row is measured on: held-out windows of the Austen corpus (``held_out``,
-    whatever the calibration text) and the evaluation texts."""
+def _data(
+    tokenizer: Any, settings: Settings, model: torch.nn.Module, drawn: int | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``drawn`` calibration windows (``settings.n_samples`` by default; with ``settings.generated``
+    windows sampled from ``model`` after the text's), and the windows each row is measured on:
+    held-out windows of the Austen corpus (``held_out``, whatever the calibration text) and the
+    evaluation texts."""
+    drawn = drawn or settings.n_samples
+    if settings.generated and drawn != settings.n_samples:
+        raise SystemExit("--generated: not with a row whose tuning sees other windows than the blocks")
     austen = tokenize_file(tokenizer, austen_calibration_text())
     eval_ids = {name: tokenize_file(tokenizer, text_path(name)) for name in EVAL_TEXTS}
     source = _calibration_ids(tokenizer, settings, austen, eval_ids)
-    windows = calibration_windows(source, settings.n_samples, settings.window_tokens, settings.seed)
+    windows = calibration_windows(source, drawn, settings.window_tokens, settings.seed)
     if settings.generated:
         sampled = sampled_windows(model, source, settings.generated, settings.window_tokens, settings.seed)
         windows = torch.cat([windows, sampled])
@@ -343,10 +361,13 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
     seed = settings.seed
     model_dir = prepare_smollm2()
     model, tokenizer = load_model(str(model_dir))
-    windows, evals = _data(tokenizer, settings, model)
+    row = ROWS.get(label)
+    finetune = FinetuneOptions.from_dict(row.finetune if row is not None else {})
+    extra = finetune.windows_to_draw(settings.n_samples) - settings.n_samples  # only the tuning sees these
+    drawn, evals = _data(tokenizer, settings, model, settings.n_samples + extra)
+    windows = drawn[: drawn.shape[0] - extra]  # the blocks' (and a peer's)
     result: dict[str, Any] = {"label": label, "bits": bits}
     started = time.perf_counter()
-    row = ROWS.get(label)
     if row is not None and row.peer is not None and bits is not None:
         with tempfile.TemporaryDirectory() as work:
             peer = run_peer(row, bits, model_dir, windows, Path(work))
@@ -363,8 +384,8 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
         else:
             records, tuned = calibrate_then_tune(
                 model,
-                windows,
-                FinetuneOptions.from_dict(row.finetune),
+                finetune.tuning_windows(drawn, windows.shape[0]),
+                finetune,
                 GROUP_SIZE,
                 lambda: calibrate_blocks(model, windows, method, build_loss(row.loss, seed=seed), seed=seed),
                 seed=seed,

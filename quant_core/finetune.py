@@ -73,6 +73,11 @@ class FinetuneOptions(Options):
     lr: PositiveNumber = Field(3e-3, description="learning rate of the log step sizes (relative change per step)")
     norm_lr: PositiveNumber = Field(3e-4, description="learning rate of the normalization weights")
     batch_size: PositiveCount = Field(1, description="windows per optimizer step")
+    n_samples: Count = Field(
+        0,
+        description="calibration windows the tuning sees; 0: the blocks' windows (calib.n_samples); more: "
+        "those and further ones drawn the same way, while the blocks still see calib.n_samples",
+    )
     loss: Annotated[str, one_of(*MODEL_LOSSES)] = Field(
         "kd", description="kd: KL divergence of the next-token distributions; kd_sw adds SW on the last hidden states"
     )
@@ -85,6 +90,19 @@ class FinetuneOptions(Options):
     @property
     def enabled(self) -> bool:
         return self.epochs > 0
+
+    def windows_to_draw(self, calibration: int) -> int:
+        """How many calibration windows a job draws when its blocks see ``calibration`` of them."""
+        return max(calibration, self.n_samples) if self.enabled else calibration
+
+    def tuning_windows(self, drawn: Tensor, calibration: int) -> Tensor:
+        """The tuning's windows among ``drawn`` (:meth:`windows_to_draw`); the blocks' are the first ``calibration``.
+
+        Tuning on more windows than the blocks see buys the gains of more data where they are
+        cheapest: a window costs the tuning one step, and GPTQ a pass through every block and its
+        Hessians besides (bench/README.md, "Tuning on more windows than the blocks see").
+        """
+        return drawn[: self.n_samples or calibration]
 
     def build_loss(self, seed: int) -> Loss:
         return build_loss(self.loss, seed=seed)
@@ -329,6 +347,7 @@ def tune_end_to_end(
         "loss": loss_fn.name,
         "epochs": options.epochs,
         "steps": steps,
+        "windows": windows.shape[0],
         "grid_linears": len(grids),
         "norm_tensors": len(norms),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),

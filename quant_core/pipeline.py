@@ -108,7 +108,7 @@ class LoadedJob:
     blocks: nn.ModuleList
     lazy: LazyModel | None
     residency: StreamingBlocks | None
-    windows: torch.Tensor
+    windows: torch.Tensor  # the blocks' calib.n_samples first, then any more the end-to-end tuning asks for
     eval_seq_len: int
     eval_sets: dict[str, torch.Tensor]
     formats: tuple[str, ...]
@@ -160,9 +160,8 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
             )
         resources = method.check_resources(model, spec.calib.seq_len, spec.device)
     formats = export_formats_for(spec, method, model, blocks)
-    windows = calibration_windows(
-        tokenize_file(tokenizer, calib_path), spec.calib.n_samples, spec.calib.seq_len, spec.seed
-    )
+    drawn = spec.build_finetune().windows_to_draw(spec.calib.n_samples)
+    windows = calibration_windows(tokenize_file(tokenizer, calib_path), drawn, spec.calib.seq_len, spec.seed)
     eval_seq_len = spec.eval.seq_len or spec.calib.seq_len
     eval_sets = {
         name: evaluation_windows(tokenize_file(tokenizer, path), eval_seq_len, spec.eval.max_windows)
@@ -239,14 +238,15 @@ def calibrate(
         method_stats = {**job.resources, **trained}
     else:
         checkpoint = BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None
+        finetune = spec.build_finetune()
         records, tuned = calibrate_then_tune(
             job.model,
-            job.windows,
-            spec.build_finetune(),
+            finetune.tuning_windows(job.windows, spec.calib.n_samples),
+            finetune,
             spec.quant.group_size,
             lambda: calibrate_blocks(
                 job.model,
-                job.windows,
+                job.windows[: spec.calib.n_samples],
                 method,
                 record_loss,
                 device=spec.device,

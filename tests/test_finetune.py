@@ -203,3 +203,36 @@ def test_a_tuned_job_reports_the_stage_and_packs_the_tuned_scales(tiny_llama_dir
         fake = AutoModelForCausalLM.from_pretrained(tmp_path / "model")(ids).logits
         packed = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")(ids).logits
     torch.testing.assert_close(packed, fake, rtol=0, atol=1e-5 * fake.abs().max().item())
+
+
+def test_tuning_on_more_windows_draws_them_after_the_blocks_own_and_leaves_the_blocks_as_they_were(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    base = {
+        "model": str(tiny_llama_dir),
+        "quant": SPEC,
+        "method": "gptq",
+        "calib": CalibSpec(n_samples=2, seq_len=32),
+        "eval": EvalSpec(max_windows=1),
+        "export_formats": ("fake_quant",),
+    }
+    alone = run_job(JobSpec(**base), tmp_path / "alone", JobHooks())
+    more = run_job(JobSpec(**base, finetune={"epochs": 1, "n_samples": 5}), tmp_path / "more", JobHooks())
+    fewer = run_job(JobSpec(**base, finetune={"epochs": 2, "n_samples": 1}), tmp_path / "fewer", JobHooks())
+    blocks = [(r.loss_before, r.loss_after, r.mse_before, r.mse_after) for r in alone.blocks]
+    for tuned in (more, fewer):  # the blocks saw the same two windows whatever the tuning sees
+        assert [(r.loss_before, r.loss_after, r.mse_before, r.mse_after) for r in tuned.blocks] == blocks
+    assert more.method_stats["finetune"]["windows"] == 5 and more.method_stats["finetune"]["steps"] == 5
+    assert more.calibration_tokens == 5 * 32 and alone.calibration_tokens == 2 * 32
+    assert fewer.method_stats["finetune"]["windows"] == 1 and fewer.method_stats["finetune"]["steps"] == 2
+    assert fewer.calibration_tokens == 2 * 32
+
+
+def test_the_tunings_windows_begin_with_the_blocks_own() -> None:
+    drawn = _windows(6)
+    options = FinetuneOptions(epochs=1, n_samples=6)
+    assert options.windows_to_draw(2) == 6 and FinetuneOptions(epochs=1).windows_to_draw(2) == 2
+    assert FinetuneOptions(n_samples=6).windows_to_draw(2) == 2  # no tuning, no extra windows
+    assert torch.equal(options.tuning_windows(drawn, 2), drawn)
+    assert torch.equal(FinetuneOptions(epochs=1).tuning_windows(drawn[:2], 2), drawn[:2])
+    assert torch.equal(FinetuneOptions(epochs=1, n_samples=1).tuning_windows(drawn[:2], 2), drawn[:1])
