@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from quant_core.errors import ConfigError
 
 CORPORA_DIR = Path(__file__).with_name("corpora")
+MAX_SAMPLES = 4096  # calibration windows a job may ask for (its blocks' or its tuning's)
 BUNDLED_TEXTS = {
     "austen": CORPORA_DIR / "austen_northanger.txt",
     "persuasion": CORPORA_DIR / "austen_persuasion.txt",

@@ -35,6 +35,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from quant_core.corpus import MAX_SAMPLES
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.loss_base import ModelOutputs
@@ -73,8 +74,11 @@ class FinetuneOptions(Options):
     lr: PositiveNumber = Field(3e-3, description="learning rate of the log step sizes (relative change per step)")
     norm_lr: PositiveNumber = Field(3e-4, description="learning rate of the normalization weights")
     batch_size: PositiveCount = Field(1, description="windows per optimizer step")
-    n_samples: Count = Field(
+    n_samples: int = Field(
         0,
+        ge=0,
+        le=MAX_SAMPLES,
+        strict=True,
         description="calibration windows the tuning sees; 0: the blocks' windows (calib.n_samples); more: "
         "those and further ones drawn the same way, while the blocks still see calib.n_samples",
     )

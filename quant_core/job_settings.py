@@ -21,13 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from quant_core.accuracy import MAX_TASKS, LmEvalSpec
+from quant_core.corpus import MAX_SAMPLES
 from quant_core.errors import ConfigError, config_error
 from quant_core.job import CalibSpec, DtypeName, EvalSpec, ExportFormat, JobSpec
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
 from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 
-MAX_SAMPLES = 4096
 MAX_SEQ_LEN = 32768
 AUTO_EXPORT: ExportFormat = "auto"
 SettingsT = TypeVar("SettingsT", bound=BaseModel)

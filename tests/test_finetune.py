@@ -172,6 +172,8 @@ def test_zero_epochs_is_the_default_and_the_job_refuses_what_it_cannot_tune() ->
         ({"method": "rtn", "finetune": {"epochs": -1}}, "finetune.epochs", "greater than or equal to 0"),
         ({"method": "rtn", "finetune": {"loss": "mse"}}, "finetune.loss", "kd"),
         ({"method": "rtn", "finetune": {"lr": True}}, "finetune.lr", "finite number"),
+        ({"method": "rtn", "finetune": {"n_samples": 4097}}, "finetune.n_samples", "less than or equal to 4096"),
+        ({"method": "rtn", "finetune": {"n_samples": 2.0}}, "finetune.n_samples", "valid integer"),
     ]
     for extra, field, words in cases:
         with pytest.raises(ConfigError, match=words) as caught:
