@@ -365,7 +365,7 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
     finetune = FinetuneOptions.from_dict(row.finetune if row is not None else {})
     extra = finetune.windows_to_draw(settings.n_samples) - settings.n_samples  # only the tuning sees these
     drawn, evals = _data(tokenizer, settings, model, settings.n_samples + extra)
-    windows = drawn[: drawn.shape[0] - extra]  # the blocks' (and a peer's)
+    windows, tuning_windows = finetune.split(drawn, drawn.shape[0] - extra)  # the blocks' (and a peer's) first
     result: dict[str, Any] = {"label": label, "bits": bits}
     started = time.perf_counter()
     if row is not None and row.peer is not None and bits is not None:
@@ -384,7 +384,7 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
         else:
             records, tuned = calibrate_then_tune(
                 model,
-                finetune.tuning_windows(drawn, windows.shape[0]),
+                tuning_windows,
                 finetune,
                 GROUP_SIZE,
                 lambda: calibrate_blocks(model, windows, method, build_loss(row.loss, seed=seed), seed=seed),

@@ -99,14 +99,14 @@ class FinetuneOptions(Options):
         """How many calibration windows a job draws when its blocks see ``calibration`` of them."""
         return max(calibration, self.n_samples) if self.enabled else calibration
 
-    def tuning_windows(self, drawn: Tensor, calibration: int) -> Tensor:
-        """The tuning's windows among ``drawn`` (:meth:`windows_to_draw`); the blocks' are the first ``calibration``.
+    def split(self, drawn: Tensor, calibration: int) -> tuple[Tensor, Tensor]:
+        """The blocks' windows (the first ``calibration`` of ``drawn``, :meth:`windows_to_draw`) and the tuning's.
 
         Tuning on more windows than the blocks see buys the gains of more data where they are
-        cheapest: a window costs the tuning one step, and GPTQ a pass through every block and its
-        Hessians besides (bench/README.md, "Tuning on more windows than the blocks see").
+        cheapest: a window costs the tuning one step, and the blockwise method a pass through every
+        block (GPTQ's Hessians) besides (bench/README.md, "Tuning on more windows than the blocks see").
         """
-        return drawn[: self.n_samples or calibration]
+        return drawn[:calibration], drawn[: self.n_samples or calibration]
 
     def build_loss(self, seed: int) -> Loss:
         return build_loss(self.loss, seed=seed)

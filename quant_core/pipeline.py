@@ -239,14 +239,15 @@ def calibrate(
     else:
         checkpoint = BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None
         finetune = spec.build_finetune()
+        blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
         records, tuned = calibrate_then_tune(
             job.model,
-            finetune.tuning_windows(job.windows, spec.calib.n_samples),
+            tuning_windows,
             finetune,
             spec.quant.group_size,
             lambda: calibrate_blocks(
                 job.model,
-                job.windows[: spec.calib.n_samples],
+                blocks_windows,
                 method,
                 record_loss,
                 device=spec.device,

@@ -235,6 +235,8 @@ def test_the_tunings_windows_begin_with_the_blocks_own() -> None:
     options = FinetuneOptions(epochs=1, n_samples=6)
     assert options.windows_to_draw(2) == 6 and FinetuneOptions(epochs=1).windows_to_draw(2) == 2
     assert FinetuneOptions(n_samples=6).windows_to_draw(2) == 2  # no tuning, no extra windows
-    assert torch.equal(options.tuning_windows(drawn, 2), drawn)
-    assert torch.equal(FinetuneOptions(epochs=1).tuning_windows(drawn[:2], 2), drawn[:2])
-    assert torch.equal(FinetuneOptions(epochs=1, n_samples=1).tuning_windows(drawn[:2], 2), drawn[:1])
+    cases = [(options, drawn, drawn), (FinetuneOptions(epochs=1), drawn[:2], drawn[:2])]
+    cases.append((FinetuneOptions(epochs=1, n_samples=1), drawn[:2], drawn[:1]))
+    for chosen, given, tuning in cases:
+        blocks_part, tuning_part = chosen.split(given, 2)
+        assert torch.equal(blocks_part, drawn[:2]) and torch.equal(tuning_part, tuning)
