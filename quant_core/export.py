@@ -7,9 +7,10 @@ Layout written for each quantized ``nn.Linear`` (``PackedQuantizationCompressor`
   is stored as ``q + 2^(b-1)`` and packed densely, 32 codes into ``b`` words, a code crossing a word
   boundary when ``b`` does not divide 32. Dense packing of 3/5/6/7 bits dates from compressed-tensors
   0.17 (before, those widths were padded to ``32 // b`` codes a word); 2, 4 and 8 bits never changed.
-- ``weight_scale``, float32 ``[out, groups]``: the grid's own precision. Loaders cast it to the dtype
-  they compute in; transformers' ``dequantize`` load computes ``(q - zero) * scale`` in float32 and
-  rounds once to the model dtype, which is how the fake-quantized weight was made.
+- ``weight_scale``, ``[out, groups]`` in the dtype of the model's other weights (the job's export
+  dtype, half precision by default: quant_core.export_dtype rounded the scales to it before the model
+  was scored). transformers' ``dequantize`` load computes ``(q - zero) * scale`` in float32 and rounds
+  once to the model dtype, which is how the fake-quantized weight was made.
 - ``weight_zero_point`` (asymmetric grids only): the signed integer zero points packed the same way
   but along the output dimension, int32 ``[ceil(out * b / 32), groups]``.
 - ``weight_shape``, int64 ``[out, in]``.
@@ -190,11 +191,13 @@ def _packed_layer(
 ) -> dict[str, Tensor]:
     """One layer's packed tensors, after checking that its grid reproduces its weight."""
     weight = weight.detach().cpu()
-    scale, zero = scale.detach().cpu().float(), zero.detach().cpu().float()
+    stored_scale = scale.detach().cpu().to(weight.dtype)  # what a loader multiplies by
+    scale, zero = stored_scale.float(), zero.detach().cpu().float()
     _check_on_grid(name, weight, scale, zero, spec)
-    return PackedQuantizationCompressor.compress(
+    packed = PackedQuantizationCompressor.compress(
         {"weight": weight.float(), "weight_scale": scale, "weight_zero_point": zero.to(torch.int8)}, scheme
     )
+    return {**packed, "weight_scale": stored_scale}
 
 
 def _check_on_grid(name: str, weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from quant_core.accuracy import LmEvalSpec
 from quant_core.errors import ConfigError
+from quant_core.export_dtype import EXPORT_DTYPES
 from quant_core.finetune import FinetuneOptions
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
@@ -102,6 +103,7 @@ class JobSpec:
     lazy_load: bool = False  # stream blocks from the safetensors shards: for models larger than memory
     trust_remote_code: bool = False
     export_formats: tuple[str, ...] = ("auto",)
+    export_dtype: str = "auto"  # the checkpoint's floats (quant_core.export_dtype)
     finetune: Mapping[str, Any] = field(default_factory=dict)  # end-to-end tuning after calibration
 
     def __post_init__(self) -> None:
@@ -119,6 +121,14 @@ class JobSpec:
         if self.lazy_load and self.eval.lm_eval is not None:
             raise ConfigError(
                 "lm-eval needs the whole model in memory; it is not available with lazy_load", "lazy_load"
+            )
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"export_dtype must be one of: {', '.join(EXPORT_DTYPES)}", "export_dtype")
+        if self.lazy_load and self.export_dtype not in ("auto", self.dtype):
+            raise ConfigError(
+                f"streamed blocks are written as calibrated, in dtype {self.dtype}: with lazy_load, export_dtype "
+                f"must be auto or {self.dtype}",
+                "export_dtype",
             )
         if self.lazy_load and "pack_quantized" in self.export_formats:
             raise ConfigError("pack_quantized export is not available with lazy_load yet", "export_formats")

@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from quant_core.accuracy import MAX_TASKS, LmEvalSpec
 from quant_core.corpus import MAX_SAMPLES
 from quant_core.errors import ConfigError, config_error
+from quant_core.export_dtype import ExportDtypeName
 from quant_core.job import CalibSpec, DtypeName, EvalSpec, ExportFormat, JobSpec
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
@@ -145,6 +146,12 @@ class JobSettings(_Section):
         description="auto (pack_quantized where the format can hold the result, else fake_quant), or "
         "fake_quant (dequantized floats) and/or pack_quantized (int codes in compressed-tensors, for vLLM)",
     )
+    export_dtype: Annotated[ExportDtypeName, Flag("--export-dtype")] = Field(
+        "auto",
+        title="Export dtype",
+        description="the checkpoint's floats (weights of fake_quant, scales, norms, embeddings); auto: float16 "
+        "for a float16 model, else bfloat16; the quantized model is scored as stored",
+    )
     finetune: Annotated[dict[str, Any], Flag("--finetune", "key_value")] = Field(
         default_factory=dict,
         title="End-to-end tuning",
@@ -189,6 +196,7 @@ class JobSettings(_Section):
                 dtype=self.dtype,
                 lazy_load=self.lazy_load,
                 export_formats=tuple(dict.fromkeys(self.export_formats)),
+                export_dtype=self.export_dtype,
                 finetune=self.finetune,
             )
         except ConfigError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.errors import ConfigError
 
@@ -32,6 +32,18 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: cannot load '{source}': {exc}", "model") from exc
     return model, tokenizer
+
+
+def declared_dtype(source: str, trust_remote_code: bool = False) -> torch.dtype | None:
+    """The dtype the model's own config says its weights are in (None when it says none): loading
+    in another dtype for calibration overwrites it on the loaded config."""
+    try:
+        declared = getattr(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code), "dtype", None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model: cannot read the config of '{source}': {exc}", "model") from exc
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else None
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

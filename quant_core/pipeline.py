@@ -27,13 +27,21 @@ from quant_core.corpus import calibration_windows, evaluation_windows, resolve_t
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
+from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
 from quant_core.finetune import calibrate_then_tune
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
 from quant_core.losses import Loss
 from quant_core.methods.base import QuantMethod
 from quant_core.model_card import write_model_cards
-from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR, load_model, load_tokenizer, save_fake_quant
+from quant_core.model_io import (
+    FAKE_QUANT_DIR,
+    PACKED_DIR,
+    declared_dtype,
+    load_model,
+    load_tokenizer,
+    save_fake_quant,
+)
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
 from quant_core.progress import PhaseProgress
@@ -112,6 +120,7 @@ class LoadedJob:
     eval_seq_len: int
     eval_sets: dict[str, torch.Tensor]
     formats: tuple[str, ...]
+    export_dtype: torch.dtype  # what the checkpoint's floats are stored in (streamed blocks: as calibrated)
     resources: dict[str, Any]  # a whole-model method's memory estimate
 
 
@@ -167,7 +176,14 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
         name: evaluation_windows(tokenize_file(tokenizer, path), eval_seq_len, spec.eval.max_windows)
         for name, path in eval_paths.items()
     }
-    return LoadedJob(model, tokenizer, blocks, lazy, residency, windows, eval_seq_len, eval_sets, formats, resources)
+    export_dtype = (
+        DTYPES[spec.dtype]
+        if spec.lazy_load
+        else resolve_export_dtype(spec.export_dtype, declared_dtype(spec.model, spec.trust_remote_code))
+    )
+    return LoadedJob(
+        model, tokenizer, blocks, lazy, residency, windows, eval_seq_len, eval_sets, formats, export_dtype, resources
+    )
 
 
 def evaluate(
@@ -276,12 +292,15 @@ def export(spec: JobSpec, job: LoadedJob, written: Path | None, out_dir: Path) -
     """Write the checkpoint in each format the job takes; paths relative to ``out_dir``, since the
     report travels with the folders, not with the worker's disk."""
     exports: dict[str, Export] = {}
+    dtype = {"dtype": str(job.export_dtype).removeprefix("torch.")}
+    if written is None:
+        nn.Module.to(job.model, job.export_dtype)  # exact: round_to_export_dtype left every value representable
     if written is not None or "fake_quant" in job.formats:
         path = written if written is not None else save_fake_quant(job.model, job.tokenizer, out_dir)
-        exports["fake_quant"] = Export(str(path.relative_to(out_dir)))
+        exports["fake_quant"] = Export(str(path.relative_to(out_dir)), dtype)
     if "pack_quantized" in job.formats:
         path, details = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
-        exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), details)
+        exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), {**details, **dtype})
     return exports
 
 
@@ -303,6 +322,8 @@ def run_job(
     before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None)
     calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir)
     written = calibration.written
+    if written is None:  # scored as it will be stored
+        round_to_export_dtype(job.model, job.export_dtype, spec.quant)
     after = evaluate(spec, job, hooks, True, ShardedWeights(written) if written is not None else None)
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,11 @@ from tests.tiny_models import VOCAB, build_model
 LOGIT_RTOL = 1e-5
 
 
-def fake_quantize_blocks(model: torch.nn.Module, spec: QuantSpec) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Put every linear of the decoder blocks on the grid, returning each layer's ``(scale, zero)``."""
+def fake_quantize_blocks(
+    model: torch.nn.Module, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Put every linear of the decoder blocks on the grid, returning each layer's ``(scale, zero)``;
+    scales rounded to ``scale_dtype`` (a half-precision checkpoint stores them so)."""
     blocks = find_decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     qparams = {}
@@ -33,6 +36,7 @@ def fake_quantize_blocks(model: torch.nn.Module, spec: QuantSpec) -> dict[str, t
                 weight = weight_matrix(layer)
                 grouped = group_columns(weight, spec.group_size)
                 scale, zero = scale_and_zero(grouped, spec)
+                scale = scale.to(scale_dtype).float()
                 quantized = dequantize(grid_codes(grouped, scale, zero, spec), scale, zero)
                 layer.weight.copy_(stored_layout(layer, ungroup_columns(quantized, weight.shape[1])))
                 qparams[f"{prefix}.{index}.{name}"] = (scale.squeeze(-1), zero.squeeze(-1))
@@ -66,7 +70,7 @@ def test_loaded_checkpoint_reproduces_fake_quant_logits(tmp_path, bits, symmetri
 def test_bfloat16_model_reloads_with_the_same_logits(tmp_path, bits):
     model = build_model("llama")
     spec = QuantSpec(bits, False, 32)
-    qparams = fake_quantize_blocks(model, spec)
+    qparams = fake_quantize_blocks(model, spec, torch.bfloat16)
     model.to(torch.bfloat16)
     model.save_pretrained(tmp_path / "dense")
 
@@ -138,7 +142,7 @@ def test_layer_tensors_have_the_layout_vllm_reads(tmp_path, symmetric):
 def test_packed_weights_take_bits_over_16_of_fp16(tmp_path, bits):
     model = build_model("llama")
     spec = QuantSpec(bits, True, 32)
-    qparams = fake_quantize_blocks(model, spec)
+    qparams = fake_quantize_blocks(model, spec, torch.float16)
     model.half()
 
     export_pack_quantized(model, qparams, spec, tmp_path)
@@ -147,9 +151,9 @@ def test_packed_weights_take_bits_over_16_of_fp16(tmp_path, bits):
     packed = sum(v.nbytes for k, v in tensors.items() if k.endswith(".weight_packed"))
     scales = [v for k, v in tensors.items() if k.endswith(".weight_scale")]
     fp16 = sum(model.get_submodule(name).weight.numel() * 2 for name in qparams)
-    assert all(scale.dtype == torch.float32 for scale in scales)
+    assert all(scale.dtype == torch.float16 for scale in scales)  # the model's dtype
     assert packed / fp16 == bits / 16
-    assert sum(scale.nbytes for scale in scales) / fp16 == 1 / 16  # one fp32 scale per group of 32 weights
+    assert sum(scale.nbytes for scale in scales) / fp16 == 1 / 32  # one fp16 scale per group of 32 weights
 
 
 def test_ragged_last_group_is_refused(tmp_path):
