@@ -193,14 +193,14 @@ def _packed_layer(
     weight = weight.detach().cpu()
     stored_scale = scale.detach().cpu().to(weight.dtype)  # what a loader multiplies by
     scale, zero = stored_scale.float(), zero.detach().cpu().float()
-    _check_on_grid(name, weight, scale, zero, spec)
+    check_on_grid(name, weight, scale, zero, spec)
     packed = PackedQuantizationCompressor.compress(
         {"weight": weight.float(), "weight_scale": scale, "weight_zero_point": zero.to(torch.int8)}, scheme
     )
     return {**packed, "weight_scale": stored_scale}
 
 
-def _check_on_grid(name: str, weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> None:
+def check_on_grid(name: str, weight: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> None:
     """Raise unless ``(code - zero) * scale`` gives back ``weight`` to its dtype's round-off.
 
     The tolerance is one unit of the weight dtype's relative precision of the grid value, so fp32

@@ -17,6 +17,7 @@ from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
 from quant_core.methods.base import method_class
 from quant_core.quantizer import QuantSpec
+from quant_core.runtimes import RUNTIMES
 
 
 @contextmanager
@@ -76,8 +77,8 @@ class EvalSpec:
 
 # ``auto``: the packed checkpoint wherever compressed-tensors can hold the result, else the
 # fake-quantized one (rotated weights, streamed blocks, layers the format refuses); see
-# pipeline.export_formats_for.
-ExportFormat = Literal["auto", "fake_quant", "pack_quantized"]
+# pipeline.export_formats_for. ``gguf``: llama.cpp's file (quant_core.gguf_export).
+ExportFormat = Literal["auto", "fake_quant", "pack_quantized", "gguf"]
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 # Dtype the model is loaded and run in. Quantization parameters, Hessians and losses stay in float32
 # whatever this is; bfloat16 halves the memory of weights and activations on a GPU.
@@ -104,6 +105,7 @@ class JobSpec:
     trust_remote_code: bool = False
     export_formats: tuple[str, ...] = ("auto",)
     export_dtype: str = "auto"  # the checkpoint's floats (quant_core.export_dtype)
+    targets: tuple[str, ...] = ()  # runtimes the checkpoint must run in, scored there after the job
     finetune: Mapping[str, Any] = field(default_factory=dict)  # end-to-end tuning after calibration
 
     def __post_init__(self) -> None:
@@ -130,8 +132,14 @@ class JobSpec:
                 f"must be auto or {self.dtype}",
                 "export_dtype",
             )
-        if self.lazy_load and "pack_quantized" in self.export_formats:
-            raise ConfigError("pack_quantized export is not available with lazy_load yet", "export_formats")
+        unknown = [t for t in self.targets if t not in RUNTIMES]
+        if unknown:
+            raise ConfigError(f"targets must be some of: {', '.join(RUNTIMES)}", "targets")
+        for packed in ("pack_quantized", "gguf"):
+            if self.lazy_load and packed in self.export_formats:
+                raise ConfigError(f"{packed} export is not available with lazy_load yet", "export_formats")
+        if self.lazy_load and self.targets:
+            raise ConfigError("runtime targets need a packed export, not available with lazy_load yet", "targets")
         if self.loss is None:
             object.__setattr__(self, "loss", method_class(self.method).default_loss)
         block_size = self.loss_options.get("sw_block_size")

@@ -28,6 +28,7 @@ from quant_core.job import CalibSpec, DtypeName, EvalSpec, ExportFormat, JobSpec
 from quant_core.losses import LOSSES
 from quant_core.methods import METHODS
 from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
+from quant_core.runtimes import RuntimeName
 
 MAX_SEQ_LEN = 32768
 AUTO_EXPORT: ExportFormat = "auto"
@@ -142,9 +143,16 @@ class JobSettings(_Section):
     export_formats: Annotated[list[ExportFormat], Flag("--export")] = Field(
         default_factory=lambda: [AUTO_EXPORT],
         min_length=1,
-        max_length=2,
-        description="auto (pack_quantized where the format can hold the result, else fake_quant), or "
-        "fake_quant (dequantized floats) and/or pack_quantized (int codes in compressed-tensors, for vLLM)",
+        max_length=3,
+        description="auto (pack_quantized where the format can hold the result, else fake_quant), or some of "
+        "fake_quant (dequantized floats), pack_quantized (int codes in compressed-tensors, for vLLM and "
+        "transformers) and gguf (llama.cpp's blocks, 4/5-bit or symmetric 8-bit, groups of 32k)",
+    )
+    targets: Annotated[list[RuntimeName], Flag("--targets")] = Field(
+        default_factory=list,
+        title="Runtime targets",
+        description="runtimes the checkpoint must run in (vllm, llama.cpp, transformers): the grid is checked "
+        "against each before calibration, the format each loads is written, and each scores it after the job",
     )
     export_dtype: Annotated[ExportDtypeName, Flag("--export-dtype")] = Field(
         "auto",
@@ -197,6 +205,7 @@ class JobSettings(_Section):
                 lazy_load=self.lazy_load,
                 export_formats=tuple(dict.fromkeys(self.export_formats)),
                 export_dtype=self.export_dtype,
+                targets=tuple(dict.fromkeys(self.targets)),
                 finetune=self.finetune,
             )
         except ConfigError as exc:

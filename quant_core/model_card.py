@@ -21,6 +21,7 @@ CARD_NAME = "README.md"
 FORMAT_TITLES = {
     "fake_quant": "fake-quantized (dequantized weights on the quantization grid, stored as floats)",
     "pack_quantized": "pack-quantized (integer codes packed in int32 with scales and zero points: compressed-tensors)",
+    "gguf": "GGUF for llama.cpp (integer codes in llama.cpp's blocks of 32 with float16 scales)",
 }
 
 
@@ -58,6 +59,13 @@ def _loading(export_format: str, export: Export) -> str:
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")\n'
         "```\n"
     )
+    if export_format == "gguf":
+        name = export.details.get("file", "model.gguf")
+        return (
+            f"llama.cpp runs it as it is ({export.details.get('block_type')} blocks): `llama-server -m {name}` "
+            f"serves it over an OpenAI-style HTTP API, `llama-cli -m {name}` chats, and from Python "
+            f'`llama_cpp.Llama(model_path="{name}")` (llama-cpp-python).\n'
+        )
     if export_format == "fake_quant":
         return (
             "The weights are ordinary floating-point tensors whose values lie on the quantization grid, so "
@@ -131,9 +139,30 @@ Perplexity of the base model and of this one on the same windows of {report.eval
 | --- | --- | --- | --- |
 {rows}
 {_accuracy_table(report.lm_eval)}
+{_runtime_table(report)}
 ## How to load it
 
 {_loading(export_format, report.exports[export_format])}"""
+
+
+def _runtime_table(report: JobReport) -> str:
+    """The job's target runtimes and what each scored, or why it did not run."""
+    if not report.runtimes:
+        return ""
+    rows = []
+    for runtime, score in report.runtimes.items():
+        if not score.ran or score.perplexity is None or score.relative_difference is None:
+            rows.append(f"| {runtime} | `{score.checkpoint}` | not run: {score.reason} | |")
+            continue
+        for text, value in score.perplexity.items():
+            difference = f"{score.relative_difference[text]:+.2%}"
+            rows.append(
+                f"| {runtime} ({score.runtime}) | `{score.checkpoint}` | {value:.2f} on {text} | {difference} |"
+            )
+    return (
+        "\nEach target runtime loaded its checkpoint and scored the same windows:\n\n"
+        "| runtime | checkpoint | perplexity | vs this report |\n| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n"
+    )
 
 
 def write_model_cards(out_dir: Path, report: JobReport) -> None:

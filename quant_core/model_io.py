@@ -15,6 +15,7 @@ from quant_core.errors import ConfigError
 
 FAKE_QUANT_DIR = "model"
 PACKED_DIR = "packed"
+GGUF_DIR = "gguf"
 
 
 def load_model(

@@ -29,6 +29,7 @@ from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
 from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
 from quant_core.finetune import calibrate_then_tune
+from quant_core.gguf_export import gguf_blockers, write_gguf
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
 from quant_core.losses import Loss
@@ -36,6 +37,7 @@ from quant_core.methods.base import QuantMethod
 from quant_core.model_card import write_model_cards
 from quant_core.model_io import (
     FAKE_QUANT_DIR,
+    GGUF_DIR,
     PACKED_DIR,
     declared_dtype,
     load_model,
@@ -46,6 +48,7 @@ from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import perplexity
 from quant_core.progress import PhaseProgress
 from quant_core.report import Export, JobReport, PerplexityPair, Seconds
+from quant_core.runtimes import FORMAT_FOR, RuntimeScore, score_checkpoint, target_blockers
 
 REPORT_NAME = "report.json"
 
@@ -90,20 +93,32 @@ def export_formats_for(
     ``auto`` takes the packed checkpoint, a quarter of the float model's size or less and what vLLM
     serves, wherever compressed-tensors can hold the result; otherwise the fake-quantized one:
     weights in a rotated basis, blocks streamed from disk, or layers the format refuses (Conv1D, a
-    ragged last group). An explicit ``pack_quantized`` that cannot be held is an error instead.
+    ragged last group). An explicit ``pack_quantized`` that cannot be held is an error instead, and
+    so is a runtime target (or an explicit ``gguf``) whose constraints the grid breaks.
     """
+    for runtime in spec.targets:
+        blockers = target_blockers(runtime, model.config, spec.quant, method.rotates)
+        if blockers:
+            raise ConfigError(f"targets: {runtime} cannot run this job's checkpoint: {'; '.join(blockers)}", "targets")
+    if "gguf" in spec.export_formats:
+        blockers = gguf_blockers(model.config, spec.quant, method.rotates)
+        if blockers:
+            raise ConfigError(f"gguf export: {'; '.join(blockers)}", "export_formats")
     auto = spec.export_formats == ("auto",)
-    if auto and (spec.lazy_load or method.rotates):
+    wanted = {FORMAT_FOR[runtime] for runtime in spec.targets}
+    if auto and not wanted and (spec.lazy_load or method.rotates):
         return ("fake_quant",)
-    if auto or "pack_quantized" in spec.export_formats:
+    formats = [] if auto else list(spec.export_formats)
+    if auto or "pack_quantized" in formats or "pack_quantized" in wanted:
         block_linears = {id(m) for m in quantizable_linears(blocks).values()}
         try:
             check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], spec.quant)
+            formats.append("pack_quantized")
         except ConfigError:
-            if not auto:
+            if not auto or "pack_quantized" in wanted:
                 raise
-            return ("fake_quant",)
-    return ("pack_quantized",) if auto else spec.export_formats
+            formats.append("fake_quant")
+    return tuple(dict.fromkeys([*formats, *sorted(wanted)]))
 
 
 @dataclass
@@ -301,7 +316,24 @@ def export(spec: JobSpec, job: LoadedJob, written: Path | None, out_dir: Path) -
     if "pack_quantized" in job.formats:
         path, details = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
         exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), {**details, **dtype})
+    if "gguf" in job.formats:
+        path, details = write_gguf(job.model, spec.quant, job.tokenizer, out_dir / GGUF_DIR)
+        details = {**details, "file": path.name, "bytes": path.stat().st_size}
+        exports["gguf"] = Export(str(path.parent.relative_to(out_dir)), details)
     return exports
+
+
+def score_in_runtimes(
+    spec: JobSpec, job: LoadedJob, exports: dict[str, Export], after: Evaluation, out_dir: Path, hooks: JobHooks
+) -> dict[str, RuntimeScore]:
+    """Each target runtime's perplexity of the checkpoint written for it, on the report's windows."""
+    scores = {}
+    for runtime in spec.targets:
+        hooks.stage(f"scoring the checkpoint in {runtime}")
+        written = exports[FORMAT_FOR[runtime]]
+        checkpoint = out_dir / written.path / written.details.get("file", "")  # a folder, or GGUF's one file
+        scores[runtime] = score_checkpoint(runtime, checkpoint, out_dir, job.eval_sets, after.perplexity)
+    return scores
 
 
 def run_job(
@@ -327,6 +359,7 @@ def run_job(
     after = evaluate(spec, job, hooks, True, ShardedWeights(written) if written is not None else None)
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
+    exports = export(spec, job, written, out_dir)
     report = JobReport(
         spec=spec,
         calibration_tokens=int(job.windows.numel()),
@@ -340,7 +373,8 @@ def run_job(
         peak_host_mb=peak_host_mb(),
         peak_device_mb=calibration.peak_device_mb,
         versions=library_versions(),
-        exports=export(spec, job, written, out_dir),
+        exports=exports,
+        runtimes=score_in_runtimes(spec, job, exports, after, out_dir, hooks),
     )
     (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     write_model_cards(out_dir, report)

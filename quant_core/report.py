@@ -11,6 +11,7 @@ from typing import Any
 
 from quant_core.engine import BlockRecord
 from quant_core.job import JobSpec
+from quant_core.runtimes import RuntimeScore
 
 # lm-eval scores per task and metric: the float model's value (None without a baseline) and the quantized one's.
 PairedScores = dict[str, dict[str, dict[str, float | None]]]
@@ -56,7 +57,8 @@ class JobReport:
     peak_host_mb: float
     peak_device_mb: float | None
     versions: dict[str, str]
-    exports: dict[str, Export]  # by format: fake_quant, pack_quantized
+    exports: dict[str, Export]  # by format: fake_quant, pack_quantized, gguf
+    runtimes: dict[str, RuntimeScore] = field(default_factory=dict)  # by target runtime
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,4 +78,5 @@ class JobReport:
             "device": self.spec.device,
             "versions": self.versions,
             "exports": {name: {"path": e.path, **e.details} for name, e in self.exports.items()},
+            "runtimes": {name: score.to_dict() for name, score in self.runtimes.items()},
         }

