@@ -107,13 +107,19 @@ class RuntimeUnavailable(Exception):
 def _perplexity(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[float, str]:
     if runtime == "transformers":
         return _transformers_perplexity(checkpoint, windows)
+    nll, label = token_nll(runtime, checkpoint, windows)
+    return math.exp(nll.double().mean().item()), label
+
+
+def token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Each window's next-token NLL ``[windows, seq_len - 1]`` as ``runtime`` computes it, and the
+    runtime's name and version."""
     interpreter = runtime_interpreter(runtime)
-    script = _SCRIPTS[runtime]
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         request = {"model": str(checkpoint), "windows": windows.tolist(), "threads": torch.get_num_threads()}
         done = subprocess.run(
-            [interpreter, str(script)],
+            [interpreter, str(_SCRIPTS[runtime])],
             input=json.dumps({**request, "result": str(result)}),
             capture_output=True,
             text=True,
@@ -125,7 +131,7 @@ def _perplexity(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[
         answer = json.loads(result.read_text())
     if "skipped" in answer:
         raise RuntimeUnavailable(answer["skipped"])
-    return math.exp(answer["nll"] / answer["tokens"]), answer["runtime"]
+    return torch.tensor(answer["nll"], dtype=torch.float64), answer["runtime"]
 
 
 def runtime_interpreter(runtime: str) -> str:

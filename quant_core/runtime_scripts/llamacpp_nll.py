@@ -1,7 +1,7 @@
-"""Score token windows with llama.cpp (llama-cpp-python): the summed next-token NLL and its count.
+"""Score token windows with llama.cpp (llama-cpp-python): each position's next-token NLL.
 
 Reads ``{"model": path, "windows": [[ids]], "threads": n, "result": path}`` as JSON on stdin and
-writes ``{"nll": float, "tokens": int, "runtime": "llama-cpp-python X"}`` as JSON to ``result``. Each window is
+writes ``{"nll": [[per-position NLL]], "runtime": "llama-cpp-python X"}`` as JSON to ``result``. Each window is
 evaluated from an empty cache, and every position but the last predicts the next token, as
 quant_core.perplexity scores a window.
 """
@@ -29,16 +29,15 @@ def main() -> None:
         logits_all=True,
         verbose=False,
     )
-    total, count = 0.0, 0
+    nll = []
     for window in windows:
         llm.reset()
         llm.eval(window)
         logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
         top = logits.max(axis=1, keepdims=True)
         log_norm = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-        total += float((log_norm - logits[np.arange(len(window) - 1), window[1:]]).sum())
-        count += len(window) - 1
-    result = {"nll": total, "tokens": count, "runtime": f"llama-cpp-python {llama_cpp.__version__}"}
+        nll.append((log_norm - logits[np.arange(len(window) - 1), window[1:]]).tolist())
+    result = {"nll": nll, "runtime": f"llama-cpp-python {llama_cpp.__version__}"}
     Path(request["result"]).write_text(json.dumps(result))
 
 

@@ -1,7 +1,7 @@
-"""Score token windows with vLLM: the summed next-token NLL and its count.
+"""Score token windows with vLLM: each position's next-token NLL.
 
 Reads ``{"model": path, "windows": [[ids]], "threads": n, "result": path}`` as JSON on stdin and
-writes ``{"nll": float, "tokens": int, "runtime": "vllm X"}`` (or ``{"skipped": reason}`` where this
+writes ``{"nll": [[per-position NLL]], "runtime": "vllm X"}`` (or ``{"skipped": reason}`` where this
 vLLM cannot run the checkpoint) as JSON to ``result`` (vLLM logs on stdout). Every window is one prompt, scored
 through its prompt log-probabilities: each position but the first is predicted from those before it,
 as quant_core.perplexity scores a window.
@@ -51,12 +51,11 @@ def main() -> None:
     outputs = llm.generate(
         [{"prompt_token_ids": window} for window in windows], SamplingParams(max_tokens=1, prompt_logprobs=0)
     )
-    total, count = 0.0, 0
-    for window, output in zip(windows, outputs, strict=True):
-        for token, position in zip(window[1:], output.prompt_logprobs[1:], strict=True):
-            total -= position[token].logprob
-            count += 1
-    result = {"nll": total, "tokens": count, "runtime": f"vllm {vllm.__version__}"}
+    nll = [
+        [-position[token].logprob for token, position in zip(window[1:], output.prompt_logprobs[1:], strict=True)]
+        for window, output in zip(windows, outputs, strict=True)
+    ]
+    result = {"nll": nll, "runtime": f"vllm {vllm.__version__}"}
     Path(request["result"]).write_text(json.dumps(result))
 
 

@@ -1,0 +1,96 @@
+"""Checkpoints run in vLLM, where vLLM is installed (its own environment: SWQUANT_VLLM_PYTHON).
+
+vLLM computes in bfloat16 on CPUs, where the report scores in float32: a next-token log-probability
+may differ by a few hundredths of a nat (bfloat16 keeps 8 bits of each activation), so per-token
+NLLs are compared on average and in the bulk, and the perplexity within AGREEMENT (2%).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from quant_core.cli import main
+from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
+from quant_core.runtimes import AGREEMENT, RuntimeUnavailable, runtime_interpreter, token_nll
+from tests.tiny_models import VOCAB
+
+SETTINGS = ["--n-samples", "4", "--seq-len", "64", "--eval-max-windows", "4", "--method", "gptq", "--bits", "4"]
+
+
+@pytest.fixture(scope="module")
+def vllm_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A 2-layer Llama with 64-wide heads, a head size vLLM's CPU attention takes, and widths that
+    vLLM's CPU int4 kernel partitions (multiples of 32)."""
+    runtime_or_skip()
+    path = tmp_path_factory.mktemp("vllm-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def runtime_or_skip() -> None:
+    try:
+        runtime_interpreter("vllm")
+    except RuntimeUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def _windows(tokenizer) -> torch.Tensor:
+    return evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 64, 4)
+
+
+def test_vllm_runs_the_half_precision_fake_quant_checkpoint_with_our_log_probabilities(
+    vllm_llama_dir: Path, tmp_path: Path, tokenizer
+) -> None:
+    assert (
+        main(["quantize", "--model", str(vllm_llama_dir), *SETTINGS, "--export", "fake_quant", "--out", str(tmp_path)])
+        == 0
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    checkpoint = tmp_path / report["exports"]["fake_quant"]["path"]
+    windows = _windows(tokenizer)
+    try:
+        theirs, label = token_nll("vllm", checkpoint, windows)
+    except RuntimeUnavailable as exc:
+        pytest.skip(str(exc))
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1].double()
+    ours = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none").view_as(theirs)
+    difference = (theirs - ours).abs()
+    assert label.startswith("vllm ")
+    assert difference.mean() < 0.02 and difference.quantile(0.99) < 0.1, difference.max()
+    perplexity = theirs.mean().exp().item()
+    assert perplexity == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=AGREEMENT)
+
+
+@pytest.mark.parametrize("grid", [["--group-size", "64"], ["--symmetric", "--group-size", "128"]])
+def test_vllm_serves_the_packed_checkpoint_with_the_reports_perplexity(
+    grid: list[str], vllm_llama_dir: Path, tmp_path: Path
+) -> None:
+    argv = ["quantize", "--model", str(vllm_llama_dir), *SETTINGS, *grid, "--targets", "vllm", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["exports"]) == ["pack_quantized"]
+    score = report["runtimes"]["vllm"]
+    if not score["ran"] and "AVX-512" in score["reason"]:
+        pytest.skip(score["reason"])
+    assert score["ran"] and score["agrees"], score
