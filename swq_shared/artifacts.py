@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from quant_core.model_io import FAKE_QUANT_DIR, PACKED_DIR
+from quant_core.model_io import FAKE_QUANT_DIR, GGUF_DIR, PACKED_DIR
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage, open_storage
 
 # Export directory in a job's output -> the archive it is uploaded as.
-EXPORT_ARCHIVES = {FAKE_QUANT_DIR: "model.tar", PACKED_DIR: "packed.tar"}
+EXPORT_ARCHIVES = {FAKE_QUANT_DIR: "model.tar", PACKED_DIR: "packed.tar", GGUF_DIR: "gguf.tar"}
 
 
 def open_settings_storage(settings: Settings) -> Storage:

@@ -82,6 +82,22 @@ def test_bfloat16_model_reloads_with_the_same_logits(tmp_path, bits):
     assert_same_logits(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")), logits(loaded))
 
 
+@pytest.mark.parametrize("load", [{"device_map": "cpu"}, {"device_map": "auto", "dtype": torch.float32}])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_every_loading_path_reads_the_packed_zero_points(tmp_path, symmetric, load):
+    """transformers 5.25 with compressed-tensors 0.20 builds unpacked ``[out, groups]`` zero points on
+    the meta device unless the config asks it to ``dequantize``: without that flag an asymmetric
+    checkpoint's packed ``[out * bits / 32, groups]`` zero points fail every path with a size
+    mismatch. With it, the device-map paths load the same model as the plain one."""
+    model = build_model("llama")
+    spec = QuantSpec(4, symmetric, 32)
+    export_pack_quantized(model, fake_quantize_blocks(model, spec), spec, tmp_path)
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **load)
+
+    assert_same_logits(logits(model), logits(loaded.float()))
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "opt"])
 def test_biases_and_tied_embeddings_survive_export(tmp_path, arch):
     model = build_model(arch)

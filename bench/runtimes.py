@@ -1,0 +1,131 @@
+"""Checkpoints in the runtimes that serve them, on SmolLM2-135M: one row per grid and runtime.
+
+Each grid is one GPTQ job (searched clipping, 16 x 512 Austen calibration windows, seed 0) whose
+targets are every runtime that can run it; the job itself loads each written checkpoint in each
+runtime and scores the report's 10 x 512 windows of Persuasion there (quant_core.runtimes). The
+fake-quantized export is also scored in vLLM, which runs half-precision dense checkpoints on any
+CPU. Sizes are the written files against the model in bfloat16.
+
+    eval "$(bash bench/install_runtimes.sh runtimes)"   # llama.cpp and vLLM, once
+    python -m bench.runtimes [--out bench/results/runtimes.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from bench.assets import austen_calibration_text, prepare_smollm2, text_path
+from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.model_io import FAKE_QUANT_DIR
+from quant_core.pipeline import run_job
+from quant_core.quantizer import QuantSpec
+from quant_core.runtimes import RUNTIMES, score_checkpoint, target_blockers
+
+RESULTS = Path(__file__).with_name("results") / "runtimes.json"
+# (bits, symmetric, group size, GPTQ options): group 128 does not divide SmolLM2's 576-wide inputs.
+GRIDS = [
+    (4, False, 64, {}),
+    (4, True, 32, {}),
+    (4, True, None, {}),
+    (5, False, 64, {}),
+    (8, True, 32, {}),
+    (4, False, 64, {"incoherence": "hadamard"}),
+]
+
+
+def run_grid(model: Path, bits: int, symmetric: bool, group: int | None, options: dict[str, Any]) -> dict[str, Any]:
+    """One job with every runtime that accepts the grid as a target; what each made of it."""
+    calib = CalibSpec(text=str(austen_calibration_text()), n_samples=16, seq_len=512)
+    evaluation = EvalSpec(texts=(str(text_path("persuasion")),), max_windows=10)
+    base = dict(model=str(model), quant=QuantSpec(bits, symmetric, group), method="gptq", method_options=options)
+    probe = JobSpec(**base, calib=calib, eval=evaluation)
+    config, rotates = AutoConfig.from_pretrained(model), probe.build_method().rotates
+    blockers = {runtime: target_blockers(runtime, config, probe.quant, rotates) for runtime in RUNTIMES}
+    targets = tuple(runtime for runtime, reasons in blockers.items() if not reasons)
+    refused = {runtime: "; ".join(reasons) for runtime, reasons in blockers.items() if reasons}
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        spec = JobSpec(**base, calib=calib, eval=evaluation, targets=targets, export_formats=("fake_quant",))
+        report = run_job(spec, out)
+        windows = _report_windows(spec, out)
+        reported = {name: pair.after for name, pair in report.perplexity.items()}
+        dense = score_checkpoint("vllm", out / FAKE_QUANT_DIR, out, windows, reported)
+        for name, pair in report.perplexity.items():
+            print(f"{spec.quant.label} {options}: float {pair.before:.2f} -> {pair.after:.2f} on {name}")
+        return {
+            "grid": spec.quant.label,
+            "options": options,
+            "perplexity": {name: pair.after for name, pair in report.perplexity.items()},
+            "float_perplexity": {name: pair.before for name, pair in report.perplexity.items()},
+            "exports": report.to_dict()["exports"],
+            "runtimes": {name: score.to_dict() for name, score in report.runtimes.items()},
+            "vllm_fake_quant": dense.to_dict(),
+            "refused": refused,
+        }
+
+
+def _report_windows(spec: JobSpec, out: Path) -> Any:
+    """The evaluation windows the job scored (the same tokenizer, text and window rule)."""
+    from quant_core.corpus import evaluation_windows, tokenize_file
+    from quant_core.model_io import load_tokenizer
+
+    tokenizer = load_tokenizer(str(out / FAKE_QUANT_DIR))
+    seq_len = spec.eval.seq_len or spec.calib.seq_len
+    return {
+        Path(text).stem: evaluation_windows(tokenize_file(tokenizer, Path(text)), seq_len, spec.eval.max_windows)
+        for text in spec.eval.texts
+    }
+
+
+def table(rows: list[dict[str, Any]], bf16_bytes: int) -> str:
+    lines = [
+        "| grid | rotated | runtime | checkpoint | size vs bf16 | perplexity there | report | difference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        rotated = "yes" if row["options"].get("incoherence") == "hadamard" else "no"
+        report = next(iter(row.get("perplexity", {}).values()), None)
+        scores = dict(row.get("runtimes", {}))
+        if "vllm_fake_quant" in row:
+            scores["vllm (fake_quant bf16)"] = row["vllm_fake_quant"]
+        for runtime, score in scores.items():
+            export = "gguf" if runtime == "llama.cpp" else "fake_quant" if "fake_quant" in runtime else "pack_quantized"
+            size = row["exports"].get(export, {}).get("bytes")
+            ratio = f"{size / bf16_bytes:.0%}" if size else "100%"
+            if score["ran"]:
+                value = next(iter(score["perplexity"].values()))
+                difference = next(iter(score["relative_difference"].values()))
+                lines.append(
+                    f"| {row['grid']} | {rotated} | {runtime} | {export} | {ratio} | {value:.2f} | {report:.2f} "
+                    f"| {difference:+.2%} |"
+                )
+            else:
+                lines.append(
+                    f"| {row['grid']} | {rotated} | {runtime} | {export} | {ratio} | not run | {report:.2f} | |"
+                )
+        for runtime, reason in row["refused"].items():
+            lines.append(f"| {row['grid']} | {rotated} | {runtime} | refused before calibration: {reason} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    model = prepare_smollm2()
+    rows = [run_grid(model, *grid) for grid in GRIDS]
+    bf16_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors")) // 2  # the float32 copy, halved
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=2))
+    print(table(rows, bf16_bytes))
+
+
+if __name__ == "__main__":
+    main()
