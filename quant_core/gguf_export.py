@@ -55,6 +55,8 @@ def gguf_blockers(config: Any, spec: QuantSpec, rotates: bool) -> list[str]:
     model_type = getattr(config, "model_type", None)
     if model_type not in _ARCHITECTURES:
         blockers.append(f"model type {model_type}: the GGUF export writes llama.cpp's llama architecture only")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        blockers.append("linear biases: llama.cpp's llama architecture has none")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         blockers.append(f"RoPE type {rope['rope_type']}: the GGUF export writes the default RoPE only")

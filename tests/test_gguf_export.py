@@ -136,3 +136,30 @@ def test_llama_cpp_scores_the_gguf_as_the_report_does(
     gguf_file = str(tmp_path / report["exports"]["gguf"]["path"] / report["exports"]["gguf"]["file"])
     done = subprocess.run([interpreter, "-c", tokenize, gguf_file, text], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_gguf_names_each_thing_it_cannot_hold() -> None:
+    from transformers import LlamaConfig, Qwen2Config
+
+    from quant_core.gguf_export import gguf_blockers
+
+    assert gguf_blockers(LlamaConfig(hidden_size=64, intermediate_size=128), QuantSpec(4, False, 64), False) == []
+    qwen = gguf_blockers(Qwen2Config(hidden_size=64, intermediate_size=128), QuantSpec(4, False, 64), False)
+    assert any("model type qwen2" in reason for reason in qwen)
+    biased = LlamaConfig(hidden_size=64, intermediate_size=128, attention_bias=True)
+    assert any("biases" in reason for reason in gguf_blockers(biased, QuantSpec(4, False, 32), False))
+    llama3 = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
+    reasons = " | ".join(gguf_blockers(llama3, QuantSpec(8, False, 48), True))
+    for expected in ("RoPE type llama3", "W8A16 g48 asym", "group_size 48", "rotated basis"):
+        assert expected in reasons

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from api.client import SWQuantClient
 from quant_core.catalog import catalog
+from quant_core.runtimes import AGREEMENT, RuntimeUnavailable, runtime_interpreter
 from swq_shared.db import session_scope
 from swq_shared.models import Job
 from tests.lm_eval_task import write_task
@@ -149,6 +150,26 @@ def test_job_on_embedded_defaults_succeeds(embedded: Stack, tiny_llama_dir: Path
     _check_succeeded_job(client, embedded, job["id"], tmp_path, archives=("model.tar", "packed.tar"))
     metrics = client.job(job["id"])["metrics"]
     assert 0 <= metrics["lm_eval.before.next_word.acc"] <= 1 and 0 <= metrics["lm_eval.after.next_word.acc"] <= 1
+
+
+def test_a_job_targeting_llama_cpp_downloads_its_gguf_with_llama_cpps_score(
+    embedded: Stack, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    try:
+        runtime_interpreter("llama.cpp")
+    except RuntimeUnavailable as exc:
+        pytest.skip(str(exc))
+    client = _client(embedded)
+    job = client.submit({**JOB, "model": str(tiny_llama_dir), "bits": 4, "targets": ["llama.cpp"]})
+    finished = _wait(client, embedded, job["id"])
+    assert finished["status"] == "succeeded", f"{finished['error']}\n{embedded.log_tail()}"
+    assert {a["name"] for a in client.artifacts(job["id"])} == {"packed.tar", "gguf.tar", "report.json"}
+    metrics = finished["metrics"]
+    assert metrics["runtime.llama.cpp.perplexity.persuasion"] == pytest.approx(
+        metrics["perplexity.after.persuasion"], rel=AGREEMENT
+    )
+    with tarfile.open(client.download(job["id"], "gguf.tar", tmp_path / "gguf.tar")) as tar:
+        assert {"gguf/model.gguf", "gguf/README.md"} <= set(tar.getnames())
 
 
 def _scrape(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

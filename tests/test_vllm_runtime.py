@@ -13,35 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
 from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
 from quant_core.runtimes import AGREEMENT, RuntimeUnavailable, runtime_interpreter, token_nll
-from tests.tiny_models import VOCAB
+from tests.tiny_models import build_model
 
 SETTINGS = ["--n-samples", "4", "--seq-len", "64", "--eval-max-windows", "4", "--method", "gptq", "--bits", "4"]
 
 
 @pytest.fixture(scope="module")
 def vllm_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A 2-layer Llama with 64-wide heads, a head size vLLM's CPU attention takes, and widths that
-    vLLM's CPU int4 kernel partitions (multiples of 32)."""
+    """A 2-layer Llama with 64-wide heads and widths that vLLM's CPU kernels take."""
     runtime_or_skip()
     path = tmp_path_factory.mktemp("vllm-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(path)
+    build_model("llama_wide").save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

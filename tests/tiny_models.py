@@ -34,6 +34,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, dict(_LLAMA_LIKE, max_position_embeddings=256), "num_hidden_layers"),
+    # 64-wide heads and widths in multiples of 32: what vLLM's CPU attention and int4 kernel take
+    "llama_wide": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
+        "num_hidden_layers",
+    ),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(_LLAMA_LIKE, max_position_embeddings=256), "num_hidden_layers"),
     "opt": (
         OPTConfig,

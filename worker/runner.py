@@ -296,4 +296,9 @@ def _metrics(request: JobRequest, report: JobReport) -> dict[str, float]:
     for task, values in report.lm_eval.items():
         for metric, pair in values.items():
             metrics.update({f"lm_eval.{phase}.{task}.{metric}": v for phase, v in pair.items() if v is not None})
+    for runtime, score in report.runtimes.items():  # what each target runtime computed of the checkpoint
+        scored = score.perplexity or {}
+        for name, text in zip(request.evaluation.texts, report.perplexity, strict=True):
+            if text in scored:
+                metrics[f"runtime.{runtime}.perplexity.{name}"] = scored[text]
     return metrics
