@@ -1,0 +1,37 @@
+"""Runtime targets in a job's report: scored where the runtime is, explained where it is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quant_core.cli import main
+from tests.test_cli import SMALL
+
+
+def test_transformers_target_scores_the_packed_checkpoint_as_the_report_does(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--targets", "transformers"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    score = report["runtimes"]["transformers"]
+    assert score["ran"] and score["agrees"] and score["checkpoint"] == "packed"
+    assert score["perplexity"]["persuasion"] == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
+    card = (tmp_path / "packed" / "README.md").read_text()
+    assert "| transformers (transformers " in card
+
+
+def test_a_runtime_that_is_not_installed_is_reported_not_failed(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWQUANT_LLAMACPP_PYTHON", str(tmp_path / "no-such-python"))
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--bits", "4", "--targets", "llama.cpp"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    score = report["runtimes"]["llama.cpp"]
+    assert not score["ran"] and "SWQUANT_LLAMACPP_PYTHON" in score["reason"]
+    assert (tmp_path / "gguf" / "model.gguf").is_file()
+    assert "not run: SWQUANT_LLAMACPP_PYTHON" in (tmp_path / "gguf" / "README.md").read_text()
