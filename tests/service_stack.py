@@ -217,8 +217,9 @@ def api_only_stack(
 @contextmanager
 def embedded_stack(workdir: Path, *serve_flags: str, env_extra: dict[str, str] | None = None) -> Iterator[Stack]:
     """``swquant serve [serve_flags]``: API, one worker, its own Redis, SQLite and a local folder, nothing else."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWQUANT_")} | {"HF_HUB_OFFLINE": "1"}
-    env |= env_extra or {}
+    # The service's own settings start from their defaults; where the runtimes live is the machine's.
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("SWQUANT_") or k.endswith("_PYTHON")}
+    env = kept | {"HF_HUB_OFFLINE": "1"} | (env_extra or {})
     port, redis_port = free_ports(2)
     url = f"http://127.0.0.1:{port}"
     logs = [workdir / "serve.log"]
