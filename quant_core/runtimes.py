@@ -127,11 +127,17 @@ def token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[to
             check=False,
         )
         if done.returncode != 0 or not result.is_file():
-            raise RuntimeUnavailable(f"{runtime} failed on this checkpoint: {done.stderr.strip()[-600:]}")
+            raise RuntimeUnavailable(f"{runtime} failed on this checkpoint: {_cause(done.stdout + done.stderr)}")
         answer = json.loads(result.read_text())
     if "skipped" in answer:
         raise RuntimeUnavailable(answer["skipped"])
     return torch.tensor(answer["nll"], dtype=torch.float64), answer["runtime"]
+
+
+def _cause(output: str) -> str:
+    """The last error a runtime printed (vLLM logs its workers' tracebacks on stdout), else its last words."""
+    errors = [line.strip() for line in output.splitlines() if "Error:" in line or "Exception:" in line]
+    return errors[-1][-600:] if errors else output.strip()[-600:]
 
 
 def runtime_interpreter(runtime: str) -> str:

@@ -33,6 +33,19 @@ def _cpu_cannot_run(model: str) -> str | None:
     )
 
 
+def _memory_share() -> float:
+    """The share of memory vLLM may reserve. On CPUs it reserves that share of all memory up front
+    (0.92 unless told) and refuses to start when less is free; scoring windows needs little, so it
+    takes half of what is free now, leaving the rest to whatever else runs."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        return 0.9
+    memory = psutil.virtual_memory()
+    return round(0.5 * memory.available / memory.total, 3)
+
+
 def main() -> None:
     request = json.load(sys.stdin)
     if request.get("threads"):
@@ -46,7 +59,12 @@ def main() -> None:
 
     windows = request["windows"]
     llm = LLM(
-        model=request["model"], dtype="bfloat16", enforce_eager=True, max_model_len=max(map(len, windows)) + 1, seed=0
+        model=request["model"],
+        dtype="bfloat16",
+        enforce_eager=True,
+        max_model_len=max(map(len, windows)) + 1,
+        seed=0,
+        gpu_memory_utilization=_memory_share(),
     )
     outputs = llm.generate(
         [{"prompt_token_ids": window} for window in windows], SamplingParams(max_tokens=1, prompt_logprobs=0)
