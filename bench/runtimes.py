@@ -78,8 +78,8 @@ def _report_windows(spec: JobSpec, out: Path) -> Any:
 
     tokenizer = load_tokenizer(str(out / FAKE_QUANT_DIR))
     seq_len = spec.eval.seq_len or spec.calib.seq_len
-    return {
-        Path(text).stem: evaluation_windows(tokenize_file(tokenizer, Path(text)), seq_len, spec.eval.max_windows)
+    return {  # keyed as the report keys its perplexities
+        text: evaluation_windows(tokenize_file(tokenizer, Path(text)), seq_len, spec.eval.max_windows)
         for text in spec.eval.texts
     }
 
