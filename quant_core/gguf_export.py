@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.export import check_on_grid
+from quant_core.incoherence import UNPACKABLE_ROTATION
 from quant_core.methods.base import layer_grid
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.quantizer import QuantSpec, grid_codes, group_columns
@@ -69,7 +70,7 @@ def gguf_blockers(config: Any, spec: QuantSpec, rotates: bool) -> list[str]:
     if any(width % BLOCK for width in widths):
         blockers.append(f"input widths {sorted(widths)}: GGUF blocks need multiples of {BLOCK}")
     if rotates:
-        blockers.append("a rotated basis: the rotation is not absorbed into the weights, so GGUF cannot hold it")
+        blockers.append(UNPACKABLE_ROTATION)
     return blockers
 
 

@@ -9,10 +9,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from quant_core.absorbed_rotation import ROTATIONS
 from quant_core.accuracy import LmEvalSpec
 from quant_core.errors import ConfigError
 from quant_core.export_dtype import EXPORT_DTYPES
 from quant_core.finetune import FinetuneOptions
+from quant_core.incoherence import UNPACKABLE_ROTATION
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
 from quant_core.methods import QuantMethod, build_method
 from quant_core.methods.base import method_class
@@ -106,6 +108,7 @@ class JobSpec:
     export_formats: tuple[str, ...] = ("auto",)
     export_dtype: str = "auto"  # the checkpoint's floats (quant_core.export_dtype)
     targets: tuple[str, ...] = ()  # runtimes the checkpoint must run in, scored there after the job
+    rotation: str = "none"  # a rotation absorbed into the weights before calibration (quant_core.absorbed_rotation)
     finetune: Mapping[str, Any] = field(default_factory=dict)  # end-to-end tuning after calibration
 
     def __post_init__(self) -> None:
@@ -132,6 +135,12 @@ class JobSpec:
                 f"must be auto or {self.dtype}",
                 "export_dtype",
             )
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation must be one of: {', '.join(ROTATIONS)}", "rotation")
+        if self.lazy_load and self.rotation != "none":
+            raise ConfigError(
+                "rotation rewrites the whole model before calibration; it cannot stream blocks", "rotation"
+            )
         unknown = [t for t in self.targets if t not in RUNTIMES]
         if unknown:
             raise ConfigError(f"targets must be some of: {', '.join(RUNTIMES)}", "targets")
@@ -152,8 +161,7 @@ class JobSpec:
             raise ConfigError(f"{self.method} trains the whole model at once; it cannot stream blocks", "lazy_load")
         if method.rotates and "pack_quantized" in self.export_formats:
             raise ConfigError(
-                "incoherence: hadamard leaves weights that are a rotation of grid values, which the packed "
-                "compressed-tensors format cannot hold; export fake_quant only, or use incoherence: none",
+                f"{UNPACKABLE_ROTATION}; export fake_quant only, or use incoherence: none",
                 "method_options.incoherence",
             )
 

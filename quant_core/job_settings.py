@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
+from quant_core.absorbed_rotation import RotationName
 from quant_core.accuracy import MAX_TASKS, LmEvalSpec
 from quant_core.corpus import MAX_SAMPLES
 from quant_core.errors import ConfigError, config_error
@@ -154,6 +155,12 @@ class JobSettings(_Section):
         description="runtimes the checkpoint must run in (vllm, llama.cpp, transformers): the grid is checked "
         "against each before calibration, the format each loads is written, and each scores it after the job",
     )
+    rotation: Annotated[RotationName, Flag("--rotation")] = Field(
+        "none",
+        description="hadamard: rotate the residual stream and each head's values by seeded Hadamard transforms "
+        "absorbed into the weights before calibration (QuaRot/SpinQuant), so the rotated model packs and runs in "
+        "every runtime; unties a tied head",
+    )
     export_dtype: Annotated[ExportDtypeName, Flag("--export-dtype")] = Field(
         "auto",
         title="Export dtype",
@@ -206,6 +213,7 @@ class JobSettings(_Section):
                 export_formats=tuple(dict.fromkeys(self.export_formats)),
                 export_dtype=self.export_dtype,
                 targets=tuple(dict.fromkeys(self.targets)),
+                rotation=self.rotation,
                 finetune=self.finetune,
             )
         except ConfigError as exc:

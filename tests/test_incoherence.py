@@ -197,7 +197,7 @@ def test_a_model_width_without_a_construction_is_refused_before_calibration() ->
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "discquant"])
 def test_packed_export_with_incoherence_is_refused_up_front(method: str) -> None:
-    with pytest.raises(ConfigError, match="cannot hold") as info:
+    with pytest.raises(ConfigError, match="no packed format holds") as info:
         JobSpec(
             model="m",
             method=method,

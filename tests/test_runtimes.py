@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from quant_core.cli import main
+from quant_core.runtimes import RuntimeFailed, RuntimeUnavailable, token_nll
 from tests.test_cli import SMALL
 
 
@@ -35,3 +37,24 @@ def test_a_runtime_that_is_not_installed_is_reported_not_failed(
     assert not score["ran"] and "SWQUANT_LLAMACPP_PYTHON" in score["reason"]
     assert (tmp_path / "gguf" / "model.gguf").is_file()
     assert "not run: SWQUANT_LLAMACPP_PYTHON" in (tmp_path / "gguf" / "README.md").read_text()
+
+
+def test_a_runtime_that_breaks_is_a_failure_with_its_cause_not_an_absence(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runtime that is there but crashes is reported with its own error, and raises RuntimeFailed
+    (which tests do not skip on), not RuntimeUnavailable."""
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'loading...'\necho 'ValueError: no kernel for this tensor' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("SWQUANT_LLAMACPP_PYTHON", str(broken))
+    with pytest.raises(RuntimeFailed, match="no kernel for this tensor") as err:
+        token_nll("llama.cpp", tmp_path, torch.zeros(1, 4, dtype=torch.long))
+    assert not isinstance(err.value, RuntimeUnavailable)
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "rtn", "--out", str(tmp_path / "job"), *SMALL]
+    assert main([*argv, "--bits", "4", "--targets", "llama.cpp"]) == 0
+    score = json.loads((tmp_path / "job" / "report.json").read_text())["runtimes"]["llama.cpp"]
+    assert (
+        not score["ran"]
+        and score["reason"] == "llama.cpp failed on this checkpoint: ValueError: no kernel for this tensor"
+    )

@@ -33,17 +33,18 @@ def _cpu_cannot_run(model: str) -> str | None:
     )
 
 
-def _memory_share() -> float:
-    """The share of memory vLLM may reserve. On CPUs it reserves that share of all memory up front
-    (0.92 unless told) and refuses to start when less is free; scoring windows needs little, so it
-    takes half of what is free now, leaving the rest to whatever else runs."""
+def _memory_settings() -> dict[str, float | int]:
+    """How much memory vLLM may take. On a GPU, its usual share. On a CPU it would reserve a share of
+    *all* memory up front (0.92 unless told), refuse to start when less is free, then size the KV cache
+    from what its own process happens to hold: fragile beside other work. Scoring needs the KV cache
+    of a few windows only, so the cache is sized explicitly: 1 GiB, or a quarter of what is free now
+    when that is less (vLLM then skips the check and the warm-up that sizes it)."""
     import psutil
     import torch
 
     if torch.cuda.is_available():
-        return 0.9
-    memory = psutil.virtual_memory()
-    return round(0.5 * memory.available / memory.total, 3)
+        return {"gpu_memory_utilization": 0.9}
+    return {"kv_cache_memory_bytes": min(2**30, psutil.virtual_memory().available // 4)}
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
         enforce_eager=True,
         max_model_len=max(map(len, windows)) + 1,
         seed=0,
-        gpu_memory_utilization=_memory_share(),
+        **_memory_settings(),
     )
     outputs = llm.generate(
         [{"prompt_token_ids": window} for window in windows], SamplingParams(max_tokens=1, prompt_logprobs=0)
