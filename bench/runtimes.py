@@ -29,27 +29,37 @@ from quant_core.quantizer import QuantSpec
 from quant_core.runtimes import RUNTIMES, score_checkpoint, target_blockers
 
 RESULTS = Path(__file__).with_name("results") / "runtimes.json"
-# (bits, symmetric, group size, GPTQ options): group 128 does not divide SmolLM2's 576-wide inputs.
+# (bits, symmetric, group size, GPTQ options, rotation): group 128 does not divide SmolLM2's 576-wide
+# inputs. The absorbed rotation runs everywhere; QuIP's per-layer one is refused by every runtime.
 GRIDS = [
-    (4, False, 64, {}),
-    (4, True, 32, {}),
-    (8, True, 32, {}),
-    (4, False, 64, {"incoherence": "hadamard"}),
+    (4, False, 64, {}, "none"),
+    (4, True, 32, {}, "none"),
+    (8, True, 32, {}, "none"),
+    (4, False, 64, {}, "hadamard"),
+    (4, False, 64, {"incoherence": "hadamard"}, "none"),
 ]
 
 
-def run_grid(model: Path, bits: int, symmetric: bool, group: int | None, options: dict[str, Any]) -> dict[str, Any]:
+def run_grid(
+    model: Path, bits: int, symmetric: bool, group: int | None, options: dict[str, Any], rotation: str
+) -> dict[str, Any]:
     """One job with every runtime that accepts the grid as a target; what each made of it."""
     calib = CalibSpec(text=str(austen_calibration_text()), n_samples=16, seq_len=512)
     evaluation = EvalSpec(texts=(str(text_path("persuasion")),), max_windows=10)
-    base = dict(model=str(model), quant=QuantSpec(bits, symmetric, group), method="gptq", method_options=options)
+    base = dict(
+        model=str(model),
+        quant=QuantSpec(bits, symmetric, group),
+        method="gptq",
+        method_options=options,
+        rotation=rotation,
+    )
     probe = JobSpec(**base, calib=calib, eval=evaluation)
     config, rotates = AutoConfig.from_pretrained(model), probe.build_method().rotates
     blockers = {runtime: target_blockers(runtime, config, probe.quant, rotates) for runtime in RUNTIMES}
     targets = tuple(runtime for runtime, reasons in blockers.items() if not reasons)
     refused = {runtime: "; ".join(reasons) for runtime, reasons in blockers.items() if reasons}
     if not targets:  # refused before any calibration: there is nothing to run
-        return {"grid": probe.quant.label, "options": options, "refused": refused}
+        return {"grid": probe.quant.label, "options": options, "rotation": rotation, "refused": refused}
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch)
         spec = JobSpec(**base, calib=calib, eval=evaluation, targets=targets, export_formats=("fake_quant",))
@@ -58,10 +68,12 @@ def run_grid(model: Path, bits: int, symmetric: bool, group: int | None, options
         reported = {name: pair.after for name, pair in report.perplexity.items()}
         dense = score_checkpoint("vllm", out / FAKE_QUANT_DIR, out, windows, reported)
         for name, pair in report.perplexity.items():
-            print(f"{spec.quant.label} {options}: float {pair.before:.2f} -> {pair.after:.2f} on {name}")
+            label = f"{spec.quant.label} {options} rotation {rotation}"
+            print(f"{label}: float {pair.before:.2f} -> {pair.after:.2f} on {name}")
         return {
             "grid": spec.quant.label,
             "options": options,
+            "rotation": rotation,
             "perplexity": {name: pair.after for name, pair in report.perplexity.items()},
             "float_perplexity": {name: pair.before for name, pair in report.perplexity.items()},
             "exports": report.to_dict()["exports"],
@@ -90,7 +102,13 @@ def table(rows: list[dict[str, Any]], bf16_bytes: int) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        rotated = "yes" if row["options"].get("incoherence") == "hadamard" else "no"
+        rotated = (
+            "QuIP, per layer"
+            if row["options"].get("incoherence") == "hadamard"
+            else "absorbed"
+            if row.get("rotation", "none") != "none"
+            else "no"
+        )
         report = next(iter(row.get("perplexity", {}).values()), None)
         scores = dict(row.get("runtimes", {}))
         if "vllm_fake_quant" in row:

@@ -203,8 +203,9 @@ class GridScales:
         self.layer.weight = stored_layout(self.layer, self.matrix()).to(self.stored.dtype)
 
     def restore(self, block: nn.Module, name: str) -> None:
-        """Put the weight parameter back and write the tuned weight and grid into it."""
-        del self.layer.weight
+        """Put the weight parameter back and write the tuned weight and grid into it (before any step
+        attached a weight, the tuned weight is the stored one)."""
+        vars(self.layer).pop("weight", None)
         self.layer.weight = self.stored
         with torch.no_grad():
             matrix = self.matrix().to(self.stored.dtype)
@@ -215,17 +216,66 @@ class GridScales:
                 write_rotated(block, {name: (matrix, (scale, zero, self.rotation))})
 
 
+class FloatMaster:
+    """A normalization weight trained through a float32 copy, whatever the model's dtype.
+
+    In bfloat16 an Adam step of ``norm_lr`` (3e-4) near 1.0 is below half a bfloat16 step, so a norm
+    trained in place never moves; the copy accumulates the steps and the module computes with it
+    rounded to its own dtype (the rounding passes the gradient straight through)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+        self.stored = module.get_parameter(name)
+        self.master = self.stored.detach().float().clone().requires_grad_(True)
+        delattr(module, name)  # a plain tensor attribute now, recomputed from the copy every step
+
+    def attach(self) -> None:
+        setattr(self.module, self.name, self.master.to(self.stored.dtype))
+
+    def restore(self) -> None:
+        """Put the parameter back, holding the trained copy rounded to its dtype."""
+        vars(self.module).pop(self.name, None)
+        with torch.no_grad():
+            self.stored.copy_(self.master)
+        self.module.register_parameter(self.name, self.stored)
+
+
+def _norm_masters(model: nn.Module) -> list[FloatMaster]:
+    """A float32 copy of every normalization weight (a weight shared by two norms is trained once)."""
+    seen: set[int] = set()
+    masters = []
+    for full_name, param in norm_parameters(model).items():
+        if id(param) not in seen:
+            seen.add(id(param))
+            module_name, _, name = full_name.rpartition(".")
+            masters.append(FloatMaster(model.get_submodule(module_name), name))
+    return masters
+
+
 def _tunable(
     model: nn.Module, group_size: int | None
-) -> tuple[list[tuple[nn.Module, str, GridScales]], list[nn.Parameter]]:
-    """Every linear with a grid (by block and name) and every normalization weight of the model."""
-    grids = [
-        (block, name, grid)
-        for block in find_decoder_blocks(model)
-        for name, layer in quantizable_linears(block).items()
-        if (grid := GridScales.of(layer, group_size)) is not None
-    ]
-    norms = list({id(p): p for p in norm_parameters(model).values()}.values())
+) -> tuple[list[tuple[nn.Module, str, GridScales]], list[FloatMaster]]:
+    """Every linear with a grid (by block and name) and every normalization weight of the model.
+
+    Making a grid trainable takes the layer's weight parameter away; if one fails, those already
+    made give theirs back before the error goes on, so no layer is left without its weight."""
+    grids: list[tuple[nn.Module, str, GridScales]] = []
+    try:
+        for block in find_decoder_blocks(model):
+            for name, layer in quantizable_linears(block).items():
+                grid = GridScales.of(layer, group_size)
+                if grid is not None:
+                    grids.append((block, name, grid))
+    except BaseException:
+        for block, name, grid in grids:
+            grid.restore(block, name)
+        raise
+    try:
+        norms = _norm_masters(model)
+    except BaseException:
+        for block, name, grid in grids:
+            grid.restore(block, name)
+        raise
     return grids, norms
 
 
@@ -297,9 +347,7 @@ def tune_end_to_end(
     nn.Module.to(model, device)
     grids, norms = _tunable(model, group_size)
     head = output_layer(model)
-    for norm in norms:
-        norm.requires_grad_(True)
-    groups = [{"params": norms, "lr": options.norm_lr}] if norms else []
+    groups = [{"params": [norm.master for norm in norms], "lr": options.norm_lr}] if norms else []
     if grids:
         groups.append({"params": [g.theta for _, _, g in grids], "lr": options.lr})
     if not groups:
@@ -326,6 +374,8 @@ def tune_end_to_end(
                     group["lr"] = base * cosine_with_warmup(step, 0, steps)
                 for _, _, grid in grids:
                     grid.attach()
+                for norm in norms:
+                    norm.attach()
                 with torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     out = model(input_ids=windows[idx].to(device), use_cache=False, output_hidden_states=True)
                 target_hidden = teacher[idx].to(device)
@@ -345,7 +395,7 @@ def tune_end_to_end(
         for block, name, grid in grids:
             grid.restore(block, name)
         for norm in norms:
-            norm.requires_grad_(False)
+            norm.restore()
         nn.Module.to(model, "cpu")
     return {
         "loss": loss_fn.name,

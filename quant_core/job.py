@@ -162,7 +162,7 @@ class JobSpec:
         if method.rotates and "pack_quantized" in self.export_formats:
             raise ConfigError(
                 f"{UNPACKABLE_ROTATION}; export fake_quant only, or use incoherence: none",
-                "method_options.incoherence",
+                f"method_options.{method.rotation_option}",
             )
 
         if self.build_finetune().enabled and (method.whole_model or self.lazy_load):

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from quant_core.engine import calibrate_blocks
-from quant_core.errors import ConfigError
-from quant_core.finetune import FinetuneOptions, output_layer, record_teacher, tune_end_to_end
+from quant_core.errors import CancelledError, ConfigError
+from quant_core.finetune import FinetuneOptions, GridScales, output_layer, record_teacher, tune_end_to_end
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
@@ -240,3 +240,55 @@ def test_the_tunings_windows_begin_with_the_blocks_own() -> None:
     for chosen, given, tuning in cases:
         blocks_part, tuning_part = chosen.split(given, 2)
         assert torch.equal(blocks_part, drawn[:2]) and torch.equal(tuning_part, tuning)
+
+
+def test_a_cancel_before_the_first_step_is_a_cancel_and_leaves_every_weight_in_place() -> None:
+    windows = _windows()
+    _, model, teacher = _quantized(windows, "rtn")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    options = FinetuneOptions(epochs=1, batch_size=2)
+    with pytest.raises(CancelledError, match="step 0 of 2"):
+        tune_end_to_end(model, windows, teacher, options, 32, should_cancel=lambda: True)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    linears = [layer for block in find_decoder_blocks(model) for layer in quantizable_linears(block).values()]
+    assert all(isinstance(layer.weight, nn.Parameter) and layer_grid(layer) is not None for layer in linears)
+
+
+def test_a_grid_that_fails_half_way_gives_every_weight_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    windows = _windows()
+    _, model, teacher = _quantized(windows, "rtn")
+    made = []
+    original = GridScales.of
+
+    def fail_on_the_third(layer: nn.Module, group_size: int | None) -> GridScales | None:
+        if len(made) == 2:
+            raise RuntimeError("out of memory")
+        made.append(layer)
+        return original(layer, group_size)
+
+    monkeypatch.setattr(GridScales, "of", staticmethod(fail_on_the_third))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=1, batch_size=2), 32)
+    assert all(isinstance(layer.weight, nn.Parameter) for layer in made)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_train_in_either_model_dtype(dtype: torch.dtype) -> None:
+    """Adam's steps of ``norm_lr`` 1e-3 are each below half a bfloat16 step near 1.0 (2^-9 below it,
+    2^-8 above): trained in place, a bfloat16 norm never moves. Through a float32 copy, the steps add up
+    over 16 steps and about half the entries move (all in float32); the weights stay parameters of the model's dtype."""
+    windows = _windows(count=16)
+    _, model, teacher = _quantized(windows, "rtn")
+    model = model.to(dtype)
+    norms_before = {k: p.detach().clone() for k, p in model.named_parameters() if "norm" in k}
+    options = FinetuneOptions(epochs=1, batch_size=1, norm_lr=1e-3, precision="float32")
+    stats = tune_end_to_end(model, windows, teacher.to(dtype), options, 32)
+    assert stats["steps"] == 16
+    after = dict(model.named_parameters())
+    moved = sum(int((after[k] != v).sum()) for k, v in norms_before.items())
+    total = sum(v.numel() for v in norms_before.values())
+    assert moved >= 0.3 * total, f"{moved} of {total} norm entries moved"
+    assert all(after[k].dtype == dtype and isinstance(after[k], nn.Parameter) for k in norms_before)

@@ -244,3 +244,25 @@ def test_rotating_gptq_leaves_no_grid_on_its_layers(tiny_llama_dir: Path) -> Non
     method = build_method("gptq", QuantSpec(bits=3, group_size=32), build_loss("mse"), {"incoherence": "hadamard"})
     calibrate_blocks(model, windows, method, build_loss("mse"))
     assert all(layer_grid(m) is None for m in model.modules())
+
+
+def test_normtweaking_over_a_rotated_base_is_a_rotated_method() -> None:
+    """NormTweaking's weights are its base method's: a rotated base makes it rotate, so the packed export
+    is refused and ``auto`` writes the fake-quant model, and the widths are checked up front."""
+    options = {"base": "gptq", "base_options": {"incoherence": "hadamard"}}
+    method = build_method("normtweaking", QuantSpec(bits=3), build_loss("mse"), options)
+    assert method.rotates
+    with pytest.raises(ConfigError, match="order 52") as info:
+        method.check(nn.ModuleList([nn.Sequential(nn.Linear(52, 64))]))
+    assert info.value.field == "method_options.base_options.incoherence"
+    with pytest.raises(ConfigError, match="no packed format holds") as info:
+        JobSpec(model="m", method="normtweaking", method_options=options, export_formats=("pack_quantized",))
+    assert info.value.field == "method_options.base_options.incoherence"
+    assert not build_method("normtweaking", QuantSpec(bits=3), build_loss("mse"), {}).rotates
+
+
+def test_normtweaking_over_a_rotated_base_writes_the_fake_quant_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    argv = ["quantize", "--model", str(tiny_llama_dir), "--method", "normtweaking", "--out", str(tmp_path), *SMALL]
+    assert main([*argv, "--method-opt", "base_options={incoherence: hadamard}"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["exports"]) == ["fake_quant"]

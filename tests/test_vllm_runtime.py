@@ -44,16 +44,9 @@ def _windows(tokenizer) -> torch.Tensor:
     return evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 64, 4)
 
 
-def test_vllm_runs_the_half_precision_fake_quant_checkpoint_with_our_log_probabilities(
-    vllm_llama_dir: Path, tmp_path: Path, tokenizer
-) -> None:
-    assert (
-        main(["quantize", "--model", str(vllm_llama_dir), *SETTINGS, "--export", "fake_quant", "--out", str(tmp_path)])
-        == 0
-    )
-    report = json.loads((tmp_path / "report.json").read_text())
-    checkpoint = tmp_path / report["exports"]["fake_quant"]["path"]
-    windows = _windows(tokenizer)
+def _assert_vllm_follows_our_nll(checkpoint: Path, windows: torch.Tensor) -> torch.Tensor:
+    """vLLM's per-token NLLs of ``checkpoint`` against transformers' float32 ones (our fake-quant model's:
+    the packed checkpoint loads to exactly those weights); returns vLLM's."""
     try:
         theirs, label = token_nll("vllm", checkpoint, windows)  # a crash (RuntimeFailed) fails the test
     except RuntimeUnavailable as exc:
@@ -65,13 +58,27 @@ def test_vllm_runs_the_half_precision_fake_quant_checkpoint_with_our_log_probabi
     difference = (theirs - ours).abs()
     assert label.startswith("vllm ")
     assert difference.mean() < 0.02 and difference.quantile(0.99) < 0.1, difference.max()
+    return theirs
+
+
+def test_vllm_runs_the_half_precision_fake_quant_checkpoint_with_our_log_probabilities(
+    vllm_llama_dir: Path, tmp_path: Path, tokenizer
+) -> None:
+    argv = ["quantize", "--model", str(vllm_llama_dir), *SETTINGS, "--export", "fake_quant", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    theirs = _assert_vllm_follows_our_nll(tmp_path / report["exports"]["fake_quant"]["path"], _windows(tokenizer))
     perplexity = theirs.mean().exp().item()
     assert perplexity == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=AGREEMENT)
 
 
-@pytest.mark.parametrize("grid", [["--group-size", "64"], ["--symmetric", "--group-size", "128"]])
-def test_vllm_serves_the_packed_checkpoint_with_the_reports_perplexity(
-    grid: list[str], vllm_llama_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    "grid",
+    [["--group-size", "64"], ["--symmetric", "--group-size", "128"], ["--group-size", "64", "--rotation", "hadamard"]],
+    ids=["w4-g64-asym", "w4-g128-sym", "w4-g64-asym-rotated"],
+)
+def test_vllm_serves_the_packed_checkpoint_with_the_reports_perplexity_and_our_log_probabilities(
+    grid: list[str], vllm_llama_dir: Path, tmp_path: Path, tokenizer
 ) -> None:
     argv = ["quantize", "--model", str(vllm_llama_dir), *SETTINGS, *grid, "--targets", "vllm", "--out", str(tmp_path)]
     assert main(argv) == 0
@@ -81,3 +88,4 @@ def test_vllm_serves_the_packed_checkpoint_with_the_reports_perplexity(
     if not score["ran"] and "AVX-512" in score["reason"]:
         pytest.skip(score["reason"])
     assert score["ran"] and score["agrees"], score
+    _assert_vllm_follows_our_nll(tmp_path / "packed", _windows(tokenizer))

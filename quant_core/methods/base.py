@@ -112,6 +112,9 @@ class QuantMethod:
         """Whether the method quantizes in a rotated basis, so its weights lie on no grid the export can pack."""
         return isinstance(self.options, IncoherenceOptions) and self.options.rotates
 
+    # The option that turns the rotation on, under ``method_options`` (where a refusal points).
+    rotation_option: ClassVar[str] = "incoherence"
+
     def check(self, blocks: nn.ModuleList) -> None:
         """Refuse a model this method cannot handle before any time is spent on it.
 

@@ -73,9 +73,27 @@ class NormTweak(QuantMethod):
         depth = index / (num_blocks - 1) if num_blocks > 1 else 0.0
         return self.options.lr * (1 + self.options.depth_scale * depth)
 
+    def base_method(self) -> QuantMethod:
+        """The method whose weights the norms adapt to, configured by ``base_options``."""
+        return build_method(self.options.base, self.spec, self.loss, self.options.base_options)
+
+    @property
+    def rotates(self) -> bool:
+        """The weights are the base method's, so its rotation decides what the export can hold."""
+        return self.base_method().rotates
+
+    rotation_option = "base_options.incoherence"
+
+    def check(self, blocks: nn.ModuleList) -> None:
+        """The base method's checks, the refusal pointing into ``base_options``."""
+        try:
+            self.base_method().check(blocks)
+        except ConfigError as exc:
+            field = (exc.field or "").replace("method_options.", "method_options.base_options.", 1)
+            raise ConfigError(str(exc), field or None) from exc
+
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
-        base = build_method(self.options.base, self.spec, self.loss, self.options.base_options)
-        stats = base.calibrate(block, data)
+        stats = self.base_method().calibrate(block, data)
         norms = norm_parameters(block)
         if not norms:
             return {"base": stats, "norms": 0}
