@@ -26,11 +26,26 @@ EXPORT_DTYPES: tuple[str, ...] = get_args(ExportDtypeName)
 _NAMED = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_export_dtype(name: str, declared: torch.dtype | None) -> torch.dtype:
-    """The dtype ``name`` stands for, ``declared`` being the dtype the source model says it is in."""
+def holds_grid(dtype: torch.dtype, spec: QuantSpec) -> bool:
+    """Whether a weight ``(code - zero) * scale`` stored in ``dtype`` still tells its code.
+
+    Rounding to a dtype of ``p`` significant bits moves a value by up to ``2^-p`` of itself, so the code
+    read back from the stored weight is the right one while ``|code - zero| * 2^-p < 1/2``. The offsets
+    are at most ``2^b - 1`` on an asymmetric grid and ``2^(b-1) - 1`` on a symmetric one (its far end
+    ``-2^(b-1)`` is a power of two, exact in any dtype). bfloat16 (8 bits) holds every grid up to
+    7 bits and symmetric 8-bit, not asymmetric 8-bit: one weight in a hundred of a one-sided group
+    would come back a code away, some past the grid's end.
+    """
+    largest_offset = 2 ** (spec.bits - 1) - 1 if spec.symmetric else 2**spec.bits - 1
+    return largest_offset < 1 / torch.finfo(dtype).eps  # eps = 2^(1 - p)
+
+
+def resolve_export_dtype(name: str, declared: torch.dtype | None, spec: QuantSpec) -> torch.dtype:
+    """The dtype ``name`` stands for, ``declared`` being the dtype the source model says it is in:
+    ``auto`` takes float16 over bfloat16 where bfloat16 cannot hold the grid (see :func:`holds_grid`)."""
     if name != "auto":
         return _NAMED[name]
-    return torch.float16 if declared == torch.float16 else torch.bfloat16
+    return torch.float16 if declared == torch.float16 or not holds_grid(torch.bfloat16, spec) else torch.bfloat16
 
 
 def round_to_export_dtype(model: nn.Module, dtype: torch.dtype, spec: QuantSpec) -> None:

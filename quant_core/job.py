@@ -12,7 +12,7 @@ import torch
 from quant_core.absorbed_rotation import ROTATIONS
 from quant_core.accuracy import LmEvalSpec
 from quant_core.errors import ConfigError
-from quant_core.export_dtype import EXPORT_DTYPES
+from quant_core.export_dtype import EXPORT_DTYPES, holds_grid
 from quant_core.finetune import FinetuneOptions
 from quant_core.incoherence import UNPACKABLE_ROTATION
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
@@ -129,6 +129,13 @@ class JobSpec:
             )
         if self.export_dtype not in EXPORT_DTYPES:
             raise ConfigError(f"export_dtype must be one of: {', '.join(EXPORT_DTYPES)}", "export_dtype")
+        for name, value in (("dtype", self.dtype), ("export_dtype", self.export_dtype)):
+            if value != "auto" and not holds_grid(getattr(torch, value), self.quant):
+                raise ConfigError(
+                    f"{name} {value} cannot hold the {self.quant.label} grid: a stored weight would come back a "
+                    "code away from its own; use float16 or float32",
+                    name,
+                )
         if self.lazy_load and self.export_dtype not in ("auto", self.dtype):
             raise ConfigError(
                 f"streamed blocks are written as calibrated, in dtype {self.dtype}: with lazy_load, export_dtype "

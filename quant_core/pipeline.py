@@ -162,6 +162,13 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
     """Load the model and the texts, and refuse before any work what cannot run to the end."""
     calib_path = resolve_text(spec.calib.text, "calib.text")
     eval_paths = {name: resolve_text(name, "eval.texts") for name in spec.eval.texts}
+    for name, path in eval_paths.items():
+        if path.resolve() == calib_path.resolve():
+            raise ConfigError(
+                f"calib.text is also the evaluation text {name!r}: the report would score the model on the text "
+                "it was fitted to; calibrate or evaluate on another text",
+                "calib.text",
+            )
     hooks.stage(f"loading {spec.model}")
     lazy: LazyModel | None = None
     residency: StreamingBlocks | None = None
@@ -197,7 +204,7 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
     export_dtype = (
         DTYPES[spec.dtype]
         if spec.lazy_load
-        else resolve_export_dtype(spec.export_dtype, declared_dtype(spec.model, spec.trust_remote_code))
+        else resolve_export_dtype(spec.export_dtype, declared_dtype(spec.model, spec.trust_remote_code), spec.quant)
     )
     return LoadedJob(
         model, tokenizer, blocks, lazy, residency, windows, eval_seq_len, eval_sets, formats, export_dtype, resources

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
 from quant_core.errors import ConfigError
-from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
-from quant_core.job import JobSpec
+from quant_core.export_dtype import holds_grid, resolve_export_dtype, round_to_export_dtype
+from quant_core.job import CalibSpec, JobSpec
 from quant_core.methods.base import layer_grid, write_quantized
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
+from quant_core.pipeline import run_job
 from quant_core.quantizer import QuantSpec, fake_quantize, grid_params
 from tests.test_cli import SMALL
 from tests.tiny_models import build_model
@@ -62,10 +63,11 @@ def test_rounding_keeps_every_code_and_rebuilds_weights_from_the_stored_scale(dt
 
 
 def test_auto_is_float16_for_a_float16_model_and_bfloat16_otherwise() -> None:
-    assert resolve_export_dtype("auto", torch.float16) == torch.float16
-    assert resolve_export_dtype("auto", torch.float32) == torch.bfloat16
-    assert resolve_export_dtype("auto", None) == torch.bfloat16
-    assert resolve_export_dtype("float32", torch.bfloat16) == torch.float32
+    w4 = QuantSpec(bits=4)
+    assert resolve_export_dtype("auto", torch.float16, w4) == torch.float16
+    assert resolve_export_dtype("auto", torch.float32, w4) == torch.bfloat16
+    assert resolve_export_dtype("auto", None, w4) == torch.bfloat16
+    assert resolve_export_dtype("float32", torch.bfloat16, w4) == torch.float32
 
 
 def _stored_dtypes(directory: Path) -> set[str]:
@@ -122,3 +124,40 @@ def test_a_streamed_job_cannot_change_the_dtype_it_calibrated_in() -> None:
     with pytest.raises(ConfigError) as caught:
         JobSpec(model="m", method="rtn", export_dtype="float64")
     assert caught.value.field == "export_dtype"
+
+
+def _naive_codes_survive(dtype: torch.dtype, spec: QuantSpec) -> bool:
+    """Every offset of the grid times a few hundred scales, stored in ``dtype``, read back to its code."""
+    scales = torch.logspace(-4, -1, 301).to(dtype).float()  # step sizes as a checkpoint of ``dtype`` keeps them
+    offsets = (
+        torch.arange(-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1)) if spec.symmetric else torch.arange(2**spec.bits)
+    )
+    weights = (offsets[:, None] * scales[None, :]).to(dtype).float()
+    return bool(torch.equal(torch.round(weights / scales), offsets[:, None].float().expand_as(weights)))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 7, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_holds_grid_is_exactly_where_stored_weights_give_their_codes_back(
+    bits: int, symmetric: bool, dtype: torch.dtype
+) -> None:
+    spec = QuantSpec(bits=bits, symmetric=symmetric, group_size=32)
+    assert holds_grid(dtype, spec) == _naive_codes_survive(dtype, spec)
+
+
+def test_an_asymmetric_8_bit_grid_is_never_stored_in_bfloat16() -> None:
+    w8 = QuantSpec(bits=8, symmetric=False, group_size=32)
+    assert not holds_grid(torch.bfloat16, w8) and holds_grid(torch.bfloat16, QuantSpec(8, True, 32))
+    assert resolve_export_dtype("auto", torch.bfloat16, w8) == torch.float16
+    for field in ("dtype", "export_dtype"):
+        with pytest.raises(ConfigError, match="cannot hold the W8") as err:
+            JobSpec(model="m", quant=w8, **{field: "bfloat16"})
+        assert err.value.field == field
+
+
+def test_calibrating_on_the_evaluation_text_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    spec = JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text="persuasion", n_samples=2, seq_len=16))
+    with pytest.raises(ConfigError, match="also the evaluation text 'persuasion'") as err:
+        run_job(spec, tmp_path)
+    assert err.value.field == "calib.text" and not (tmp_path / "report.json").exists()
