@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from api.client import ApiError, SWQuantClient
-from api.front import API_ENV_BEHIND_FRONT, FrontSettings, FrontUnavailable, haproxy_binary, start_front
+from api.front import API_ENV_BEHIND_FRONT, MAX_WAIT_S, FrontSettings, FrontUnavailable, haproxy_binary, start_front
 from quant_core import cli as core_cli
 from quant_core.progress import minutes_seconds
 from swq_shared.events import BlockEvent, StatusEvent, read_event
@@ -171,7 +171,8 @@ def serve(args: argparse.Namespace) -> int:
     listen: dict[str, Any] = {"host": args.host, "port": args.port}
     if args.front:
         socket_path = str(data_dir / "api.sock")
-        front = FrontSettings.for_processes(f"{args.host}:{args.port}", socket_path, api_processes=1)
+        max_wait = float(os.environ.get("SWQUANT_FRONT_MAX_WAIT_S", MAX_WAIT_S))
+        front = FrontSettings.for_processes(f"{args.host}:{args.port}", socket_path, 1, max_wait)
         children.append(start_front(front))
         listen = {"uds": socket_path}
     print(f"SWQuant at http://{args.host}:{args.port}  (docs: /docs)", flush=True)

@@ -9,6 +9,7 @@ load bench; this module only fills in its environment and runs the binary.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -16,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG = Path(__file__).with_name("haproxy.cfg")
-SLOTS_PER_PROCESS = 4  # in flight, and as many again waiting: the sizing explained in haproxy.cfg
+IN_FLIGHT_PER_PROCESS = 4  # keeps a process busy while it writes one answer and reads the next
+# The queue is bounded by the time its requests would wait, not by a count: a poll costs an API
+# process about 2.2 ms (bench/README.md, "Bursts behind the front"), so half a second of waiting holds
+# about 200 requests a process. A count of a few slots refused every burst of more clients than that
+# while the server idled; a bound in time refuses only what could not be answered in time. HAProxy's
+# `timeout queue` (2 s) still turns away whatever waits longer when answers get slower than this.
+SERVICE_TIME_S = 0.0025
+MAX_WAIT_S = 0.5
 # What the API processes behind the front are given: the front bounds what reaches their event loop,
 # so a refusal for loop lag would only be a slower 503 than the front's (bench/README.md).
 API_ENV_BEHIND_FRONT = {"SWQUANT_MAX_LOOP_LAG_MS": "0"}
@@ -37,9 +45,13 @@ class FrontSettings:
     api_processes: int = 1  # behind the one upstream address
 
     @classmethod
-    def for_processes(cls, bind: str, upstream: str, api_processes: int) -> FrontSettings:
-        slots = SLOTS_PER_PROCESS * api_processes
-        return cls(bind, upstream, in_flight=slots, queue=slots, api_processes=api_processes)
+    def for_processes(
+        cls, bind: str, upstream: str, api_processes: int, max_wait_s: float = MAX_WAIT_S
+    ) -> FrontSettings:
+        """``api_processes`` behind ``upstream``, none of whose admitted requests waits much over ``max_wait_s``."""
+        return cls(
+            bind, upstream, IN_FLIGHT_PER_PROCESS * api_processes, queue_for(api_processes, max_wait_s), api_processes
+        )
 
     def env(self) -> dict[str, str]:
         return {
@@ -49,6 +61,11 @@ class FrontSettings:
             "SWQUANT_FRONT_QUEUE": str(self.queue),
             "SWQUANT_FRONT_API_PROCESSES": str(self.api_processes),
         }
+
+
+def queue_for(api_processes: int, max_wait_s: float) -> int:
+    """How many requests may wait so that the last is answered within ``max_wait_s``."""
+    return max(1, math.floor(max_wait_s * api_processes / SERVICE_TIME_S))
 
 
 def haproxy_binary() -> str:

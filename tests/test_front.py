@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -19,18 +21,28 @@ import httpx
 import pytest
 
 from api.admission import BUSY_BODY
-from api.front import SLOTS_PER_PROCESS, FrontSettings, FrontUnavailable, haproxy_binary, start_front
+from api.front import IN_FLIGHT_PER_PROCESS, FrontSettings, FrontUnavailable, haproxy_binary, queue_for, start_front
 from tests.service_stack import Stack, embedded_stack
 
-IN_FLIGHT = QUEUE = SLOTS_PER_PROCESS  # what `swquant serve --front` gives its one API process
+# A front whose queue holds 10 ms of answers (4 requests), so that a stopped API fills it in a few requests.
+SHORT_WAIT_S = 0.01
+IN_FLIGHT, QUEUE = IN_FLIGHT_PER_PROCESS, queue_for(1, SHORT_WAIT_S)
 
 
 @pytest.fixture(scope="module")
 def fronted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     haproxy_binary()  # fails with how to install HAProxy when it is missing
     # The queued requests must outwait the test: no 503 for a long wait in the queue.
-    wait = {"SWQUANT_FRONT_QUEUE_TIMEOUT": "120s"}
-    with embedded_stack(tmp_path_factory.mktemp("front"), "--front", "--no-worker", env_extra=wait) as stack:
+    env = {"SWQUANT_FRONT_QUEUE_TIMEOUT": "120s", "SWQUANT_FRONT_MAX_WAIT_S": str(SHORT_WAIT_S)}
+    with embedded_stack(tmp_path_factory.mktemp("front"), "--front", "--no-worker", env_extra=env) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def default_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """``swquant serve --front`` as a user starts it."""
+    haproxy_binary()
+    with embedded_stack(tmp_path_factory.mktemp("front-default"), "--front", "--no-worker") as stack:
         yield stack
 
 
@@ -78,3 +90,34 @@ def test_a_bad_front_setting_is_refused_before_anything_starts(tmp_path: Path) -
     bad = FrontSettings(bind="127.0.0.1:not-a-port", upstream="127.0.0.1:1", in_flight=1, queue=1)
     with pytest.raises(FrontUnavailable, match=r"'bind' : invalid character .* 'not-a-port'"):
         start_front(bad)
+
+
+def test_many_clients_at_a_quarter_of_capacity_are_all_answered(default_front: Stack) -> None:
+    """32 clients polling together (each round's requests leave at once) at about 100 requests a
+    second in all, a quarter of what one API process answers: every request is answered, none refused.
+    A front that admitted a count of 8 refused most of each burst."""
+    listing = f"{default_front.url}/v1/methods"
+    assert _get(listing).status_code == 200
+    clients, rounds, pause_s = 32, 8, 0.3
+
+    together = threading.Barrier(clients)
+
+    def client(_: int) -> list[int]:
+        codes = []
+        with httpx.Client(timeout=30) as http:
+            for _ in range(rounds):
+                together.wait()  # every client's request of a round leaves at once: a burst of 32
+                codes.append(http.get(listing).status_code)
+                time.sleep(pause_s)
+        return codes
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        codes = [code for result in pool.map(client, range(clients)) for code in result]
+    assert len(codes) == clients * rounds
+    assert codes.count(200) == len(codes), {code: codes.count(code) for code in set(codes)}
+
+
+def test_the_queue_holds_what_the_processes_answer_in_the_wait_it_allows() -> None:
+    one, four = FrontSettings.for_processes(":8000", "api:8000", 1), FrontSettings.for_processes(":8000", "api:8000", 4)
+    assert (one.in_flight, one.queue) == (4, 200) and (four.in_flight, four.queue) == (16, 800)
+    assert queue_for(1, SHORT_WAIT_S) == 4 and queue_for(2, 0.0001) == 1
