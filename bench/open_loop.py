@@ -2,7 +2,8 @@
 
 A closed-loop client (send, wait for the answer, send again) slows down with the server, so it never
 offers more than the server can take and never sees where its capacity ends. Here every request has
-a scheduled departure (``rate`` a second, evenly spaced) and leaves then, on an idle keep-alive
+a scheduled departure (``rate`` a second, evenly spaced, or in bursts of ``burst`` leaving together
+at the same mean rate) and leaves then, on an idle keep-alive
 connection or a new one, as independent pollers would; latency counts from the scheduled departure,
 so a generator that falls behind cannot hide the server's slowness (no coordinated omission).
 
@@ -127,6 +128,9 @@ class OpenLoopPlan:
     list_limit: int
     seed: int
     start_at: float  # wall-clock (time.time) instant all generator processes start from
+    # Requests that leave together: pollers that wake on the same tick (a dashboard's many tabs,
+    # clients started by one script) send in bursts at the same mean rate.
+    burst: int = 1
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -250,7 +254,7 @@ class Generator:
         interval = 1.0 / plan.rate
         tasks: set[asyncio.Task[None]] = set()
         index = 0
-        while (scheduled := loop_start + index * interval) < stop_at:
+        while (scheduled := loop_start + (index - index % plan.burst) * interval) < stop_at:
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -403,8 +403,10 @@ def run_rate(
     spec: dict[str, Any],
     args: Any,
     profile_to: Path | None = None,
+    burst: int = 1,
 ) -> dict[str, Any]:
-    """Open-loop load at ``rate`` requests a second, split over generator processes; one merged summary."""
+    """Open-loop load at ``rate`` requests a second (in bursts of ``burst`` requests that leave together),
+    split over generator processes; one merged summary."""
     from bench.open_loop import EndpointStats, OpenLoopPlan, run_generator
 
     processes = generator_processes(rate)
@@ -423,6 +425,7 @@ def run_rate(
             LIST_LIMIT,
             args.seed + 1000 * i,
             start_at + i / rate,
+            max(1, burst // processes),
         )
         for i in range(processes)
     ]
@@ -453,6 +456,7 @@ def run_rate(
         total.merge(stats)
     return {
         "rate": rate,
+        "burst": burst,
         "generator_processes": processes,
         "sent_per_s": sum(r["sent_per_s"] for r in results),
         "send_lateness_p99_ms": max(r["send_lateness_p99_ms"] or 0.0 for r in results),
@@ -569,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rates", type=float, nargs="*", default=[50, 100, 200, 400, 800], help="requests a second")
     parser.add_argument("--mixed-rates", type=float, nargs="*", default=[100, 400], help="rates of the mixed profile")
+    parser.add_argument(
+        "--bursts", type=int, nargs="*", default=[32], help="poll rows in bursts of this many requests, at --burst-rate"
+    )
+    parser.add_argument("--burst-rate", type=float, default=100, help="mean requests a second of the burst rows")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as unanswered")
@@ -620,13 +628,14 @@ def main(argv: list[str] | None = None) -> None:
                     ids = [time_job(client, spec)["id"] for _ in range(2)]
                     client.close()
                 stop_worker(stack)
-                plan = [("poll", rate) for rate in args.rates] + [("mixed", rate) for rate in args.mixed_rates]
+                plan = [("poll", rate, 1) for rate in args.rates] + [("mixed", rate, 1) for rate in args.mixed_rates]
+                plan += [(f"poll, bursts of {b}", args.burst_rate, b) for b in args.bursts]
                 if args.profile_rate:
-                    plan.append(("poll, py-spy", args.profile_rate))
-                for profile, rate in plan:
+                    plan.append(("poll, py-spy", args.profile_rate, 1))
+                for profile, rate, burst in plan:
                     profile_to = log_dir / f"py-spy-{kind}-{front}-{workers}.txt" if "py-spy" in profile else None
                     shares = profiles[profile.split(",")[0]]
-                    row = run_rate(stack, rate, shares, ids, spec, args, profile_to)
+                    row = run_rate(stack, rate, shares, ids, spec, args, profile_to, burst)
                     row |= {"stack": kind, "front": front, "api_workers": workers, "profile": profile}
                     rows.append(row)
                     print(load_table([row]).splitlines()[-1], flush=True)
@@ -653,6 +662,8 @@ def main(argv: list[str] | None = None) -> None:
             "front": args.front,
             "rates": args.rates,
             "mixed_rates": args.mixed_rates,
+            "bursts": args.bursts,
+            "burst_rate": args.burst_rate,
             "profiles": profiles,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
