@@ -62,10 +62,8 @@ class FinetuneOptions(Options):
     """The stage's settings; ``epochs: 0`` (the default) skips it.
 
     The learning rates were chosen on held-out windows of the calibration text, never on an
-    evaluation text: on SmolLM2-135M at W3 g64 (GPTQ+QuIP with clipping, 16 windows, 2 epochs)
-    the held-out perplexity went from 42.91 to 39.22 at ``lr`` 1e-3, 38.79 at 3e-3 and 43.65 at
-    1e-2 (``norm_lr`` a tenth of ``lr`` each time): 1e-2 overshoots. One epoch (16 steps) does
-    not want a larger rate either: 40.95 at 3e-3, 41.71 at 5e-3, 43.71 at 7e-3.
+    evaluation text (``python -m bench.finetune_lr``; the sweep is in bench/README.md, "End-to-end
+    tuning after the blocks").
     """
 
     what = "finetune option"

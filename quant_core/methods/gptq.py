@@ -17,10 +17,11 @@ at a time, which is what makes it fast.
   block's order, and each stage's Hessian is computed with the earlier stages already quantized.
   One pass of the block, suspended before each stage (:mod:`quant_core.methods.staged_pass`),
   collects every stage's inputs and yields the block's output (``staged_pass``; by default on a GPU
-  and on a CPU with one intra-op thread, where it is 27% faster than the replay; with several CPU
-  threads each paused batch's thread brings its own OpenMP team and the pass was 25-40% slower on
-  4 SmolLM2 blocks with 2 threads, so the default there is the replay; ``staged_pass: false`` replays the
-  block up to each stage instead: about 1.7 more passes of a Llama block, and less memory).
+  and on a CPU with one intra-op thread, where it is faster than the replay; with several CPU
+  threads each paused batch's thread brings its own OpenMP team and the pass is slower, so the
+  default there is the replay; timings in bench/README.md, "Passes over the calibration windows per
+  block"; ``staged_pass: false`` replays the block up to each stage instead: about 1.7 more passes
+  of a Llama block, and less memory).
   ``true_sequential: false`` takes every Hessian from one pass of the full-precision block, as
   llm-compressor's GPTQ does, and then needs a second pass for the output.
 - Clipping (``clip_search``, needs static groups): each row and group's range is shrunk by the ratio
@@ -71,8 +72,8 @@ MAX_DAMP_RETRIES = 6
 class GptqOptions(IncoherenceOptions):
     """1% damping, lazy batches of 128 columns, and activation order with static groups.
 
-    Act-order with static groups is what llm-compressor's GPTQModifier does by default; on SmolLM2-135M
-    at W4 g64 it gives perplexity 40.05 where the natural order gives 43.88 (bench/results/quality_w4.json).
+    Act-order with static groups is what llm-compressor's GPTQModifier does by default; against the
+    natural order on SmolLM2-135M: bench/README.md (`bench.quality`, W4 rows).
     """
 
     block_size: PositiveCount = Field(128, description="columns per lazy batch of the column walk")
@@ -287,8 +288,7 @@ class Gptq(QuantMethod):
     def clips(self) -> bool:
         """Whether static group grids start from the searched clipping (the default whenever groups are static).
 
-        On SmolLM2-135M at W3 g64 it takes GPTQ from 57.35 / 79.02 to 51.05 / 63.26 perplexity
-        (Persuasion / Brown, bench/README.md).
+        What it gives GPTQ on SmolLM2-135M: bench/README.md, "Quality per CPU-minute".
         """
         return self.options.static_groups if self.options.clip_search is None else self.options.clip_search
 
