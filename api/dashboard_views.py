@@ -73,8 +73,14 @@ class JobRow:
     blocks_done: int
     num_blocks: int | None
     ppl: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    recipe: list[str] = field(default_factory=list)  # every stage the job runs, in order (see `recipe`)
     # lm-eval scores as "task metric" -> (float model, quantized)
     accuracy: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    @property
+    def around_method(self) -> list[str]:
+        """The stages before and after the method that the list's method column mentions."""
+        return [stage for stage in self.recipe if stage.startswith(("rotation", "tuning"))]
 
     @property
     def short_id(self) -> str:
@@ -90,6 +96,29 @@ class JobRow:
     @property
     def terminal(self) -> bool:
         return JobStatus(self.status).terminal
+
+
+def _options(options: Any) -> str:
+    return ", ".join(f"{key}={value}" for key, value in options.items()) if isinstance(options, dict) else ""
+
+
+def recipe(spec: dict[str, Any]) -> list[str]:
+    """The job's stages as the page names them: rotation, grid, method (with its options), loss,
+    end-to-end tuning (with its loss) and the runtimes it targets; what gives a run its quality is
+    rarely the method alone."""
+    stages = [f"rotation {spec['rotation']}"] if spec.get("rotation", "none") != "none" else []
+    grid = f"W{spec.get('bits', '?')} " + (f"g{spec['group_size']}" if spec.get("group_size") else "per channel")
+    stages.append(grid + (" sym" if spec.get("symmetric") else ""))
+    method, options = str(spec.get("method", "")), _options(spec.get("method_options"))
+    stages.append(f"{method} ({options})" if options else method)
+    stages.append(f"loss {spec['loss']}" if spec.get("loss") else "the method's loss")
+    tuning = spec.get("finetune") or {}
+    if isinstance(tuning, dict) and tuning.get("epochs"):
+        epochs = tuning["epochs"]
+        stages.append(f"tuning {epochs} epoch{'s' if epochs != 1 else ''}, loss {tuning.get('loss', 'kd')}")
+    if spec.get("targets"):
+        stages.append("for " + ", ".join(spec["targets"]))
+    return stages
 
 
 def job_row(job: Job, now: datetime | None = None) -> JobRow:
@@ -115,6 +144,7 @@ def job_row(job: Job, now: datetime | None = None) -> JobRow:
         blocks_done=job.blocks_done,
         num_blocks=job.num_blocks,
         ppl={t: v for t, v in ppl.items() if v != (None, None)},
+        recipe=recipe(spec),
         accuracy=_accuracy(metrics),
     )
 

@@ -105,6 +105,7 @@ def page(signed_in: sync_api.BrowserContext) -> Iterator[sync_api.Page]:
 def sw_job(stack: Stack, tiny_llama_dir: Path) -> str:
     """The mse_sw run, sent over REST first so that it is ahead of the form's run in the queue."""
     spec = {**RUN, "model": str(tiny_llama_dir), "loss": "mse_sw", "loss_options": {"sw_num_projections": 8}}
+    spec |= {"rotation": "hadamard", "finetune": {"epochs": 1, "loss": "kd_sw"}}  # a recipe beyond the method
     return SWQuantClient(stack.url, stack.api_key).submit(spec)["id"]
 
 
@@ -299,3 +300,14 @@ def test_signing_out_ends_the_session(browser: sync_api.Browser, stack: Stack) -
     page.goto(f"{stack.url}/ui/jobs")
     assert "/ui/login" in page.url
     context.close()
+
+
+def test_the_job_page_and_the_list_tell_the_whole_recipe(page: sync_api.Page, stack: Stack, sw_job: str) -> None:
+    page.goto(f"{stack.url}/ui/jobs/{sw_job}")
+    recipe = page.locator("#job-recipe").inner_text()
+    assert recipe == (
+        "rotation hadamard · W3 g32 · omniquant (epochs=1, batch_size=4) · loss mse_sw · tuning 1 epoch, loss kd_sw"
+    )
+    page.goto(f"{stack.url}/ui/jobs")
+    method = page.locator(f"#job-{sw_job} td", has_text="omniquant")
+    sync_api.expect(method).to_contain_text("omniquant + rotation hadamard + tuning 1 epoch, loss kd_sw")
