@@ -23,6 +23,15 @@ BUNDLED_TEXTS = {
 }
 
 
+def calibrated_on_evaluation(name: str) -> ConfigError:
+    """The refusal of a job whose calibration text is one of its evaluation texts."""
+    return ConfigError(
+        f"calib.text is also the evaluation text {name!r}: the report would score the model on the text it was "
+        "fitted to; calibrate or evaluate on another text",
+        "calib.text",
+    )
+
+
 def resolve_text(source: str, field: str) -> Path:
     """A bundled corpus name (``austen``, ``persuasion``) or a path to a UTF-8 text file."""
     path = BUNDLED_TEXTS.get(source, Path(source).expanduser())

@@ -216,69 +216,86 @@ def calibrate_blocks(
         fp_inputs, q_inputs = resume.fp_inputs, resume.q_inputs
         records = [BlockRecord(**r) for r in resume.records]
     for index in range(len(records), len(blocks)):
-        block = blocks[index]
         if should_cancel is not None and should_cancel():
             raise CancelledError(f"cancelled before block {index}")
+        if residency is not None:
+            residency.enter(index)
+        step = _BlockStep(index, len(blocks), kwargs, method, eval_loss, measured, device, seed + index)
+        record, fp_inputs, q_inputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
+        records.append(record)
+        if checkpoint is not None:
+            checkpoint.save(index, blocks[index], fp_inputs, q_inputs, [r.to_dict() for r in records])
+        if residency is not None:
+            residency.leave(index)
+        if on_block is not None:
+            on_block(record)
+    return records
+
+
+@dataclass(frozen=True)
+class _BlockStep:
+    """One block's calibration between the two chains: what :func:`calibrate_blocks` does per block."""
+
+    index: int
+    num_blocks: int
+    kwargs: dict[str, Any]
+    method: QuantMethod
+    eval_loss: Loss
+    measured: int  # windows the before/after diagnostics are measured on
+    device: str
+    seed: int  # the block's seed: the job seed plus its index
+
+    def run(
+        self, block: nn.Module, fp_inputs: Tensor, q_inputs: Tensor, batch_size: int
+    ) -> tuple[BlockRecord, Tensor, Tensor]:
+        """Calibrate ``block`` in place; its record and both chains' outputs (on the CPU)."""
+        method, measured, device = self.method, self.measured, self.device
         started = time.perf_counter()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        if residency is not None:
-            residency.enter(index)
         block.to(device).eval().requires_grad_(False)
-        block_seed = seed + index
         fp_in, q_in = fp_inputs.to(device), q_inputs.to(device)
         sites = method.loss.sites if method.needs_targets else ()
         float_linear_inputs: dict[str, list[Tensor]] = {}
         with recorded_outputs(block, sites) as site_outputs, contextlib.ExitStack() as recording:
             if method.needs_float_inputs:
                 float_linear_inputs = recording.enter_context(gathered_linear_inputs(block))
-            targets = run_block_batched(block, fp_in, kwargs, forward_batch_size)
+            targets = run_block_batched(block, fp_in, self.kwargs, batch_size)
         site_targets = {site: torch.cat(out) for site, out in site_outputs.items()}
         del fp_in, site_outputs
-        before = run_block_batched(block, q_in[:measured], kwargs, forward_batch_size, rtn_weights(block, method.spec))
-        loss_before = _batched_loss(eval_loss, before, targets[:measured], forward_batch_size, block_seed)
+        before = run_block_batched(block, q_in[:measured], self.kwargs, batch_size, rtn_weights(block, method.spec))
+        loss_before = _batched_loss(self.eval_loss, before, targets[:measured], batch_size, self.seed)
         mse_before = _mse(before, targets[:measured])
-        distribution_before = distribution_errors(before, targets[:measured], block_seed)
+        distribution_before = distribution_errors(before, targets[:measured], self.seed)
         del before
-        method.loss.reseed(block_seed)
+        method.loss.reseed(self.seed)
         data = BlockData(
-            index=index,
-            num_blocks=len(blocks),
+            index=self.index,
+            num_blocks=self.num_blocks,
             inputs=q_in,
             targets=targets if method.needs_targets else None,
-            forward=block_forward(block, kwargs),
-            generator=torch.Generator().manual_seed(block_seed),
+            forward=block_forward(block, self.kwargs),
+            generator=torch.Generator().manual_seed(self.seed),
             site_targets=site_targets,
             float_linear_inputs=float_linear_inputs,
         )
         stats = method.calibrate(block, data)
         q_outputs = data.current_outputs(block)
         if q_outputs is None:
-            q_outputs = run_block_batched(block, q_in, kwargs, forward_batch_size)
+            q_outputs = run_block_batched(block, q_in, self.kwargs, batch_size)
         record = BlockRecord(
-            index=index,
-            num_blocks=len(blocks),
+            index=self.index,
+            num_blocks=self.num_blocks,
             loss_before=loss_before,
-            loss_after=_batched_loss(
-                eval_loss, q_outputs[:measured], targets[:measured], forward_batch_size, block_seed
-            ),
+            loss_after=_batched_loss(self.eval_loss, q_outputs[:measured], targets[:measured], batch_size, self.seed),
             mse_before=mse_before,
             mse_after=_mse(q_outputs[:measured], targets[:measured]),
             distribution_before=distribution_before,
-            distribution_after=distribution_errors(q_outputs[:measured], targets[:measured], block_seed),
+            distribution_after=distribution_errors(q_outputs[:measured], targets[:measured], self.seed),
             seconds=time.perf_counter() - started,
             peak_host_mb=peak_host_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
             method_stats=stats,
         )
         block.to("cpu")
-        fp_inputs, q_inputs = targets.cpu(), q_outputs.cpu()
-        del data, q_in, targets, q_outputs, site_targets, float_linear_inputs
-        records.append(record)
-        if checkpoint is not None:
-            checkpoint.save(index, block, fp_inputs, q_inputs, [r.to_dict() for r in records])
-        if residency is not None:
-            residency.leave(index)
-        if on_block is not None:
-            on_block(record)
-    return records
+        return record, targets.cpu(), q_outputs.cpu()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import torch
@@ -264,17 +265,19 @@ def _tunable(
                 grid = GridScales.of(layer, group_size)
                 if grid is not None:
                     grids.append((block, name, grid))
-    except BaseException:
-        for block, name, grid in grids:
-            grid.restore(block, name)
-        raise
-    try:
         norms = _norm_masters(model)
     except BaseException:
-        for block, name, grid in grids:
-            grid.restore(block, name)
+        _restore(grids, [])
         raise
     return grids, norms
+
+
+def _restore(grids: list[tuple[nn.Module, str, GridScales]], norms: list[FloatMaster]) -> None:
+    """Every trained weight back as a parameter of its module, holding what was trained."""
+    for block, name, grid in grids:
+        grid.restore(block, name)
+    for norm in norms:
+        norm.restore()
 
 
 T = TypeVar("T")
@@ -346,12 +349,13 @@ def tune_end_to_end(
     grids, norms = _tunable(model, group_size)
     head = output_layer(model)
     groups = [{"params": [norm.master for norm in norms], "lr": options.norm_lr}] if norms else []
-    if grids:
-        groups.append({"params": [g.theta for _, _, g in grids], "lr": options.lr})
+    groups += [{"params": [g.theta for _, _, g in grids], "lr": options.lr}] if grids else []
     if not groups:
         nn.Module.to(model, "cpu")
         return {"skipped": "nothing to tune: no grid linear and no normalization weight"}
     optimizer = torch.optim.Adam(groups)
+    autocast = partial(torch.autocast, device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    attached: list[GridScales | FloatMaster] = [*(grid for _, _, grid in grids), *norms]  # rebuilt every step
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     per_epoch = math.ceil(windows.shape[0] / options.batch_size)
     steps = options.epochs * per_epoch
@@ -370,30 +374,22 @@ def tune_end_to_end(
                     raise CancelledError(f"cancelled at end-to-end tuning step {step} of {steps}")
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = base * cosine_with_warmup(step, 0, steps)
-                for _, _, grid in grids:
-                    grid.attach()
-                for norm in norms:
-                    norm.attach()
-                with torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                for tuned in attached:
+                    tuned.attach()
+                with autocast():
                     out = model(input_ids=windows[idx].to(device), use_cache=False, output_hidden_states=True)
                 target_hidden = teacher[idx].to(device)
                 with torch.no_grad():
-                    target_logits = head(target_hidden)
-                terms = loss_fn.model_terms(
-                    ModelOutputs(out.logits.float(), out.hidden_states[-1].float()),
-                    ModelOutputs(target_logits, target_hidden),
-                )
+                    target = ModelOutputs(head(target_hidden), target_hidden)
+                terms = loss_fn.model_terms(ModelOutputs(out.logits.float(), out.hidden_states[-1].float()), target)
                 total += take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
                 progress.advance(step + 1)
             epoch_losses.append(total / per_epoch)
-            if on_stage is not None:
-                mean = epoch_losses[-1]
-                on_stage(f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {mean:.4g}")
+            progress.report(
+                f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {total / per_epoch:.4g}"
+            )
     finally:
-        for block, name, grid in grids:
-            grid.restore(block, name)
-        for norm in norms:
-            norm.restore()
+        _restore(grids, norms)
         nn.Module.to(model, "cpu")
     return {
         "loss": loss_fn.name,

@@ -11,6 +11,7 @@ import torch
 
 from quant_core.absorbed_rotation import ROTATIONS
 from quant_core.accuracy import LmEvalSpec
+from quant_core.corpus import calibrated_on_evaluation
 from quant_core.errors import ConfigError
 from quant_core.export_dtype import EXPORT_DTYPES, holds_grid
 from quant_core.finetune import FinetuneOptions
@@ -142,6 +143,8 @@ class JobSpec:
                 f"must be auto or {self.dtype}",
                 "export_dtype",
             )
+        if self.calib.text in self.eval.texts:  # the same file under another name is refused at load
+            raise calibrated_on_evaluation(self.calib.text)
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation must be one of: {', '.join(ROTATIONS)}", "rotation")
         if self.lazy_load and self.rotation != "none":

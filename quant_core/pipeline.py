@@ -24,7 +24,13 @@ import quant_core
 from quant_core.absorbed_rotation import absorb_rotation, check_rotation
 from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
 from quant_core.checkpoint import BlockCheckpoint
-from quant_core.corpus import calibration_windows, evaluation_windows, resolve_text, tokenize_file
+from quant_core.corpus import (
+    calibrated_on_evaluation,
+    calibration_windows,
+    evaluation_windows,
+    resolve_text,
+    tokenize_file,
+)
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.errors import ConfigError
 from quant_core.export import check_packable, write_packed
@@ -164,11 +170,7 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
     eval_paths = {name: resolve_text(name, "eval.texts") for name in spec.eval.texts}
     for name, path in eval_paths.items():
         if path.resolve() == calib_path.resolve():
-            raise ConfigError(
-                f"calib.text is also the evaluation text {name!r}: the report would score the model on the text "
-                "it was fitted to; calibrate or evaluate on another text",
-                "calib.text",
-            )
+            raise calibrated_on_evaluation(name)
     hooks.stage(f"loading {spec.model}")
     lazy: LazyModel | None = None
     residency: StreamingBlocks | None = None

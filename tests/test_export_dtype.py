@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
+from quant_core.corpus import BUNDLED_TEXTS
 from quant_core.errors import ConfigError
 from quant_core.export_dtype import holds_grid, resolve_export_dtype, round_to_export_dtype
 from quant_core.job import CalibSpec, JobSpec
@@ -157,7 +158,12 @@ def test_an_asymmetric_8_bit_grid_is_never_stored_in_bfloat16() -> None:
 
 
 def test_calibrating_on_the_evaluation_text_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    spec = JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text="persuasion", n_samples=2, seq_len=16))
+    """By name when the spec is made (before a job is queued), and by file when the job loads its texts."""
+    with pytest.raises(ConfigError, match="also the evaluation text 'persuasion'") as err:
+        JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text="persuasion", n_samples=2, seq_len=16))
+    assert err.value.field == "calib.text"
+    same_file = str(BUNDLED_TEXTS["persuasion"])
+    spec = JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text=same_file, n_samples=2, seq_len=16))
     with pytest.raises(ConfigError, match="also the evaluation text 'persuasion'") as err:
         run_job(spec, tmp_path)
     assert err.value.field == "calib.text" and not (tmp_path / "report.json").exists()

@@ -308,7 +308,7 @@ def _wait_for_stage(client: SWQuantClient, job_id: str, text: str) -> None:
 def test_storage_cut_during_upload_is_retried_then_fails_clearly(faults: FaultStack) -> None:
     client = faults.client
     # Evaluation long enough to cut storage after the last checkpoint is stored, before the artifacts.
-    slow_eval = {"evaluation": {"texts": ["persuasion", "austen"], "seq_len": 256, "max_windows": 16}}
+    slow_eval = {"evaluation": {"texts": ["persuasion"], "seq_len": 256, "max_windows": 32}}
     brief = client.submit(faults.spec(**slow_eval), idempotency_key="storage-brief")["id"]
     _wait_for_stage(client, brief, "evaluating the quantized model")
     faults.s3_relay.down()

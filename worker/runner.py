@@ -166,26 +166,7 @@ def execute_job(
                         message=f"attempt {attempt}: resuming after {restored} finished blocks", resumed_blocks=restored
                     )
                     _event(settings, job_id, token, resumed)
-
-            def on_block(record: BlockRecord) -> None:
-                lease.check()
-                _database(
-                    settings,
-                    f"recording block {record.index} of job {job_id}",
-                    lambda session: record_block(session, job_id, _block_event(record, attempt), token),
-                )
-                if checkpoint_dir is not None:
-                    mirror.store_block(record.index)
-
-            def should_cancel() -> bool:
-                lease.check()
-                return _database(settings, "reading cancellation", lambda s: is_cancel_requested(s, job_id))
-
-            hooks = JobHooks(
-                on_block=on_block,
-                on_stage=lambda message: _event(settings, job_id, token, MessageEvent(message=message)),
-                should_cancel=should_cancel,
-            )
+            hooks = _hooks(settings, job_id, (token, attempt), lease, mirror if checkpoint_dir is not None else None)
             report = run_job(core_spec, workdir / "out", hooks, checkpoint_dir)
             lease.check()
             artifacts = _upload_artifacts(settings, storage, job_id, workdir / "out")
@@ -223,6 +204,39 @@ def execute_job(
             on_recorded()
         mirror.delete()
     return AttemptOutcome(outcome.value)
+
+
+def _hooks(
+    settings: Settings,
+    job_id: str,
+    claim: tuple[str, int],
+    lease: LeaseKeeper,
+    mirror: CheckpointMirror | None,
+) -> JobHooks:
+    """What the job reports back while it runs, each write under the attempt's lease ``claim``
+    (token, attempt): every finished block (and its checkpoint to ``mirror``), every stage, and
+    whether a cancel was asked for."""
+    token, attempt = claim
+
+    def on_block(record: BlockRecord) -> None:
+        lease.check()
+        _database(
+            settings,
+            f"recording block {record.index} of job {job_id}",
+            lambda session: record_block(session, job_id, _block_event(record, attempt), token),
+        )
+        if mirror is not None:
+            mirror.store_block(record.index)
+
+    def should_cancel() -> bool:
+        lease.check()
+        return _database(settings, "reading cancellation", lambda s: is_cancel_requested(s, job_id))
+
+    return JobHooks(
+        on_block=on_block,
+        on_stage=lambda message: _event(settings, job_id, token, MessageEvent(message=message)),
+        should_cancel=should_cancel,
+    )
 
 
 def _claim(session: Session, job_id: str, worker_name: str, settings: Settings) -> tuple[str, dict, str, int] | None:
