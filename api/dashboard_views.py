@@ -19,7 +19,7 @@ from api.submission import own_job
 from swq_shared import jobs
 from swq_shared.auth import Caller
 from swq_shared.errors import NotFoundInTenantError
-from swq_shared.events import BlockEvent, EventKind, read_event
+from swq_shared.events import BlockEvent, EventKind, TuningEvent, read_event
 from swq_shared.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,25 @@ def event_summary(event: dict[str, Any]) -> str:
     return read_event(event["kind"], event["data"]).summary()
 
 
-def chart(x: list[int], series: list[dict[str, Any]], y_label: str, log_scale: bool = True) -> dict[str, Any]:
+def chart(
+    x: list[int], series: list[dict[str, Any]], y_label: str, log_scale: bool = True, x_label: str = "block"
+) -> dict[str, Any]:
     """The data a uPlot chart is drawn from; a log axis only when every value is positive."""
     values = [v for s in series for v in s["values"] if v is not None]
-    return {"x": x, "series": series, "y_label": y_label, "log": log_scale and bool(values) and min(values) > 0}
+    log = log_scale and bool(values) and min(values) > 0
+    return {"x": x, "series": series, "y_label": y_label, "x_label": x_label, "log": log}
+
+
+def tuning_steps(events: list[dict[str, Any]]) -> list[TuningEvent]:
+    """The end-to-end tuning's steps, the last record per step (a resumed job may tune again), in order."""
+    steps = [TuningEvent.model_validate(e["data"]) for e in events if e["kind"] == EventKind.tuning]
+    latest = {step.step: step for step in steps}
+    return [latest[i] for i in sorted(latest)]
+
+
+def tuning_chart(steps: list[TuningEvent]) -> dict[str, Any]:
+    series = [{"label": "tuning loss", "values": [s.loss for s in steps], "color": 0}]
+    return chart([s.step for s in steps], series, "loss", x_label="step")
 
 
 def job_charts(blocks: list[BlockEvent]) -> dict[str, dict[str, Any]]:

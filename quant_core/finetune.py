@@ -294,6 +294,7 @@ def calibrate_then_tune(
     seed: int = 0,
     on_stage: Callable[[str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[T, dict[str, Any] | None]:
     """``calibrate()`` (the blockwise calibration of ``model``), then end-to-end tuning when ``options``
     ask for it; returns what ``calibrate`` returned and the tuning's statistics (None when off).
@@ -319,6 +320,7 @@ def calibrate_then_tune(
         seed=seed,
         on_stage=on_stage,
         should_cancel=should_cancel,
+        on_step=on_step,
     )
     return calibrated, stats
 
@@ -334,12 +336,13 @@ def tune_end_to_end(
     seed: int = 0,
     on_stage: Callable[[str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Train step sizes and norms of the quantized ``model`` to match the full-precision last hidden
     states ``teacher`` (:func:`record_teacher`) and the logits they give; codes stay fixed.
 
     Returns the report's statistics: what was trained, the loss before the first and after the last
-    step (mean per epoch), and the time per step.
+    step (mean per epoch), and the time per step. ``on_step(done, steps, loss)`` follows every step.
     """
     loss_fn = options.build_loss(seed)
     compute_dtype, device_type = options.compute_dtype(device), torch.device(device).type
@@ -382,8 +385,11 @@ def tune_end_to_end(
                 with torch.no_grad():
                     target = ModelOutputs(head(target_hidden), target_hidden)
                 terms = loss_fn.model_terms(ModelOutputs(out.logits.float(), out.hidden_states[-1].float()), target)
-                total += take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
+                loss = take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
+                total += loss
                 progress.advance(step + 1)
+                if on_step is not None:
+                    on_step(step + 1, steps, loss)
             epoch_losses.append(total / per_epoch)
             progress.report(
                 f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {total / per_epoch:.4g}"

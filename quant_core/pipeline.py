@@ -62,11 +62,13 @@ REPORT_NAME = "report.json"
 
 @dataclass
 class JobHooks:
-    """How a caller follows and steers a run: per-block progress, stage messages, cancellation."""
+    """How a caller follows and steers a run: per-block progress, stage messages, cancellation, and
+    the end-to-end tuning's loss at every step (``on_tuning_step(done, steps, loss)``)."""
 
     on_block: Callable[[BlockRecord], None] | None = None
     on_stage: Callable[[str], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    on_tuning_step: Callable[[int, int, float], None] | None = None
 
     def stage(self, message: str) -> None:
         if self.on_stage is not None:
@@ -304,6 +306,7 @@ def calibrate(
             seed=spec.seed,
             on_stage=hooks.on_stage,
             should_cancel=hooks.should_cancel,
+            on_step=hooks.on_tuning_step,
         )
         if tuned is not None:
             method_stats["finetune"] = tuned

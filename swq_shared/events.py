@@ -22,6 +22,7 @@ class EventKind(enum.StrEnum):
     status = "status"
     block = "block"
     message = "message"
+    tuning = "tuning"
 
 
 class EventData(BaseModel):
@@ -66,6 +67,18 @@ class BlockEvent(BlockRecord, EventData):
         )
 
 
+class TuningEvent(EventData):
+    """A step of the end-to-end tuning and the loss it trained on (the dashboard's tuning curve)."""
+
+    kind: ClassVar[EventKind] = EventKind.tuning
+    step: int  # steps done, from 1
+    steps: int
+    loss: float
+
+    def summary(self) -> str:
+        return f"end-to-end tuning step {self.step}/{self.steps}: loss {self.loss:.4g}"
+
+
 class MessageEvent(EventData):
     """A stage of the run or something that happened to the job, in words; ``resumed_blocks`` and
     ``resent`` say the two things other code acts on."""
@@ -79,7 +92,9 @@ class MessageEvent(EventData):
         return self.message
 
 
-EVENT_TYPES: dict[str, type[EventData]] = {t.kind.value: t for t in (StatusEvent, BlockEvent, MessageEvent)}
+EVENT_TYPES: dict[str, type[EventData]] = {
+    t.kind.value: t for t in (StatusEvent, BlockEvent, MessageEvent, TuningEvent)
+}
 
 
 def read_event(kind: str, data: dict[str, Any]) -> EventData:

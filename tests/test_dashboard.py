@@ -311,3 +311,17 @@ def test_the_job_page_and_the_list_tell_the_whole_recipe(page: sync_api.Page, st
     page.goto(f"{stack.url}/ui/jobs")
     method = page.locator(f"#job-{sw_job} td", has_text="omniquant")
     sync_api.expect(method).to_contain_text("omniquant + rotation hadamard + tuning 1 epoch, loss kd_sw")
+
+
+def test_the_job_page_draws_the_tuning_loss_by_step(page: sync_api.Page, stack: Stack, sw_job: str) -> None:
+    """The sw_job tunes end to end after its blocks: one point per step, as many as its tuning events."""
+    errors = _console_errors(page)
+    _wait_succeeded(page, stack, sw_job)
+    chart = page.locator("#chart-tuning")
+    sync_api.expect(chart.locator("canvas")).to_be_visible()
+    points = page.evaluate("window.swqPlots.get('chart-tuning').data[1].filter((v) => v != null).length")
+    events = SWQuantClient(stack.url, stack.api_key).events(sw_job, limit=1000)["items"]
+    steps = [e for e in events if e["kind"] == "tuning"]
+    assert points == len(steps) == steps[-1]["data"]["steps"] > 0
+    sync_api.expect(chart.locator(".u-legend")).to_contain_text("tuning loss")
+    assert errors == []

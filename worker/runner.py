@@ -25,7 +25,7 @@ from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint, run_job
 from quant_core.report import JobReport
 from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, checkpoint_prefix, open_settings_storage
 from swq_shared.db import session_scope
-from swq_shared.events import BlockEvent, MessageEvent
+from swq_shared.events import BlockEvent, EventData, MessageEvent, TuningEvent
 from swq_shared.jobs import (
     LeaseLostError,
     add_leased_event,
@@ -236,6 +236,9 @@ def _hooks(
         on_block=on_block,
         on_stage=lambda message: _event(settings, job_id, token, MessageEvent(message=message)),
         should_cancel=should_cancel,
+        on_tuning_step=lambda step, steps, loss: _event(
+            settings, job_id, token, TuningEvent(step=step, steps=steps, loss=loss)
+        ),
     )
 
 
@@ -247,7 +250,7 @@ def _claim(session: Session, job_id: str, worker_name: str, settings: Settings) 
     return job.tenant_id, job.spec, job.lease_token, job.attempts
 
 
-def _event(settings: Settings, job_id: str, token: str, event: MessageEvent) -> None:
+def _event(settings: Settings, job_id: str, token: str, event: EventData) -> None:
     _database(
         settings,
         f"logging an event of job {job_id}",

@@ -29,7 +29,7 @@
       cursor: { drag: { x: true, y: false } },
       axes: [
         {
-          label: "block",
+          label: spec.x_label || "block",
           stroke: "#333",
           grid: { stroke: "#e6e6e6" },
           incrs: [1, 2, 5, 10, 20, 50, 100],
@@ -44,7 +44,7 @@
         },
       ],
       series: [
-        { label: "block", value: (u, v) => (v == null ? "—" : String(v)) },
+        { label: spec.x_label || "block", value: (u, v) => (v == null ? "—" : String(v)) },
         ...spec.series.map((s) => ({
           label: s.label,
           stroke: PALETTE[(s.color || 0) % PALETTE.length],
