@@ -54,6 +54,7 @@ import httpx
 from api.client import TERMINAL, SWQuantClient
 from bench.profile_shares import shares as profile_shares
 from bench.profile_shares import table as profile_table
+from bench.random_llama import save_random_llama
 
 RESULTS = Path(__file__).with_name("results") / "service.json"
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
@@ -63,7 +64,6 @@ JOB_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 30
 PICKUP_POLL_S = 0.01
 LIST_LIMIT = 20
-VOCAB = 320
 
 POLL, LIST, SUBMIT = "GET /v1/jobs/{id}", "GET /v1/jobs", "POST /v1/jobs"
 ENDPOINTS = (POLL, LIST, SUBMIT)
@@ -73,37 +73,6 @@ ACCESS_5XX = re.compile(r'" 5\d\d ')
 
 
 # --- the stack -------------------------------------------------------------------------------------
-
-
-def build_tiny_model(path: Path) -> Path:
-    """A seeded 2-layer Llama (hidden 64) and a BPE tokenizer trained on the bundled corpus, saved as a user would.
-
-    The job must be cheap so the bench measures the service, not the quantizer.
-    """
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from quant_core.corpus import BUNDLED_TEXTS
-
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    bpe.train_from_iterator(BUNDLED_TEXTS["austen"].read_text(encoding="utf-8")[:200_000].splitlines(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def tiny_job(model_dir: Path) -> dict[str, Any]:
@@ -606,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         log_dir = args.log_dir or workdir
         log_dir.mkdir(parents=True, exist_ok=True)
-        spec = tiny_job(build_tiny_model(workdir / "tiny-llama"))
+        spec = tiny_job(save_random_llama(workdir / "tiny-llama"))  # cheap: the bench measures the service
         for kind, front, workers in itertools.product(args.stacks, args.front, args.api_workers):
             with ExitStack() as cleanup:
                 database_url = cleanup.enter_context(stack_database(kind, workdir, args.pg_dsn))
