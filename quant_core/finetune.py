@@ -27,7 +27,6 @@ applied to its last hidden state (logit soft-capping) is refused.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
@@ -325,6 +324,26 @@ def calibrate_then_tune(
     return calibrated, stats
 
 
+def _optimizer(
+    grids: list[tuple[nn.Module, str, GridScales]], norms: list[FloatMaster], options: FinetuneOptions
+) -> torch.optim.Adam | None:
+    """Adam over the norms' float32 copies (at ``norm_lr``) and the grids' step sizes (at ``lr``)."""
+    groups = [{"params": [norm.master for norm in norms], "lr": options.norm_lr}] if norms else []
+    groups += [{"params": [g.theta for _, _, g in grids], "lr": options.lr}] if grids else []
+    return torch.optim.Adam(groups) if groups else None
+
+
+def _outputs(out: Any) -> ModelOutputs:
+    """The student's logits and last hidden states, in float32 whatever the autocast computed."""
+    return ModelOutputs(out.logits.float(), out.hidden_states[-1].float())
+
+
+@torch.no_grad()
+def _teacher_outputs(head: nn.Module, hidden: Tensor) -> ModelOutputs:
+    """The full-precision model's logits, from its recorded last hidden states through the output layer."""
+    return ModelOutputs(head(hidden), hidden)
+
+
 def tune_end_to_end(
     model: nn.Module,
     windows: Tensor,
@@ -351,12 +370,10 @@ def tune_end_to_end(
     nn.Module.to(model, device)
     grids, norms = _tunable(model, group_size)
     head = output_layer(model)
-    groups = [{"params": [norm.master for norm in norms], "lr": options.norm_lr}] if norms else []
-    groups += [{"params": [g.theta for _, _, g in grids], "lr": options.lr}] if grids else []
-    if not groups:
+    optimizer = _optimizer(grids, norms, options)
+    if optimizer is None:
         nn.Module.to(model, "cpu")
         return {"skipped": "nothing to tune: no grid linear and no normalization weight"}
-    optimizer = torch.optim.Adam(groups)
     autocast = partial(torch.autocast, device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     attached: list[GridScales | FloatMaster] = [*(grid for _, _, grid in grids), *norms]  # rebuilt every step
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -366,7 +383,6 @@ def tune_end_to_end(
     epoch_losses: list[float] = []
     shares: dict[str, dict[str, float]] = {}  # each loss term's share of the gradient, first and last step
     trained = [p for group in optimizer.param_groups for p in group["params"]]
-    started = time.perf_counter()
     try:
         for epoch in range(options.epochs):
             total = 0.0
@@ -381,10 +397,7 @@ def tune_end_to_end(
                     tuned.attach()
                 with autocast():
                     out = model(input_ids=windows[idx].to(device), use_cache=False, output_hidden_states=True)
-                target_hidden = teacher[idx].to(device)
-                with torch.no_grad():
-                    target = ModelOutputs(head(target_hidden), target_hidden)
-                terms = loss_fn.model_terms(ModelOutputs(out.logits.float(), out.hidden_states[-1].float()), target)
+                terms = loss_fn.model_terms(_outputs(out), _teacher_outputs(head, teacher[idx].to(device)))
                 loss = take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
                 total += loss
                 progress.advance(step + 1)
@@ -407,5 +420,5 @@ def tune_end_to_end(
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "epoch_losses": epoch_losses,
         **({"gradient_share": shares} if shares else {}),
-        "seconds_per_step": (time.perf_counter() - started) / max(steps, 1),
+        "seconds_per_step": (progress.clock() - progress.started) / max(steps, 1),
     }
