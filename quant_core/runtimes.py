@@ -8,10 +8,12 @@ environment); where neither has it, the report says so instead of a score.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,23 +129,41 @@ def token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[to
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         request = {"model": str(checkpoint), "windows": windows.tolist(), "threads": torch.get_num_threads()}
-        try:
-            done = subprocess.run(
-                [interpreter, str(_SCRIPTS[runtime])],
-                input=json.dumps({**request, "result": str(result)}),
-                capture_output=True,
-                text=True,
-                timeout=_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeFailed(f"{runtime} did not finish scoring within {_TIMEOUT_S} s") from exc
+        done = _run_in_own_group([interpreter, str(_SCRIPTS[runtime])], json.dumps({**request, "result": str(result)}))
+        if done is None:
+            raise RuntimeFailed(f"{runtime} did not finish scoring within {_TIMEOUT_S} s")
         if done.returncode != 0 or not result.is_file():
             raise RuntimeFailed(f"{runtime} failed on this checkpoint: {_cause(done.stdout + done.stderr)}")
         answer = json.loads(result.read_text())
     if "skipped" in answer:
         raise RuntimeUnavailable(answer["skipped"])
     return torch.tensor(answer["nll"], dtype=torch.float64), answer["runtime"]
+
+
+def _run_in_own_group(argv: list[str], stdin: str) -> subprocess.CompletedProcess[str] | None:
+    """Run a runtime's script in a process group of its own and end the whole group afterwards: a
+    runtime may leave processes behind (vLLM's engine runs in a child of the script). None on timeout."""
+    # Output goes to files, not pipes: a process left behind would hold a pipe open, and reading it to
+    # its end would wait for that process instead of the script.
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.TemporaryFile("w+") as given,
+    ):
+        given.write(stdin)
+        given.seek(0)
+        process = subprocess.Popen(argv, stdin=given, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            process.wait(timeout=_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read())
 
 
 def _cause(output: str) -> str:
