@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         command += ["--bits", str(spec.quant.bits), "--group-size", str(group), "--scheme", "gptq"]
         subprocess.run([*command, "--out", str(work / "peer")], check=True, stdout=subprocess.DEVNULL)
         peer = AutoModelForCausalLM.from_pretrained(work / "peer", dtype=torch.float32).eval()
-        scores = {name: perplexity(peer, windows) for name, windows in job.eval_sets.items()}
+        scores = {name: perplexity(peer, text.ids, scored=text.scored) for name, text in job.eval_sets.items()}
         details = json.loads((work / "peer" / "peer.json").read_text())
     result = {"spec": spec.to_dict(), "peer": details, "perplexity": scores}
     args.result.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,9 @@ import torch
 from matplotlib import pyplot as plt
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
-from quant_core.corpus import calibration_windows, evaluation_windows, tokenize_file
+from quant_core.corpus import calibration_windows, tokenize_file
 from quant_core.engine import calibrate_blocks, peak_host_mb
+from quant_core.eval_windows import evaluation_windows, window_start
 from quant_core.finetune import FinetuneOptions, calibrate_then_tune
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
@@ -334,25 +335,29 @@ def _calibration_ids(
 
 def _data(
     tokenizer: Any, settings: Settings, model: torch.nn.Module, drawn: int | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
     """``drawn`` calibration windows (``settings.n_samples`` by default; with ``settings.generated``
     windows sampled from ``model`` after the text's), and the windows each row is measured on:
     held-out windows of the Austen corpus (``held_out``, whatever the calibration text) and the
-    evaluation texts."""
+    evaluation texts (under the job's protocol, quant_core/eval_windows.py), each as windows and the
+    predictions that count (None: all)."""
     drawn = drawn or settings.n_samples
     if settings.generated and drawn != settings.n_samples:
         raise SystemExit("--generated: not with a row whose tuning sees other windows than the blocks")
     austen = tokenize_file(tokenizer, austen_calibration_text())
     eval_ids = {name: tokenize_file(tokenizer, text_path(name)) for name in EVAL_TEXTS}
     source = _calibration_ids(tokenizer, settings, austen, eval_ids)
-    windows = calibration_windows(source, drawn, settings.window_tokens, settings.seed)
+    start = window_start(tokenizer).calibration_token
+    windows = calibration_windows(source, drawn, settings.window_tokens, settings.seed, start)
     if settings.generated:
         sampled = sampled_windows(model, source, settings.generated, settings.window_tokens, settings.seed)
         windows = torch.cat([windows, sampled])
     cap = settings.eval_windows or None
-    evals = {"held_out": calibration_windows(austen, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED)}
-    for name, ids in eval_ids.items():
-        evals[name] = evaluation_windows(ids, settings.seq_len, cap)
+    held_out = calibration_windows(austen, HELD_OUT_WINDOWS, settings.seq_len, HELD_OUT_SEED, start)
+    evals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {"held_out": (held_out, None)}
+    for name in eval_ids:
+        text = evaluation_windows(tokenizer, text_path(name), settings.seq_len, cap)
+        evals[name] = (text.ids, text.scored)
     return windows, evals
 
 
@@ -394,7 +399,7 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
             if tuned is not None:
                 result["finetune"] = tuned
     result.setdefault("calibration_s", time.perf_counter() - started)
-    result["perplexity"] = {name: perplexity(model, w, 4, "cpu") for name, w in evals.items()}
+    result["perplexity"] = {name: perplexity(model, w, 4, "cpu", scored=scored) for name, (w, scored) in evals.items()}
     result.setdefault("peak_host_mb", peak_host_mb())
     return result
 

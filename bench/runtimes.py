@@ -85,14 +85,13 @@ def run_grid(
 
 def _report_windows(spec: JobSpec, out: Path) -> Any:
     """The evaluation windows the job scored (the same tokenizer, text and window rule)."""
-    from quant_core.corpus import evaluation_windows, tokenize_file
+    from quant_core.eval_windows import evaluation_windows
     from quant_core.model_io import load_tokenizer
 
     tokenizer = load_tokenizer(str(out / FAKE_QUANT_DIR))
     seq_len = spec.eval.seq_len or spec.calib.seq_len
     return {  # keyed as the report keys its perplexities
-        text: evaluation_windows(tokenize_file(tokenizer, Path(text)), seq_len, spec.eval.max_windows)
-        for text in spec.eval.texts
+        text: evaluation_windows(tokenizer, Path(text), seq_len, spec.eval.max_windows) for text in spec.eval.texts
     }
 
 

@@ -42,8 +42,9 @@ from typing import Any
 import torch
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
-from quant_core.corpus import calibration_windows, evaluation_windows, tokenize_file
+from quant_core.corpus import calibration_windows, tokenize_file
 from quant_core.engine import calibrate_blocks, peak_host_mb
+from quant_core.eval_windows import evaluation_windows, window_start
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.model_io import load_model
@@ -152,7 +153,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     started = time.perf_counter()
     if cell.bits is not None:
         tokens = tokenize_file(tokenizer, austen_calibration_text())
-        windows = calibration_windows(tokens, N_SAMPLES, SEQ_LEN, cell.seed)
+        windows = calibration_windows(tokens, N_SAMPLES, SEQ_LEN, cell.seed, window_start(tokenizer).calibration_token)
         loss = build_loss(cell.loss, seed=cell.seed, **cell.loss_options)
         method = build_method(cell.method, QuantSpec(bits=cell.bits, group_size=GROUP_SIZE), loss, cell.options)
         records = calibrate_blocks(model, windows, method, build_loss("mse"), seed=cell.seed)
@@ -163,12 +164,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         if shares:
             result["sw_gradient_share"] = statistics.fmean(1 - s.get("base", 0.0) for s in shares)
     result["calibration_s"] = time.perf_counter() - started
-    result["perplexity"] = {
-        name: perplexity(
-            model, evaluation_windows(tokenize_file(tokenizer, text_path(name)), EVAL_SEQ_LEN, EVAL_WINDOWS), 4, "cpu"
-        )
-        for name in EVAL_TEXTS
-    }
+    texts = {name: evaluation_windows(tokenizer, text_path(name), EVAL_SEQ_LEN, EVAL_WINDOWS) for name in EVAL_TEXTS}
+    result["perplexity"] = {name: perplexity(model, t.ids, 4, "cpu", scored=t.scored) for name, t in texts.items()}
     result["peak_host_mb"] = peak_host_mb()
     return result
 

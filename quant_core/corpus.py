@@ -1,8 +1,8 @@
 """Calibration and evaluation text: bundled corpora, tokenization and token windows.
 
 Calibration draws ``n_samples`` windows of ``seq_len`` tokens at seeded random offsets (as GPTQ and
-OmniQuant sample C4/WikiText), so a seed fixes the data exactly. Evaluation uses consecutive
-non-overlapping windows, the usual perplexity protocol.
+OmniQuant sample C4/WikiText), so a seed fixes the data exactly; a model that expects BOS gets it at
+the start of each, as in evaluation (quant_core/eval_windows.py holds the evaluation protocol).
 """
 
 from __future__ import annotations
@@ -48,22 +48,17 @@ def tokenize_file(tokenizer: PreTrainedTokenizerBase, path: Path) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int) -> Tensor:
-    """``[n_samples, seq_len]`` windows starting at seeded random offsets of the token stream."""
+def calibration_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, start: int | None = None) -> Tensor:
+    """``[n_samples, seq_len]`` windows starting at seeded random offsets of the token stream; with
+    ``start``, each is that token followed by ``seq_len - 1`` tokens of the text."""
     if ids.numel() < seq_len + 1:
         raise ConfigError(
             f"calibration text has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}", "calib.seq_len"
         )
+    taken = seq_len if start is None else seq_len - 1
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-
-
-def evaluation_windows(ids: Tensor, seq_len: int, max_windows: int | None = None) -> Tensor:
-    """Consecutive non-overlapping ``seq_len`` windows; the incomplete tail is dropped."""
-    count = ids.numel() // seq_len
-    if count == 0:
-        raise ConfigError(f"evaluation text has {ids.numel()} tokens, fewer than seq_len = {seq_len}", "eval_seq_len")
-    if max_windows is not None:
-        count = min(count, max_windows)
-    return ids[: count * seq_len].reshape(count, seq_len)
+    starts = torch.randint(0, ids.numel() - taken + 1, (n_samples,), generator=generator)
+    windows = torch.stack([ids[s : s + taken] for s in starts.tolist()])
+    if start is None:
+        return windows
+    return torch.cat([torch.full((n_samples, 1), start, dtype=ids.dtype), windows], dim=1)

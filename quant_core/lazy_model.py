@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -30,6 +29,7 @@ from quant_core.engine import capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
 from quant_core.methods.base import GRID_BUFFERS
 from quant_core.model_structure import find_decoder_blocks
+from quant_core.perplexity import scored_batches, scored_nll, scored_tokens
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -218,8 +218,10 @@ def blockwise_perplexity(
     batch_size: int = 4,
     device: str = "cpu",
     on_block: Callable[[int], None] | None = None,
+    scored: Tensor | None = None,
 ) -> float:
-    """Perplexity of the model whose blocks are in ``weights``, streaming one block at a time.
+    """Perplexity of the model whose blocks are in ``weights``, streaming one block at a time (over the
+    ``scored`` predictions, as :func:`quant_core.perplexity.perplexity` counts them).
 
     The blocks' hidden states for all windows are carried from block to block; at the end the real
     model runs with every block replaced by a stand-in that hands over those final hidden states, so
@@ -234,16 +236,16 @@ def blockwise_perplexity(
         if on_block is not None:
             on_block(index)
     originals = list(lazy.blocks)
-    total_nll, total_tokens = 0.0, 0
+    total_nll = 0.0
     try:
-        for ids, final in zip(windows.split(batch_size), hidden.split(batch_size), strict=True):
+        for (ids, mask), final in zip(
+            scored_batches(windows, scored, batch_size), hidden.split(batch_size), strict=True
+        ):
             for i in range(len(originals)):
                 lazy.blocks[i] = _Replay(final)
             ids = ids.to(device)
-            logits = lazy.model(input_ids=ids, use_cache=False).logits.float()
-            total_nll += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            total_tokens += ids[:, 1:].numel()
+            total_nll += scored_nll(lazy.model(input_ids=ids, use_cache=False).logits, ids, mask).item()
     finally:
         for i, block in enumerate(originals):
             lazy.blocks[i] = block
-    return math.exp(total_nll / total_tokens)
+    return math.exp(total_nll / scored_tokens(windows, scored))

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quant_core.eval_windows import per_unit
+
 if TYPE_CHECKING:
     from quant_core.report import Export, JobReport, PairedScores
 
@@ -102,14 +104,21 @@ def _accuracy_table(lm_eval: PairedScores) -> str:
     return header + "\n".join(rows) + "\n"
 
 
+def _word_perplexity(token_perplexity: float, counts: dict[str, int]) -> str:
+    return f"{per_unit(token_perplexity, counts)['word_perplexity']:.2f}"
+
+
 def model_card(report: JobReport, export_format: str) -> str:
     """The card of the ``export_format`` export described by the job ``report``."""
     spec = report.spec
     quant, calib = spec.quant, spec.calib
     rows = "\n".join(
-        f"| {text} | {ppl.before:.2f} | {ppl.after:.2f} | {report.eval_windows[text]} |"
+        f"| {text} | {ppl.before:.2f} | {ppl.after:.2f} | {_word_perplexity(ppl.before, report.eval_counts[text])} | "
+        f"{_word_perplexity(ppl.after, report.eval_counts[text])} | {report.eval_counts[text]['windows']} |"
         for text, ppl in report.perplexity.items()
     )
+    start = report.eval_protocol["start_token"]
+    bos = f"`{start}` at the start of {report.eval_protocol['start']}" if start else "no start token"
     versions = ", ".join(f"{name} {version}" for name, version in report.versions.items())
     group = f"group {quant.group_size}" if quant.group_size else "per channel"
     return f"""{_front_matter(report, export_format)}
@@ -133,10 +142,11 @@ A {quant.bits}-bit ({group}, {"symmetric" if quant.symmetric else "asymmetric"})
 
 ## Quality
 
-Perplexity of the base model and of this one on the same windows of {report.eval_seq_len} tokens:
+Perplexity of the base model and of this one on the same windows of {report.eval_seq_len} tokens
+({bos}; each token of the text scored once; word perplexity as lm-evaluation-harness's `wikitext`):
 
-| text | base model | this model | windows |
-| --- | --- | --- | --- |
+| text | base model | this model | base model, per word | this model, per word | windows |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 {_accuracy_table(report.lm_eval)}
 {_runtime_table(report)}

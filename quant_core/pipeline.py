@@ -27,12 +27,12 @@ from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import (
     calibrated_on_evaluation,
     calibration_windows,
-    evaluation_windows,
     resolve_text,
     tokenize_file,
 )
 from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
 from quant_core.errors import ConfigError
+from quant_core.eval_windows import WindowedText, evaluation_windows, protocol, window_start
 from quant_core.export import check_packable, write_packed
 from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
 from quant_core.finetune import calibrate_then_tune
@@ -142,7 +142,8 @@ class LoadedJob:
     residency: StreamingBlocks | None
     windows: torch.Tensor  # the blocks' calib.n_samples first, then any more the end-to-end tuning asks for
     eval_seq_len: int
-    eval_sets: dict[str, torch.Tensor]
+    eval_sets: dict[str, WindowedText]
+    eval_protocol: dict[str, Any]
     formats: tuple[str, ...]
     export_dtype: torch.dtype  # what the checkpoint's floats are stored in (streamed blocks: as calibrated)
     resources: dict[str, Any]  # a whole-model method's memory estimate
@@ -199,10 +200,11 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
         resources = method.check_resources(model, spec.calib.seq_len, spec.device)
     formats = export_formats_for(spec, method, model, blocks)
     drawn = spec.build_finetune().windows_to_draw(spec.calib.n_samples)
-    windows = calibration_windows(tokenize_file(tokenizer, calib_path), drawn, spec.calib.seq_len, spec.seed)
+    start = window_start(tokenizer).calibration_token
+    windows = calibration_windows(tokenize_file(tokenizer, calib_path), drawn, spec.calib.seq_len, spec.seed, start)
     eval_seq_len = spec.eval.seq_len or spec.calib.seq_len
     eval_sets = {
-        name: evaluation_windows(tokenize_file(tokenizer, path), eval_seq_len, spec.eval.max_windows)
+        name: evaluation_windows(tokenizer, path, eval_seq_len, spec.eval.max_windows)
         for name, path in eval_paths.items()
     }
     export_dtype = (
@@ -211,7 +213,18 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
         else resolve_export_dtype(spec.export_dtype, declared_dtype(spec.model, spec.trust_remote_code), spec.quant)
     )
     return LoadedJob(
-        model, tokenizer, blocks, lazy, residency, windows, eval_seq_len, eval_sets, formats, export_dtype, resources
+        model,
+        tokenizer,
+        blocks,
+        lazy,
+        residency,
+        windows,
+        eval_seq_len,
+        eval_sets,
+        protocol(tokenizer, eval_seq_len),
+        formats,
+        export_dtype,
+        resources,
     )
 
 
@@ -229,16 +242,19 @@ def evaluate(
     if streamed is None:
         nn.Module.to(job.model, spec.device)
     scores = {}
-    for name, w in job.eval_sets.items():
+    for name, text in job.eval_sets.items():
         label = f"evaluating the {which} model on {name}"
         if streamed is not None and weights is not None:
             by_block = PhaseProgress(label, len(streamed.blocks), "blocks", hooks.stage)
+            on_block = partial(_advance_past, by_block)
             scores[name] = blockwise_perplexity(
-                streamed, w, weights, spec.eval.batch_size, spec.device, partial(_advance_past, by_block)
+                streamed, text.ids, weights, spec.eval.batch_size, spec.device, on_block, text.scored
             )
         else:
-            by_window = PhaseProgress(label, w.shape[0], "windows", hooks.stage)
-            scores[name] = perplexity(job.model, w, spec.eval.batch_size, spec.device, by_window.advance)
+            by_window = PhaseProgress(label, text.ids.shape[0], "windows", hooks.stage)
+            scores[name] = perplexity(
+                job.model, text.ids, spec.eval.batch_size, spec.device, by_window.advance, text.scored
+            )
 
     lm_eval, accuracy_scores = spec.eval.lm_eval, {}
     if lm_eval is not None:  # refused with lazy_load, so the model is in memory
@@ -382,7 +398,8 @@ def run_job(
         spec=spec,
         calibration_tokens=int(job.windows.numel()),
         eval_seq_len=job.eval_seq_len,
-        eval_windows={name: int(w.shape[0]) for name, w in job.eval_sets.items()},
+        eval_protocol=job.eval_protocol,
+        eval_counts={name: text.counts() for name, text in job.eval_sets.items()},
         perplexity={name: PerplexityPair(before.perplexity[name], after.perplexity[name]) for name in job.eval_sets},
         lm_eval=paired(before.accuracy, after.accuracy),
         blocks=calibration.records,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from quant_core.engine import BlockRecord
+from quant_core.eval_windows import per_unit
 from quant_core.job import JobSpec
 from quant_core.runtimes import RuntimeScore
 
@@ -48,8 +49,9 @@ class JobReport:
     spec: JobSpec
     calibration_tokens: int
     eval_seq_len: int
-    eval_windows: dict[str, int]
-    perplexity: dict[str, PerplexityPair]  # by evaluation text as the spec names it
+    eval_protocol: dict[str, Any]  # how windows are cut and scored (quant_core/eval_windows.py)
+    eval_counts: dict[str, dict[str, int]]  # by text: windows, and the scored tokens, words and bytes
+    perplexity: dict[str, PerplexityPair]  # token perplexity by evaluation text as the spec names it
     lm_eval: PairedScores
     blocks: list[BlockRecord]  # empty for a whole-model method
     method_stats: dict[str, Any]  # a whole-model method's own statistics (per-block ones are in blocks)
@@ -67,8 +69,17 @@ class JobReport:
             "seed": self.spec.seed,
             "calibration_tokens": self.calibration_tokens,
             "eval_seq_len": self.eval_seq_len,
-            "eval_windows": self.eval_windows,
+            "eval_protocol": self.eval_protocol,
+            "eval_windows": {name: counts["windows"] for name, counts in self.eval_counts.items()},
+            "eval_counts": self.eval_counts,
             "perplexity": {name: asdict(pair) for name, pair in self.perplexity.items()},
+            "perplexity_per_unit": {  # lm-eval's wikitext metrics on the same scored text
+                name: {
+                    "before": per_unit(pair.before, self.eval_counts[name]),
+                    "after": per_unit(pair.after, self.eval_counts[name]),
+                }
+                for name, pair in self.perplexity.items()
+            },
             "lm_eval": self.lm_eval,
             "blocks": [record.to_dict() for record in self.blocks],
             "method_stats": self.method_stats,

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from quant_core.eval_windows import WindowedText
 from quant_core.export import vllm_serving_blockers
 from quant_core.gguf_export import gguf_blockers
 from quant_core.incoherence import UNPACKABLE_ROTATION
@@ -78,18 +79,20 @@ def score_checkpoint(
     runtime: str,
     checkpoint: Path,
     out_dir: Path,
-    windows: dict[str, torch.Tensor],
+    texts: dict[str, WindowedText],
     reported: dict[str, float],
 ) -> RuntimeScore:
-    """Load ``checkpoint`` in ``runtime`` once and score every text's windows there (the texts share
-    one window length, so they go in one batch and are split back by text)."""
+    """Load ``checkpoint`` in ``runtime`` once and score every text's windows there, over the positions
+    the report scores (the texts share one window length, so they go in one batch and are split back)."""
     relative = str(checkpoint.relative_to(out_dir))
     try:
-        nll, label = _all_token_nll(runtime, checkpoint, torch.cat(list(windows.values())))
+        nll, label = _all_token_nll(runtime, checkpoint, torch.cat([text.ids for text in texts.values()]))
     except RuntimeNotRun as exc:
         return RuntimeScore(relative, False, reason=str(exc))
-    parts = nll.split([w.shape[0] for w in windows.values()])
-    perplexity = {name: math.exp(part.mean().item()) for name, part in zip(windows, parts, strict=True)}
+    parts = nll.split([text.ids.shape[0] for text in texts.values()])
+    perplexity = {
+        name: math.exp(part[text.scored].mean().item()) for (name, text), part in zip(texts.items(), parts, strict=True)
+    }
     difference = {name: perplexity[name] / reported[name] - 1 for name in perplexity}
     return RuntimeScore(
         relative,

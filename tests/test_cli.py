@@ -62,7 +62,8 @@ def test_report_holds_settings_blocks_perplexity_and_versions(quantized: Path) -
 
 def test_saved_model_loads_with_transformers_and_reproduces_the_reported_perplexity(quantized: Path) -> None:
     """The default export is the packed checkpoint here (a 64-wide model, group 32, no rotation)."""
-    from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
+    from quant_core.corpus import BUNDLED_TEXTS
+    from quant_core.eval_windows import evaluation_windows
     from quant_core.perplexity import perplexity
 
     report = json.loads((quantized / "report.json").read_text())
@@ -73,8 +74,9 @@ def test_saved_model_loads_with_transformers_and_reproduces_the_reported_perplex
     config = json.loads((directory / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 3
     _, tokenizer = load_model(str(directory))
-    windows = evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 32, 3)
-    assert perplexity(model, windows) == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
+    text = evaluation_windows(tokenizer, BUNDLED_TEXTS["persuasion"], 32, 3)
+    ours = perplexity(model, text.ids, scored=text.scored)
+    assert ours == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from quant_core.corpus import BUNDLED_TEXTS, calibration_windows, evaluation_windows, tokenize_file
+from quant_core.corpus import BUNDLED_TEXTS, calibration_windows, tokenize_file
 from quant_core.engine import calibrate_blocks, capture_block_inputs, run_block
 from quant_core.errors import CancelledError
 from quant_core.losses import build_loss
@@ -125,17 +125,10 @@ def test_progress_is_reported_per_block_and_cancel_stops_between_blocks(windows:
 def test_perplexity_matches_the_models_own_loss(tokenizer) -> None:
     """Independent reference: transformers' built-in causal LM loss, window by window."""
     model = build_model("llama")
-    windows = evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 32, max_windows=6)
+    windows = calibration_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 6, 32, seed=0)
     with torch.no_grad():
         losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
     assert perplexity(model, windows, batch_size=4) == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
-
-
-def test_evaluation_windows_do_not_overlap() -> None:
-    ids = torch.arange(100)
-    windows = evaluation_windows(ids, 30)
-    assert windows.shape == (3, 30)
-    assert torch.equal(windows.flatten(), ids[:90])
 
 
 def test_calibration_windows_are_seeded_slices_of_the_text() -> None:

@@ -97,13 +97,15 @@ def test_a_jobs_fake_quant_checkpoint_is_half_precision_unless_asked_and_scores_
     source = _weight_bytes(tiny_llama_dir)
     assert _weight_bytes(directory) <= (source / 2 if stored == "BF16" else source) * 1.01  # header bytes
 
-    from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
+    from quant_core.corpus import BUNDLED_TEXTS
+    from quant_core.eval_windows import evaluation_windows
     from quant_core.model_io import load_tokenizer
     from quant_core.perplexity import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    windows = evaluation_windows(tokenize_file(load_tokenizer(str(directory)), BUNDLED_TEXTS["persuasion"]), 32, 3)
-    assert perplexity(model, windows) == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
+    text = evaluation_windows(load_tokenizer(str(directory)), BUNDLED_TEXTS["persuasion"], 32, 3)
+    ours = perplexity(model, text.ids, scored=text.scored)
+    assert ours == pytest.approx(report["perplexity"]["persuasion"]["after"], rel=1e-5)
 
 
 def test_a_bfloat16_model_is_never_written_back_larger(tmp_path: Path, tokenizer) -> None:

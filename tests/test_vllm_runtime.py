@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
-from quant_core.corpus import BUNDLED_TEXTS, evaluation_windows, tokenize_file
+from quant_core.corpus import BUNDLED_TEXTS
+from quant_core.eval_windows import WindowedText, evaluation_windows
 from quant_core.runtimes import AGREEMENT, RuntimeUnavailable, runtime_interpreter, token_nll
 from tests.tiny_models import build_model
 
@@ -40,13 +41,14 @@ def runtime_or_skip() -> None:
         pytest.skip(str(exc))
 
 
-def _windows(tokenizer) -> torch.Tensor:
-    return evaluation_windows(tokenize_file(tokenizer, BUNDLED_TEXTS["persuasion"]), 64, 4)
+def _windows(tokenizer) -> WindowedText:
+    return evaluation_windows(tokenizer, BUNDLED_TEXTS["persuasion"], 64, 4)
 
 
-def _assert_vllm_follows_our_nll(checkpoint: Path, windows: torch.Tensor) -> torch.Tensor:
+def _assert_vllm_follows_our_nll(checkpoint: Path, text: WindowedText) -> torch.Tensor:
     """vLLM's per-token NLLs of ``checkpoint`` against transformers' float32 ones (our fake-quant model's:
-    the packed checkpoint loads to exactly those weights); returns vLLM's."""
+    the packed checkpoint loads to exactly those weights), on the positions the report scores; returns vLLM's."""
+    windows = text.ids
     try:
         theirs, label = token_nll("vllm", checkpoint, windows)  # a crash (RuntimeFailed) fails the test
     except RuntimeUnavailable as exc:
@@ -55,10 +57,10 @@ def _assert_vllm_follows_our_nll(checkpoint: Path, windows: torch.Tensor) -> tor
     with torch.no_grad():
         logits = model(windows).logits[:, :-1].double()
     ours = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="none").view_as(theirs)
-    difference = (theirs - ours).abs()
+    difference = (theirs - ours)[text.scored].abs()
     assert label.startswith("vllm ")
     assert difference.mean() < 0.02 and difference.quantile(0.99) < 0.1, difference.max()
-    return theirs
+    return theirs[text.scored]
 
 
 def test_vllm_runs_the_half_precision_fake_quant_checkpoint_with_our_log_probabilities(

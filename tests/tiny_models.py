@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -21,13 +21,20 @@ from quant_core.corpus import BUNDLED_TEXTS
 VOCAB = 320
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A small BPE trained on the bundled corpus: real words, real token statistics, no file needed."""
+def build_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A small BPE trained on the bundled corpus: real words, real token statistics, no file needed.
+
+    ``adds_bos``: it puts ``<s>`` in front of every text it encodes, as Llama's and Gemma's do.
+    """
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     text = BUNDLED_TEXTS["austen"].read_text(encoding="utf-8")[:200_000]
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
