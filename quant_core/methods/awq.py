@@ -15,7 +15,10 @@ Every candidate is scored with the same random SW directions, so the comparison 
 
 Which module feeds which linears is a per-architecture layout, checked against a real forward pass
 (the norm's output must be the very tensor the linears read) and by folding without quantization,
-which must leave the block's output unchanged; an unknown architecture gets a clear error.
+which must leave the block's output unchanged; an unknown architecture gets a clear error. A norm
+that multiplies by ``1 + weight`` (Gemma's) takes the fold as ``weight <- (1 + weight) / s - 1``. A
+fused projection (Phi-3's qkv and gate_up, GPT-2's c_attn) is scaled as a whole from its norm; the
+mapping into the projection after it is left out, since only part of its outputs feed that one.
 """
 
 from __future__ import annotations
@@ -62,13 +65,30 @@ _LLAMA_STYLE = (
     ScaleMapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
 )
+_GEMMA = (  # each sublayer's output passes a norm of its own before the residual: the MLP reads the pre-FF norm
+    ScaleMapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleMapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleMapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleMapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+_PHI3 = (
+    ScaleMapping("input_layernorm", ("self_attn.qkv_proj",)),
+    ScaleMapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
+)
+_GPT2 = (ScaleMapping("ln_1", ("attn.c_attn",)), ScaleMapping("ln_2", ("mlp.c_fc",)))
 _OPT = (
     ScaleMapping("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     ScaleMapping("self_attn.v_proj", ("self_attn.out_proj",)),
     ScaleMapping("final_layer_norm", ("fc1",)),
     ScaleMapping("fc1", ("fc2",)),  # ReLU between them commutes with positive scales
 )
-LAYOUTS: dict[str, tuple[ScaleMapping, ...]] = {"llama-style (Llama, Mistral, Qwen2, Qwen3)": _LLAMA_STYLE, "OPT": _OPT}
+LAYOUTS: dict[str, tuple[ScaleMapping, ...]] = {  # the first whose names all exist is taken: Gemma before Llama
+    "Gemma 2 and 3": _GEMMA,
+    "llama-style (Llama, Mistral, Qwen2, Qwen3)": _LLAMA_STYLE,
+    "Phi-3": _PHI3,
+    "OPT": _OPT,
+    "GPT-2": _GPT2,
+}
 UNCLIPPED = ("q_proj", "k_proj")
 
 
@@ -113,12 +133,29 @@ def _scale_rows(module: nn.Module, scales: Tensor) -> None:
         if isinstance(module, LinearLike):
             weight_matrix(module).div_(scales.to(module.weight.dtype).unsqueeze(1))
         else:
-            weight = module.weight  # a norm's scale vector
+            weight = module.weight  # a norm's scale vector, multiplying as offset + weight
             assert isinstance(weight, Tensor)
-            weight.div_(scales.to(weight.dtype))
+            offset = _norm_offset(module)
+            weight.add_(offset).div_(scales.to(weight.dtype)).sub_(offset)
         bias: Tensor | None = getattr(module, "bias", None)
         if bias is not None:
             bias.div_(scales.to(bias.dtype))
+
+
+def _norm_offset(norm: nn.Module) -> float:
+    """1 for a norm that multiplies by ``1 + weight`` (Gemma's), 0 for one that multiplies by ``weight``:
+    what the norm gives with its weight at zero tells them apart, whatever the class."""
+    weight = norm.weight
+    assert isinstance(weight, Tensor)
+    saved = weight.detach().clone()
+    try:
+        weight.zero_()
+        bias: Tensor | None = getattr(norm, "bias", None)
+        probe = torch.linspace(-1, 1, weight.numel(), dtype=weight.dtype, device=weight.device)[None]
+        output = norm(probe) - (0 if bias is None else bias)
+    finally:
+        weight.copy_(saved)
+    return 1.0 if bool(output.abs().max() > 0) else 0.0
 
 
 def _scale_columns(layer: LinearLike, scales: Tensor) -> None:
