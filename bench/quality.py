@@ -47,10 +47,11 @@ from matplotlib import pyplot as plt
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.corpus import calibration_windows, tokenize_file
-from quant_core.engine import calibrate_blocks, peak_host_mb
+from quant_core.engine import calibrate_blocks
 from quant_core.eval_windows import evaluation_windows, window_start
 from quant_core.finetune import FinetuneOptions, calibrate_then_tune
 from quant_core.losses import build_loss
+from quant_core.memory import host_peak_mb
 from quant_core.methods import build_method
 from quant_core.model_io import load_model
 from quant_core.perplexity import perplexity
@@ -400,7 +401,7 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
                 result["finetune"] = tuned
     result.setdefault("calibration_s", time.perf_counter() - started)
     result["perplexity"] = {name: perplexity(model, w, 4, "cpu", scored=scored) for name, (w, scored) in evals.items()}
-    result.setdefault("peak_host_mb", peak_host_mb())
+    result.setdefault("peak_host_mb", host_peak_mb())
     return result
 
 

@@ -43,9 +43,10 @@ import torch
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.corpus import calibration_windows, tokenize_file
-from quant_core.engine import calibrate_blocks, peak_host_mb
+from quant_core.engine import calibrate_blocks
 from quant_core.eval_windows import evaluation_windows, window_start
 from quant_core.losses import build_loss
+from quant_core.memory import host_peak_mb
 from quant_core.methods import build_method
 from quant_core.model_io import load_model
 from quant_core.perplexity import perplexity
@@ -166,7 +167,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     result["calibration_s"] = time.perf_counter() - started
     texts = {name: evaluation_windows(tokenizer, text_path(name), EVAL_SEQ_LEN, EVAL_WINDOWS) for name in EVAL_TEXTS}
     result["perplexity"] = {name: perplexity(model, t.ids, 4, "cpu", scored=t.scored) for name, t in texts.items()}
-    result["peak_host_mb"] = peak_host_mb()
+    result["peak_host_mb"] = host_peak_mb()
     return result
 
 

@@ -9,7 +9,6 @@ a method never sees more than one block.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch.func import functional_call
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.errors import CancelledError
 from quant_core.losses import Loss, mse
+from quant_core.memory import host_peak_mb
 from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_weights
 from quant_core.methods.layer_inputs import gathered_linear_inputs, recorded_outputs
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
@@ -159,11 +159,6 @@ def _mse(outputs: Tensor, targets: Tensor) -> float:
     return mse(outputs.float(), targets.float()).item()
 
 
-def peak_host_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # Tokens the before/after records are measured on (whole windows, at least this many): enough for a
 # stable block loss and distribution statistics, few enough that the round-to-nearest "before" pass
 # (and, for methods that need no targets, the full-precision chain) costs a fraction of a pass when
@@ -293,7 +288,7 @@ class _BlockStep:
             distribution_before=distribution_before,
             distribution_after=distribution_errors(q_outputs[:measured], targets[:measured], self.seed),
             seconds=time.perf_counter() - started,
-            peak_host_mb=peak_host_mb(),
+            peak_host_mb=host_peak_mb(),  # since the stage began (quant_core/memory.py)
             peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
             method_stats=stats,
         )

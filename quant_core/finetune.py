@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Annotated, Any, TypeVar
 
@@ -299,33 +300,39 @@ def calibrate_then_tune(
     on_stage: Callable[[str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    phase: Callable[[str], AbstractContextManager[None]] = lambda _: nullcontext(),
 ) -> tuple[T, dict[str, Any] | None]:
     """``calibrate()`` (the blockwise calibration of ``model``), then end-to-end tuning when ``options``
     ask for it; returns what ``calibrate`` returned and the tuning's statistics (None when off).
+    ``phase(name)`` wraps each part (``teacher``, ``blocks``, ``tuning``): the job measures each one's memory.
 
     The teacher has to be recorded before the first block is quantized; doing it here keeps every
     caller from getting that order wrong.
     """
     if not options.enabled:
-        return calibrate(), None
+        with phase("blocks"):
+            return calibrate(), None
     report = on_stage or (lambda _: None)
     report("recording the full-precision model's outputs for end-to-end tuning")
-    teacher = record_teacher(model, windows, device)
-    calibrated = calibrate()
+    with phase("teacher"):
+        teacher = record_teacher(model, windows, device)
+    with phase("blocks"):
+        calibrated = calibrate()
     epochs = f"{options.epochs} epoch{'s' if options.epochs > 1 else ''}"
     report(f"end-to-end tuning: {epochs}, loss {options.loss}")
-    stats = tune_end_to_end(
-        model,
-        windows,
-        teacher,
-        options,
-        group_size,
-        device=device,
-        seed=seed,
-        on_stage=on_stage,
-        should_cancel=should_cancel,
-        on_step=on_step,
-    )
+    with phase("tuning"):
+        stats = tune_end_to_end(
+            model,
+            windows,
+            teacher,
+            options,
+            group_size,
+            device=device,
+            seed=seed,
+            on_stage=on_stage,
+            should_cancel=should_cancel,
+            on_step=on_step,
+        )
     return calibrated, stats
 
 

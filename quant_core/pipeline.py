@@ -30,7 +30,7 @@ from quant_core.corpus import (
     resolve_text,
     tokenize_file,
 )
-from quant_core.engine import BlockRecord, calibrate_blocks, peak_host_mb
+from quant_core.engine import BlockRecord, calibrate_blocks
 from quant_core.errors import ConfigError
 from quant_core.eval_windows import WindowedText, evaluation_windows, protocol, window_start
 from quant_core.export import check_packable, write_packed
@@ -40,6 +40,7 @@ from quant_core.gguf_export import gguf_blockers, write_gguf
 from quant_core.job import DTYPES, JobSpec
 from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
 from quant_core.losses import Loss
+from quant_core.memory import StagePeaks
 from quant_core.methods.base import QuantMethod
 from quant_core.model_card import write_model_cards
 from quant_core.model_io import (
@@ -277,6 +278,7 @@ def calibrate(
     job: LoadedJob,
     hooks: JobHooks,
     checkpoint_dir: Path | None,
+    peaks: StagePeaks,
 ) -> Calibration:
     """Quantize the model: block by block through the engine (then, when the job asks, end-to-end
     tuning), or all at once for a whole-model method."""
@@ -288,14 +290,15 @@ def calibrate(
     if cuda:
         torch.cuda.reset_peak_memory_stats(spec.device)
     if method.whole_model:
-        trained = method.quantize_model(
-            job.model,
-            job.windows,
-            device=spec.device,
-            seed=spec.seed,
-            on_stage=hooks.on_stage,
-            should_cancel=hooks.should_cancel,
-        )
+        with peaks.stage("blocks"):
+            trained = method.quantize_model(
+                job.model,
+                job.windows,
+                device=spec.device,
+                seed=spec.seed,
+                on_stage=hooks.on_stage,
+                should_cancel=hooks.should_cancel,
+            )
         method_stats = {**job.resources, **trained}
     else:
         checkpoint = BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None
@@ -323,13 +326,14 @@ def calibrate(
             on_stage=hooks.on_stage,
             should_cancel=hooks.should_cancel,
             on_step=hooks.on_tuning_step,
+            phase=peaks.stage,
         )
         if tuned is not None:
             method_stats["finetune"] = tuned
     # Blocks restored from a checkpoint bring their own peaks; what ran here is measured since the reset.
-    peaks = [r.peak_device_mb or 0.0 for r in records]
-    peaks += [torch.cuda.max_memory_allocated(spec.device) / 2**20] if cuda else []
-    peak_device_mb = max(peaks, default=0.0) or None
+    device_peaks = [r.peak_device_mb or 0.0 for r in records]
+    device_peaks += [torch.cuda.max_memory_allocated(spec.device) / 2**20] if cuda else []
+    peak_device_mb = max(device_peaks, default=0.0) or None
     written = job.residency.writer.finish(job.tokenizer) if job.residency is not None else None
     return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
 
@@ -381,19 +385,25 @@ def run_job(
     started = time.perf_counter()
     method, record_loss = spec.build_method(), spec.build_loss()  # the loss the block records measure
     torch.manual_seed(spec.seed)
-    job = load(spec, method, out_dir, hooks, checkpoint_dir)
-    before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None)
+    peaks = StagePeaks(spec.device)
+    with peaks.stage("load"):
+        job = load(spec, method, out_dir, hooks, checkpoint_dir)
+    with peaks.stage("evaluate_full_precision"):
+        before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None)
     if spec.rotation != "none":  # after the float model is scored: the baseline is the user's own model
         hooks.stage("rotating the model (absorbed into its weights)")
-        absorb_rotation(job.model, spec.seed)
-    calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir)
+        with peaks.stage("rotate"):
+            absorb_rotation(job.model, spec.seed)
+    calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir, peaks)
     written = calibration.written
-    if written is None:  # scored as it will be stored
-        round_to_export_dtype(job.model, job.export_dtype, spec.quant)
-    after = evaluate(spec, job, hooks, True, ShardedWeights(written) if written is not None else None)
+    with peaks.stage("evaluate_quantized"):
+        if written is None:  # scored as it will be stored
+            round_to_export_dtype(job.model, job.export_dtype, spec.quant)
+        after = evaluate(spec, job, hooks, True, ShardedWeights(written) if written is not None else None)
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    exports = export(spec, job, written, out_dir)
+    with peaks.stage("export"):
+        exports = export(spec, job, written, out_dir)
     report = JobReport(
         spec=spec,
         calibration_tokens=int(job.windows.numel()),
@@ -405,8 +415,9 @@ def run_job(
         blocks=calibration.records,
         method_stats=calibration.method_stats,
         seconds=Seconds(calibration.seconds, before.seconds + after.seconds, time.perf_counter() - started),
-        peak_host_mb=peak_host_mb(),
+        peak_host_mb=peaks.overall_host_mb,
         peak_device_mb=calibration.peak_device_mb,
+        peak_memory_by_stage=peaks.to_dict(),
         versions=library_versions(),
         exports=exports,
         runtimes=score_in_runtimes(spec, job, exports, after, out_dir, hooks),

@@ -58,6 +58,7 @@ class JobReport:
     seconds: Seconds
     peak_host_mb: float
     peak_device_mb: float | None
+    peak_memory_by_stage: dict[str, Any]  # quant_core/memory.py: host (and device) MiB by stage
     versions: dict[str, str]
     exports: dict[str, Export]  # by format: fake_quant, pack_quantized, gguf
     runtimes: dict[str, RuntimeScore] = field(default_factory=dict)  # by target runtime
@@ -86,6 +87,7 @@ class JobReport:
             "seconds": asdict(self.seconds),
             "peak_host_mb": self.peak_host_mb,
             "peak_device_mb": self.peak_device_mb,
+            "peak_memory_by_stage": self.peak_memory_by_stage,
             "device": self.spec.device,
             "versions": self.versions,
             "exports": {name: {"path": e.path, **e.details} for name, e in self.exports.items()},

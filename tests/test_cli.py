@@ -338,3 +338,6 @@ def test_run_job_returns_the_typed_report_that_report_json_holds(tiny_llama_dir:
     assert report.exports["pack_quantized"].path == "packed" and report.exports["pack_quantized"].vllm_blockers
     assert [record.index for record in report.blocks] == [0, 1]
     assert report.seconds.total >= report.seconds.calibration > 0
+    stages = report.peak_memory_by_stage["host_mb"]
+    assert list(stages) == ["load", "evaluate_full_precision", "blocks", "evaluate_quantized", "export"]
+    assert report.peak_host_mb == max(stages.values()) > 0
