@@ -47,9 +47,10 @@ from quant_core.methods.training import cosine_with_warmup, take_step
 from quant_core.model_structure import (
     LinearLike,
     find_decoder_blocks,
+    last_hidden_state,
+    output_layer,
     quantizable_linears,
     stored_layout,
-    text_config,
     weight_matrix,
 )
 from quant_core.options import Count, Options, PositiveCount, PositiveNumber, one_of
@@ -128,34 +129,30 @@ class FinetuneOptions(Options):
         return torch.bfloat16 if native else torch.float32
 
 
-def output_layer(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """What turns the last hidden state into logits: transformers' output embeddings, then the model's
-    logit soft-capping where its config sets one."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if not isinstance(head, nn.Module):
-        raise ConfigError("end-to-end tuning needs the model's output layer (get_output_embeddings)", "finetune.epochs")
-    cap = getattr(text_config(model), "final_logit_softcapping", None)
-    if not cap:
-        return head
-    return lambda hidden: torch.tanh(head(hidden) / cap) * cap
+CHECKED_POSITIONS = 64
 
 
 @torch.no_grad()
 def record_teacher(model: nn.Module, windows: Tensor, device: str, batch_size: int = 4) -> Tensor:
     """Run the full-precision model over ``windows`` once; its last hidden states, ``[n, seq, hidden]`` on CPU.
 
-    Checks on the first batch that the output layer applied to them gives the model's logits, since
-    training recomputes the teacher's logits that way.
+    Checks on the first window's first ``CHECKED_POSITIONS`` tokens that the output layer applied to
+    them gives the model's logits, since training recomputes the teacher's logits that way (and only
+    that many logits are made: causal, they need no more of the window).
     """
     nn.Module.to(model, device)
-    head = output_layer(model)
+    head = output_layer(model, "finetune.epochs")
     kept = []
     try:
         for index, batch in enumerate(windows.split(batch_size)):
-            out = model(input_ids=batch.to(device), use_cache=False, output_hidden_states=True)
-            last = out.hidden_states[-1]
-            if index == 0 and not torch.allclose(head(last[:1]).float(), out.logits[:1].float(), atol=1e-3, rtol=1e-3):
+            last = last_hidden_state(model, batch.to(device))
+            first = batch[:1, :CHECKED_POSITIONS].to(device)
+            if index == 0 and not torch.allclose(
+                head(last[:1, :CHECKED_POSITIONS]).float(),
+                model(input_ids=first, use_cache=False).logits.float(),
+                atol=1e-3,
+                rtol=1e-3,
+            ):
                 raise ConfigError(
                     "end-to-end tuning: this model's logits are not its output layer (and soft-capping) applied to "
                     "its last hidden state, so the teacher cannot be recomputed; set finetune.epochs: 0",
@@ -345,15 +342,17 @@ def _optimizer(
     return torch.optim.Adam(groups) if groups else None
 
 
-def _outputs(out: Any) -> ModelOutputs:
-    """The student's logits and last hidden states, in float32 whatever the autocast computed."""
-    return ModelOutputs(out.logits.float(), out.hidden_states[-1].float())
+def _outputs(model: nn.Module, ids: Tensor, head: Callable[[Tensor], Tensor], autocast: Any) -> ModelOutputs:
+    """The student's last hidden states (in float32 whatever the autocast computed) and its output layer,
+    which the loss applies a chunk of positions at a time under the same autocast."""
+    with autocast():
+        hidden = last_hidden_state(model, ids)
 
+    def logits(chunk: Tensor) -> Tensor:  # from the float32 copy, in the dtype the model computed it in
+        with autocast():
+            return head(chunk.to(hidden.dtype))
 
-@torch.no_grad()
-def _teacher_outputs(head: Callable[[Tensor], Tensor], hidden: Tensor) -> ModelOutputs:
-    """The full-precision model's logits, from its recorded last hidden states through the output layer."""
-    return ModelOutputs(head(hidden), hidden)
+    return ModelOutputs(None, hidden.float(), logits)
 
 
 def tune_end_to_end(
@@ -381,7 +380,7 @@ def tune_end_to_end(
     model.eval().requires_grad_(False)
     nn.Module.to(model, device)
     grids, norms = _tunable(model, group_size)
-    head = output_layer(model)
+    head = output_layer(model, "finetune.epochs")
     optimizer = _optimizer(grids, norms, options)
     if optimizer is None:
         nn.Module.to(model, "cpu")
@@ -407,9 +406,8 @@ def tune_end_to_end(
                     group["lr"] = base * cosine_with_warmup(step, 0, steps)
                 for tuned in attached:
                     tuned.attach()
-                with autocast():
-                    out = model(input_ids=windows[idx].to(device), use_cache=False, output_hidden_states=True)
-                terms = loss_fn.model_terms(_outputs(out), _teacher_outputs(head, teacher[idx].to(device)))
+                student = _outputs(model, windows[idx].to(device), head, autocast)
+                terms = loss_fn.model_terms(student, ModelOutputs(None, teacher[idx].to(device), head))
                 loss = take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
                 total += loss
                 progress.advance(step + 1)

@@ -244,7 +244,7 @@ def blockwise_perplexity(
             for i in range(len(originals)):
                 lazy.blocks[i] = _Replay(final)
             ids = ids.to(device)
-            total_nll += scored_nll(lazy.model(input_ids=ids, use_cache=False).logits, ids, mask).item()
+            total_nll += scored_nll(lazy.model, ids, mask).item()
     finally:
         for i, block in enumerate(originals):
             lazy.blocks[i] = block

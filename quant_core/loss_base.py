@@ -6,11 +6,12 @@ Kept apart from the registry (``quant_core.losses``) so that the Sliced-Wasserst
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 
 def compute_dtype(t: Tensor) -> Tensor:
@@ -23,13 +24,50 @@ def tokens(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+LOGIT_CHUNK = 256  # positions whose logits a whole-model objective holds at once (see ModelOutputs)
+
+
 @dataclass
 class ModelOutputs:
     """What a whole-model objective compares: next-token logits ``[batch, seq, vocab]`` and, when the
-    loss needs them, the final hidden states ``[batch, seq, hidden]``."""
+    loss needs them, the final hidden states ``[batch, seq, hidden]``.
 
-    logits: Tensor
+    Without ``logits``, ``head`` makes them from ``hidden`` ``LOGIT_CHUNK`` positions at a time and the
+    backward pass makes them again (:func:`per_token_over_logits`): the logits of a 262,144-token
+    vocabulary (Gemma 3) over a 512-token window, their softmax and their gradient would otherwise be
+    held at once, several GiB for a model of 270M parameters.
+    """
+
+    logits: Tensor | None
     hidden: Tensor | None = None
+    head: Callable[[Tensor], Tensor] | None = None
+
+
+PerTokenFn = Callable[[Tensor, Tensor, str], Tensor]
+
+
+def per_token_over_logits(fn: PerTokenFn, student: ModelOutputs, teacher: ModelOutputs, reduction: str) -> Tensor:
+    """``fn(student logits, teacher logits, reduction)`` for a ``fn`` whose terms are per token, with the
+    logits made a chunk of positions at a time from each side's hidden states and ``head``; each chunk
+    is recomputed in the backward pass (activation checkpointing), so one chunk's logits exist at once."""
+    if student.hidden is None or teacher.hidden is None or student.head is None or teacher.head is None:
+        raise ValueError("outputs without logits need their hidden states and output layer")
+    student_head, teacher_head = student.head, teacher.head
+    ours, theirs = tokens(student.hidden), tokens(teacher.hidden)
+
+    def chunk_sum(hidden: Tensor, target_hidden: Tensor) -> Tensor:
+        with torch.no_grad():
+            target = compute_dtype(teacher_head(target_hidden))
+        return fn(compute_dtype(student_head(hidden)), target, "sum")
+
+    total = sum(
+        (
+            checkpoint(chunk_sum, ours[i : i + LOGIT_CHUNK], theirs[i : i + LOGIT_CHUNK], use_reentrant=False)
+            for i in range(0, ours.shape[0], LOGIT_CHUNK)
+        ),
+        torch.zeros((), device=ours.device),
+    )
+    return total / ours.shape[0] if reduction == "mean" else total
 
 
 class Loss:
@@ -58,6 +96,8 @@ class Loss:
 
     def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
         """The loss between two whole models' outputs: by default, on their next-token logits."""
+        if student.logits is None or teacher.logits is None:
+            raise ValueError(f"{self.name} compares whole logits; these outputs hold hidden states only")
         return self(student.logits, teacher.logits)
 
     def model_terms(self, student: ModelOutputs, teacher: ModelOutputs) -> dict[str, Tensor]:

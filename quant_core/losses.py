@@ -25,7 +25,7 @@ from pydantic import AfterValidator, Field, StrictInt
 from torch import Tensor
 
 from quant_core.errors import ConfigError
-from quant_core.loss_base import Loss, ModelOutputs, compute_dtype, tokens
+from quant_core.loss_base import Loss, ModelOutputs, compute_dtype, per_token_over_logits, tokens
 from quant_core.options import NonNegativeNumber, Number, Options, PositiveCount, one_of
 from quant_core.sliced import (
     BLOCK_SIZE_ERROR,
@@ -155,13 +155,22 @@ PointwiseFn = Callable[[Tensor, Tensor, str], Tensor]
 
 
 class PointwiseLoss(Loss):
-    """Wraps a point-wise function with its reduction and the fp32 compute rule."""
+    """Wraps a point-wise function with its reduction and the fp32 compute rule.
 
-    def __init__(self, name: str, fn: PointwiseFn, reduction: str) -> None:
-        self.name, self.fn, self.reduction = name, fn, reduction
+    ``per_token``: the function's terms are one per token (``kl``), so on whole-model outputs it can run
+    over logits made a chunk of positions at a time (:func:`per_token_over_logits`).
+    """
+
+    def __init__(self, name: str, fn: PointwiseFn, reduction: str, per_token: bool = False) -> None:
+        self.name, self.fn, self.reduction, self.per_token = name, fn, reduction, per_token
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         return self.fn(compute_dtype(output), compute_dtype(target), self.reduction)
+
+    def model_objective(self, student: ModelOutputs, teacher: ModelOutputs) -> Tensor:
+        if self.per_token and (student.logits is None or teacher.logits is None):
+            return per_token_over_logits(self.fn, student, teacher, self.reduction)
+        return super().model_objective(student, teacher)
 
 
 class HybridLoss(Loss):
@@ -288,7 +297,7 @@ register_loss("mse")(lambda o: PointwiseLoss("mse", mse, o.reduction))
 register_loss("l2")(lambda o: PointwiseLoss("l2", l2, o.reduction))
 register_loss("dist")(lambda o: PointwiseLoss("dist", dist, o.reduction))
 register_loss("kl")(lambda o: PointwiseLoss("kl", kl, o.reduction))
-register_loss("kd")(lambda o: PointwiseLoss("kd", kl, o.reduction))
+register_loss("kd")(lambda o: PointwiseLoss("kd", kl, o.reduction, per_token=True))
 register_loss("sliced_wasserstein", "sw")(_sw_from)
 for _term in ("max_sw", "learned_sw", "ms_sw"):
     register_loss(_term)(SW_TERMS[_term])

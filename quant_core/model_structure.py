@@ -7,8 +7,10 @@ shape (a ``ModuleList`` with one entry per hidden layer) rather than by a table 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -20,6 +22,27 @@ LinearLike = nn.Linear | Conv1D
 def text_config(model: nn.Module) -> Any:
     """The configuration of the model's text decoder (the model's own, or a multimodal model's text part)."""
     return cast(Any, model).config.get_text_config()
+
+
+def output_layer(model: nn.Module, field: str = "model") -> Callable[[Tensor], Tensor]:
+    """What turns the last hidden state into logits: transformers' output embeddings, then the model's
+    logit soft-capping (Gemma 2's ``cap * tanh(logits / cap)``) where its config sets one. Applied a
+    chunk of positions at a time, it bounds the logits' memory by the chunk, not by windows x tokens."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module):
+        raise ConfigError("the model has no output layer (get_output_embeddings) to compute logits with", field)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda hidden: torch.tanh(head(hidden) / cap) * cap
+
+
+def last_hidden_state(model: nn.Module, ids: Tensor) -> Tensor:
+    """The hidden state the output layer reads (after the final norm), from the model without its head:
+    the causal LM's base model (``base_model_prefix``), so no logits are made for the whole window."""
+    base = getattr(model, "base_model", model)
+    return cast(Tensor, base(input_ids=ids, use_cache=False).last_hidden_state)
 
 
 def linear_named(block: nn.Module, name: str) -> LinearLike:

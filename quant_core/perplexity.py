@@ -10,11 +10,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quant_core.model_structure import last_hidden_state, output_layer
 
-def scored_nll(logits: Tensor, ids: Tensor, scored: Tensor | None) -> Tensor:
-    """Summed next-token NLL of ``ids`` under ``logits``, over the ``scored`` predictions (all when None)."""
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return nll.sum() if scored is None else nll[scored.to(nll.device)].sum()
+LOGIT_CHUNK = 512  # positions whose logits exist at once: chunk x vocabulary floats, whatever the batch
+
+
+def scored_nll(model: nn.Module, ids: Tensor, scored: Tensor | None) -> Tensor:
+    """Summed next-token NLL of ``ids`` under ``model``, over the ``scored`` predictions (all when None).
+
+    The model runs to its last hidden states only, and the output layer makes the logits of
+    ``LOGIT_CHUNK`` scored positions at a time: with a 262,144-token vocabulary (Gemma 3)
+    a batch of 4 windows of 512 tokens would otherwise hold 2 GiB of logits, and as much again for
+    their softmax.
+    """
+    hidden, targets = last_hidden_state(model, ids)[:, :-1], ids[:, 1:]
+    if scored is not None:
+        mask = scored.to(hidden.device)
+        hidden, targets = hidden[mask], targets[mask]
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    head = output_layer(model)
+    return sum(
+        (
+            F.cross_entropy(head(hidden[i : i + LOGIT_CHUNK]).float(), targets[i : i + LOGIT_CHUNK], reduction="sum")
+            for i in range(0, targets.numel(), LOGIT_CHUNK)
+        ),
+        torch.zeros((), device=hidden.device),
+    )
 
 
 def scored_batches(windows: Tensor, scored: Tensor | None, batch_size: int) -> list[tuple[Tensor, Tensor | None]]:
@@ -45,7 +66,7 @@ def perplexity(
     total_nll, done = 0.0, 0
     for batch, mask in scored_batches(windows, scored, batch_size):
         batch = batch.to(device)
-        total_nll += scored_nll(model(input_ids=batch, use_cache=False).logits, batch, mask).item()
+        total_nll += scored_nll(model, batch, mask).item()
         done += batch.shape[0]
         if on_progress is not None:
             on_progress(done)

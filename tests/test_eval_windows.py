@@ -74,10 +74,12 @@ def test_calibration_windows_start_with_the_token_given() -> None:
     assert all(torch.equal(w[1:], torch.arange(w[1], w[1] + 19)) for w in windows)
 
 
-@pytest.mark.parametrize("adds_bos", [False, True])
-def test_perplexity_over_scored_positions_matches_a_naive_loop(adds_bos: bool) -> None:
-    """Independent reference: log-softmax of each scored token given its window's prefix, one token at a time."""
-    tokenizer, model = build_tokenizer(adds_bos), build_model("llama").eval()
+@pytest.mark.parametrize(("arch", "adds_bos"), [("llama", False), ("llama", True), ("gemma2", True), ("gpt2", False)])
+def test_perplexity_over_scored_positions_matches_a_naive_loop(arch: str, adds_bos: bool) -> None:
+    """Independent reference: log-softmax of the model's own logits for each scored token given its window's
+    prefix, one token at a time (the scoring computes logits from the last hidden states in chunks; Gemma 2
+    soft-caps them)."""
+    tokenizer, model = build_tokenizer(adds_bos), build_model(arch).eval()
     text = evaluation_windows(tokenizer, BUNDLED_TEXTS["persuasion"], 24, max_windows=5)
     nll = 0.0
     with torch.no_grad():

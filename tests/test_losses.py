@@ -11,6 +11,7 @@ from scipy.stats import wasserstein_distance
 from quant_core.errors import ConfigError
 from quant_core.losses import (
     LOSSES,
+    ModelOutputs,
     build_loss,
     random_directions,
     sliced_wasserstein,
@@ -227,3 +228,27 @@ def test_sliced_wasserstein_rejects_mismatched_shapes() -> None:
         sliced_wasserstein(x, y[:10], _directions(12, 3))
     with pytest.raises(ValueError, match=r"directions must be \[D, K\]"):
         sliced_wasserstein(x, y, _directions(5, 3))
+
+
+@pytest.mark.parametrize("name", ["kd", "kd_sw"])
+def test_kd_over_chunked_logits_equals_kd_over_whole_logits_in_value_and_gradient(name: str, monkeypatch) -> None:
+    """The tuning's logits made 7 positions at a time (24 tokens: uneven chunks), recomputed in the backward
+    pass, against the same loss on whole logits: same value and same gradients, to float32 rounding."""
+    from quant_core import loss_base
+
+    monkeypatch.setattr(loss_base, "LOGIT_CHUNK", 7)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    teacher = torch.randn(2, 12, 16)
+    results = []
+    for chunked in (False, True):
+        hidden = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        head.zero_grad()
+        student = ModelOutputs(None, hidden, head) if chunked else ModelOutputs(head(hidden), hidden)
+        target = ModelOutputs(None, teacher, head) if chunked else ModelOutputs(head(teacher).detach(), teacher)
+        value = build_loss(name, seed=0).model_objective(student, target)
+        value.backward()
+        results.append((value.item(), hidden.grad.clone(), head.weight.grad.clone()))
+    (whole, grad_whole, head_whole), (ours, grad_ours, head_ours) = results
+    assert ours == pytest.approx(whole, rel=1e-6)
+    assert torch.allclose(grad_ours, grad_whole, atol=1e-7) and torch.allclose(head_ours, head_whole, atol=1e-7)
