@@ -74,7 +74,10 @@ def test_calibration_windows_start_with_the_token_given() -> None:
     assert all(torch.equal(w[1:], torch.arange(w[1], w[1] + 19)) for w in windows)
 
 
-@pytest.mark.parametrize(("arch", "adds_bos"), [("llama", False), ("llama", True), ("gemma2", True), ("gpt2", False)])
+@pytest.mark.parametrize(
+    ("arch", "adds_bos"),
+    [("llama", False), ("llama", True), ("gemma2", True), ("gemma3", True), ("gpt2", False), ("opt", False)],
+)
 def test_perplexity_over_scored_positions_matches_a_naive_loop(arch: str, adds_bos: bool) -> None:
     """Independent reference: log-softmax of the model's own logits for each scored token given its window's
     prefix, one token at a time (the scoring computes logits from the last hidden states in chunks; Gemma 2
