@@ -146,10 +146,9 @@ def record_teacher(model: nn.Module, windows: Tensor, device: str, batch_size: i
     try:
         for index, batch in enumerate(windows.split(batch_size)):
             last = last_hidden_state(model, batch.to(device))
-            first = batch[:1, :CHECKED_POSITIONS].to(device)
             if index == 0 and not torch.allclose(
                 head(last[:1, :CHECKED_POSITIONS]).float(),
-                model(input_ids=first, use_cache=False).logits.float(),
+                model(input_ids=batch[:1, :CHECKED_POSITIONS].to(device), use_cache=False).logits.float(),
                 atol=1e-3,
                 rtol=1e-3,
             ):
