@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.errors import CancelledError
+from quant_core.experts import expert_calibration
 from quant_core.losses import Loss, mse
 from quant_core.memory import host_peak_mb
 from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_weights
@@ -180,6 +181,7 @@ def calibrate_blocks(
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: BlockCheckpoint | None = None,
     residency: BlockResidency | None = None,
+    expert_min_tokens: int | None = None,
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
@@ -194,7 +196,9 @@ def calibrate_blocks(
     blocks, so a cancelled run never leaves a half-quantized block behind. With a ``checkpoint``,
     progress is stored after every block and a run continues where a previous run of the same job
     stopped. Both chains' activations wait on the CPU; only the block in work and its inputs are on
-    ``device``.
+    ``device``. A mixture-of-experts block is calibrated with every expert seeing its routed tokens,
+    or every token below ``expert_min_tokens`` (quant_core.experts); its record's method statistics
+    say how many each expert received.
     """
     model.eval()
     blocks = find_decoder_blocks(model)
@@ -215,7 +219,9 @@ def calibrate_blocks(
             raise CancelledError(f"cancelled before block {index}")
         if residency is not None:
             residency.enter(index)
-        step = _BlockStep(index, len(blocks), kwargs, method, eval_loss, measured, device, seed + index)
+        step = _BlockStep(
+            index, len(blocks), kwargs, method, eval_loss, measured, device, seed + index, expert_min_tokens
+        )
         record, fp_inputs, q_inputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
         records.append(record)
         if checkpoint is not None:
@@ -239,6 +245,7 @@ class _BlockStep:
     measured: int  # windows the before/after diagnostics are measured on
     device: str
     seed: int  # the block's seed: the job seed plus its index
+    expert_min_tokens: int | None  # quant_core.experts.expert_calibration's threshold
 
     def run(
         self, block: nn.Module, fp_inputs: Tensor, q_inputs: Tensor, batch_size: int
@@ -274,7 +281,12 @@ class _BlockStep:
             site_targets=site_targets,
             float_linear_inputs=float_linear_inputs,
         )
-        stats = method.calibrate(block, data)
+        with expert_calibration(
+            block, lambda h: data.forward(h, None), q_in, batch_size, self.expert_min_tokens
+        ) as experts:
+            stats = method.calibrate(block, data)
+        if experts:
+            stats = {**stats, "experts": experts}
         q_outputs = data.current_outputs(block)
         if q_outputs is None:
             q_outputs = run_block_batched(block, q_in, self.kwargs, batch_size)

@@ -44,6 +44,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME
 
 from quant_core.errors import ConfigError
+from quant_core.experts import checkpoint_module_names, expert_lists, routing_modules
 from quant_core.methods.base import layer_grid
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, num_groups
 
@@ -87,7 +88,9 @@ def export_pack_quantized(
 
     out = Path(out_dir)
     model.save_pretrained(out, state_dict=state)
-    ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in layers]
+    dense = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in layers]
+    # a runtime matches the checkpoint's names, and builds a router as a linear layer of its own
+    ignore = checkpoint_module_names(model, sorted({*dense, *routing_modules(model)}))
     config = QuantizationConfig(
         config_groups={"group_0": scheme},
         format=CompressionFormat.pack_quantized.value,
@@ -122,7 +125,17 @@ def write_packed(
 
 
 def check_packable(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
-    """Refuse up front, before any calibration, a model whose linears ``names`` cannot be packed."""
+    """Refuse up front, before any calibration, a model whose linears ``names`` cannot be packed.
+
+    A mixture of experts needs symmetric grids: vLLM's compressed-tensors MoE kernels assert it, and
+    transformers' loader (5.x) rebuilds fused experts from packed ones without their zero points.
+    """
+    if expert_lists(model) and not spec.symmetric:
+        raise ConfigError(
+            "a mixture of experts is packed only with symmetric grids (vLLM's MoE kernels and transformers' "
+            "expert loader take no zero points): set symmetric: true",
+            "symmetric",
+        )
     _packed_linears(model, names, spec)
 
 

@@ -49,6 +49,9 @@ class CalibSpec:
     text: str = "austen"
     n_samples: int = 128
     seq_len: int = 512
+    # mixtures of experts: fewer routed tokens than this and an expert's statistics come from every
+    # token (quant_core.experts); None: the expert's input width
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int(self.n_samples, "calib.n_samples")

@@ -68,6 +68,13 @@ class CalibrationSettings(_Section):
     seq_len: Annotated[int, Flag("--seq-len")] = Field(
         512, ge=8, le=MAX_SEQ_LEN, title="Sequence length", description="tokens per calibration window"
     )
+    expert_min_tokens: Annotated[int | None, Flag("--expert-min-tokens", metavar="N")] = Field(
+        None,
+        ge=0,
+        title="Expert minimum tokens",
+        description="mixtures of experts: an expert routed fewer calibration tokens takes its statistics from "
+        "every token; unset: its input width",
+    )
 
 
 class LmEvalSettings(_Section):
@@ -197,7 +204,10 @@ class JobSettings(_Section):
                 loss=self.loss,
                 loss_options=self.loss_options,
                 calib=CalibSpec(
-                    text=resolve(calibration.text), n_samples=calibration.n_samples, seq_len=calibration.seq_len
+                    text=resolve(calibration.text),
+                    n_samples=calibration.n_samples,
+                    seq_len=calibration.seq_len,
+                    expert_min_tokens=calibration.expert_min_tokens,
                 ),
                 eval=EvalSpec(
                     texts=tuple(resolve(t) for t in evaluation.texts),

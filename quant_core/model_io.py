@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.errors import ConfigError
+from quant_core.experts import unfuse_experts
 
 FAKE_QUANT_DIR = "model"
 PACKED_DIR = "packed"
@@ -21,7 +22,8 @@ GGUF_DIR = "gguf"
 def load_model(
     source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local directory or a hub id (safetensors only)."""
+    """A causal LM and its tokenizer from a local directory or a hub id (safetensors only), with a
+    mixture of experts' fused experts split into linear layers (quant_core.experts)."""
     path = Path(source).expanduser()
     if path.is_dir() and not any(path.glob("*.safetensors")):
         raise ConfigError(f"model: {source} holds no .safetensors weights (pickled weights are refused)", "model")
@@ -32,6 +34,7 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: cannot load '{source}': {exc}", "model") from exc
+    unfuse_experts(model)
     return model, tokenizer
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from quant_core.errors import ConfigError
+from quant_core.experts import routing_modules
 
 LinearLike = nn.Linear | Conv1D
 
@@ -78,8 +79,10 @@ def _has_linears(module: nn.Module) -> bool:
 
 
 def quantizable_linears(block: nn.Module) -> dict[str, LinearLike]:
-    """Every linear layer of a block by its name inside the block (weights to quantize)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, LinearLike)}
+    """Every linear layer of a block by its name inside the block (weights to quantize), except the
+    routing gates of a mixture of experts (quant_core.experts), which stay in full precision."""
+    routing = {id(m) for m in routing_modules(block).values()}
+    return {name: m for name, m in block.named_modules() if isinstance(m, LinearLike) and id(m) not in routing}
 
 
 def weight_matrix(layer: LinearLike) -> Tensor:

@@ -33,6 +33,7 @@ from quant_core.corpus import (
 from quant_core.engine import BlockRecord, calibrate_blocks
 from quant_core.errors import ConfigError
 from quant_core.eval_windows import WindowedText, evaluation_windows, protocol, window_start
+from quant_core.experts import is_fused_experts
 from quant_core.export import check_packable, write_packed
 from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
 from quant_core.finetune import calibrate_then_tune
@@ -184,6 +185,8 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
         if not Path(spec.model).is_dir():
             raise ConfigError("lazy_load needs a local model directory", "model")
         lazy = LazyModel(Path(spec.model), DTYPES[spec.dtype], spec.trust_remote_code)
+        if any(is_fused_experts(m) for m in lazy.model.modules()):
+            raise ConfigError("lazy_load does not stream mixture-of-experts blocks yet", "lazy_load")
         model, tokenizer = lazy.model, load_tokenizer(spec.model, spec.trust_remote_code)
         residency = StreamingBlocks(lazy, ShardWriter(lazy, out_dir / FAKE_QUANT_DIR))
     else:
@@ -320,6 +323,7 @@ def calibrate(
                 should_cancel=hooks.should_cancel,
                 checkpoint=checkpoint,
                 residency=job.residency,
+                expert_min_tokens=spec.calib.expert_min_tokens,
             ),
             device=spec.device,
             seed=spec.seed,

@@ -15,6 +15,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
@@ -22,8 +24,12 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 from quant_core.corpus import BUNDLED_TEXTS
@@ -117,6 +123,38 @@ FAMILIES = {
         "num_hidden_layers",
     ),
 }
+# Mixtures of experts (quant_core/experts.py): Mixtral (8 experts, top 2), Qwen2-MoE (a gated shared
+# expert beside the routed ones, top-k weights not renormalised), Qwen3-MoE (q/k norms; its first
+# layer a dense MLP, as ``mlp_only_layers`` allows).
+_MOE = dict(_LLAMA_LIKE, max_position_embeddings=256)
+MOE_FAMILIES = {
+    "mixtral": (
+        MixtralConfig,
+        MixtralForCausalLM,
+        dict(_MOE, num_local_experts=8, num_experts_per_tok=2),
+        "num_hidden_layers",
+    ),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        dict(
+            _MOE,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+        "num_hidden_layers",
+    ),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(_MOE, head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0]),
+        "num_hidden_layers",
+    ),
+}
+FAMILIES.update(MOE_FAMILIES)
 ARCHITECTURES.update(FAMILIES)
 
 
