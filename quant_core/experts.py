@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, revert_weight_conversion
 
@@ -89,7 +90,7 @@ class ExpertList(nn.ModuleList):
         return out
 
 
-def checkpoint_names(model: nn.Module) -> tuple[str, str, str]:
+def checkpoint_names(model: PreTrainedModel) -> tuple[str, str, str]:
     """The gate, up and down projections' names in the model's published per-expert checkpoint.
 
     Read from the conversion transformers applies when it loads that checkpoint (the sources of its
@@ -114,7 +115,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     return set(params) == _FUSED and all(p.dim() == 3 for p in params.values()) and hasattr(module, "act_fn")
 
 
-def unfuse_experts(model: nn.Module) -> int:
+def unfuse_experts(model: PreTrainedModel) -> int:
     """Replace every fused experts module by an :class:`ExpertList`, in place; how many were replaced.
 
     Refuses, naming the module, fused experts of another shape (biases, interleaved gate and up).
@@ -162,7 +163,7 @@ def routing_modules(module: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def checkpoint_module_names(model: nn.Module, names: list[str]) -> list[str]:
+def checkpoint_module_names(model: PreTrainedModel, names: list[str]) -> list[str]:
     """``names`` (modules of ``model``) as the model's published checkpoint names them (Mixtral's
     ``block_sparse_moe`` where transformers says ``mlp``): what a runtime reading the checkpoint matches."""
     reverted = revert_weight_conversion(model, {f"{name}.weight": torch.empty(0) for name in names})
@@ -173,7 +174,7 @@ def default_min_tokens(experts: ExpertList) -> int:
     """An expert's input width: fewer tokens than that leave its Hessian singular."""
     first = experts[0]
     assert isinstance(first, ExpertMLP)
-    return int(first.get_submodule(first.names[0]).weight.shape[1])
+    return int(first.get_parameter(f"{first.names[0]}.weight").shape[1])
 
 
 @torch.no_grad()

@@ -79,20 +79,34 @@ def export_pack_quantized(
     ``dequantize`` unpacks every layer through the same compressor. vLLM ignores the option.
     """
     layers = _packed_linears(model, qparams, spec)
-    scheme = _scheme(spec)
     state = model.state_dict()
     for name, layer in layers.items():
         del state[f"{name}.weight"]
-        packed = _packed_layer(name, layer.weight, *qparams[name], spec, scheme)
-        state.update({f"{name}.{key}": value for key, value in packed.items()})
+        state.update(packed_layer(name, layer.weight, qparams[name], spec))
 
     out = Path(out_dir)
     model.save_pretrained(out, state_dict=state)
-    dense = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in layers]
+    write_quantization_config(model, set(layers), spec, out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def packed_layer(name: str, weight: Tensor, grid: tuple[Tensor, Tensor], spec: QuantSpec) -> dict[str, Tensor]:
+    """The tensors that stand for linear ``name``'s fake-quantized ``weight`` in the checkpoint, by full name."""
+    packed = _packed_layer(name, weight, *grid, spec, _scheme(spec))
+    return {f"{name}.{key}": value for key, value in packed.items()}
+
+
+def write_quantization_config(model: PreTrainedModel, packed: set[str], spec: QuantSpec, out: Path) -> None:
+    """Add the ``pack-quantized`` quantization config to the ``config.json`` in ``out``: the layers named
+    in ``packed`` are packed, every other linear and router is listed as ignored (by the checkpoint's
+    names, which a runtime matches)."""
+    dense = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in packed]
     # a runtime matches the checkpoint's names, and builds a router as a linear layer of its own
     ignore = checkpoint_module_names(model, sorted({*dense, *routing_modules(model)}))
     config = QuantizationConfig(
-        config_groups={"group_0": scheme},
+        config_groups={"group_0": _scheme(spec)},
         format=CompressionFormat.pack_quantized.value,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
@@ -102,9 +116,15 @@ def export_pack_quantized(
     written = json.loads(config_path.read_text(encoding="utf-8"))
     written["quantization_config"]["dequantize"] = True
     config_path.write_text(json.dumps(written, indent=2, sort_keys=True), encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+
+
+def unpacked_weight(tensors: Mapping[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> Tensor:
+    """A packed layer's weight (``weight_packed``, ``weight_scale``, ``weight_shape`` and any
+    ``weight_zero_point``, by those names) as ``(code - zero) * scale`` in float32, rounded once to
+    ``dtype``: what a loader reads back from the checkpoint."""
+    compressed = {key: value for key, value in tensors.items() if key.startswith("weight_")}
+    compressed["weight_scale"] = compressed["weight_scale"].float()
+    return PackedQuantizationCompressor.decompress(compressed, _scheme(spec))["weight"].to(dtype)
 
 
 def write_packed(
@@ -114,8 +134,13 @@ def write_packed(
     says of the export besides."""
     qparams = {name: grid for name, module in model.named_modules() if (grid := layer_grid(module)) is not None}
     path = export_pack_quantized(model, qparams, spec, out_dir, tokenizer)
+    return path, packed_details(model, spec, path)
+
+
+def packed_details(model: nn.Module, spec: QuantSpec, path: Path) -> dict[str, Any]:
+    """What the report says of a packed export in ``path`` besides its folder."""
     unique = {id(p): p for p in model.parameters()}.values()
-    return path, {
+    return {
         "format": CompressionFormat.pack_quantized.value,
         "compressed_tensors": version("compressed-tensors"),
         "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),

@@ -157,11 +157,10 @@ class JobSpec:
         unknown = [t for t in self.targets if t not in RUNTIMES]
         if unknown:
             raise ConfigError(f"targets must be some of: {', '.join(RUNTIMES)}", "targets")
-        for packed in ("pack_quantized", "gguf"):
-            if self.lazy_load and packed in self.export_formats:
-                raise ConfigError(f"{packed} export is not available with lazy_load yet", "export_formats")
-        if self.lazy_load and self.targets:
-            raise ConfigError("runtime targets need a packed export, not available with lazy_load yet", "targets")
+        if self.lazy_load and "gguf" in self.export_formats:
+            raise ConfigError("gguf export is not available with lazy_load yet", "export_formats")
+        if self.lazy_load and "llama.cpp" in self.targets:
+            raise ConfigError("llama.cpp runs the GGUF export, not available with lazy_load yet", "targets")
         if self.loss is None:
             object.__setattr__(self, "loss", method_class(self.method).default_loss)
         block_size = self.loss_options.get("sw_block_size")
@@ -187,8 +186,8 @@ class JobSpec:
 
     @property
     def resumable(self) -> bool:
-        """Whether ``run_job`` can keep per-block progress for this job: not streamed, not whole-model."""
-        return not self.lazy_load and not method_class(self.method).whole_model
+        """Whether ``run_job`` can keep per-block progress for this job: any blockwise method."""
+        return not method_class(self.method).whole_model
 
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""

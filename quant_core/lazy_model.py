@@ -27,9 +27,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from quant_core.engine import capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
-from quant_core.methods.base import GRID_BUFFERS
-from quant_core.model_structure import find_decoder_blocks
+from quant_core.export import packed_layer, unpacked_weight, write_quantization_config
+from quant_core.methods.base import KEPT_BUFFERS, layer_grid
+from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import scored_batches, scored_nll, scored_tokens
+from quant_core.quantizer import QuantSpec
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -140,7 +142,7 @@ class LazyModel:
         """
         block = self.blocks[index]
         for module in block.modules():
-            for name in GRID_BUFFERS:
+            for name in KEPT_BUFFERS:
                 module._buffers.pop(name, None)
         block.to("meta")
 
@@ -151,7 +153,10 @@ class LazyModel:
 
 
 class ShardWriter:
-    """Writes a quantized model as it is produced: one shard per block, then the rest and the index."""
+    """Writes a quantized model as it is produced: one shard per block, then the rest and the index.
+
+    This one writes the fake-quantized weights; :class:`PackedShardWriter` the packed checkpoint.
+    """
 
     def __init__(self, lazy: LazyModel, out_dir: Path) -> None:
         self.lazy, self.out_dir = lazy, Path(out_dir)
@@ -162,10 +167,13 @@ class ShardWriter:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.out_dir / filename))
         self.weight_map.update(dict.fromkeys(tensors, filename))
 
-    def write_block(self, index: int) -> None:
-        names = self.lazy.block_names(index)
+    def block_tensors(self, index: int) -> dict[str, Tensor]:
+        """What block ``index`` (in memory, calibrated) contributes to the checkpoint, by checkpoint name."""
         params = dict(self.lazy.blocks[index].named_parameters())
-        self._save({full: params[name] for name, full in names.items()}, f"block-{index:05d}.safetensors")
+        return {full: params[name] for name, full in self.lazy.block_names(index).items()}
+
+    def write_block(self, index: int) -> None:
+        self._save(self.block_tensors(index), f"block-{index:05d}.safetensors")
 
     def finish(self, tokenizer: PreTrainedTokenizerBase | None) -> Path:
         """Write the tensors outside the blocks, the index, the config and the tokenizer."""
@@ -185,18 +193,73 @@ class ShardWriter:
         return self.out_dir
 
 
+class PackedShardWriter(ShardWriter):
+    """Writes the ``pack-quantized`` checkpoint (quant_core.export) a block at a time: the same tensors
+    :func:`~quant_core.export.export_pack_quantized` writes for the model in memory."""
+
+    def __init__(self, lazy: LazyModel, out_dir: Path, spec: QuantSpec) -> None:
+        super().__init__(lazy, out_dir)
+        self.spec = spec
+        self.packed: set[str] = set()
+
+    def block_tensors(self, index: int) -> dict[str, Tensor]:
+        tensors = super().block_tensors(index)
+        for name, layer in quantizable_linears(self.lazy.blocks[index]).items():
+            grid = layer_grid(layer)
+            if grid is None:
+                continue
+            full = f"{self.lazy.prefix}.{index}.{name}"
+            del tensors[f"{full}.weight"]
+            tensors.update(packed_layer(full, layer.weight, grid, self.spec))
+            self.packed.add(full)
+        return tensors
+
+    def finish(self, tokenizer: PreTrainedTokenizerBase | None) -> Path:
+        out = super().finish(tokenizer)
+        write_quantization_config(self.lazy.model, self.packed, self.spec, out)
+        return out
+
+
+class PackedWeights(ShardedWeights):
+    """A packed checkpoint's tensors, each packed layer read as the weight it stands for (what a loader
+    dequantizes), so a streamed model is scored from exactly what its packed export holds."""
+
+    def __init__(self, directory: Path, spec: QuantSpec, dtype: torch.dtype) -> None:
+        super().__init__(directory)
+        self.spec, self.dtype = spec, dtype
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files or f"{name.removesuffix('.weight')}.weight_packed" in self.files
+
+    def load(self, names: list[str]) -> dict[str, Tensor]:
+        packed = [name for name in names if name not in self.files]
+        tensors = super().load([name for name in names if name in self.files])
+        for name in packed:
+            prefix = f"{name.removesuffix('.weight')}."
+            parts = super().load([key for key in self.files if key.startswith(prefix)])
+            tensors[name] = unpacked_weight(
+                {k.removeprefix(prefix): v for k, v in parts.items()}, self.spec, self.dtype
+            )
+        return tensors
+
+
 class StreamingBlocks:
     """The engine's block residency for a lazy model: load from the source, write out and free after."""
 
-    def __init__(self, lazy: LazyModel, writer: ShardWriter) -> None:
-        self.lazy, self.writer = lazy, writer
+    def __init__(self, lazy: LazyModel, writers: list[ShardWriter]) -> None:
+        self.lazy, self.writers = lazy, writers
 
     def enter(self, index: int) -> None:
         self.lazy.load_block(index)
 
     def leave(self, index: int) -> None:
-        self.writer.write_block(index)
+        for writer in self.writers:
+            writer.write_block(index)
         self.lazy.release_block(index)
+
+    def finish(self, tokenizer: PreTrainedTokenizerBase | None) -> list[Path]:
+        """Complete every writer's checkpoint; their folders, in the writers' order."""
+        return [writer.finish(tokenizer) for writer in self.writers]
 
 
 class _Replay(nn.Module):

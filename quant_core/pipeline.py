@@ -34,12 +34,20 @@ from quant_core.engine import BlockRecord, calibrate_blocks
 from quant_core.errors import ConfigError
 from quant_core.eval_windows import WindowedText, evaluation_windows, protocol, window_start
 from quant_core.experts import is_fused_experts
-from quant_core.export import check_packable, write_packed
+from quant_core.export import check_packable, packed_details, write_packed
 from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
 from quant_core.finetune import calibrate_then_tune
 from quant_core.gguf_export import gguf_blockers, write_gguf
 from quant_core.job import DTYPES, JobSpec
-from quant_core.lazy_model import LazyModel, ShardedWeights, ShardWriter, StreamingBlocks, blockwise_perplexity
+from quant_core.lazy_model import (
+    LazyModel,
+    PackedShardWriter,
+    PackedWeights,
+    ShardedWeights,
+    ShardWriter,
+    StreamingBlocks,
+    blockwise_perplexity,
+)
 from quant_core.losses import Loss
 from quant_core.memory import StagePeaks
 from quant_core.methods.base import QuantMethod
@@ -103,8 +111,8 @@ def export_formats_for(
 
     ``auto`` takes the packed checkpoint, a quarter of the float model's size or less and what vLLM
     serves, wherever compressed-tensors can hold the result; otherwise the fake-quantized one:
-    weights in a rotated basis, blocks streamed from disk, or layers the format refuses (Conv1D, a
-    ragged last group). An explicit ``pack_quantized`` that cannot be held is an error instead, and
+    weights in a rotated basis, or layers the format refuses (Conv1D, a ragged last group, a mixture
+    of experts' asymmetric grids). An explicit ``pack_quantized`` that cannot be held is an error instead, and
     so is a runtime target (or an explicit ``gguf``) whose constraints the grid breaks.
     """
     for runtime in spec.targets:
@@ -117,7 +125,7 @@ def export_formats_for(
             raise ConfigError(f"gguf export: {'; '.join(blockers)}", "export_formats")
     auto = spec.export_formats == ("auto",)
     wanted = {FORMAT_FOR[runtime] for runtime in spec.targets}
-    if auto and not wanted and (spec.lazy_load or method.rotates):
+    if auto and not wanted and method.rotates:
         return ("fake_quant",)
     formats = [] if auto else list(spec.export_formats)
     if auto or "pack_quantized" in formats or "pack_quantized" in wanted:
@@ -130,6 +138,17 @@ def export_formats_for(
                 raise
             formats.append("fake_quant")
     return tuple(dict.fromkeys([*formats, *sorted(wanted)]))
+
+
+def _streamed_writers(lazy: LazyModel, formats: tuple[str, ...], spec: JobSpec, out_dir: Path) -> list[ShardWriter]:
+    """What a streamed job writes block by block: each checkpoint format it exports (GGUF is refused
+    with lazy_load, see JobSpec)."""
+    writers: list[ShardWriter] = []
+    if "fake_quant" in formats:
+        writers.append(ShardWriter(lazy, out_dir / FAKE_QUANT_DIR))
+    if "pack_quantized" in formats:
+        writers.append(PackedShardWriter(lazy, out_dir / PACKED_DIR, spec.quant))
+    return writers
 
 
 @dataclass
@@ -166,7 +185,7 @@ class Calibration:
     method_stats: dict[str, Any]
     peak_device_mb: float | None
     seconds: float
-    written: Path | None  # the streamed model's fake-quant folder, already on disk
+    written: dict[str, Path]  # a streamed model's checkpoints by format, already on disk; empty otherwise
 
 
 def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None) -> LoadedJob:
@@ -178,17 +197,13 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
             raise calibrated_on_evaluation(name)
     hooks.stage(f"loading {spec.model}")
     lazy: LazyModel | None = None
-    residency: StreamingBlocks | None = None
     if spec.lazy_load:
-        if checkpoint_dir is not None:
-            raise ConfigError("a checkpoint cannot be combined with lazy_load yet", "lazy_load")
         if not Path(spec.model).is_dir():
             raise ConfigError("lazy_load needs a local model directory", "model")
         lazy = LazyModel(Path(spec.model), DTYPES[spec.dtype], spec.trust_remote_code)
         if any(is_fused_experts(m) for m in lazy.model.modules()):
             raise ConfigError("lazy_load does not stream mixture-of-experts blocks yet", "lazy_load")
         model, tokenizer = lazy.model, load_tokenizer(spec.model, spec.trust_remote_code)
-        residency = StreamingBlocks(lazy, ShardWriter(lazy, out_dir / FAKE_QUANT_DIR))
     else:
         model, tokenizer = load_model(spec.model, DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code)
     blocks = find_decoder_blocks(model)
@@ -203,6 +218,7 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
             )
         resources = method.check_resources(model, spec.calib.seq_len, spec.device)
     formats = export_formats_for(spec, method, model, blocks)
+    residency = None if lazy is None else StreamingBlocks(lazy, _streamed_writers(lazy, formats, spec, out_dir))
     drawn = spec.build_finetune().windows_to_draw(spec.calib.n_samples)
     start = window_start(tokenizer).calibration_token
     windows = calibration_windows(tokenize_file(tokenizer, calib_path), drawn, spec.calib.seq_len, spec.seed, start)
@@ -338,22 +354,41 @@ def calibrate(
     device_peaks = [r.peak_device_mb or 0.0 for r in records]
     device_peaks += [torch.cuda.max_memory_allocated(spec.device) / 2**20] if cuda else []
     peak_device_mb = max(device_peaks, default=0.0) or None
-    written = job.residency.writer.finish(job.tokenizer) if job.residency is not None else None
+    written = {} if job.residency is None else _finish_streamed(job.residency, job.formats, job.tokenizer)
     return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
 
 
-def export(spec: JobSpec, job: LoadedJob, written: Path | None, out_dir: Path) -> dict[str, Export]:
-    """Write the checkpoint in each format the job takes; paths relative to ``out_dir``, since the
-    report travels with the folders, not with the worker's disk."""
+def _finish_streamed(
+    residency: StreamingBlocks, formats: tuple[str, ...], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Path]:
+    """Complete a streamed job's checkpoints; their folders by format, in :func:`_streamed_writers`' order."""
+    streamed = [fmt for fmt in ("fake_quant", "pack_quantized") if fmt in formats]
+    return dict(zip(streamed, residency.finish(tokenizer), strict=True))
+
+
+def _streamed_weights(spec: JobSpec, job: LoadedJob, written: dict[str, Path]) -> ShardedWeights:
+    """Where a streamed job's quantized blocks are read back from to be scored: the fake-quant folder,
+    else the packed one read as the weights it stands for."""
+    if "fake_quant" in written:
+        return ShardedWeights(written["fake_quant"])
+    return PackedWeights(written["pack_quantized"], spec.quant, job.export_dtype)
+
+
+def export(spec: JobSpec, job: LoadedJob, written: dict[str, Path], out_dir: Path) -> dict[str, Export]:
+    """Write the checkpoint in each format the job takes (a streamed job's are written already); paths
+    relative to ``out_dir``, since the report travels with the folders, not with the worker's disk."""
     exports: dict[str, Export] = {}
     dtype = {"dtype": str(job.export_dtype).removeprefix("torch.")}
-    if written is None:
+    if not written:
         nn.Module.to(job.model, job.export_dtype)  # exact: round_to_export_dtype left every value representable
-    if written is not None or "fake_quant" in job.formats:
-        path = written if written is not None else save_fake_quant(job.model, job.tokenizer, out_dir)
+    if "fake_quant" in job.formats:
+        path = written.get("fake_quant") or save_fake_quant(job.model, job.tokenizer, out_dir)
         exports["fake_quant"] = Export(str(path.relative_to(out_dir)), dtype)
     if "pack_quantized" in job.formats:
-        path, details = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
+        if "pack_quantized" in written:
+            path, details = written["pack_quantized"], packed_details(job.model, spec.quant, written["pack_quantized"])
+        else:
+            path, details = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
         exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), {**details, **dtype})
     if "gguf" in job.formats:
         path, details = write_gguf(job.model, spec.quant, job.tokenizer, out_dir / GGUF_DIR)
@@ -401,9 +436,9 @@ def run_job(
     calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir, peaks)
     written = calibration.written
     with peaks.stage("evaluate_quantized"):
-        if written is None:  # scored as it will be stored
+        if not written:  # scored as it will be stored
             round_to_export_dtype(job.model, job.export_dtype, spec.quant)
-        after = evaluate(spec, job, hooks, True, ShardedWeights(written) if written is not None else None)
+        after = evaluate(spec, job, hooks, True, _streamed_weights(spec, job, written) if written else None)
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
     with peaks.stage("export"):

@@ -158,7 +158,7 @@ def execute_job(
             request = JobRequest.model_validate(spec)
             core_spec = request.to_job_spec(UploadResolver(settings, storage, tenant_id, workdir), settings.device)
             checkpoint_dir = None
-            if core_spec.resumable:  # a streamed or whole-model job restarts from the top
+            if core_spec.resumable:  # a whole-model job restarts from the top
                 checkpoint_dir = mirror.directory
                 restored = mirror.restore(job_fingerprint(core_spec))
                 if attempt > 1:

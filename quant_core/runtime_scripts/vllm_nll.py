@@ -16,13 +16,20 @@ from pathlib import Path
 
 
 def _cpu_cannot_run(model: str) -> str | None:
-    """vLLM's CPU build runs packed int weights only through its AVX-512 kernel library."""
+    """vLLM's CPU build runs packed int weights only through its AVX-512 kernel library, and packed
+    experts of a mixture of experts only with AMX tiles (its CPUExpertsInt4 kernel)."""
     import torch
     from vllm.platforms import current_platform
 
     config = json.loads((Path(model) / "config.json").read_text())
     if not current_platform.is_cpu() or "quantization_config" not in config:
         return None
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts and not torch.cpu._is_amx_tile_supported():
+        return (
+            "vLLM's CPU build has no int4 kernel for a mixture of experts' packed experts on this processor "
+            "(CPUExpertsInt4 needs AMX tiles), so packed MoE checkpoints run in vLLM on AMX CPUs and GPUs"
+        )
     import vllm._custom_ops  # noqa: F401  (loads the kernel library this CPU supports)
 
     if hasattr(torch.ops._C, "cpu_gemm_wna16"):
