@@ -15,6 +15,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from quant_core.cli import build_parser, settings_from_args
+from quant_core.corpus import BUNDLED_TEXTS
 from quant_core.errors import ConfigError
 from quant_core.experts import (
     ExpertList,
@@ -30,13 +31,17 @@ from quant_core.model_io import load_model
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.pipeline import run_job
 from quant_core.quantizer import QuantSpec
-from tests.tiny_models import MOE_FAMILIES, VOCAB, build_model, build_tokenizer
+from tests.tiny_models import MOE_FAMILIES, build_model, build_tokenizer
 
 MOE = sorted(MOE_FAMILIES)
 
 
 def _ids(seed: int = 0, windows: int = 3, length: int = 24) -> Tensor:
-    return torch.randint(0, VOCAB, (windows, length), generator=torch.Generator().manual_seed(seed))
+    """Windows of real text (the bundled Austen, tokenized), at seeded offsets."""
+    text = BUNDLED_TEXTS["austen"].read_text(encoding="utf-8")[:50_000]
+    tokens = torch.tensor(build_tokenizer()(text).input_ids)
+    starts = torch.randint(0, tokens.numel() - length, (windows,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([tokens[start : start + length] for start in starts.tolist()])
 
 
 @pytest.mark.parametrize("family", MOE)
