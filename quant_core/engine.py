@@ -28,6 +28,7 @@ from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_we
 from quant_core.methods.layer_inputs import gathered_linear_inputs, recorded_outputs
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
 from quant_core.output_stats import distribution_errors
+from quant_core.spill import Spill
 
 
 class BlockResidency(Protocol):
@@ -182,6 +183,7 @@ def calibrate_blocks(
     checkpoint: BlockCheckpoint | None = None,
     residency: BlockResidency | None = None,
     expert_min_tokens: int | None = None,
+    spill: Spill | None = None,
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
@@ -196,7 +198,8 @@ def calibrate_blocks(
     blocks, so a cancelled run never leaves a half-quantized block behind. With a ``checkpoint``,
     progress is stored after every block and a run continues where a previous run of the same job
     stopped. Both chains' activations wait on the CPU; only the block in work and its inputs are on
-    ``device``. A mixture-of-experts block is calibrated with every expert seeing its routed tokens,
+    ``device``, and with ``spill`` a chain too large for memory waits on disk (quant_core.spill). A
+    mixture-of-experts block is calibrated with every expert seeing its routed tokens,
     or every token below ``expert_min_tokens`` (quant_core.experts); its record's method statistics
     say how many each expert received.
     """
@@ -214,6 +217,8 @@ def calibrate_blocks(
     if resume is not None:
         fp_inputs, q_inputs = resume.fp_inputs, resume.q_inputs
         records = [BlockRecord(**r) for r in resume.records]
+    keep = spill.keep if spill is not None else (lambda tensor: tensor)
+    fp_inputs, q_inputs = keep(fp_inputs), keep(q_inputs)
     for index in range(len(records), len(blocks)):
         if should_cancel is not None and should_cancel():
             raise CancelledError(f"cancelled before block {index}")
@@ -222,7 +227,10 @@ def calibrate_blocks(
         step = _BlockStep(
             index, len(blocks), kwargs, method, eval_loss, measured, device, seed + index, expert_min_tokens
         )
-        record, fp_inputs, q_inputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
+        record, fp_outputs, q_outputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
+        del fp_inputs, q_inputs  # a spilled chain's file space returns here
+        fp_inputs, q_inputs = keep(fp_outputs), keep(q_outputs)
+        del fp_outputs, q_outputs
         records.append(record)
         if checkpoint is not None:
             checkpoint.save(index, blocks[index], fp_inputs, q_inputs, [r.to_dict() for r in records])

@@ -56,6 +56,7 @@ from quant_core.model_structure import (
 from quant_core.options import Count, Options, PositiveCount, PositiveNumber, one_of
 from quant_core.progress import PhaseProgress
 from quant_core.quantizer import group_columns, ungroup_columns
+from quant_core.spill import Spill
 
 MODEL_LOSSES = ("kd", "kd_sw")  # losses whose model_objective compares next-token distributions
 PRECISIONS = ("auto", "bfloat16", "float32")
@@ -133,8 +134,11 @@ CHECKED_POSITIONS = 64
 
 
 @torch.no_grad()
-def record_teacher(model: nn.Module, windows: Tensor, device: str, batch_size: int = 4) -> Tensor:
-    """Run the full-precision model over ``windows`` once; its last hidden states, ``[n, seq, hidden]`` on CPU.
+def record_teacher(
+    model: nn.Module, windows: Tensor, device: str, batch_size: int = 4, spill: Spill | None = None
+) -> Tensor:
+    """Run the full-precision model over ``windows`` once; its last hidden states, ``[n, seq, hidden]`` on
+    CPU (on disk when ``spill`` finds them large, quant_core.spill).
 
     Checks on the first window's first ``CHECKED_POSITIONS`` tokens that the output layer applied to
     them gives the model's logits, since training recomputes the teacher's logits that way (and only
@@ -160,7 +164,8 @@ def record_teacher(model: nn.Module, windows: Tensor, device: str, batch_size: i
             kept.append(last.cpu())
     finally:
         nn.Module.to(model, "cpu")
-    return torch.cat(kept)
+    teacher = torch.cat(kept)
+    return teacher if spill is None else spill.keep(teacher)
 
 
 class GridScales:
@@ -297,6 +302,7 @@ def calibrate_then_tune(
     should_cancel: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     phase: Callable[[str], AbstractContextManager[None]] = lambda _: nullcontext(),
+    spill: Spill | None = None,
 ) -> tuple[T, dict[str, Any] | None]:
     """``calibrate()`` (the blockwise calibration of ``model``), then end-to-end tuning when ``options``
     ask for it; returns what ``calibrate`` returned and the tuning's statistics (None when off).
@@ -311,7 +317,7 @@ def calibrate_then_tune(
     report = on_stage or (lambda _: None)
     report("recording the full-precision model's outputs for end-to-end tuning")
     with phase("teacher"):
-        teacher = record_teacher(model, windows, device)
+        teacher = record_teacher(model, windows, device, spill=spill)
     with phase("blocks"):
         calibrated = calibrate()
     epochs = f"{options.epochs} epoch{'s' if options.epochs > 1 else ''}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +67,10 @@ from quant_core.perplexity import perplexity
 from quant_core.progress import PhaseProgress
 from quant_core.report import Export, JobReport, PerplexityPair, Seconds
 from quant_core.runtimes import FORMAT_FOR, RuntimeScore, score_checkpoint, target_blockers
+from quant_core.spill import Spill
 
 REPORT_NAME = "report.json"
+SPILL_DIR = ".activations"  # under the job's output folder: its disk, not /tmp (often memory)
 
 
 @dataclass
@@ -298,9 +301,11 @@ def calibrate(
     hooks: JobHooks,
     checkpoint_dir: Path | None,
     peaks: StagePeaks,
+    spill: Spill,
 ) -> Calibration:
     """Quantize the model: block by block through the engine (then, when the job asks, end-to-end
-    tuning), or all at once for a whole-model method."""
+    tuning), or all at once for a whole-model method; activations too large for memory wait in
+    ``spill``."""
     hooks.stage(f"calibrating with {spec.method} ({spec.quant.label}, loss {spec.loss})")
     started = time.perf_counter()
     records: list[BlockRecord] = []
@@ -340,6 +345,7 @@ def calibrate(
                 checkpoint=checkpoint,
                 residency=job.residency,
                 expert_min_tokens=spec.calib.expert_min_tokens,
+                spill=spill,
             ),
             device=spec.device,
             seed=spec.seed,
@@ -347,6 +353,7 @@ def calibrate(
             should_cancel=hooks.should_cancel,
             on_step=hooks.on_tuning_step,
             phase=peaks.stage,
+            spill=spill,
         )
         if tuned is not None:
             method_stats["finetune"] = tuned
@@ -433,7 +440,11 @@ def run_job(
         hooks.stage("rotating the model (absorbed into its weights)")
         with peaks.stage("rotate"):
             absorb_rotation(job.model, spec.seed)
-    calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir, peaks)
+    spill = Spill(out_dir / SPILL_DIR)
+    try:
+        calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir, peaks, spill)
+    finally:
+        shutil.rmtree(spill.directory, ignore_errors=True)  # its files were unlinked when mapped
     written = calibration.written
     with peaks.stage("evaluate_quantized"):
         if not written:  # scored as it will be stored
