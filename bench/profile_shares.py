@@ -26,7 +26,7 @@ from pathlib import Path
 
 CONTEXTS: list[tuple[str, tuple[str, ...]]] = [
     ("key lookup", ("swq_shared/auth.py",)),
-    ("rate limit (Redis round trip)", ("api/rate_limit.py",)),
+    ("rate limit (Redis round trip)", ("api/front/rate_limit.py",)),
     ("access logging", ("uvicorn/logging.py", "logging/__init__.py", "log_redaction.py")),
     (
         "connection checkout and transaction (BEGIN, COMMIT)",
@@ -35,11 +35,14 @@ CONTEXTS: list[tuple[str, tuple[str, ...]]] = [
 ]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("queries (SQL, driver, ORM loading)", ("sqlalchemy", "psycopg", "sqlite3", "swq_shared/jobs.py")),
-    ("serialization (pydantic, JSON, ETag)", ("pydantic", "api/schemas.py", "api/conditional.py", "json/")),
-    ("metrics middleware", ("api/metrics.py", "prometheus_client")),
-    ("admission control", ("api/admission.py",)),
+    (
+        "serialization (pydantic, JSON, ETag)",
+        ("pydantic", "api/routes/schemas.py", "api/routes/conditional.py", "json/"),
+    ),
+    ("metrics middleware", ("api/routes/metrics.py", "prometheus_client")),
+    ("admission control", ("api/front/admission.py",)),
     ("thread-pool hand-off", ("anyio", "concurrent/futures", "threading.py", "queue.py")),
-    ("routing and dependencies", ("fastapi/", "starlette/", "api/deps.py", "api/jobs_routes.py")),
+    ("routing and dependencies", ("fastapi/", "starlette/", "api/routes/deps.py", "api/routes/jobs.py")),
     ("HTTP parsing and the event loop", ("uvicorn/", "h11", "httptools", "asyncio/")),
 ]
 OTHER = "other"

@@ -51,7 +51,7 @@ from typing import Any
 
 import httpx
 
-from api.client import TERMINAL, SWQuantClient
+from api.commands.client import TERMINAL, SWQuantClient
 from bench.profile_shares import shares as profile_shares
 from bench.profile_shares import table as profile_table
 from bench.random_llama import save_random_llama
@@ -199,10 +199,10 @@ def service_stack(
 
     Rate limiting is off (the bench measures the service, not one key's budget); with several API
     processes the Prometheus counters go to a shared multiprocess folder, as in production. With
-    ``front``, HAProxy (``api/haproxy.cfg``, sized for ``api_workers``) listens before uvicorn and
+    ``front``, HAProxy (``api/front/haproxy.cfg``, sized for ``api_workers``) listens before uvicorn and
     the load goes to it.
     """
-    from api.front import API_ENV_BEHIND_FRONT, FrontSettings, start_front
+    from api.front.haproxy import API_ENV_BEHIND_FRONT, FrontSettings, start_front
     from swq_shared.queue import worker_argv
 
     run = uuid.uuid4().hex[:8]

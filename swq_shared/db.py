@@ -51,7 +51,7 @@ def get_engine(url: str) -> Engine:
 
         _ENGINES.append(engine)
         return engine
-    # A bounded connect: the API reads on its event loop (api/jobs_routes.py), and an unreachable
+    # A bounded connect: the API reads on its event loop (api/routes/jobs.py), and an unreachable
     # server must cost a request a few seconds and a 503, not the operating system's TCP timeout.
     engine = create_engine(
         url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}

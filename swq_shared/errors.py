@@ -1,4 +1,4 @@
-"""What can go wrong with a request, in the service's own words; ``api/errors.py`` maps each to HTTP once.
+"""What can go wrong with a request, in the service's own words; ``api/routes/errors.py`` maps each to HTTP once.
 
 The request layer the REST API and the dashboard share raises these instead of ``HTTPException``,
 so the dashboard can show the same problem on a page or beside a form field without parsing an

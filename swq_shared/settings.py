@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=0, description="0 switches rate limiting off")
     rate_limit_burst: int = Field(default=60, ge=1)
     # Requests inside one API process at once, and how far its event loop may fall behind, before
-    # more get a 503 + Retry-After (api/admission.py).
+    # more get a 503 + Retry-After (api/front/admission.py).
     max_concurrent_requests: int = Field(default=16, ge=0, description="per API process; 0: unbounded")
     max_loop_lag_ms: float = Field(default=20.0, ge=0, description="0: no bound on the event loop's lag")
     # How long an API process trusts a key it has looked up: the longest a revoked key keeps working.

@@ -177,7 +177,7 @@ def production_stack(
     env = service_env(workdir, database_url, broker_url, storage_url, extra_env)
     key = (
         subprocess.run(
-            [sys.executable, "-m", "api.cli", "create-key", "--tenant", "e2e"],
+            [sys.executable, "-m", "api.commands.cli", "create-key", "--tenant", "e2e"],
             env=env,
             check=True,
             capture_output=True,
@@ -226,7 +226,7 @@ def embedded_stack(workdir: Path, *serve_flags: str, env_extra: dict[str, str] |
     args = [
         sys.executable,
         "-m",
-        "api.cli",
+        "api.commands.cli",
         "serve",
         "--port",
         str(port),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from api.cli import build_parser
+from api.commands.cli import build_parser
 from quant_core.accuracy import LmEvalSpec, task_scores
 from quant_core.cli import main, settings_from_args
 from quant_core.errors import ConfigError

@@ -268,7 +268,7 @@ def test_cli_prints_a_clear_error_and_exits_2(tmp_path: Path) -> None:
 
 
 def test_time_left_is_the_remaining_blocks_at_the_mean_block_time() -> None:
-    from api.cli import time_left
+    from api.commands.cli import time_left
 
     assert time_left([10.0, 20.0], 3) == "0:45"
     assert time_left([61.0], 2) == "2:02"

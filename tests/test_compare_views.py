@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from api.dashboard_views import JobRow, accuracy_table, gap_recovered, ppl_table
+from api.dashboard.views import JobRow, accuracy_table, gap_recovered, ppl_table
 
 
 def _row(ppl: dict, accuracy: dict | None = None) -> JobRow:
@@ -53,7 +53,7 @@ def test_tables_measure_every_run_against_the_first() -> None:
 
 
 def test_lm_eval_metrics_pair_up_per_task_and_metric() -> None:
-    from api.dashboard_views import _accuracy
+    from api.dashboard.views import _accuracy
 
     metrics = {"lm_eval.before.arc_easy.acc": 0.6, "lm_eval.after.arc_easy.acc": 0.5, "perplexity.after.x": 9.0}
     assert _accuracy(metrics) == {"arc_easy acc": (0.6, 0.5)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from api.client import SWQuantClient
+from api.commands.client import SWQuantClient
 from tests.service_stack import Stack, embedded_stack
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the dashboard tests need Playwright for Python")

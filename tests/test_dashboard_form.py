@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.job_form import FIELDS, defaults, request_from, sections, values_of
+from api.dashboard.job_form import FIELDS, defaults, request_from, sections, values_of
 from quant_core.job_settings import leaf_settings
 from swq_shared.jobspec import JobRequest
 

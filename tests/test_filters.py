@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.dashboard_views import parse_label_filter, parse_status_filter
+from api.dashboard.views import parse_label_filter, parse_status_filter
 from swq_shared.jobs import LabelFilterError, parse_label_filters
 
 

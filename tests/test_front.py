@@ -1,4 +1,4 @@
-"""The front (HAProxy with api/haproxy.cfg) before ``swquant serve``: refusal without waiting, probes kept apart.
+"""The front (HAProxy with api/front/haproxy.cfg) before ``swquant serve``: refusal without waiting, probes kept apart.
 
 The API process is stopped (SIGSTOP) so that nothing it could answer is in play: requests the front
 lets through then hang, and one past its slots can only be answered by the front itself. Not timed:
@@ -20,8 +20,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.admission import BUSY_BODY
-from api.front import IN_FLIGHT_PER_PROCESS, FrontSettings, FrontUnavailable, haproxy_binary, queue_for, start_front
+from api.front.admission import BUSY_BODY
+from api.front.haproxy import (
+    IN_FLIGHT_PER_PROCESS,
+    FrontSettings,
+    FrontUnavailable,
+    haproxy_binary,
+    queue_for,
+    start_front,
+)
 from tests.service_stack import Stack, embedded_stack
 
 # A front whose queue holds 10 ms of answers (4 requests), so that a stopped API fills it in a few requests.

@@ -21,8 +21,8 @@ import pytest
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from api.admission import AdmissionControl
-from api.conditional import entity_tag, tagged_json
+from api.front.admission import AdmissionControl
+from api.routes.conditional import entity_tag, tagged_json
 from swq_shared.auth import Caller, KeyCache, digest
 from swq_shared.db import get_engine
 from tests.s3_server import S3Endpoint
@@ -91,7 +91,7 @@ def test_beyond_the_bound_requests_get_a_503_with_retry_after_and_health_still_a
 
 def _revoke(api: KeyedApi, key: str) -> subprocess.CompletedProcess[str]:
     """``swquant revoke-key`` against the stack's database, the key on standard input."""
-    argv = [sys.executable, "-m", "api.cli", "revoke-key"]
+    argv = [sys.executable, "-m", "api.commands.cli", "revoke-key"]
     return subprocess.run(argv, input=key + "\n", env=api.stack.env, capture_output=True, text=True)
 
 

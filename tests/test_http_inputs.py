@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 
-from api.archives import ArchiveError, model_files, open_members
-from api.ranges import parse_range
+from api.routes.archives import ArchiveError, model_files, open_members
+from api.routes.ranges import parse_range
 
 
 @pytest.mark.parametrize(

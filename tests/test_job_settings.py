@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from api.cli import build_parser as service_parser
-from api.job_form import BY_NAME, request_from
+from api.commands.cli import build_parser as service_parser
+from api.dashboard.job_form import BY_NAME, request_from
 from quant_core.cli import build_parser, job_flags, main, settings_from_args
 from quant_core.errors import ConfigError
 from quant_core.job_settings import JobSettings, leaf_settings

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from api.metrics import ServiceCollector
+from api.routes.metrics import ServiceCollector
 from swq_shared import jobs
 from swq_shared.auth import create_api_key, tenant_for_key
 from swq_shared.db import get_engine, session_scope

@@ -32,8 +32,8 @@ import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from api.client import SWQuantClient
-from api.dashboard_session import COOKIE_NAME
+from api.commands.client import SWQuantClient
+from api.dashboard.session import COOKIE_NAME
 from swq_shared import log_redaction
 from swq_shared.auth import digest
 from swq_shared.log_redaction import mask, mask_record

@@ -20,9 +20,9 @@ import httpx
 import pytest
 import redis
 
-from api import rate_limit
-from api.client import ApiError, SWQuantClient
-from api.rate_limit import KEY_PREFIX, RateLimiter, RateLimitExceeded
+from api.commands.client import ApiError, SWQuantClient
+from api.front import rate_limit
+from api.front.rate_limit import KEY_PREFIX, RateLimiter, RateLimitExceeded
 from swq_shared.auth import digest
 from swq_shared.db import get_engine
 from swq_shared.settings import Settings

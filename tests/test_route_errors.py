@@ -1,4 +1,4 @@
-"""Domain errors of the request layer as a client meets them: one mapping to HTTP (api/errors.py).
+"""Domain errors of the request layer as a client meets them: one mapping to HTTP (api/routes/errors.py).
 
 In process (FastAPI's TestClient) on SQLite and a local storage folder; the broker URL points at a
 port nothing listens on, so the queue's absence is real, not a stub.

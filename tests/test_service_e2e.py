@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from api.client import SWQuantClient
+from api.commands.client import SWQuantClient
 from quant_core.catalog import catalog
 from quant_core.runtimes import AGREEMENT, RuntimeUnavailable, runtime_interpreter
 from swq_shared.db import session_scope
@@ -332,7 +332,7 @@ def test_another_tenant_sees_nothing(production: Stack, tiny_llama_dir: Path) ->
     job_id = owner.submit({**JOB, "model": str(tiny_llama_dir), "method": "rtn", "method_options": {}})["id"]
     other_key = (
         subprocess.run(
-            [sys.executable, "-m", "api.cli", "create-key", "--tenant", "other"],
+            [sys.executable, "-m", "api.commands.cli", "create-key", "--tenant", "other"],
             env=production.env,
             check=True,
             capture_output=True,

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load
 from sqlalchemy import select
 
-from api.client import SWQuantClient
+from api.commands.client import SWQuantClient
 from swq_shared.db import get_engine, session_scope
 from swq_shared.migrate import upgrade
 from swq_shared.models import Job

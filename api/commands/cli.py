@@ -20,8 +20,15 @@ from typing import Any
 
 import httpx
 
-from api.client import ApiError, SWQuantClient
-from api.front import API_ENV_BEHIND_FRONT, MAX_WAIT_S, FrontSettings, FrontUnavailable, haproxy_binary, start_front
+from api.commands.client import ApiError, SWQuantClient
+from api.front.haproxy import (
+    API_ENV_BEHIND_FRONT,
+    MAX_WAIT_S,
+    FrontSettings,
+    FrontUnavailable,
+    haproxy_binary,
+    start_front,
+)
 from quant_core import cli as core_cli
 from quant_core.progress import minutes_seconds
 from swq_shared.events import BlockEvent, StatusEvent, read_event
@@ -63,7 +70,7 @@ def serve_detached(args: argparse.Namespace) -> int:
     argv = [
         sys.executable,
         "-m",
-        "api.cli",
+        "api.commands.cli",
         "serve",
         "--host",
         args.host,

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.submission import own_job
+from api.routes.submission import own_job
 from swq_shared import jobs
 from swq_shared.auth import Caller
 from swq_shared.errors import NotFoundInTenantError

@@ -15,7 +15,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
-from api.ranges import parse_range
+from api.routes.ranges import parse_range
 from swq_shared import jobs
 from swq_shared.auth import Caller
 from swq_shared.errors import InvalidFieldError, NotFoundInTenantError, QueueUnavailableError

@@ -1,9 +1,9 @@
 """The web dashboard under ``/ui``: job list, submit form, job page with per-block curves, comparison.
 
 Server-rendered (Jinja2) with htmx polling small fragments for live status, and uPlot for the
-curves; both are vendored under ``api/static/vendor`` (no CDN). Pages sign in with an API key kept in
-a signed session cookie (``api.dashboard_session``) and call the same business functions as the
-REST API (``api.dashboard_views``), so a tenant sees exactly what its key sees over HTTP.
+curves; both are vendored under ``api/dashboard/static/vendor`` (no CDN). Pages sign in with an API key kept in
+a signed session cookie (``api.dashboard.session``) and call the same business functions as the
+REST API (``api.dashboard.views``), so a tenant sees exactly what its key sees over HTTP.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from api import dashboard_views as views
-from api import job_form
-from api.dashboard_session import (
+from api.dashboard import job_form, views
+from api.dashboard.session import (
     BrowserSession,
     clear_session,
     csrf_matches,
@@ -32,8 +31,8 @@ from api.dashboard_session import (
     read_session,
     write_session,
 )
-from api.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, caller_for_key
-from api.submission import artifact_response, submit_job_request
+from api.routes.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, caller_for_key
+from api.routes.submission import artifact_response, submit_job_request
 from swq_shared import jobs
 from swq_shared.auth import Caller, tenant_for_key
 from swq_shared.errors import InvalidFieldError, QueueUnavailableError

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
-from api.rate_limit import RateLimitExceeded
+from api.front.rate_limit import RateLimitExceeded
 from quant_core.errors import ConfigError
 from swq_shared.errors import InvalidFieldError, NotFoundInTenantError, QueueUnavailableError
 from swq_shared.jobs import InvalidCursorError, JobStateError, LabelFilterError

@@ -10,10 +10,10 @@ from typing import Annotated, BinaryIO
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from sqlalchemy import select
 
-from api.archives import ArchiveError, model_files, open_members, read_member
-from api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import invalid_field
-from api.schemas import UploadOut, error_responses
+from api.routes.archives import ArchiveError, model_files, open_members, read_member
+from api.routes.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from api.routes.errors import invalid_field
+from api.routes.schemas import UploadOut, error_responses
 from swq_shared.artifacts import upload_prefix
 from swq_shared.models import Upload, new_id
 from swq_shared.storage import InvalidKeyError

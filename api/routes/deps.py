@@ -15,7 +15,7 @@ from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.rate_limit import RateLimiter
+from api.front.rate_limit import RateLimiter
 from swq_shared.auth import Caller, KeyCache, tenant_for_key
 from swq_shared.db import read_scope, session_scope
 from swq_shared.settings import Settings

@@ -12,7 +12,7 @@ database, so refusing costs a fraction of answering and admitted requests keep t
   uploads (``POST /v1/models``, ``/v1/datasets``) take no slot, as reading a multi-gigabyte body
   would hold one for minutes.
 - **Event-loop lag**, at most ``max_lag_s``: the polling reads run on the event loop (see
-  ``api/jobs_routes.py``), so under overload they never pile up in the app; they wait, unseen, in
+  ``api/routes/jobs.py``), so under overload they never pile up in the app; they wait, unseen, in
   the sockets until the loop reaches them. A timer the loop should run every ``LAG_TICK_S`` measures
   how far behind it is, which is how long a request now waits before the app sees it.
 
@@ -41,7 +41,7 @@ ALWAYS_ANSWERED = ("/healthz", "/readyz", "/metrics")
 UNBOUNDED_UPLOADS = ("/v1/models", "/v1/datasets")
 RETRY_AFTER_S = 1
 LAG_TICK_S = 0.01
-# The front (api/haproxy.cfg) refuses with this body too: a client sees one 503 whoever wrote it.
+# The front (api/front/haproxy.cfg) refuses with this body too: a client sees one 503 whoever wrote it.
 BUSY_BODY = json.dumps({"detail": "the server is at capacity; retry after the Retry-After seconds"}).encode()
 _BUSY_HEADERS = [
     (b"content-type", b"application/json"),

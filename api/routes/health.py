@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from kombu import Connection
 from sqlalchemy import text
 
-from api.deps import SettingsDep, StorageDep
-from api.schemas import Health
+from api.routes.deps import SettingsDep, StorageDep
+from api.routes.schemas import Health
 from quant_core.catalog import catalog
 from swq_shared.db import get_engine
 

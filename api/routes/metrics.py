@@ -25,7 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from api.admission import ASGIApp, Message, Receive, Scope, Send
+from api.front.admission import ASGIApp, Message, Receive, Scope, Send
 from swq_shared.db import session_scope
 from swq_shared.models import Job, JobEvent, JobStatus
 from swq_shared.settings import Settings

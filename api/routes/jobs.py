@@ -16,11 +16,11 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from api.conditional import tagged_json
-from api.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
-from api.errors import validation_error
-from api.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut, error_responses
-from api.submission import artifact_response, own_job, submit_job_request
+from api.routes.conditional import tagged_json
+from api.routes.deps import ReadSessionDep, SessionDep, SettingsDep, StorageDep, TenantDep, get_tenant
+from api.routes.errors import validation_error
+from api.routes.schemas import ArtifactOut, EventList, EventOut, JobList, JobOut, error_responses
+from api.routes.submission import artifact_response, own_job, submit_job_request
 from swq_shared import jobs
 from swq_shared.jobspec import JobRequest, request_from_lightcompress
 from swq_shared.models import JobStatus
@@ -100,7 +100,7 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=400)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> Response:
-    labels = jobs.parse_label_filters(metadata or [])  # a bad filter: LabelFilterError, a 422 (api/errors.py)
+    labels = jobs.parse_label_filters(metadata or [])  # a bad filter: LabelFilterError, a 422 (api/routes/errors.py)
     page = jobs.list_jobs(
         session, tenant.id, limit=limit, cursor=cursor, statuses=[s.value for s in status or []], labels=labels
     )
@@ -125,7 +125,7 @@ def cancel_job(
 ) -> JobOut:
     """Cancel: a queued job at once; a running one stops after its current block, or with ``force``
     ends cancelled now and its worker stops the job's process within ``job_watch_seconds``."""
-    job = jobs.request_cancel(session, own_job(session, tenant, job_id))  # already ended: 409 (api/errors.py)
+    job = jobs.request_cancel(session, own_job(session, tenant, job_id))  # already ended: 409 (api/routes/errors.py)
     if force and job.status == JobStatus.running.value:
         jobs.finish_job(session, job.id, JobStatus.cancelled)
         session.refresh(job)

@@ -1,4 +1,4 @@
-"""The front (HAProxy with ``api/haproxy.cfg``) before the API processes, started as a child process.
+"""The front (HAProxy with ``api/front/haproxy.cfg``) before the API processes, started as a child process.
 
 Past an API process's capacity, the excess must get a 503 at once while admitted requests keep
 their latency. The API's own admission control refuses on the event loop that answers requests, so
