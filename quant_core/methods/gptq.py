@@ -27,6 +27,11 @@ at a time, which is what makes it fast.
 - Clipping (``clip_search``, needs static groups): each row and group's range is shrunk by the ratio
   that minimises its output error under the stage's Hessian (:mod:`quant_core.clip_search`) before
   the grid is fixed; the column walk then compensates the clipped weights' error like any other.
+  The search judges each group alone, with round-to-nearest; where the walk's compensation meets
+  weights the search clipped (channels with massive activations, as in Qwen2.5), the clipped grid
+  can end worse than the full range, even worse than round-to-nearest. So the stage is walked from
+  both grids and keeps the one with the smaller GPTQ objective (the stage's output error under its
+  Hessian); the report's ``clipped`` says which won per stage. The price is a second column walk.
 - Asymmetric calibration (``match_float``): a stage's inputs ``X`` carry the error of every layer
   quantized before it, and plain GPTQ matches the float weights on them, ``W X``. With the
   full-precision inputs ``X_fp`` recorded on the engine's full-precision pass, GPTQ instead starts
@@ -42,7 +47,7 @@ at a time, which is what makes it fast.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,7 +87,9 @@ class GptqOptions(IncoherenceOptions):
     static_groups: StrictBool = Field(True, description="fix every group's grid before the walk")
     batch_size: PositiveCount = Field(8, description="windows per forward when collecting Hessians")
     clip_search: StrictBool | None = Field(
-        None, description="static grids from the searched clipping; unset: on whenever the grids are static"
+        None,
+        description="also walk from the searched clipping's static grids, keeping whichever leaves the smaller "
+        "error; unset: on whenever the grids are static",
     )
     true_sequential: StrictBool = Field(
         True, description="each stage's Hessian with the earlier stages already quantized"
@@ -123,6 +130,7 @@ class GptqBlock:
     compensated: dict[str, Tensor]
     errors: dict[str, float]
     outputs: Tensor | None
+    clipped: dict[str, bool] = field(default_factory=dict)  # per stage: whether the searched clipping won
 
 
 def _group_index(in_features: int, spec: QuantSpec) -> Tensor:
@@ -301,7 +309,7 @@ class Gptq(QuantMethod):
         result = self.quantize_block(block, data)
         if result.outputs is not None:
             data.keep_outputs(block, result.outputs)
-        return {"error": result.errors}
+        return {"error": result.errors, **({"clipped": result.clipped} if result.clipped else {})}
 
     @torch.no_grad()
     def quantize_block(self, block: nn.Module, data: BlockData) -> GptqBlock:
@@ -343,6 +351,13 @@ class Gptq(QuantMethod):
             self._quantize_stage(block, data, stage, self._stage_inputs(data, stage, inputs), result)
         return result
 
+    def _walk(self, weight: Tensor, hessian: Tensor, clip: Tensor | None) -> GptqResult:
+        """GPTQ's column walk over ``weight`` with this method's options, from ``clip``'s grid (None: full range)."""
+        options = self.options
+        return gptq_quantize(
+            weight, hessian, self.spec, options.block_size, options.damp, options.act_order, options.static_groups, clip
+        )
+
     def _stage_inputs(self, data: BlockData, stage: tuple[str, ...], inputs: Iterable[Tensor]) -> StageInputs:
         """The stage's Hessian and, with ``match_float``, its inputs' shift from the full-precision ones."""
         if not self.options.match_float:
@@ -363,17 +378,11 @@ class Gptq(QuantMethod):
             hessian = rotate_hessian(hessian, in_rotation)
             matrices = [r.rotate(m.float()) for r, m in zip(rotations, matrices, strict=True)]
         weight = torch.cat(matrices)  # one Hessian for all linears that read this input
-        clip = search_clipping(weight, hessian, self.spec)[0] if self.clips else None
-        quantized = gptq_quantize(
-            weight,
-            hessian,
-            self.spec,
-            self.options.block_size,
-            self.options.damp,
-            self.options.act_order,
-            self.options.static_groups,
-            clip,
-        )
+        quantized = self._walk(weight, hessian, None)
+        if self.clips:
+            clipped = self._walk(weight, hessian, search_clipping(weight, hessian, self.spec)[0])
+            result.clipped["+".join(stage)] = clipped.error < quantized.error
+            quantized = min(quantized, clipped, key=lambda walked: walked.error)
         rows = [m.shape[0] for m in matrices]
         result.compensated.update(zip(stage, quantized.compensated.split(rows), strict=True))
         on_grid = zip(
