@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 
+from quant_core.clip_search import search_clipping
 from quant_core.engine import block_forward, calibrate_blocks, capture_block_inputs
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
@@ -243,3 +244,45 @@ def test_match_float_changes_only_the_stages_whose_inputs_the_earlier_error_shif
     assert not torch.allclose(plain[0].mlp.down_proj.weight, matched[0].mlp.down_proj.weight, atol=1e-3)
     assert not torch.allclose(plain[1].self_attn.q_proj.weight, matched[1].self_attn.q_proj.weight, atol=1e-3)
     assert all(r.mse_after < r.mse_before for r in records[1])
+
+
+class _OneLinear(torch.nn.Module):
+    """A block of one linear layer, so a stage's Hessian is the block input's own."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_each_stage_keeps_the_grid_clipped_or_not_whose_walk_leaves_the_smaller_error(correlated: bool) -> None:
+    """With the searched clipping on, the weights GPTQ writes are those of whichever walk (from the
+    searched clipping's grid, or from the full range) leaves the smaller GPTQ objective, each computed
+    here by ``gptq_quantize`` from a Hessian summed token by token. Independent input channels: the
+    clipping wins; channels mixed from 8 latent factors, where the walk compensates most of the
+    rounding error and the search's per-group judgement (round-to-nearest) misleads: the full range."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(48, 64, generator=generator) * 0.05
+    inputs = torch.randn(6, 16, 8 if correlated else 64, generator=generator)
+    if correlated:
+        inputs = inputs @ torch.randn(8, 64, generator=generator) + 0.01 * torch.randn(6, 16, 64, generator=generator)
+    block = _OneLinear(weight)
+    spec = QuantSpec(3, False, 16)
+    data = BlockData(0, 1, inputs, None, block_forward(block, {}), torch.Generator())
+    stats = build_method("gptq", spec, build_loss("mse")).calibrate(block, data)
+    tokens = inputs.reshape(-1, 64).double()
+    hessian = (sum(torch.outer(x, x) for x in tokens) * (2.0 / tokens.shape[0])).float()
+    walks = [
+        gptq_quantize(weight, hessian, spec, act_order=True, static_groups=True, clip=clip)
+        for clip in (None, search_clipping(weight, hessian, spec)[0])
+    ]
+    best = min(walks, key=lambda walked: walked.error)
+    assert (best is walks[1]) is not correlated
+    assert stats["clipped"] == {"proj": not correlated}
+    assert stats["error"]["proj"] == pytest.approx(best.error, rel=1e-4)
+    assert torch.allclose(block.proj.weight, best.weight, atol=1e-6)
