@@ -78,7 +78,7 @@ SWEEP: dict[str, dict[str, Any]] = {
     "K 256": {"sw_num_projections": 256},
     "block 4": {"sw_block_size": 4},
 }
-# The sweep's best on seed 0 (best on Persuasion, third on Brown; bench/README.md), run on the other seeds.
+# The sweep's best on seed 0 (best on Persuasion, third on Brown; bench/HISTORY.md), run on the other seeds.
 SWEEP_WINNER = "K 64"
 PARTS = ("sweep", "best", "core", "variants")
 VARIANTS = ("max_sw", "learned_sw", "ms_sw", "site_sw")

@@ -66,7 +66,7 @@ class FinetuneOptions(Options):
     """The stage's settings; ``epochs: 0`` (the default) skips it.
 
     The learning rates were chosen on held-out windows of the calibration text, never on an
-    evaluation text (``python -m bench.finetune_lr``; the sweep is in bench/README.md, "End-to-end
+    evaluation text (``python -m bench.finetune_lr``; the sweep is in bench/HISTORY.md, "End-to-end
     tuning after the blocks").
     """
 
@@ -106,7 +106,7 @@ class FinetuneOptions(Options):
 
         Tuning on more windows than the blocks see buys the gains of more data where they are
         cheapest: a window costs the tuning one step, and the blockwise method a pass through every
-        block (GPTQ's Hessians) besides (bench/README.md, "Tuning on more windows than the blocks see").
+        block (GPTQ's Hessians) besides (bench/HISTORY.md, "Tuning on more windows than the blocks see").
         """
         return drawn[:calibration], drawn[: self.n_samples or calibration]
 
@@ -118,7 +118,7 @@ class FinetuneOptions(Options):
 
         ``auto`` takes bfloat16 on a CUDA device that supports it and on a CPU with bfloat16 matmul
         instructions (AVX512-BF16 or AMX), where a SmolLM2-135M step took 7.0 s against 9.0 s in
-        float32 with the same perplexity (bench/README.md); elsewhere bfloat16 would be emulated, and
+        float32 with the same perplexity (bench/HISTORY.md); elsewhere bfloat16 would be emulated, and
         slower than float32, so it keeps float32.
         """
         if self.precision != "auto":

@@ -19,7 +19,7 @@ from pathlib import Path
 CONFIG = Path(__file__).with_name("haproxy.cfg")
 IN_FLIGHT_PER_PROCESS = 4  # keeps a process busy while it writes one answer and reads the next
 # The queue is bounded by the time its requests would wait, not by a count: a poll costs an API
-# process about 2.2 ms (bench/README.md, "Bursts behind the front"), so half a second of waiting holds
+# process about 2.2 ms (bench/README.md, "`bench.service`"), so half a second of waiting holds
 # about 200 requests a process. A count of a few slots refused every burst of more clients than that
 # while the server idled; a bound in time refuses only what could not be answered in time. HAProxy's
 # `timeout queue` (2 s) still turns away whatever waits longer when answers get slower than this.

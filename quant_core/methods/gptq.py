@@ -19,7 +19,7 @@ at a time, which is what makes it fast.
   collects every stage's inputs and yields the block's output (``staged_pass``; by default on a GPU
   and on a CPU with one intra-op thread, where it is faster than the replay; with several CPU
   threads each paused batch's thread brings its own OpenMP team and the pass is slower, so the
-  default there is the replay; timings in bench/README.md, "Passes over the calibration windows per
+  default there is the replay; timings in bench/HISTORY.md, "Passes over the calibration windows per
   block"; ``staged_pass: false`` replays the block up to each stage instead: about 1.7 more passes
   of a Llama block, and less memory).
   ``true_sequential: false`` takes every Hessian from one pass of the full-precision block, as
@@ -38,7 +38,7 @@ at a time, which is what makes it fast.
   from the weight that best gives the float model's own output ``W X_fp`` on ``X``
   (:func:`float_target_weight`), so each stage also absorbs what came before it. The fit is pulled
   toward the float weights by ``match_float_damp``; fitted freely on 16 calibration windows it
-  overfits the calibration text (bench/README.md).
+  overfits the calibration text (bench/HISTORY.md).
 - Incoherence (``incoherence: hadamard``, QuIP Sec. 4): each stage's weights are quantized as
   ``U W V^T`` against the rotated Hessian ``V H V^T`` (one ``V`` per stage, as its linears share an
   input; one ``U`` per linear), and ``U^T Q V`` is written back (:mod:`quant_core.incoherence`).
@@ -78,7 +78,7 @@ class GptqOptions(IncoherenceOptions):
     """1% damping, lazy batches of 128 columns, and activation order with static groups.
 
     Act-order with static groups is what llm-compressor's GPTQModifier does by default; against the
-    natural order on SmolLM2-135M: bench/README.md (`bench.quality`, W4 rows).
+    natural order on SmolLM2-135M: bench/HISTORY.md (`bench.quality`, W4 rows).
     """
 
     block_size: PositiveCount = Field(128, description="columns per lazy batch of the column walk")
@@ -296,7 +296,7 @@ class Gptq(QuantMethod):
     def clips(self) -> bool:
         """Whether static group grids start from the searched clipping (the default whenever groups are static).
 
-        What it gives GPTQ on SmolLM2-135M: bench/README.md, "Quality per CPU-minute".
+        What it gives GPTQ on SmolLM2-135M: bench/HISTORY.md, "Quality per CPU-minute".
         """
         return self.options.static_groups if self.options.clip_search is None else self.options.clip_search
 

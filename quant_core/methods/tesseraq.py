@@ -130,7 +130,7 @@ class LearnedRounding:
 class TesseraQOptions(MethodOptions):
     """The paper's schedule is 20 rounds of 250 steps on batches of 4; the paper starts from AWQ or
     OmniQuant, here from GPTQ by default (W3 on SmolLM2, a short CPU schedule: 48.6 perplexity on
-    Persuasion, against 64.5 from plain round-to-nearest before; bench/README.md)."""
+    Persuasion, against 64.5 from plain round-to-nearest before; bench/HISTORY.md)."""
 
     rounds: PositiveCount = Field(20, description="rounds of progressive hardening of the rounding")
     steps_per_round: Count = Field(250, description="optimizer steps per round")
