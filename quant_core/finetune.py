@@ -347,7 +347,7 @@ def _optimizer(
     return torch.optim.Adam(groups) if groups else None
 
 
-def _outputs(model: nn.Module, ids: Tensor, head: Callable[[Tensor], Tensor], autocast: Any) -> ModelOutputs:
+def student_outputs(model: nn.Module, ids: Tensor, head: Callable[[Tensor], Tensor], autocast: Any) -> ModelOutputs:
     """The student's last hidden states (in float32 whatever the autocast computed) and its output layer,
     which the loss applies a chunk of positions at a time under the same autocast."""
     with autocast():
@@ -411,7 +411,7 @@ def tune_end_to_end(
                     group["lr"] = base * cosine_with_warmup(step, 0, steps)
                 for tuned in attached:
                     tuned.attach()
-                student = _outputs(model, windows[idx].to(device), head, autocast)
+                student = student_outputs(model, windows[idx].to(device), head, autocast)
                 terms = loss_fn.model_terms(student, ModelOutputs(None, teacher[idx].to(device), head))
                 loss = take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
                 total += loss

@@ -177,10 +177,9 @@ class JobSpec:
                 f"method_options.{method.rotation_option}",
             )
 
-        if self.build_finetune().enabled and (method.whole_model or self.lazy_load):
-            reason = "it cannot stream blocks" if self.lazy_load else f"{self.method} already trains the whole model"
+        if self.build_finetune().enabled and method.whole_model:
             raise ConfigError(
-                f"end-to-end tuning needs the whole model in memory and blockwise calibration: {reason}",
+                f"end-to-end tuning needs blockwise calibration: {self.method} already trains the whole model",
                 "finetune.epochs",
             )
 

@@ -15,7 +15,7 @@ import ctypes
 import json
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +273,20 @@ class _Replay(nn.Module):
         return self.hidden
 
 
+@contextlib.contextmanager
+def replaced_blocks(lazy: LazyModel, final: Tensor) -> Iterator[None]:
+    """While open, every decoder block hands over ``final`` (the last block's output, computed block by
+    block): the real model then runs its own final norm and head on it, whatever the architecture."""
+    originals = list(lazy.blocks)
+    try:
+        for i in range(len(originals)):
+            lazy.blocks[i] = _Replay(final)
+        yield
+    finally:
+        for i, block in enumerate(originals):
+            lazy.blocks[i] = block
+
+
 @torch.no_grad()
 def blockwise_perplexity(
     lazy: LazyModel,
@@ -298,17 +312,8 @@ def blockwise_perplexity(
         lazy.release_block(index)
         if on_block is not None:
             on_block(index)
-    originals = list(lazy.blocks)
     total_nll = 0.0
-    try:
-        for (ids, mask), final in zip(
-            scored_batches(windows, scored, batch_size), hidden.split(batch_size), strict=True
-        ):
-            for i in range(len(originals)):
-                lazy.blocks[i] = _Replay(final)
-            ids = ids.to(device)
-            total_nll += scored_nll(lazy.model, ids, mask).item()
-    finally:
-        for i, block in enumerate(originals):
-            lazy.blocks[i] = block
+    for (ids, mask), final in zip(scored_batches(windows, scored, batch_size), hidden.split(batch_size), strict=True):
+        with replaced_blocks(lazy, final):
+            total_nll += scored_nll(lazy.model, ids.to(device), mask).item()
     return math.exp(total_nll / scored_tokens(windows, scored))

@@ -68,9 +68,11 @@ from quant_core.progress import PhaseProgress
 from quant_core.report import Export, JobReport, PerplexityPair, Seconds
 from quant_core.runtimes import FORMAT_FOR, RuntimeScore, score_checkpoint, target_blockers
 from quant_core.spill import Spill
+from quant_core.streamed_tuning import StreamedTuning, record_streamed_teacher
 
 REPORT_NAME = "report.json"
 SPILL_DIR = ".activations"  # under the job's output folder: its disk, not /tmp (often memory)
+BLOCKS_DIR = ".blocks"  # a streamed tuning's block checkpoint when the job names none
 
 
 @dataclass
@@ -328,33 +330,40 @@ def calibrate(
         checkpoint = BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None
         finetune = spec.build_finetune()
         blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
-        records, tuned = calibrate_then_tune(
+        blockwise = partial(
+            calibrate_blocks,
             job.model,
-            tuning_windows,
-            finetune,
-            spec.quant.group_size,
-            lambda: calibrate_blocks(
-                job.model,
-                blocks_windows,
-                method,
-                record_loss,
-                device=spec.device,
-                seed=spec.seed,
-                on_block=hooks.on_block,
-                should_cancel=hooks.should_cancel,
-                checkpoint=checkpoint,
-                residency=job.residency,
-                expert_min_tokens=spec.calib.expert_min_tokens,
-                spill=spill,
-            ),
+            blocks_windows,
+            method,
+            record_loss,
             device=spec.device,
             seed=spec.seed,
-            on_stage=hooks.on_stage,
+            on_block=hooks.on_block,
             should_cancel=hooks.should_cancel,
-            on_step=hooks.on_tuning_step,
-            phase=peaks.stage,
+            checkpoint=checkpoint,
+            residency=job.residency,
+            expert_min_tokens=spec.calib.expert_min_tokens,
             spill=spill,
         )
+        if job.lazy is not None and job.residency is not None and finetune.enabled and checkpoint is not None:
+            records, tuned = _calibrate_then_tune_streamed(
+                spec, job.lazy, job.residency, blockwise, checkpoint, tuning_windows, hooks, peaks, spill
+            )
+        else:
+            records, tuned = calibrate_then_tune(
+                job.model,
+                tuning_windows,
+                finetune,
+                spec.quant.group_size,
+                blockwise,
+                device=spec.device,
+                seed=spec.seed,
+                on_stage=hooks.on_stage,
+                should_cancel=hooks.should_cancel,
+                on_step=hooks.on_tuning_step,
+                phase=peaks.stage,
+                spill=spill,
+            )
         if tuned is not None:
             method_stats["finetune"] = tuned
     # Blocks restored from a checkpoint bring their own peaks; what ran here is measured since the reset.
@@ -363,6 +372,40 @@ def calibrate(
     peak_device_mb = max(device_peaks, default=0.0) or None
     written = {} if job.residency is None else _finish_streamed(job.residency, job.formats, job.tokenizer)
     return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
+
+
+def _calibrate_then_tune_streamed(
+    spec: JobSpec,
+    lazy: LazyModel,
+    residency: StreamingBlocks,
+    blockwise: Callable[[], list[BlockRecord]],
+    checkpoint: BlockCheckpoint,
+    windows: torch.Tensor,
+    hooks: JobHooks,
+    peaks: StagePeaks,
+    spill: Spill,
+) -> tuple[list[BlockRecord], dict[str, Any] | None]:
+    """A streamed job's blocks, then its end-to-end tuning one block at a time (quant_core.streamed_tuning):
+    the teacher recorded streaming the source, the calibrated blocks rebuilt from ``checkpoint``, and
+    every block written again with its tuned grid."""
+    hooks.stage("recording the full-precision model's outputs for end-to-end tuning (streamed)")
+    with peaks.stage("teacher"):
+        teacher = record_streamed_teacher(lazy, windows, spec.device, spill=spill)
+    with peaks.stage("blocks"):
+        records = blockwise()
+    tuning = StreamedTuning(lazy, checkpoint.restore, spec.build_finetune(), spec.quant.group_size, spec.device)
+    hooks.stage(f"end-to-end tuning, streamed: {spec.build_finetune().epochs} epoch(s)")
+    with peaks.stage("tuning"):
+        stats, tunables = tuning.tune(
+            windows,
+            teacher,
+            seed=spec.seed,
+            on_stage=hooks.on_stage,
+            should_cancel=hooks.should_cancel,
+            on_step=hooks.on_tuning_step,
+        )
+        tuning.write(tunables, residency.writers)
+    return records, stats
 
 
 def _finish_streamed(
@@ -441,10 +484,16 @@ def run_job(
         with peaks.stage("rotate"):
             absorb_rotation(job.model, spec.seed)
     spill = Spill(out_dir / SPILL_DIR)
+    # a streamed tuning rebuilds calibrated blocks from a block checkpoint: the job's own, or one of its
+    # output folder's, removed when the job is done (and resumed from if the job runs again first)
+    internal = spec.lazy_load and spec.build_finetune().enabled and checkpoint_dir is None
+    blocks_dir = out_dir / BLOCKS_DIR if internal else checkpoint_dir
     try:
-        calibration = calibrate(spec, method, record_loss, job, hooks, checkpoint_dir, peaks, spill)
+        calibration = calibrate(spec, method, record_loss, job, hooks, blocks_dir, peaks, spill)
     finally:
         shutil.rmtree(spill.directory, ignore_errors=True)  # its files were unlinked when mapped
+    if internal and blocks_dir is not None:
+        shutil.rmtree(blocks_dir, ignore_errors=True)
     written = calibration.written
     with peaks.stage("evaluate_quantized"):
         if not written:  # scored as it will be stored

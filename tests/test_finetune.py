@@ -166,7 +166,6 @@ def test_zero_epochs_is_the_default_and_the_job_refuses_what_it_cannot_tune() ->
     assert not FinetuneOptions().enabled
     base = {"model": "unused", "quant": SPEC, "calib": CalibSpec(n_samples=2, seq_len=16)}
     cases = [
-        ({"method": "rtn", "finetune": {"epochs": 1}, "lazy_load": True}, "finetune.epochs", "stream"),
         ({"method": "discquant", "finetune": {"epochs": 1}}, "finetune.epochs", "whole model"),
         ({"method": "rtn", "finetune": {"epoch": 1}}, "finetune.epoch", "Unknown finetune option"),
         ({"method": "rtn", "finetune": {"epochs": -1}}, "finetune.epochs", "greater than or equal to 0"),
