@@ -113,7 +113,7 @@ def test_scores_agree_with_lm_evaluation_harness_wikitext_metrics(tmp_path: Path
     A model that does not expect BOS (lm-eval prefixes only a document's first window); our windows of
     L tokens are lm-eval's max_length L - 1. The text ends mid-window, so the last window's context counts.
     """
-    from lm_eval.api.routes.metrics import bits_per_byte, weighted_perplexity
+    from lm_eval.api.metrics import bits_per_byte, weighted_perplexity
     from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
 
     tokenizer, model = build_tokenizer(), build_model("llama").eval()
