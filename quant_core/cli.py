@@ -17,8 +17,9 @@ from quant_core.catalog import catalog, format_catalog
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.job_settings import JobSettings, Setting, leaf_settings, set_path, validated
+from quant_core.launch import run_torchrun
 from quant_core.lightcompress_config import read_lightcompress
-from quant_core.pipeline import REPORT_NAME, JobHooks, run_job
+from quant_core.pipeline import REPORT_NAME, JobHooks
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -164,7 +165,9 @@ def quantize(args: argparse.Namespace) -> int:
             bars[0].close()
 
     hooks = JobHooks(on_block=on_block, on_stage=lambda m: tqdm.write(f"• {m}"))
-    report = run_job(spec, out_dir, hooks, args.checkpoint)
+    report = run_torchrun(spec, out_dir, hooks, args.checkpoint)
+    if report is None:  # a rank of a torchrun job other than 0: the leader reports
+        return 0
     for name, ppl in report.perplexity.items():
         print(f"perplexity {name}: {ppl.before:.3f} -> {ppl.after:.3f}")
     print(f"calibration {report.seconds.calibration:.1f}s, peak host memory {report.peak_host_mb:.0f} MiB")

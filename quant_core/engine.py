@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quant_core.checkpoint import BlockCheckpoint, ResumePoint
+from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import CancelledError
 from quant_core.experts import expert_calibration
 from quant_core.losses import Loss, mse
@@ -58,6 +59,8 @@ class BlockRecord(BaseModel):
     seconds: float
     peak_host_mb: float
     peak_device_mb: float | None
+    # every rank's host peak, in rank order, when the job runs on several (quant_core.distributed)
+    peak_host_mb_by_rank: list[float] = Field(default_factory=list)
     method_stats: dict[str, Any] = Field(default_factory=dict)
     # quant_core.output_stats.distribution_errors of the block output, before and after calibration.
     distribution_before: dict[str, float] = Field(default_factory=dict)
@@ -146,6 +149,8 @@ def run_block_batched(
     batch_size: int,
     overrides: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
+    if not hidden.shape[0]:  # a rank that holds none of the diagnostic windows
+        return hidden.clone()
     return torch.cat([run_block(block, h, kwargs, overrides) for h in hidden.split(batch_size)])
 
 
@@ -184,6 +189,7 @@ def calibrate_blocks(
     residency: BlockResidency | None = None,
     expert_min_tokens: int | None = None,
     spill: Spill | None = None,
+    ranks: Ranks = SOLO,
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
@@ -202,16 +208,22 @@ def calibrate_blocks(
     mixture-of-experts block is calibrated with every expert seeing its routed tokens,
     or every token below ``expert_min_tokens`` (quant_core.experts); its record's method statistics
     say how many each expert received.
+
+    On several ``ranks`` each holds its contiguous share of ``windows`` and both chains' activations
+    for them; the method sums what it gathers over ranks, and the diagnostic windows' outputs are
+    gathered so that every record is measured on the same windows as in one process.
     """
     model.eval()
     blocks = find_decoder_blocks(model)
     method.check(blocks)
-    captured = capture_block_inputs(model, windows, device)
+    captured = capture_block_inputs(model, ranks.share(windows), device)
     kwargs = captured.kwargs
     measured = max(1, min(-(-diagnostic_tokens // windows.shape[1]), windows.shape[0]))
+    # diagnostic windows per rank: the first ``measured`` windows of the job, wherever they are held
+    counts = [max(0, min(end, measured) - start) for start, end in ranks.bounds(windows.shape[0])]
     q_inputs = captured.hidden.cpu()
     full_chain = method.needs_targets or method.needs_float_inputs
-    fp_inputs = q_inputs.clone() if full_chain else q_inputs[:measured].clone()
+    fp_inputs = q_inputs.clone() if full_chain else q_inputs[: counts[ranks.rank]].clone()
     records: list[BlockRecord] = []
     resume = _resume(checkpoint, blocks, residency) if checkpoint is not None else None
     if resume is not None:
@@ -225,7 +237,7 @@ def calibrate_blocks(
         if residency is not None:
             residency.enter(index)
         step = _BlockStep(
-            index, len(blocks), kwargs, method, eval_loss, measured, device, seed + index, expert_min_tokens
+            index, len(blocks), kwargs, method, eval_loss, counts, device, seed + index, expert_min_tokens, ranks
         )
         record, fp_outputs, q_outputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
         del fp_inputs, q_inputs  # a spilled chain's file space returns here
@@ -263,16 +275,21 @@ class _BlockStep:
     kwargs: dict[str, Any]
     method: QuantMethod
     eval_loss: Loss
-    measured: int  # windows the before/after diagnostics are measured on
+    counts: list[int]  # per rank, the windows the before/after diagnostics are measured on
     device: str
     seed: int  # the block's seed: the job seed plus its index
     expert_min_tokens: int | None  # quant_core.experts.expert_calibration's threshold
+    ranks: Ranks
+
+    def gathered(self, local: Tensor) -> Tensor:
+        """The diagnostic windows' rows of a chain, from every rank: what one process would hold."""
+        return self.ranks.gather(local[: self.counts[self.ranks.rank]], self.counts)
 
     def run(
         self, block: nn.Module, fp_inputs: Tensor, q_inputs: Tensor, batch_size: int
     ) -> tuple[BlockRecord, Tensor, Tensor]:
         """Calibrate ``block`` in place; its record and both chains' outputs (on the CPU)."""
-        method, measured, device = self.method, self.measured, self.device
+        method, measured, device = self.method, self.counts[self.ranks.rank], self.device
         started = time.perf_counter()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
@@ -287,9 +304,10 @@ class _BlockStep:
         site_targets = {site: torch.cat(out) for site, out in site_outputs.items()}
         del fp_in, site_outputs
         before = run_block_batched(block, q_in[:measured], self.kwargs, batch_size, rtn_weights(block, method.spec))
-        loss_before = _batched_loss(self.eval_loss, before, targets[:measured], batch_size, self.seed)
-        mse_before = _mse(before, targets[:measured])
-        distribution_before = distribution_errors(before, targets[:measured], self.seed)
+        before, measured_targets = self.gathered(before), self.gathered(targets)
+        loss_before = _batched_loss(self.eval_loss, before, measured_targets, batch_size, self.seed)
+        mse_before = _mse(before, measured_targets)
+        distribution_before = distribution_errors(before, measured_targets, self.seed)
         del before
         method.loss.reseed(self.seed)
         data = BlockData(
@@ -301,6 +319,7 @@ class _BlockStep:
             generator=torch.Generator().manual_seed(self.seed),
             site_targets=site_targets,
             float_linear_inputs=float_linear_inputs,
+            ranks=self.ranks,
         )
         with expert_calibration(
             block, lambda h: data.forward(h, None), q_in, batch_size, self.expert_min_tokens
@@ -311,18 +330,21 @@ class _BlockStep:
         q_outputs = data.current_outputs(block)
         if q_outputs is None:
             q_outputs = run_block_batched(block, q_in, self.kwargs, batch_size)
+        after = self.gathered(q_outputs)
+        peak_host = host_peak_mb()  # since the stage began (quant_core/memory.py)
         record = BlockRecord(
             index=self.index,
             num_blocks=self.num_blocks,
             loss_before=loss_before,
-            loss_after=_batched_loss(self.eval_loss, q_outputs[:measured], targets[:measured], batch_size, self.seed),
+            loss_after=_batched_loss(self.eval_loss, after, measured_targets, batch_size, self.seed),
             mse_before=mse_before,
-            mse_after=_mse(q_outputs[:measured], targets[:measured]),
+            mse_after=_mse(after, measured_targets),
             distribution_before=distribution_before,
-            distribution_after=distribution_errors(q_outputs[:measured], targets[:measured], self.seed),
+            distribution_after=distribution_errors(after, measured_targets, self.seed),
             seconds=time.perf_counter() - started,
-            peak_host_mb=host_peak_mb(),  # since the stage began (quant_core/memory.py)
+            peak_host_mb=peak_host,
             peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
+            peak_host_mb_by_rank=self.ranks.peaks(peak_host) if self.ranks.distributed else [],
             method_stats=stats,
         )
         block.to("cpu")

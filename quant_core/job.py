@@ -17,7 +17,7 @@ from quant_core.export_dtype import EXPORT_DTYPES, holds_grid
 from quant_core.finetune import FinetuneOptions
 from quant_core.incoherence import UNPACKABLE_ROTATION
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
-from quant_core.methods import QuantMethod, build_method
+from quant_core.methods import METHODS, QuantMethod, build_method
 from quant_core.methods.base import method_class
 from quant_core.quantizer import QuantSpec
 from quant_core.runtimes import RUNTIMES
@@ -114,6 +114,7 @@ class JobSpec:
     targets: tuple[str, ...] = ()  # runtimes the checkpoint must run in, scored there after the job
     rotation: str = "none"  # a rotation absorbed into the weights before calibration (quant_core.absorbed_rotation)
     finetune: Mapping[str, Any] = field(default_factory=dict)  # end-to-end tuning after calibration
+    world_size: int = 1  # processes the calibration windows are split over (quant_core.distributed)
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.export_formats if f not in EXPORT_FORMATS]
@@ -182,11 +183,35 @@ class JobSpec:
                 f"end-to-end tuning needs blockwise calibration: {self.method} already trains the whole model",
                 "finetune.epochs",
             )
+        self._check_world_size(method)
+
+    def _check_world_size(self, method: QuantMethod) -> None:
+        """Refuse up front what several ranks cannot run yet, naming the setting that asks for it."""
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ConfigError("world_size must be a positive integer", "world_size")
+        if self.world_size == 1:
+            return
+        ranks = f"world_size {self.world_size}"
+        if not method.splits_over_ranks:
+            splitting = ", ".join(name for name, cls in METHODS.items() if cls.splits_over_ranks)
+            raise ConfigError(
+                f"{ranks}: {self.method} runs in one process; methods that split over ranks: {splitting}", "world_size"
+            )
+        if self.calib.n_samples < self.world_size:
+            raise ConfigError(f"{ranks} needs at least one calibration window per rank", "calib.n_samples")
+        refused = {
+            "finetune.epochs": self.build_finetune().enabled and "end-to-end tuning",
+            "lazy_load": self.lazy_load and "lazy_load",
+            "eval.lm_eval": self.eval.lm_eval is not None and "lm-eval",
+        }
+        for name, what in refused.items():
+            if what:
+                raise ConfigError(f"{ranks}: {what} runs in one process; use world_size 1", name)
 
     @property
     def resumable(self) -> bool:
-        """Whether ``run_job`` can keep per-block progress for this job: any blockwise method."""
-        return not method_class(self.method).whole_model
+        """Whether ``run_job`` can keep per-block progress for this job: any blockwise method in one process."""
+        return not method_class(self.method).whole_model and self.world_size == 1
 
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""

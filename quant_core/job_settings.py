@@ -32,6 +32,7 @@ from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
 from quant_core.runtimes import RuntimeName
 
 MAX_SEQ_LEN = 32768
+MAX_WORLD_SIZE = 64
 AUTO_EXPORT: ExportFormat = "auto"
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
@@ -187,6 +188,14 @@ class JobSettings(_Section):
     lazy_load: Annotated[bool, Flag("--lazy-load")] = Field(
         False, title="Lazy load", description="stream blocks from the checkpoint: for models larger than memory"
     )
+    world_size: Annotated[int, Flag("--world-size")] = Field(
+        1,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        title="Ranks",
+        description="processes the calibration windows are split over (one per device, or per share of the CPU "
+        "cores), on torch.distributed: gptq and rtn; 1: one process",
+    )
 
     def to_job_spec(self, resolve: Callable[[str], str] = lambda s: s, device: str = "cpu") -> JobSpec:
         """The runnable spec; ``resolve`` maps ``upload:<id>`` references to local paths on a worker.
@@ -225,6 +234,7 @@ class JobSettings(_Section):
                 targets=tuple(dict.fromkeys(self.targets)),
                 rotation=self.rotation,
                 finetune=self.finetune,
+                world_size=self.world_size,
             )
         except ConfigError as exc:
             raise ConfigError(str(exc), settings_field(exc.field)) from exc

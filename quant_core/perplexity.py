@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quant_core.distributed import SOLO, Ranks
 from quant_core.model_structure import last_hidden_state, output_layer
 
 LOGIT_CHUNK = 512  # positions whose logits exist at once: chunk x vocabulary floats, whatever the batch
@@ -57,12 +58,16 @@ def perplexity(
     device: str = "cpu",
     on_progress: Callable[[int], None] | None = None,
     scored: Tensor | None = None,
+    ranks: Ranks = SOLO,
 ) -> float:
     """Token-weighted perplexity over ``[windows, seq_len]``: each window predicts its own last
     ``seq_len - 1`` tokens, of which ``scored`` (``[windows, seq_len - 1]``, default all) count.
 
-    ``on_progress`` receives the number of windows done after every batch.
+    ``on_progress`` receives the number of windows done after every batch. On several ``ranks`` each
+    scores its share of the windows and the summed NLL and token counts are summed over ranks.
     """
+    if ranks.distributed:
+        windows, scored = ranks.share(windows), None if scored is None else ranks.share(scored)
     total_nll, done = 0.0, 0
     for batch, mask in scored_batches(windows, scored, batch_size):
         batch = batch.to(device)
@@ -70,4 +75,4 @@ def perplexity(
         done += batch.shape[0]
         if on_progress is not None:
             on_progress(done)
-    return math.exp(total_nll / scored_tokens(windows, scored))
+    return math.exp(ranks.total(total_nll) / ranks.total(scored_tokens(windows, scored)))

@@ -11,7 +11,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from quant_core.corpus import (
     resolve_text,
     tokenize_file,
 )
+from quant_core.distributed import SOLO, Ranks
 from quant_core.engine import BlockRecord, calibrate_blocks
 from quant_core.errors import ConfigError
 from quant_core.eval_windows import WindowedText, evaluation_windows, protocol, window_start
@@ -100,8 +101,9 @@ def library_versions() -> dict[str, str]:
 
 
 def job_fingerprint(spec: JobSpec) -> str:
-    """What a checkpoint must match to be resumed: every setting of the job."""
-    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    """What a checkpoint must match to be resumed: every setting of the job but how many ranks run it."""
+    settings = {key: value for key, value in spec.to_dict().items() if key != "world_size"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _advance_past(progress: PhaseProgress, index: int) -> None:
@@ -254,11 +256,17 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
 
 
 def evaluate(
-    spec: JobSpec, job: LoadedJob, hooks: JobHooks, quantized: bool, weights: ShardedWeights | None
+    spec: JobSpec,
+    job: LoadedJob,
+    hooks: JobHooks,
+    quantized: bool,
+    weights: ShardedWeights | None,
+    ranks: Ranks = SOLO,
 ) -> Evaluation:
     """Perplexity on every text and, when asked, lm-eval scores (the float model's from the cache).
 
     ``weights``: evaluate a lazily loaded model by streaming these blocks instead of the model in memory.
+    On several ``ranks`` each scores its share of the windows (progress counts the leader's share).
     """
     started = time.perf_counter()
     which = "quantized" if quantized else "full-precision"
@@ -276,9 +284,9 @@ def evaluate(
                 streamed, text.ids, weights, spec.eval.batch_size, spec.device, on_block, text.scored
             )
         else:
-            by_window = PhaseProgress(label, text.ids.shape[0], "windows", hooks.stage)
+            by_window = PhaseProgress(label, ranks.share(text.ids).shape[0], "windows", hooks.stage)
             scores[name] = perplexity(
-                job.model, text.ids, spec.eval.batch_size, spec.device, by_window.advance, text.scored
+                job.model, text.ids, spec.eval.batch_size, spec.device, by_window.advance, text.scored, ranks
             )
 
     lm_eval, accuracy_scores = spec.eval.lm_eval, {}
@@ -304,6 +312,7 @@ def calibrate(
     checkpoint_dir: Path | None,
     peaks: StagePeaks,
     spill: Spill,
+    ranks: Ranks = SOLO,
 ) -> Calibration:
     """Quantize the model: block by block through the engine (then, when the job asks, end-to-end
     tuning), or all at once for a whole-model method; activations too large for memory wait in
@@ -344,6 +353,7 @@ def calibrate(
             residency=job.residency,
             expert_min_tokens=spec.calib.expert_min_tokens,
             spill=spill,
+            ranks=ranks,
         )
         if job.lazy is not None and job.residency is not None and finetune.enabled and checkpoint is not None:
             records, tuned = _calibrate_then_tune_streamed(
@@ -460,36 +470,50 @@ def score_in_runtimes(
     return scores
 
 
-def run_job(
-    spec: JobSpec, out_dir: Path, hooks: JobHooks | None = None, checkpoint_dir: Path | None = None
-) -> JobReport:
-    """Run ``spec`` and write its checkpoint (``out_dir/packed`` and/or ``out_dir/model``, see
-    :func:`export_formats_for`) and ``out_dir/report.json``: load, evaluate, calibrate, evaluate
-    again, export, report.
+@dataclass
+class Measured:
+    """What every rank of a job computes: the loaded job, both evaluations, the calibration and the
+    memory it took by stage. The leader turns it into the checkpoint and the report."""
 
-    With ``checkpoint_dir``, progress is kept there after every block and a rerun of the same job
-    continues from the last finished block.
-    """
-    hooks = hooks or JobHooks()
-    started = time.perf_counter()
+    job: LoadedJob
+    before: Evaluation
+    calibration: Calibration
+    after: Evaluation
+    peaks: StagePeaks
+
+
+def _agreed_cancel(hooks: JobHooks, ranks: Ranks) -> JobHooks:
+    """``hooks`` whose cancellation every rank asks at the same points and answers with the leader's
+    answer: ranks that decided apart would wait for each other in different collectives."""
+    if not ranks.distributed:
+        return hooks
+    asked = hooks.should_cancel
+    return replace(hooks, should_cancel=lambda: ranks.decide(ranks.leader and asked is not None and asked()))
+
+
+def measure(
+    spec: JobSpec, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None, ranks: Ranks = SOLO
+) -> Measured:
+    """Load, evaluate, calibrate and evaluate again: a job up to its export, this rank's part of it."""
+    hooks = _agreed_cancel(hooks, ranks)
     method, record_loss = spec.build_method(), spec.build_loss()  # the loss the block records measure
     torch.manual_seed(spec.seed)
     peaks = StagePeaks(spec.device)
     with peaks.stage("load"):
         job = load(spec, method, out_dir, hooks, checkpoint_dir)
     with peaks.stage("evaluate_full_precision"):
-        before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None)
+        before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None, ranks)
     if spec.rotation != "none":  # after the float model is scored: the baseline is the user's own model
         hooks.stage("rotating the model (absorbed into its weights)")
         with peaks.stage("rotate"):
             absorb_rotation(job.model, spec.seed)
-    spill = Spill(out_dir / SPILL_DIR)
+    spill = Spill(out_dir / SPILL_DIR / (f"rank{ranks.rank}" if ranks.distributed else ""))
     # a streamed tuning rebuilds calibrated blocks from a block checkpoint: the job's own, or one of its
     # output folder's, removed when the job is done (and resumed from if the job runs again first)
     internal = spec.lazy_load and spec.build_finetune().enabled and checkpoint_dir is None
     blocks_dir = out_dir / BLOCKS_DIR if internal else checkpoint_dir
     try:
-        calibration = calibrate(spec, method, record_loss, job, hooks, blocks_dir, peaks, spill)
+        calibration = calibrate(spec, method, record_loss, job, hooks, blocks_dir, peaks, spill, ranks)
     finally:
         shutil.rmtree(spill.directory, ignore_errors=True)  # its files were unlinked when mapped
     if internal and blocks_dir is not None:
@@ -498,11 +522,37 @@ def run_job(
     with peaks.stage("evaluate_quantized"):
         if not written:  # scored as it will be stored
             round_to_export_dtype(job.model, job.export_dtype, spec.quant)
-        after = evaluate(spec, job, hooks, True, _streamed_weights(spec, job, written) if written else None)
+        after = evaluate(spec, job, hooks, True, _streamed_weights(spec, job, written) if written else None, ranks)
+    return Measured(job, before, calibration, after, peaks)
+
+
+def run_job(
+    spec: JobSpec,
+    out_dir: Path,
+    hooks: JobHooks | None = None,
+    checkpoint_dir: Path | None = None,
+    ranks: Ranks = SOLO,
+) -> JobReport:
+    """Run ``spec`` and write its checkpoint (``out_dir/packed`` and/or ``out_dir/model``, see
+    :func:`export_formats_for`) and ``out_dir/report.json``: load, evaluate, calibrate, evaluate
+    again, export, report.
+
+    With ``checkpoint_dir``, progress is kept there after every block and a rerun of the same job
+    continues from the last finished block. On several ``ranks`` this is the leader's part; every
+    other rank runs :func:`measure` beside it (quant_core.launch starts them).
+    """
+    hooks = hooks or JobHooks()
+    started = time.perf_counter()
+    if ranks.distributed and checkpoint_dir is not None:
+        raise ConfigError(
+            f"world_size {ranks.world_size}: per-block checkpoints are kept in one process only", "checkpoint"
+        )
+    measured = measure(spec, out_dir, hooks, checkpoint_dir, ranks)
+    job, before, calibration, after, peaks = (m := measured).job, m.before, m.calibration, m.after, m.peaks
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
     with peaks.stage("export"):
-        exports = export(spec, job, written, out_dir)
+        exports = export(spec, job, calibration.written, out_dir)
     report = JobReport(
         spec=spec,
         calibration_tokens=int(job.windows.numel()),
@@ -520,6 +570,7 @@ def run_job(
         versions=library_versions(),
         exports=exports,
         runtimes=score_in_runtimes(spec, job, exports, after, out_dir, hooks),
+        parallel=ranks.layout(spec.calib.n_samples),
     )
     (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     write_model_cards(out_dir, report)

@@ -62,6 +62,7 @@ class JobReport:
     versions: dict[str, str]
     exports: dict[str, Export]  # by format: fake_quant, pack_quantized, gguf
     runtimes: dict[str, RuntimeScore] = field(default_factory=dict)  # by target runtime
+    parallel: dict[str, Any] = field(default_factory=dict)  # how the ranks split the job (Ranks.layout)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,6 +84,7 @@ class JobReport:
             },
             "lm_eval": self.lm_eval,
             "blocks": [record.to_dict() for record in self.blocks],
+            "parallel": self.parallel,
             "method_stats": self.method_stats,
             "seconds": asdict(self.seconds),
             "peak_host_mb": self.peak_host_mb,

@@ -16,17 +16,16 @@ A broadcast revoke could not do this: a solo worker reads control messages only 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import socket
-import sys
 from multiprocessing.synchronize import Event
 
 from sqlalchemy import select
 
+from quant_core.launch import die_with_parent
 from swq_shared.db import read_scope
 from swq_shared.models import Job, JobStatus
 from swq_shared.retry import DATABASE_DOWN
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 # How long a child stopped with SIGTERM gets before SIGKILL (it has no handler; this covers a
 # process stuck in the kernel, e.g. in a device driver call).
 KILL_AFTER_TERM_S = 5.0
-_PR_SET_PDEATHSIG = 1
 
 
 def worker_name(hostname: str, pid: int) -> str:
@@ -45,19 +43,12 @@ def worker_name(hostname: str, pid: int) -> str:
     return f"{socket.gethostname()}:{hostname}:{pid}"
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the worker that forked it dies, as a pool child would be:
-    an orphaned job would otherwise share the device with the job the restarted worker takes next."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _job_main(job_id: str, hostname: str, recorded: Event) -> None:
     # The fork inherits the Celery worker's handlers: SIGTERM must end this process, not start a
     # worker shutdown in it, and Ctrl-C in a terminal is the worker's to act on.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     outcome = execute_job(job_id, get_settings(), worker_name(hostname, os.getpid()), on_recorded=recorded.set)
     log.info("job %s: attempt ended %s", job_id, outcome)
 

@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 from quant_core.checkpoint import saved_files, stored_fingerprint
 from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint, run_job
+from quant_core.launch import run_ranked
+from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint
 from quant_core.report import JobReport
 from swq_shared.artifacts import EXPORT_ARCHIVES, artifact_key, checkpoint_prefix, open_settings_storage
 from swq_shared.db import session_scope
@@ -167,7 +168,7 @@ def execute_job(
                     )
                     _event(settings, job_id, token, resumed)
             hooks = _hooks(settings, job_id, (token, attempt), lease, mirror if checkpoint_dir is not None else None)
-            report = run_job(core_spec, workdir / "out", hooks, checkpoint_dir)
+            report = run_ranked(core_spec, workdir / "out", hooks, checkpoint_dir)
             lease.check()
             artifacts = _upload_artifacts(settings, storage, job_id, workdir / "out")
             metrics = _metrics(request, report)

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import ConfigError
 from quant_core.incoherence import INCOHERENCE_CHOICES, LinearRotation, RandomizedHadamard, check_widths
 from quant_core.losses import Loss
@@ -42,6 +43,9 @@ class BlockData:
     # What each linear received in the full-precision block on the full-precision inputs, one CPU
     # tensor per forward batch, in window order; only for a method with ``needs_float_inputs``.
     float_linear_inputs: Mapping[str, list[Tensor]] = field(default_factory=dict)
+    # The ranks the job's windows are split over: ``inputs`` are this rank's share, and what a method
+    # sums over windows it sums over ranks too (quant_core.distributed).
+    ranks: Ranks = SOLO
     # The block's output on every input, left by a method that computed it on the way (GPTQ's staged
     # pass) with the weights state it was computed with; see ``keep_outputs``.
     _outputs: tuple[Tensor, tuple[tuple[int, int, int], ...]] | None = None
@@ -98,6 +102,8 @@ class QuantMethod:
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
     whole_model: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = False  # whether calibrate reads BlockData.targets
+    # whether calibrate sums what it gathers over BlockData.ranks, so a job may split its windows
+    splits_over_ranks: ClassVar[bool] = False
 
     @property
     def needs_float_inputs(self) -> bool:

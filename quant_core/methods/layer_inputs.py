@@ -160,7 +160,8 @@ def input_grams(block: nn.Module, data: BlockData, hidden: Tensor, batch_size: i
 
     Linears that read the very same tensor (q/k/v, gate/up) get one product per batch, computed once.
     The block runs with its current weights, so this is what a method that quantizes every linear at
-    once (not stage by stage) needs.
+    once (not stage by stage) needs. On several ranks each runs its share of the windows and the
+    products are summed over ranks.
     """
     grams: dict[str, Tensor] = {}
     with recorded_linear_inputs(block) as calls:
@@ -173,4 +174,4 @@ def input_grams(block: nn.Module, data: BlockData, hidden: Tensor, batch_size: i
                     flat = x.detach().reshape(-1, x.shape[-1]).float()
                     products[id(x)] = flat.T @ flat
                 grams[name] = grams[name] + products[id(x)] if name in grams else products[id(x)]
-    return grams
+    return {name: data.ranks.sum(gram) for name, gram in grams.items()}

@@ -39,6 +39,7 @@ class RTN(QuantMethod):
     name = "rtn"
     options_type = RtnOptions
     options: RtnOptions
+    splits_over_ranks = True
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         if self.rotates:

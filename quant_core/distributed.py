@@ -1,0 +1,115 @@
+"""One job over several processes: which calibration windows each rank holds, and what they exchange.
+
+A job with ``world_size`` ranks runs the same pipeline in every rank (torchrun's model: one process
+per device, or per share of a CPU's cores). Each rank holds a contiguous share of the windows, so the
+activations of both chains per rank fall with the world size; whatever a method sums over windows
+(GPTQ's Hessians) is summed over ranks with torch.distributed (NCCL on GPUs, Gloo on CPUs), and the
+per-linear work that does not split over windows (GPTQ's column walk) is split over ranks by rows
+and gathered. Rank 0 (the leader) reports progress, writes the checkpoint and the report.
+
+:class:`Ranks` with one rank makes no call into torch.distributed at all: a one-rank job is the
+one-process job, bit for bit. Every collective runs under the process group's timeout, so a rank that
+died ends the others' wait with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a job: its rank among ``world_size`` processes of one process group."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def leader(self) -> bool:
+        """The rank that reports, writes and decides (cancellation)."""
+        return self.rank == 0
+
+    def bounds(self, count: int) -> list[tuple[int, int]]:
+        """Every rank's contiguous ``[start, end)`` share of ``count`` items; the first ranks take one more
+        when they do not divide evenly (as ``torch.tensor_split``)."""
+        base, extra = divmod(count, self.world_size)
+        starts = [r * base + min(r, extra) for r in range(self.world_size + 1)]
+        return list(itertools.pairwise(starts))
+
+    def share(self, rows: Tensor) -> Tensor:
+        """This rank's rows of ``rows`` (windows, or a matrix's rows)."""
+        start, end = self.bounds(rows.shape[0])[self.rank]
+        return rows[start:end]
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over ranks (a new tensor on every rank; the same tensor with one rank)."""
+        if not self.distributed:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    def total(self, value: float) -> float:
+        """A number summed over ranks, in float64."""
+        if not self.distributed:
+            return value
+        return float(self.sum(torch.tensor(value, dtype=torch.float64, device=self._device)))
+
+    def gather(self, local: Tensor, counts: list[int]) -> Tensor:
+        """Every rank's ``local`` rows, concatenated in rank order, on every rank; ``counts[r]`` is how many
+        rows rank ``r`` holds (collectives need equal shapes, so shorter shares travel padded)."""
+        if not self.distributed:
+            return local
+        padded = local.new_zeros((max(counts), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+    def gather_rows(self, local: Tensor, rows: int) -> Tensor:
+        """The whole ``rows``-row matrix from every rank's :meth:`share` of it."""
+        return self.gather(local, [end - start for start, end in self.bounds(rows)])
+
+    def decide(self, flag: bool) -> bool:
+        """The leader's ``flag`` on every rank, so that every rank takes the same branch (a cancel)."""
+        if not self.distributed:
+            return flag
+        decided = torch.tensor([1.0 if flag else 0.0], device=self._device)
+        dist.broadcast(decided, 0)
+        return bool(decided.item())
+
+    def peaks(self, value: float) -> list[float]:
+        """``value`` (a peak memory) of every rank, in rank order."""
+        if not self.distributed:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.float64, device=self._device)
+        return [float(v) for v in self.gather(mine.expand(1), [1] * self.world_size)]
+
+    def layout(self, windows: int) -> dict[str, object]:
+        """What the report says of the split: ranks, backend, and each rank's calibration windows."""
+        return {
+            "world_size": self.world_size,
+            "backend": dist.get_backend() if self.distributed else None,
+            "calibration_windows_by_rank": [end - start for start, end in self.bounds(windows)],
+            "split": "calibration and evaluation windows in contiguous shares; sums over windows (Hessians, "
+            "Gram matrices, NLL) all-reduced; GPTQ's column walk by weight rows, gathered",
+        }
+
+    @property
+    def _device(self) -> torch.device:
+        """Where this rank's collectives exchange small tensors: NCCL only moves CUDA tensors."""
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+SOLO = Ranks()

@@ -1,0 +1,146 @@
+"""One job over several ranks (quant_core.distributed, quant_core.launch): the same result as one process.
+
+Ranks are real processes in a real Gloo process group over local TCP. Summing a Hessian or an NLL
+over ranks changes the order of floating-point additions, so results agree to a tolerance, not bit
+for bit: block losses to a relative 1e-4, perplexity to 1e-5, quantized weights to a relative 1e-5 of
+their scale (a weight a rounding away from a grid boundary could take the other code; none does here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quant_core.distributed import Ranks
+from quant_core.errors import ConfigError
+from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.launch import TIMEOUT_VARIABLE, run_ranked
+from quant_core.pipeline import JobHooks
+from quant_core.quantizer import QuantSpec
+
+CALIBRATION_WINDOWS = 7  # 3 ranks hold 3, 2 and 2: uneven shares on purpose
+
+
+def _spec(model: Path, method: str, options: dict, world_size: int, rotation: str = "none") -> JobSpec:
+    return JobSpec(
+        model=str(model),
+        quant=QuantSpec(bits=3, group_size=32),
+        method=method,
+        method_options=options,
+        calib=CalibSpec(n_samples=CALIBRATION_WINDOWS, seq_len=64),
+        eval=EvalSpec(max_windows=5, seq_len=64),
+        rotation=rotation,
+        world_size=world_size,
+        export_formats=("fake_quant",),
+    )
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9)
+
+
+CASES = {
+    "rtn": ("rtn", {}, "none"),
+    "rtn clipped": ("rtn", {"clip_search": True}, "none"),
+    "gptq": ("gptq", {}, "none"),
+    "gptq quip": ("gptq", {"incoherence": "hadamard"}, "none"),
+    "gptq rotated": ("gptq", {}, "hadamard"),
+    "gptq llm-compressor order": ("gptq", {"true_sequential": False, "act_order": False}, "none"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_and_three_ranks_give_what_one_process_gives(case: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    method, options, rotation = CASES[case]
+    reports, weights = {}, {}
+    for world_size in (1, 2, 3):
+        out = tmp_path / f"ranks{world_size}"
+        reports[world_size] = run_ranked(_spec(tiny_llama_dir, method, options, world_size, rotation), out)
+        weights[world_size] = load_file(str(out / "model" / "model.safetensors"))
+    one = reports[1]
+    for world_size in (2, 3):
+        many = reports[world_size]
+        assert many.parallel["world_size"] == world_size
+        assert many.parallel["backend"] == "gloo"
+        assert sum(many.parallel["calibration_windows_by_rank"]) == CALIBRATION_WINDOWS
+        for name, pair in one.perplexity.items():
+            assert _close(many.perplexity[name].before, pair.before, 1e-5), (name, world_size)
+            assert _close(many.perplexity[name].after, pair.after, 1e-5), (name, world_size)
+        for a, b in zip(one.blocks, many.blocks, strict=True):
+            assert _close(b.loss_before, a.loss_before, 1e-4)
+            assert _close(b.loss_after, a.loss_after, 1e-4)
+            assert _close(b.mse_after, a.mse_after, 1e-4)
+            assert len(b.peak_host_mb_by_rank) == world_size
+        for key, tensor in weights[1].items():
+            other = weights[world_size][key]
+            scale = tensor.float().abs().max().clamp_min(1e-12)
+            assert ((other.float() - tensor.float()).abs().max() / scale) < 1e-5, (key, world_size)
+    assert one.parallel["world_size"] == 1 and one.blocks[0].peak_host_mb_by_rank == []
+
+
+def test_a_job_that_cannot_split_is_refused_naming_the_setting(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        _spec(tiny_llama_dir, "omniquant", {}, 2)
+    assert refused.value.field == "world_size" and "gptq" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        JobSpec(model=str(tiny_llama_dir), method="gptq", calib=CalibSpec(n_samples=2), world_size=3)
+    assert refused.value.field == "calib.n_samples"
+    with pytest.raises(ConfigError) as refused:
+        JobSpec(model=str(tiny_llama_dir), method="gptq", finetune={"epochs": 1}, world_size=2)
+    assert refused.value.field == "finetune.epochs"
+
+
+def test_shares_cover_every_window_once_with_the_first_ranks_taking_the_remainder() -> None:
+    for count in range(12):
+        for world_size in range(1, 6):
+            bounds = Ranks(0, world_size).bounds(count)
+            sizes = [end - start for start, end in bounds]
+            assert bounds[0][0] == 0 and bounds[-1][1] == count
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+            rows = torch.arange(count)
+            shares = [Ranks(rank, world_size).share(rows) for rank in range(world_size)]
+            assert torch.equal(torch.cat(shares), rows)
+
+
+def _kill_a_rank_after_its_first_block(pid_file: Path) -> None:
+    """Wait for a spawned rank (a child of this test's process) and kill it mid-job."""
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        children = psutil.Process(int(pid_file.read_text())).children()
+        ranks = [c for c in children if "spawn" in " ".join(c.cmdline())]
+        if ranks:
+            time.sleep(2.0)  # inside the job by now: loaded, evaluating or calibrating
+            os.kill(ranks[0].pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def test_a_killed_rank_ends_the_attempt_within_the_collective_timeout(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TIMEOUT_VARIABLE, "20")
+    pid_file = tmp_path / "pid"
+    pid_file.write_text(str(os.getpid()))
+    killer = multiprocessing.get_context("fork").Process(target=_kill_a_rank_after_its_first_block, args=(pid_file,))
+    killer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception) as failed:  # Gloo's own error: a closed connection or a timeout
+            run_ranked(_spec(tiny_llama_dir, "gptq", {}, 2), tmp_path / "out", JobHooks())
+    finally:
+        killer.join()
+    assert time.monotonic() - started < 20 + 60  # the timeout, plus the start and the cleanup
+    assert not isinstance(failed.value, ConfigError)
+    assert not (tmp_path / "out" / "report.json").exists()
