@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 
@@ -43,9 +45,25 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_job(app: Celery, job_id: str, queue: str | None = None) -> None:
-    """Send the job to ``queue`` (``gpu`` or ``cpu`` workers), or to the deployment's default queue."""
-    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=queue or app.conf.task_default_queue)
+RANKS_SUFFIX = ".ranks"
+
+
+def ranked_queue(queue: str, world_size: int) -> str:
+    """Where a job asking for ``world_size`` ranks waits: ``queue`` itself for one, else a queue that
+    only workers with that many devices consume (:func:`served_queues`)."""
+    return queue if world_size == 1 else f"{queue}{RANKS_SUFFIX}{world_size}"
+
+
+def served_queues(queue: str, ranks: int) -> list[str]:
+    """The queues a worker with ``ranks`` devices consumes: every job of ``queue`` that fits on it."""
+    return [ranked_queue(queue, world_size) for world_size in range(1, ranks + 1)]
+
+
+def enqueue_job(app: Celery, job_id: str, spec: Mapping[str, Any]) -> None:
+    """Send the job to the queue its stored spec names (``gpu`` or ``cpu`` workers; unset: the
+    deployment's default), in the variant for the ranks it asks for."""
+    queue = ranked_queue(spec.get("queue") or app.conf.task_default_queue, int(spec.get("world_size") or 1))
+    app.send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id, queue=queue)
 
 
 # Kombu's Redis transport keeps a queue as a list named after it; priority levels append this
@@ -64,7 +82,7 @@ def _message_task_id(raw: bytes | str) -> str | None:
 
 
 def waiting_task_ids(app: Celery, queues: set[str]) -> set[str]:
-    """Ids of the tasks waiting in ``queues`` on the Redis broker.
+    """Ids of the tasks waiting in ``queues`` (and their ranked variants, :func:`ranked_queue`) on the Redis broker.
 
     Used to find jobs the broker forgot (a Redis restart without persistence drops every message).
     Messages already delivered are left out on purpose: a worker holds at most the one it is running
@@ -79,15 +97,16 @@ def waiting_task_ids(app: Celery, queues: set[str]) -> set[str]:
         for queue in queues:
             for key in client.scan_iter(match=f"{queue}*"):
                 name = key.decode() if isinstance(key, bytes) else key
-                if name.split(_PRIORITY_SEPARATOR, 1)[0] == queue:
+                if name.split(_PRIORITY_SEPARATOR, 1)[0].split(RANKS_SUFFIX, 1)[0] == queue:
                     found.update(_message_task_id(raw) for raw in client.lrange(name, 0, -1))
     found.discard(None)
     return {task_id for task_id in found if task_id is not None}
 
 
-def worker_argv(queue: str, hostname: str | None = None) -> list[str]:
+def worker_argv(queue: str, hostname: str | None = None, ranks: int = 1) -> list[str]:
     """The command that runs one worker on ``queue``: one job at a time, each in a process of its own
-    forked by the task (worker.job_process), not by a pool."""
+    forked by the task (worker.job_process), not by a pool; with ``ranks`` devices it also takes the
+    jobs that ask for up to that many."""
     argv = [
         sys.executable,
         "-m",
@@ -98,7 +117,7 @@ def worker_argv(queue: str, hostname: str | None = None) -> list[str]:
         "--loglevel",
         "INFO",
         "--queues",
-        queue,
+        ",".join(served_queues(queue, ranks)),
         "--pool",
         "solo",
     ]

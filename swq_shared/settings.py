@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     presigned_downloads: bool = False
     queue: str = Field(default="gpu", description="Celery queue jobs are routed to (gpu or cpu workers)")
+    ranks: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="devices (or CPU shares) a worker gives one job: it also takes jobs asking up to this many ranks",
+    )
     max_upload_bytes: int = 20 * 2**30
     max_upload_files: int = 1000
     max_text_upload_bytes: int = 512 * 2**20

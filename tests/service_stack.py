@@ -39,7 +39,8 @@ class WorkerPool:
         self.restarts = 0
 
     def _start(self, index: int) -> subprocess.Popen:
-        argv = [*worker_argv(self.env["SWQUANT_QUEUE"], f"w{index}@%h"), "--without-gossip", "--without-mingle"]
+        queues = worker_argv(self.env["SWQUANT_QUEUE"], f"w{index}@%h", int(self.env.get("SWQUANT_RANKS", "1")))
+        argv = [*queues, "--without-gossip", "--without-mingle"]
         with self.logs[index].open("ab") as out:
             return subprocess.Popen(
                 argv,

@@ -54,6 +54,7 @@ def production(
 ) -> Iterator[Stack]:
     with migrated_backing(s3_server, "e2e") as (database_url, storage_url, extra):
         workdir = tmp_path_factory.mktemp("prod")
+        extra = {**extra, "SWQUANT_RANKS": "2"}  # each worker takes jobs of one or two ranks
         with production_stack(workdir, database_url, "redis://127.0.0.1:6379/3", storage_url, extra) as stack:
             yield stack
 
@@ -306,6 +307,21 @@ def test_a_whole_model_method_runs_through_the_service(production: Stack, tiny_l
     assert job["status"] == "succeeded", job["error"]
     assert job["metrics"]["perplexity.after.persuasion"] > 1
     assert {a["name"] for a in client.artifacts(job["id"])} == {"packed.tar", "report.json"}
+
+
+def test_a_job_on_two_ranks_runs_on_a_worker_that_has_two_and_waits_for_one_with_three(
+    production: Stack, tiny_llama_dir: Path
+) -> None:
+    client = _client(production)
+    spec = {**JOB, "model": str(tiny_llama_dir), "method": "gptq", "method_options": {}, "loss": "mse"}
+    waiting = client.submit({**spec, "world_size": 3})
+    job = _wait(client, production, client.submit({**spec, "world_size": 2})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    report = client.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert report["parallel"]["world_size"] == 2 and report["parallel"]["calibration_windows_by_rank"] == [2, 2]
+    assert all(len(block["peak_host_mb_by_rank"]) == 2 for block in report["blocks"])
+    assert client.job(waiting["id"])["status"] == "queued"  # no worker here has three ranks
+    assert client.http.post(f"/v1/jobs/{waiting['id']}/cancel").status_code in (200, 202)
 
 
 def test_uploads_are_checked_and_limited(production: Stack, tmp_path: Path) -> None:

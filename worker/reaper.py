@@ -37,18 +37,16 @@ def reap_once(settings: Settings, app: Celery) -> None:
     """One pass; raises when the database or the broker is unreachable (the next pass tries again)."""
     url = settings.resolved_database_url
     with session_scope(url) as session:
-        requeued = [(job.id, job.spec.get("queue")) for job in requeue_lapsed(session, settings.max_attempts)]
-    for job_id, queue in requeued:
+        requeued = [(job.id, job.spec) for job in requeue_lapsed(session, settings.max_attempts)]
+    for job_id, spec in requeued:
         log.warning("job %s: worker lost, sent to the queue again", job_id)
-        enqueue_job(app, job_id, queue)
+        enqueue_job(app, job_id, spec)
     waiting = waiting_task_ids(app, {settings.queue, *QUEUES})
     with session_scope(url) as session:
-        resend = [
-            (job.id, job.spec.get("queue")) for job in claim_resend(session, settings.resend_after_seconds, waiting)
-        ]
-    for job_id, queue in resend:
+        resend = [(job.id, job.spec) for job in claim_resend(session, settings.resend_after_seconds, waiting)]
+    for job_id, spec in resend:
         log.warning("job %s: queued but unknown to the broker, sent again", job_id)
-        enqueue_job(app, job_id, queue)
+        enqueue_job(app, job_id, spec)
 
 
 def start_reaper(settings: Settings, app: Celery) -> threading.Event:

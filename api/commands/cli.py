@@ -173,7 +173,7 @@ def serve(args: argparse.Namespace) -> int:
     upgrade(settings.resolved_database_url)
     key = ensure_local_key(settings.resolved_database_url, data_dir)
     if not args.no_worker:
-        children.append(subprocess.Popen(worker_argv(settings.queue, "embedded@%h")))
+        children.append(subprocess.Popen(worker_argv(settings.queue, "embedded@%h", settings.ranks)))
     # Behind the front, the API listens on a unix socket in data_dir: only the front reaches it.
     listen: dict[str, Any] = {"host": args.host, "port": args.port}
     if args.front:

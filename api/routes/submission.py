@@ -61,7 +61,7 @@ def submit_job_request(
     session.commit()
     if created or job.status == JobStatus.queued.value:
         try:
-            enqueue_job(celery, job.id, job.spec.get("queue"))
+            enqueue_job(celery, job.id, job.spec)
         except KombuOperationalError as exc:
             log.warning("queue unavailable for job %s: %s", job.id, exc)
             raise QueueUnavailableError(
