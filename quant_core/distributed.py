@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,28 @@ class Ranks:
         """The whole ``rows``-row matrix from every rank's :meth:`share` of it."""
         return self.gather(local, [end - start for start, end in self.bounds(rows)])
 
+    def gather_differentiable(self, local: Tensor, counts: list[int]) -> Tensor:
+        """:meth:`gather` through which gradients flow back to each rank's own rows.
+
+        Every rank computes the same loss on the gathered tensor; the backward pass sums the ranks'
+        gradients of the whole tensor and keeps this rank's rows, so that a loss divided by the world
+        size on every rank gives, summed over ranks, the one-process gradient.
+        """
+        if not self.distributed:
+            return local
+        gathered: Tensor = _GatherRows.apply(local, counts, self)  # type: ignore[no-untyped-call]
+        return gathered
+
+    def sum_gradients(self, params: list[Tensor]) -> None:
+        """Sum every parameter's gradient over ranks in one collective (a parameter with no gradient on
+        this rank, one that held no window of the step, counts as zeros)."""
+        if not self.distributed or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
+        for param, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            param.grad = part.view_as(param).clone()
+
     def decide(self, flag: bool) -> bool:
         """The leader's ``flag`` on every rank, so that every rank takes the same branch (a cancel)."""
         if not self.distributed:
@@ -86,6 +111,14 @@ class Ranks:
         decided = torch.tensor([1.0 if flag else 0.0], device=self._device)
         dist.broadcast(decided, 0)
         return bool(decided.item())
+
+    def leaders_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The leader's ``dtype`` on every rank."""
+        if not self.distributed:
+            return dtype
+        code = torch.tensor([DTYPES.index(dtype) if dtype in DTYPES else -1], device=self._device)
+        dist.broadcast(code, 0)
+        return DTYPES[int(code.item())] if int(code.item()) >= 0 else dtype
 
     def peaks(self, value: float) -> list[float]:
         """``value`` (a peak memory) of every rank, in rank order."""
@@ -113,3 +146,19 @@ class Ranks:
 
 
 SOLO = Ranks()
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows from every rank forward; backward, the summed gradient of this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, counts: list[int], ranks: Ranks) -> Tensor:
+        ctx.ranks, ctx.counts = ranks, counts
+        return ranks.gather(local.detach(), counts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        ranks: Ranks = ctx.ranks
+        start = sum(ctx.counts[: ranks.rank])
+        total = ranks.sum(grad.contiguous())
+        return total[start : start + ctx.counts[ranks.rank]], None, None

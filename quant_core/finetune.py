@@ -37,6 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.corpus import MAX_SAMPLES
+from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.loss_base import ModelOutputs
@@ -303,13 +304,15 @@ def calibrate_then_tune(
     on_step: Callable[[int, int, float], None] | None = None,
     phase: Callable[[str], AbstractContextManager[None]] = lambda _: nullcontext(),
     spill: Spill | None = None,
+    ranks: Ranks = SOLO,
 ) -> tuple[T, dict[str, Any] | None]:
     """``calibrate()`` (the blockwise calibration of ``model``), then end-to-end tuning when ``options``
     ask for it; returns what ``calibrate`` returned and the tuning's statistics (None when off).
     ``phase(name)`` wraps each part (``teacher``, ``blocks``, ``tuning``): the job measures each one's memory.
 
     The teacher has to be recorded before the first block is quantized; doing it here keeps every
-    caller from getting that order wrong.
+    caller from getting that order wrong. On several ``ranks`` each records the teacher of its share
+    of the windows only.
     """
     if not options.enabled:
         with phase("blocks"):
@@ -317,7 +320,7 @@ def calibrate_then_tune(
     report = on_stage or (lambda _: None)
     report("recording the full-precision model's outputs for end-to-end tuning")
     with phase("teacher"):
-        teacher = record_teacher(model, windows, device, spill=spill)
+        teacher = record_teacher(model, ranks.share(windows), device, spill=spill)
     with phase("blocks"):
         calibrated = calibrate()
     epochs = f"{options.epochs} epoch{'s' if options.epochs > 1 else ''}"
@@ -334,6 +337,7 @@ def calibrate_then_tune(
             on_stage=on_stage,
             should_cancel=should_cancel,
             on_step=on_step,
+            ranks=ranks,
         )
     return calibrated, stats
 
@@ -352,12 +356,60 @@ def student_outputs(model: nn.Module, ids: Tensor, head: Callable[[Tensor], Tens
     which the loss applies a chunk of positions at a time under the same autocast."""
     with autocast():
         hidden = last_hidden_state(model, ids)
+    return ModelOutputs(None, hidden.float(), _head_in(head, autocast, hidden.dtype))
 
+
+def _head_in(head: Callable[[Tensor], Tensor], autocast: Any, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
     def logits(chunk: Tensor) -> Tensor:  # from the float32 copy, in the dtype the model computed it in
         with autocast():
-            return head(chunk.to(hidden.dtype))
+            return head(chunk.to(dtype))
 
-    return ModelOutputs(None, hidden.float(), logits)
+    return logits
+
+
+def batch_outputs(
+    model: nn.Module,
+    windows: Tensor,
+    teacher: Tensor,
+    idx: Tensor,
+    head: Callable[[Tensor], Tensor],
+    autocast: Any,
+    device: str,
+    ranks: Ranks,
+    anchor: Tensor,
+) -> tuple[ModelOutputs, ModelOutputs]:
+    """The student's and the teacher's outputs on the step's windows ``idx``.
+
+    On several ranks each runs the student on its share of ``idx`` and holds the teacher of its share
+    of all windows (``teacher`` is rows ``ranks.share`` of them); both are gathered whole on every
+    rank, so every rank computes the one-process loss of the whole batch: the SW term compares the
+    distributions of all the batch's tokens, as in one process, not per rank (gradients flow back to
+    each rank's own rows, :meth:`~quant_core.distributed.Ranks.gather_differentiable`). A rank that
+    holds no window of the step gathers an empty slice of ``anchor``, a trained parameter: autograd
+    then passes through the gather (and its collective) on that rank too, even when it differentiates
+    only toward the parameters (the gradient shares).
+    """
+    if not ranks.distributed:
+        return student_outputs(model, windows[idx].to(device), head, autocast), ModelOutputs(
+            None, teacher[idx].to(device), head
+        )
+    counts = [end - start for start, end in ranks.bounds(idx.numel())]
+    mine = ranks.share(idx)
+    width = teacher.shape[-1]
+    if mine.numel():
+        with autocast():
+            hidden = last_hidden_state(model, windows[mine].to(device))
+        local, dtype = hidden.float(), hidden.dtype
+    else:  # a short last batch leaves this rank no window; it still takes part in every collective
+        local = anchor.reshape(-1)[:0].float().reshape(0, windows.shape[1], width)
+        dtype = torch.float32
+    dtype = ranks.leaders_dtype(dtype)  # the leader always holds a window of the batch
+    student = ModelOutputs(None, ranks.gather_differentiable(local, counts), _head_in(head, autocast, dtype))
+    start, end = ranks.bounds(windows.shape[0])[ranks.rank]
+    owned = (idx >= start) & (idx < end)
+    rows = torch.zeros(idx.numel(), *teacher.shape[1:], dtype=teacher.dtype)
+    rows[owned] = teacher[idx[owned] - start]
+    return student, ModelOutputs(None, ranks.sum(rows.to(device)), head)
 
 
 def tune_end_to_end(
@@ -372,9 +424,12 @@ def tune_end_to_end(
     on_stage: Callable[[str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    ranks: Ranks = SOLO,
 ) -> dict[str, Any]:
     """Train step sizes and norms of the quantized ``model`` to match the full-precision last hidden
-    states ``teacher`` (:func:`record_teacher`) and the logits they give; codes stay fixed.
+    states ``teacher`` (:func:`record_teacher`) and the logits they give; codes stay fixed. On several
+    ``ranks`` each step's windows are split over them (:func:`batch_outputs`) and ``teacher`` holds
+    this rank's share of the windows.
 
     Returns the report's statistics: what was trained, the loss before the first and after the last
     step (mean per epoch), and the time per step. ``on_step(done, steps, loss)`` follows every step.
@@ -411,9 +466,12 @@ def tune_end_to_end(
                     group["lr"] = base * cosine_with_warmup(step, 0, steps)
                 for tuned in attached:
                     tuned.attach()
-                student = student_outputs(model, windows[idx].to(device), head, autocast)
-                terms = loss_fn.model_terms(student, ModelOutputs(None, teacher[idx].to(device), head))
-                loss = take_step(terms, optimizer, trained, (step, steps), shares, f"end-to-end tuning step {step}")
+                student, taught = batch_outputs(
+                    model, windows, teacher, idx, head, autocast, device, ranks, anchor=trained[0]
+                )
+                terms = loss_fn.model_terms(student, taught)
+                where = f"end-to-end tuning step {step}"
+                loss = take_step(terms, optimizer, trained, (step, steps), shares, where, ranks)
                 total += loss
                 progress.advance(step + 1)
                 if on_step is not None:

@@ -200,7 +200,6 @@ class JobSpec:
         if self.calib.n_samples < self.world_size:
             raise ConfigError(f"{ranks} needs at least one calibration window per rank", "calib.n_samples")
         refused = {
-            "finetune.epochs": self.build_finetune().enabled and "end-to-end tuning",
             "lazy_load": self.lazy_load and "lazy_load",
             "eval.lm_eval": self.eval.lm_eval is not None and "lm-eval",
         }

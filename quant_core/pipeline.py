@@ -373,6 +373,7 @@ def calibrate(
                 on_step=hooks.on_tuning_step,
                 phase=peaks.stage,
                 spill=spill,
+                ranks=ranks,
             )
         if tuned is not None:
             method_stats["finetune"] = tuned

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from quant_core.distributed import SOLO, Ranks
 from quant_core.losses import Loss
 from quant_core.methods.base import BlockData
 from quant_core.methods.layer_inputs import recorded_outputs
@@ -73,12 +74,16 @@ def take_step(
     position: tuple[int, int],
     shares: dict[str, dict[str, float]],
     where: str,
+    ranks: Ranks = SOLO,
 ) -> float:
     """One optimizer step on the sum of the loss ``terms``; returns the loss.
 
     A non-finite loss stops the run (naming ``where``) before it can write NaN into the weights. At
     the first and last of ``position = (step, steps)`` each term's share of the gradient is recorded
-    in ``shares`` (a hybrid loss only).
+    in ``shares`` (a hybrid loss only; on several ranks, of this rank's part of the gradient). On
+    several ``ranks`` every rank holds the same loss of the whole batch
+    (:meth:`~quant_core.distributed.Ranks.gather_differentiable`): each back-propagates its world-size-th
+    and the gradients are summed over ranks before the step, so every rank takes the same step.
     """
     loss = sum(terms.values())
     assert isinstance(loss, Tensor)
@@ -88,7 +93,8 @@ def take_step(
     step, steps = position
     if len(terms) > 1 and step in (0, steps - 1):
         shares["first" if step == 0 else "last"] = _gradient_shares(terms, params)
-    loss.backward()
+    (loss / ranks.world_size if ranks.distributed else loss).backward()
+    ranks.sum_gradients(params)
     optimizer.step()
     return loss.item()
 
