@@ -148,6 +148,47 @@ class Ranks:
 SOLO = Ranks()
 
 
+class HeldBatch:
+    """One step's windows ``idx`` (numbered over all ranks) when each rank holds a contiguous share of
+    ``windows`` of them (its activations, or its teacher's hidden states).
+
+    Each rank runs the windows of the batch it holds (``mine``, numbered within its share), and
+    :meth:`whole` gathers every rank's rows back into the batch's order, so that every rank computes
+    the loss one process computes on the whole batch: an SW term sees all the batch's tokens at once,
+    as in one process. ``row`` is an empty tensor of the rows' shape and type. With one rank,
+    ``mine`` is ``idx``.
+    """
+
+    def __init__(self, ranks: Ranks, windows: int, idx: Tensor, row: Tensor) -> None:
+        self.ranks, self._row = ranks, row
+        self.mine, self.counts, self._order = idx, [idx.numel()], torch.arange(idx.numel())
+        if ranks.distributed:
+            bounds = ranks.bounds(windows)
+            held = [(idx >= start) & (idx < end) for start, end in bounds]
+            self.mine = idx[held[ranks.rank]] - bounds[ranks.rank][0]
+            self.counts = [int(h.sum()) for h in held]
+            # gathered rows come rank by rank: where each one sits in the batch
+            self._order = torch.argsort(torch.cat([h.nonzero().flatten() for h in held]))
+
+    def whole(self, local: Tensor | None, anchor: Tensor | None = None) -> Tensor:
+        """The batch's rows, in its order, on every rank. ``local``: without ``anchor``, this rank's
+        whole share (the rows of ``mine`` are taken from it); with ``anchor`` (a trained parameter),
+        the rows this rank computed for ``mine`` (None: it holds none of the batch), and gradients
+        flow back through the gather to them. A rank with no row gathers an empty slice of
+        ``anchor``, so that autograd passes through the gather's collective on that rank too, even
+        when it differentiates toward the parameters only.
+        """
+        if anchor is None:
+            assert local is not None
+            local = local[self.mine]
+            return self.ranks.gather(local, self.counts)[self._order] if self.ranks.distributed else local
+        if local is None:
+            local = anchor.reshape(-1)[:0].to(self._row.dtype).reshape(self._row.shape)
+        if not self.ranks.distributed:
+            return local
+        return self.ranks.gather_differentiable(local, self.counts)[self._order]
+
+
 class _GatherRows(torch.autograd.Function):
     """Rows from every rank forward; backward, the summed gradient of this rank's rows."""
 

@@ -237,7 +237,17 @@ def calibrate_blocks(
         if residency is not None:
             residency.enter(index)
         step = _BlockStep(
-            index, len(blocks), kwargs, method, eval_loss, counts, device, seed + index, expert_min_tokens, ranks
+            index,
+            len(blocks),
+            kwargs,
+            method,
+            eval_loss,
+            counts,
+            device,
+            seed + index,
+            expert_min_tokens,
+            ranks,
+            windows.shape[0],
         )
         record, fp_outputs, q_outputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
         del fp_inputs, q_inputs  # a spilled chain's file space returns here
@@ -280,6 +290,7 @@ class _BlockStep:
     seed: int  # the block's seed: the job seed plus its index
     expert_min_tokens: int | None  # quant_core.experts.expert_calibration's threshold
     ranks: Ranks
+    total_windows: int  # over all ranks
 
     def gathered(self, local: Tensor) -> Tensor:
         """The diagnostic windows' rows of a chain, from every rank: what one process would hold."""
@@ -320,6 +331,7 @@ class _BlockStep:
             site_targets=site_targets,
             float_linear_inputs=float_linear_inputs,
             ranks=self.ranks,
+            total_windows=self.total_windows,
         )
         with expert_calibration(
             block, lambda h: data.forward(h, None), q_in, batch_size, self.expert_min_tokens

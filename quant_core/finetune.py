@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.corpus import MAX_SAMPLES
-from quant_core.distributed import SOLO, Ranks
+from quant_core.distributed import SOLO, HeldBatch, Ranks
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.loss_base import ModelOutputs
@@ -169,6 +169,22 @@ def record_teacher(
     return teacher if spill is None else spill.keep(teacher)
 
 
+class _ScaledOffsets(torch.autograd.Function):
+    """``offsets * steps`` (integer offsets ``[out, groups, size]``, float steps ``[out, groups, 1]``)
+    that keeps the integer offsets for the backward pass, not a float32 copy of them: over a whole
+    model's linears, that copy is as large as the float32 model."""
+
+    @staticmethod
+    def forward(ctx: Any, offsets: Tensor, steps: Tensor) -> Tensor:
+        ctx.save_for_backward(offsets)
+        return offsets.to(steps.dtype) * steps
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        (offsets,) = ctx.saved_tensors
+        return None, (grad * offsets.to(grad.dtype)).sum(-1, keepdim=True)
+
+
 class GridScales:
     """A linear whose weight is ``(codes - zero) * scale * exp(theta)``, codes and zero fixed.
 
@@ -185,11 +201,17 @@ class GridScales:
         self.rotation = rotation
         self.scale, self.zero = scale.float()[..., None], zero.float()[..., None]
         self.layer, self.in_features, self.group_size = layer, weight.shape[1], group_size
-        # codes - zero; exact for a layer on its grid, and for a rotated one up to round-off far below half a step
-        self.offsets = torch.round(group_columns(weight, group_size) / self.scale)
+        # codes - zero; exact for a layer on its grid, and for a rotated one up to round-off far below half a
+        # step; held as small integers (a quarter of float32's memory at up to 7 bits)
+        offsets = torch.round(group_columns(weight, group_size) / self.scale)
+        self.offsets = offsets.to(torch.int8 if offsets.abs().max() <= 127 else torch.int16)
+        del weight, offsets
         self.theta = torch.zeros_like(self.scale, requires_grad=True)
         self.stored: Tensor = layer.weight
+        self.shape = self.stored.shape
         del layer.weight  # a plain tensor attribute now: the weight is recomputed from theta every step
+        # the stored values are not needed again (restore writes the tuned weight whole): free them
+        self.stored.data = self.stored.data.new_empty(0)
 
     @classmethod
     def of(cls, layer: LinearLike, group_size: int | None) -> GridScales | None:
@@ -202,7 +224,9 @@ class GridScales:
 
     def matrix(self) -> Tensor:
         """``[out, in]`` weight at the current step sizes, in the layer's own basis."""
-        matrix = ungroup_columns(self.offsets * (self.scale * self.theta.exp()), self.in_features)
+        steps = self.scale * self.theta.exp()
+        offsets: Tensor = _ScaledOffsets.apply(self.offsets, steps)  # type: ignore[no-untyped-call]
+        matrix = ungroup_columns(offsets, self.in_features)
         return matrix if self.rotation is None else restore_rotation(matrix, self.rotation)
 
     def attach(self) -> None:
@@ -212,6 +236,7 @@ class GridScales:
         """Put the weight parameter back and write the tuned weight and grid into it (before any step
         attached a weight, the tuned weight is the stored one)."""
         vars(self.layer).pop("weight", None)
+        self.stored.data = self.stored.data.new_empty(self.shape)
         self.layer.weight = self.stored
         with torch.no_grad():
             matrix = self.matrix().to(self.stored.dtype)
@@ -380,36 +405,20 @@ def batch_outputs(
 ) -> tuple[ModelOutputs, ModelOutputs]:
     """The student's and the teacher's outputs on the step's windows ``idx``.
 
-    On several ranks each runs the student on its share of ``idx`` and holds the teacher of its share
-    of all windows (``teacher`` is rows ``ranks.share`` of them); both are gathered whole on every
-    rank, so every rank computes the one-process loss of the whole batch: the SW term compares the
-    distributions of all the batch's tokens, as in one process, not per rank (gradients flow back to
-    each rank's own rows, :meth:`~quant_core.distributed.Ranks.gather_differentiable`). A rank that
-    holds no window of the step gathers an empty slice of ``anchor``, a trained parameter: autograd
-    then passes through the gather (and its collective) on that rank too, even when it differentiates
-    only toward the parameters (the gradient shares).
+    On several ranks ``teacher`` holds this rank's share of the windows; each rank runs the student on
+    the windows of the batch it holds, and both outputs are gathered whole on every rank
+    (:class:`~quant_core.distributed.HeldBatch`; ``anchor`` is a trained parameter), so every rank
+    computes the one-process loss of the whole batch.
     """
-    if not ranks.distributed:
-        return student_outputs(model, windows[idx].to(device), head, autocast), ModelOutputs(
-            None, teacher[idx].to(device), head
-        )
-    counts = [end - start for start, end in ranks.bounds(idx.numel())]
-    mine = ranks.share(idx)
-    width = teacher.shape[-1]
-    if mine.numel():
+    start = ranks.bounds(windows.shape[0])[ranks.rank][0]
+    batch = HeldBatch(ranks, windows.shape[0], idx, teacher[:0])
+    hidden, dtype = None, torch.float32
+    if batch.mine.numel():
         with autocast():
-            hidden = last_hidden_state(model, windows[mine].to(device))
-        local, dtype = hidden.float(), hidden.dtype
-    else:  # a short last batch leaves this rank no window; it still takes part in every collective
-        local = anchor.reshape(-1)[:0].float().reshape(0, windows.shape[1], width)
-        dtype = torch.float32
-    dtype = ranks.leaders_dtype(dtype)  # the leader always holds a window of the batch
-    student = ModelOutputs(None, ranks.gather_differentiable(local, counts), _head_in(head, autocast, dtype))
-    start, end = ranks.bounds(windows.shape[0])[ranks.rank]
-    owned = (idx >= start) & (idx < end)
-    rows = torch.zeros(idx.numel(), *teacher.shape[1:], dtype=teacher.dtype)
-    rows[owned] = teacher[idx[owned] - start]
-    return student, ModelOutputs(None, ranks.sum(rows.to(device)), head)
+            computed = last_hidden_state(model, windows[start + batch.mine].to(device))
+        hidden, dtype = computed.float(), computed.dtype
+    student = ModelOutputs(None, batch.whole(hidden, anchor), _head_in(head, autocast, ranks.leaders_dtype(dtype)))
+    return student, ModelOutputs(None, batch.whole(teacher).to(device), head)
 
 
 def tune_end_to_end(

@@ -17,7 +17,7 @@ from quant_core.export_dtype import EXPORT_DTYPES, holds_grid
 from quant_core.finetune import FinetuneOptions
 from quant_core.incoherence import UNPACKABLE_ROTATION
 from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
-from quant_core.methods import METHODS, QuantMethod, build_method
+from quant_core.methods import QuantMethod, build_method
 from quant_core.methods.base import method_class
 from quant_core.quantizer import QuantSpec
 from quant_core.runtimes import RUNTIMES
@@ -193,9 +193,10 @@ class JobSpec:
             return
         ranks = f"world_size {self.world_size}"
         if not method.splits_over_ranks:
-            splitting = ", ".join(name for name, cls in METHODS.items() if cls.splits_over_ranks)
             raise ConfigError(
-                f"{ranks}: {self.method} runs in one process; methods that split over ranks: {splitting}", "world_size"
+                f"{ranks}: {self.method} with these options runs in one process (awq and discquant do, and starts "
+                "from awq's search); use world_size 1",
+                "world_size",
             )
         if self.calib.n_samples < self.world_size:
             raise ConfigError(f"{ranks} needs at least one calibration window per rank", "calib.n_samples")

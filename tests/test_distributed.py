@@ -37,6 +37,7 @@ def _spec(
 ) -> JobSpec:
     return JobSpec(
         model=str(model),
+        loss="mse_sw" if method == "omniquant" else None,
         quant=QuantSpec(bits=3, group_size=32),
         method=method,
         method_options=options,
@@ -64,6 +65,9 @@ CASES = {
     "gptq llm-compressor order": ("gptq", {"true_sequential": False, "act_order": False}, "none", None),
     "gptq quip kd_sw tuning": ("gptq", {"incoherence": "hadamard"}, "none", {**TUNING, "loss": "kd_sw"}),
     "rtn kd tuning": ("rtn", {}, "none", {**TUNING, "loss": "kd"}),
+    "omniquant mse_sw": ("omniquant", {"epochs": 2, "batch_size": 3}, "none", None),
+    "tesseraq": ("tesseraq", {"rounds": 2, "steps_per_round": 3, "batch_size": 2}, "none", None),
+    "normtweaking over gptq": ("normtweaking", {"epochs": 1, "batch_size": 2}, "none", None),
 }
 
 
@@ -105,9 +109,10 @@ def test_two_and_three_ranks_give_what_one_process_gives(case: str, tiny_llama_d
 
 
 def test_a_job_that_cannot_split_is_refused_naming_the_setting(tiny_llama_dir: Path) -> None:
-    with pytest.raises(ConfigError) as refused:
-        _spec(tiny_llama_dir, "omniquant", {}, 2)
-    assert refused.value.field == "world_size" and "gptq" in str(refused.value)
+    for method, options in (("awq", {}), ("tesseraq", {"init": "awq"}), ("discquant", {})):
+        with pytest.raises(ConfigError) as refused:
+            _spec(tiny_llama_dir, method, options, 2)
+        assert refused.value.field == "world_size" and method in str(refused.value)
     with pytest.raises(ConfigError) as refused:
         JobSpec(model=str(tiny_llama_dir), method="gptq", calib=CalibSpec(n_samples=2), world_size=3)
     assert refused.value.field == "calib.n_samples"

@@ -43,12 +43,19 @@ class BlockData:
     # What each linear received in the full-precision block on the full-precision inputs, one CPU
     # tensor per forward batch, in window order; only for a method with ``needs_float_inputs``.
     float_linear_inputs: Mapping[str, list[Tensor]] = field(default_factory=dict)
-    # The ranks the job's windows are split over: ``inputs`` are this rank's share, and what a method
-    # sums over windows it sums over ranks too (quant_core.distributed).
+    # The ranks the job's windows are split over: ``inputs`` are this rank's share of ``total_windows``
+    # (None: they are all), and what a method sums over windows it sums over ranks too
+    # (quant_core.distributed).
     ranks: Ranks = SOLO
+    total_windows: int | None = None
     # The block's output on every input, left by a method that computed it on the way (GPTQ's staged
     # pass) with the weights state it was computed with; see ``keep_outputs``.
     _outputs: tuple[Tensor, tuple[tuple[int, int, int], ...]] | None = None
+
+    @property
+    def windows(self) -> int:
+        """Calibration windows over all ranks."""
+        return self.inputs.shape[0] if self.total_windows is None else self.total_windows
 
     def keep_outputs(self, block: nn.Module, outputs: Tensor) -> None:
         """Offer the engine the block's output on every input, sparing it that pass."""
@@ -102,8 +109,11 @@ class QuantMethod:
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
     whole_model: ClassVar[bool] = False
     needs_targets: ClassVar[bool] = False  # whether calibrate reads BlockData.targets
-    # whether calibrate sums what it gathers over BlockData.ranks, so a job may split its windows
-    splits_over_ranks: ClassVar[bool] = False
+
+    @property
+    def splits_over_ranks(self) -> bool:
+        """Whether calibrate sums what it gathers over ``BlockData.ranks``, so a job may split its windows."""
+        return False
 
     @property
     def needs_float_inputs(self) -> bool:

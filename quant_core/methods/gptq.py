@@ -296,7 +296,10 @@ class Gptq(QuantMethod):
     name = "gptq"
     options_type = GptqOptions
     options: GptqOptions
-    splits_over_ranks = True
+
+    @property
+    def splits_over_ranks(self) -> bool:
+        return True
 
     @property
     def clips(self) -> bool:

@@ -75,6 +75,10 @@ class OmniQuant(QuantMethod):
     options: OmniQuantOptions
 
     @property
+    def splits_over_ranks(self) -> bool:
+        return True
+
+    @property
     def paper(self) -> bool:
         return self.options.schedule == "paper"
 

@@ -39,7 +39,10 @@ class RTN(QuantMethod):
     name = "rtn"
     options_type = RtnOptions
     options: RtnOptions
-    splits_over_ranks = True
+
+    @property
+    def splits_over_ranks(self) -> bool:
+        return True
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         if self.rotates:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from quant_core.distributed import SOLO, Ranks
+from quant_core.distributed import SOLO, HeldBatch, Ranks
 from quant_core.losses import Loss
 from quant_core.methods.base import BlockData
 from quant_core.methods.layer_inputs import recorded_outputs
@@ -29,7 +29,7 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
 
 def epochs_to_steps(epochs: int, data: BlockData, batch_size: int) -> int:
     """Optimizer steps in ``epochs`` passes over the block's windows."""
-    return epochs * math.ceil(data.inputs.shape[0] / batch_size)
+    return epochs * math.ceil(data.windows / batch_size)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -120,10 +120,8 @@ def train_parameters(
     """
     if data.targets is None:
         raise RuntimeError(f"{label} trains against the full-precision targets: declare needs_targets = True")
-    targets = data.targets
-    n = data.inputs.shape[0]
     steps_per_epoch = epochs_to_steps(1, data, batch_size)
-    batches = shuffled_batches(n, batch_size, data.generator)
+    batches = shuffled_batches(data.windows, batch_size, data.generator)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     log = TrainLog()
@@ -133,15 +131,17 @@ def train_parameters(
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * lr_factor(step)
         idx = next(batches).to(data.inputs.device)
+        batch = HeldBatch(data.ranks, data.windows, idx, data.inputs[:0])
         with recorded_outputs(block, loss_fn.sites) as site_outputs:
-            output = data.forward(data.inputs[idx], overrides())
-        terms = loss_fn.terms(output, targets[idx])
+            output = data.forward(data.inputs[batch.mine], overrides()) if batch.mine.numel() else None
+        terms = loss_fn.terms(batch.whole(output, params[0]), batch.whole(data.targets))
         if loss_fn.sites:
             terms |= loss_fn.site_terms(
-                {site: torch.cat(out) for site, out in site_outputs.items()},
-                {site: t[idx] for site, t in data.site_targets.items()},
+                {site: batch.whole(torch.cat(out) if out else None, params[0]) for site, out in site_outputs.items()},
+                {site: batch.whole(t) for site, t in data.site_targets.items()},
             )
-        loss = take_step(terms, optimizer, params, (step, steps), log.gradient_share, f"{label} in block {data.index}")
+        where = f"{label} in block {data.index}"
+        loss = take_step(terms, optimizer, params, (step, steps), log.gradient_share, where, data.ranks)
         total += loss * idx.numel()
         seen += idx.numel()
         if (step + 1) % steps_per_epoch == 0 or step + 1 == steps:
