@@ -11,10 +11,13 @@ stored weight. Tuning's epoch losses agree to 1e-4.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from quant_core.job import CalibSpec, EvalSpec, JobSpec
 from quant_core.launch import TIMEOUT_VARIABLE, run_ranked
 from quant_core.pipeline import JobHooks
 from quant_core.quantizer import QuantSpec
+from tests.s3_server import free_ports
 
 CALIBRATION_WINDOWS = 7  # 3 ranks hold 3, 2 and 2: uneven shares on purpose
 
@@ -163,3 +167,34 @@ def test_a_killed_rank_ends_the_attempt_within_the_collective_timeout(
     assert time.monotonic() - started < 20 + 60  # the timeout, plus the start and the cleanup
     assert not isinstance(failed.value, ConfigError)
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_two_machines_meet_through_torchruns_rendezvous(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Two "machines": two torchrun launchers, each with its own environment and working folder, one
+    process each, meeting at the rendezvous endpoint the first publishes (c10d, as across hosts)."""
+    (port,) = free_ports(1)
+    flags = ["--model", str(tiny_llama_dir), "--method", "gptq", "--bits", "3", "--group-size", "32"]
+    flags += ["--n-samples", str(CALIBRATION_WINDOWS), "--seq-len", "64", "--eval-max-windows", "5"]
+    flags += ["--export", "fake_quant"]
+    machines = []
+    for node in (0, 1):
+        home = tmp_path / f"machine{node}"
+        home.mkdir()
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+        launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job"]
+        launch += ["--node-rank", str(node), "-m", "quant_core.cli", "quantize", *flags, "--out", str(home / "out")]
+        env = {**os.environ, "HOME": str(home), "TMPDIR": str(home)}
+        log = (home / "log").open("w")
+        machines.append(subprocess.Popen(launch, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [machine.wait(timeout=600) for machine in machines]
+    assert codes == [0, 0], [(tmp_path / f"machine{n}" / "log").read_text()[-3000:] for n in (0, 1)]
+    written = [(tmp_path / f"machine{n}" / "out" / "report.json").exists() for n in (0, 1)]
+    assert sum(written) == 1  # the leader's machine writes, wherever torchrun put rank 0
+    leader = tmp_path / f"machine{written.index(True)}" / "out"
+    report = json.loads((leader / "report.json").read_text())
+    one = run_ranked(_spec(tiny_llama_dir, "gptq", {}, 1), tmp_path / "one")
+    assert report["parallel"]["world_size"] == 2
+    for name, pair in one.perplexity.items():
+        assert _close(report["perplexity"][name]["after"], pair.after, 1e-5)
+    for record, block in zip(one.blocks, report["blocks"], strict=True):
+        assert _close(block["loss_after"], record.loss_after, 1e-4)
