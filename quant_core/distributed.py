@@ -104,6 +104,14 @@ class Ranks:
         for param, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
             param.grad = part.view_as(param).clone()
 
+    def objects(self, value: object) -> list[object]:
+        """Every rank's ``value`` (picklable), in rank order; also a point every rank must reach."""
+        if not self.distributed:
+            return [value]
+        values: list[object] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def decide(self, flag: bool) -> bool:
         """The leader's ``flag`` on every rank, so that every rank takes the same branch (a cancel)."""
         if not self.distributed:

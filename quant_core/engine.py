@@ -225,7 +225,9 @@ def calibrate_blocks(
     full_chain = method.needs_targets or method.needs_float_inputs
     fp_inputs = q_inputs.clone() if full_chain else q_inputs[: counts[ranks.rank]].clone()
     records: list[BlockRecord] = []
-    resume = _resume(checkpoint, blocks, residency) if checkpoint is not None else None
+    start, end = ranks.bounds(windows.shape[0])[ranks.rank]
+    share = (start, end, end if full_chain else start + counts[ranks.rank]) if ranks.distributed else None
+    resume = _resume(checkpoint, blocks, residency, share) if checkpoint is not None else None
     if resume is not None:
         fp_inputs, q_inputs = resume.fp_inputs, resume.q_inputs
         records = [BlockRecord(**r) for r in resume.records]
@@ -255,7 +257,7 @@ def calibrate_blocks(
         del fp_outputs, q_outputs
         records.append(record)
         if checkpoint is not None:
-            checkpoint.save(index, blocks[index], fp_inputs, q_inputs, [r.to_dict() for r in records])
+            checkpoint.save(index, blocks[index], fp_inputs, q_inputs, [r.to_dict() for r in records], start)
         if residency is not None:
             residency.leave(index)
         if on_block is not None:
@@ -263,10 +265,16 @@ def calibrate_blocks(
     return records
 
 
-def _resume(checkpoint: BlockCheckpoint, blocks: nn.ModuleList, residency: BlockResidency | None) -> ResumePoint | None:
+def _resume(
+    checkpoint: BlockCheckpoint,
+    blocks: nn.ModuleList,
+    residency: BlockResidency | None,
+    share: tuple[int, int, int] | None,
+) -> ResumePoint | None:
     """Where a stored run stopped, with its finished blocks put back (a streamed block visits memory to
-    be written out again, so the output holds every block whatever the residency)."""
-    resume = checkpoint.load()
+    be written out again, so the output holds every block whatever the residency); ``share``: this
+    rank's windows of the chains (BlockCheckpoint.load)."""
+    resume = checkpoint.load(share)
     for index in range(len(resume.records) if resume is not None else 0):
         if residency is not None:
             residency.enter(index)

@@ -210,8 +210,8 @@ class JobSpec:
 
     @property
     def resumable(self) -> bool:
-        """Whether ``run_job`` can keep per-block progress for this job: any blockwise method in one process."""
-        return not method_class(self.method).whole_model and self.world_size == 1
+        """Whether ``run_job`` can keep per-block progress for this job: any blockwise method."""
+        return not method_class(self.method).whole_model
 
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""

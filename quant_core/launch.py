@@ -74,13 +74,14 @@ def _join(spec: JobSpec, rank: int, address: str, port: int) -> Ranks:
     return Ranks(rank, spec.world_size)
 
 
-def _follow(spec: JobSpec, out_dir: Path, rank: int, port: int, threads: int) -> None:
-    """A spawned rank: its share of the job, nothing written but its own spilled activations."""
+def _follow(spec: JobSpec, out_dir: Path, checkpoint_dir: Path | None, rank: int, port: int, threads: int) -> None:
+    """A spawned rank: its share of the job, nothing written but its spilled activations and its share of
+    the chains in the block checkpoint."""
     die_with_parent()
     torch.set_num_threads(threads)
     ranks = _join(spec, rank, "127.0.0.1", port)
     try:
-        measure(spec, out_dir, JobHooks(), None, ranks)
+        measure(spec, out_dir, JobHooks(), checkpoint_dir, ranks)
     finally:
         dist.destroy_process_group()
 
@@ -101,7 +102,9 @@ def run_ranked(
     port = _free_port()
     context = mp.get_context("spawn")
     followers = [
-        context.Process(target=_follow, args=(rank_spec(spec, rank), out_dir, rank, port, threads), daemon=True)
+        context.Process(
+            target=_follow, args=(rank_spec(spec, rank), out_dir, checkpoint_dir, rank, port, threads), daemon=True
+        )
         for rank in range(1, spec.world_size)
     ]
     for follower in followers:
@@ -151,7 +154,7 @@ def run_torchrun(spec: JobSpec, out_dir: Path, hooks: JobHooks, checkpoint_dir: 
     try:
         if ranks.leader:
             return run_job(spec, out_dir, hooks, checkpoint_dir, ranks)
-        measure(spec, out_dir, JobHooks(), None, ranks)
+        measure(spec, out_dir, JobHooks(), checkpoint_dir, ranks)
         return None
     finally:
         dist.destroy_process_group()

@@ -336,7 +336,7 @@ def calibrate(
             )
         method_stats = {**job.resources, **trained}
     else:
-        checkpoint = BlockCheckpoint(checkpoint_dir, job_fingerprint(spec)) if checkpoint_dir is not None else None
+        checkpoint = None if checkpoint_dir is None else BlockCheckpoint(checkpoint_dir, job_fingerprint(spec), ranks)
         finetune = spec.build_finetune()
         blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
         blockwise = partial(
@@ -544,10 +544,6 @@ def run_job(
     """
     hooks = hooks or JobHooks()
     started = time.perf_counter()
-    if ranks.distributed and checkpoint_dir is not None:
-        raise ConfigError(
-            f"world_size {ranks.world_size}: per-block checkpoints are kept in one process only", "checkpoint"
-        )
     measured = measure(spec, out_dir, hooks, checkpoint_dir, ranks)
     job, before, calibration, after, peaks = (m := measured).job, m.before, m.calibration, m.after, m.peaks
     hooks.stage("saving the quantized model and report")

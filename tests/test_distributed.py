@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from quant_core.distributed import Ranks
-from quant_core.errors import ConfigError
+from quant_core.errors import CancelledError, ConfigError
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
 from quant_core.launch import TIMEOUT_VARIABLE, run_ranked
 from quant_core.pipeline import JobHooks
@@ -135,38 +134,64 @@ def test_shares_cover_every_window_once_with_the_first_ranks_taking_the_remainde
             assert torch.equal(torch.cat(shares), rows)
 
 
-def _kill_a_rank_after_its_first_block(pid_file: Path) -> None:
-    """Wait for a spawned rank (a child of this test's process) and kill it mid-job."""
+@pytest.mark.parametrize(("first", "then"), [(2, 3), (3, 1), (1, 2)])
+def test_a_stopped_job_resumes_from_its_last_block_at_another_world_size(
+    first: int, then: int, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "checkpoint"
+    done: list[int] = []
+    hooks = JobHooks(on_block=lambda record: done.append(record.index), should_cancel=lambda: len(done) == 1)
+    with pytest.raises(CancelledError):
+        run_ranked(_spec(tiny_llama_dir, "gptq", {}, first), tmp_path / "stopped", hooks, checkpoint)
+    assert done == [0]
+    resumed_blocks: list[int] = []
+    resumed = run_ranked(
+        _spec(tiny_llama_dir, "gptq", {}, then),
+        tmp_path / "resumed",
+        JobHooks(on_block=lambda record: resumed_blocks.append(record.index)),
+        checkpoint,
+    )
+    assert resumed_blocks == [1]  # block 0 came from the checkpoint
+    whole = run_ranked(_spec(tiny_llama_dir, "gptq", {}, 1), tmp_path / "whole")
+    for name, pair in whole.perplexity.items():
+        assert _close(resumed.perplexity[name].after, pair.after, 1e-5)
+    for a, b in zip(whole.blocks, resumed.blocks, strict=True):
+        assert _close(b.loss_after, a.loss_after, 1e-4)
+
+
+def _kill_the_other_rank(_record: object) -> None:
+    """The leader's block hook: SIGKILL the spawned rank (a child of this process) mid-job."""
     import psutil
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        children = psutil.Process(int(pid_file.read_text())).children()
-        ranks = [c for c in children if "spawn" in " ".join(c.cmdline())]
-        if ranks:
-            time.sleep(2.0)  # inside the job by now: loaded, evaluating or calibrating
-            os.kill(ranks[0].pid, signal.SIGKILL)
-            return
-        time.sleep(0.05)
+    for child in psutil.Process().children():
+        if "spawn_main" in " ".join(child.cmdline()):
+            os.kill(child.pid, signal.SIGKILL)
 
 
-def test_a_killed_rank_ends_the_attempt_within_the_collective_timeout(
+def test_a_killed_rank_ends_the_attempt_within_the_collective_timeout_and_the_job_resumes(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(TIMEOUT_VARIABLE, "20")
-    pid_file = tmp_path / "pid"
-    pid_file.write_text(str(os.getpid()))
-    killer = multiprocessing.get_context("fork").Process(target=_kill_a_rank_after_its_first_block, args=(pid_file,))
-    killer.start()
+    monkeypatch.setenv(TIMEOUT_VARIABLE, "30")
+    checkpoint = tmp_path / "checkpoint"
+    killing = JobHooks(on_block=_kill_the_other_rank)
     started = time.monotonic()
-    try:
-        with pytest.raises(Exception) as failed:  # Gloo's own error: a closed connection or a timeout
-            run_ranked(_spec(tiny_llama_dir, "gptq", {}, 2), tmp_path / "out", JobHooks())
-    finally:
-        killer.join()
-    assert time.monotonic() - started < 20 + 60  # the timeout, plus the start and the cleanup
-    assert not isinstance(failed.value, ConfigError)
+    with pytest.raises(Exception) as failed:  # Gloo's own error: a closed connection or a timeout
+        run_ranked(_spec(tiny_llama_dir, "gptq", {}, 2), tmp_path / "out", killing, checkpoint)
+    assert time.monotonic() - started < 30 + 90  # the timeout, plus the start and the cleanup
+    assert not isinstance(failed.value, (ConfigError, CancelledError))
     assert not (tmp_path / "out" / "report.json").exists()
+    # the next attempt resumes after the block the killed one finished, and ends as one process does
+    resumed_blocks: list[int] = []
+    resumed = run_ranked(
+        _spec(tiny_llama_dir, "gptq", {}, 2),
+        tmp_path / "out",
+        JobHooks(on_block=lambda record: resumed_blocks.append(record.index)),
+        checkpoint,
+    )
+    assert resumed_blocks == [1]
+    whole = run_ranked(_spec(tiny_llama_dir, "gptq", {}, 1), tmp_path / "whole")
+    for name, pair in whole.perplexity.items():
+        assert _close(resumed.perplexity[name].after, pair.after, 1e-5)
 
 
 def test_two_machines_meet_through_torchruns_rendezvous(tiny_llama_dir: Path, tmp_path: Path) -> None:
