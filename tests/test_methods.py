@@ -18,14 +18,14 @@ from quant_core.quantizer import QuantSpec
 @pytest.mark.parametrize(("bits", "epochs"), [(2, 40), (3, 20), (4, 20), (8, 20)])
 def test_omniquant_paper_schedule_is_20_epochs_40_at_2_bits_at_lr_1e_2(bits: int, epochs: int) -> None:
     method = build_method("omniquant", QuantSpec(bits=bits), build_loss("mse"), {"schedule": "paper"})
-    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8))
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8), windows=16)
     assert method.steps(data) == epochs * 16
     assert method.learning_rate(method.steps(data)) == 1e-2 and method.options.batch_size == 1
 
 
 def test_omniquant_budget_schedule_scales_the_learning_rate_with_the_steps() -> None:
     method = build_method("omniquant", QuantSpec(bits=3), build_loss("mse"))
-    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8))
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8), windows=16)
     assert method.steps(data) == BUDGET_STEPS
     assert method.learning_rate(64) == pytest.approx(4 * method.learning_rate(256))
     assert method.learning_rate(1) == method.learning_rate(64)  # short runs do not take huge steps
@@ -33,7 +33,7 @@ def test_omniquant_budget_schedule_scales_the_learning_rate_with_the_steps() -> 
 
 
 def test_explicit_epochs_or_steps_override_the_schedule() -> None:
-    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8))
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8), windows=16)
     options = {"epochs": 3, "batch_size": 4}
     assert build_method("omniquant", QuantSpec(bits=2), build_loss("mse"), options).steps(data) == 12
     assert build_method("omniquant", QuantSpec(bits=2), build_loss("mse"), {"steps": 7}).steps(data) == 7
