@@ -13,7 +13,11 @@ the wheels its image lacks, into ``.whl/``; carry ``.whl``):
 2. **Scale**: a randomly initialised Llama of ``--hidden``/``--layers`` (the defaults make about 1.2B
    parameters) in bfloat16, GPTQ W4 g128 on ``--windows`` x ``--seq-len`` tokens then one epoch of
    tuning: seconds per block, peak device memory, the packed checkpoint's size, and seconds per billion
-   parameters per block pass, from which a 7B or 70B job's time is predicted.
+   parameters per block pass, from which a 7B or 70B job's time is predicted. On a machine with several
+   GPUs the same job runs again on all of them (``world_size``: one rank per GPU, NCCL), and where
+   llm-compressor's environment is there (``SWQUANT_PEER_PYTHON``, bench/README.md "Peer rows"), its
+   GPTQ runs on the same model and windows: one table of wall time, block time, peak memory and
+   perplexity.
 
 It prints a table and writes JSON; ``--scale-only`` / ``--agreement-only`` run one part.
 """
@@ -29,8 +33,11 @@ from typing import Any
 
 import torch
 
+from bench.peer_job import peer_gptq
+from bench.quality import peer_python
 from bench.random_llama import save_random_llama
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.launch import run_ranked
 from quant_core.pipeline import run_job
 from quant_core.quantizer import QuantSpec
 from quant_core.runtimes import AGREEMENT
@@ -38,7 +45,9 @@ from quant_core.runtimes import AGREEMENT
 TUNING = {"epochs": 1, "loss": "kd_sw"}
 
 
-def _job(model: Path, device: str, quant: QuantSpec, windows: int, seq_len: int, dtype: str) -> JobSpec:
+def _job(
+    model: Path, device: str, quant: QuantSpec, windows: int, seq_len: int, dtype: str, world_size: int = 1
+) -> JobSpec:
     return JobSpec(
         model=str(model),
         quant=quant,
@@ -50,6 +59,7 @@ def _job(model: Path, device: str, quant: QuantSpec, windows: int, seq_len: int,
         export_formats=("pack_quantized",),
         targets=("transformers",),
         finetune=TUNING,
+        world_size=world_size,
     )
 
 
@@ -71,8 +81,9 @@ def agreement(work: Path, devices: tuple[str, str] = ("cpu", "cuda")) -> dict[st
     }
 
 
-def scale(work: Path, hidden: int, layers: int, windows: int, seq_len: int, device: str = "cuda") -> dict[str, Any]:
-    """The large random model's job on the GPU: time per block, peak memory, checkpoint size."""
+def scale(work: Path, hidden: int, layers: int, windows: int, seq_len: int) -> list[dict[str, Any]]:
+    """The large random model's job on one GPU, on every GPU when there are several, and llm-compressor's
+    GPTQ on it when its environment is there: time per block, peak memory, checkpoint size."""
     intermediate = int(hidden * 8 / 3 / 256 + 1) * 256
     model = save_random_llama(
         work / "large",
@@ -85,26 +96,52 @@ def scale(work: Path, hidden: int, layers: int, windows: int, seq_len: int, devi
         dtype="bfloat16",
     )
     parameters = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2  # bfloat16: 2 bytes each
+    quant = QuantSpec(bits=4, symmetric=False, group_size=128)
+    rows = []
+    for world_size in sorted({1, torch.cuda.device_count()}):
+        spec = _job(model, "cuda", quant, windows, seq_len, "bfloat16", world_size)
+        rows.append(_ours(spec, parameters, hidden, layers, work / f"large-{world_size}"))
+    if peer_python().exists():
+        started = time.perf_counter()
+        peer = peer_gptq(_job(model, "cuda", quant, windows, seq_len, "bfloat16"))
+        rows.append(
+            {
+                "row": "llm-compressor gptq, 1 GPU",
+                "wall_s": time.perf_counter() - started,
+                "calibration_s": peer["peer"]["seconds"],
+                "perplexity": peer["perplexity"],
+                "details": peer["peer"],
+            }
+        )
+    return rows
+
+
+def _ours(spec: JobSpec, parameters: float, hidden: int, layers: int, out: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    spec = _job(model, device, QuantSpec(bits=4, symmetric=False, group_size=128), windows, seq_len, "bfloat16")
-    report = run_job(spec, work / "large-out")
+    report = run_ranked(spec, out)
     block_seconds = [record.seconds for record in report.blocks]
     per_block_params = (parameters - 2 * 32_000 * hidden) / layers
     return {
+        "row": f"swquant gptq + kd_sw tuning, {spec.world_size} GPU{'s' if spec.world_size > 1 else ''}",
+        "world_size": spec.world_size,
         "parameters": parameters,
         "hidden": hidden,
         "layers": layers,
-        "windows": windows,
-        "seq_len": seq_len,
+        "windows": spec.calib.n_samples,
+        "seq_len": spec.calib.seq_len,
         "wall_s": time.perf_counter() - started,
         "calibration_s": report.seconds.calibration,
         "median_block_s": sorted(block_seconds)[len(block_seconds) // 2],
         "s_per_billion_params_per_block_pass": sum(block_seconds) / (per_block_params * layers / 1e9),
         "peak_device_mib": report.peak_device_mb,
+        "peak_host_mib_by_rank": [max(b.peak_host_mb_by_rank[r] for b in report.blocks) for r in range(spec.world_size)]
+        if spec.world_size > 1
+        else [report.peak_host_mb],
         "packed_bytes": report.exports["pack_quantized"].details.get("bytes"),
         "bf16_bytes": parameters * 2,
         "tuning": report.method_stats.get("finetune", {}),
-        "perplexity": {name: (pair.before, pair.after) for name, pair in report.perplexity.items()},
+        "perplexity": {name: pair.after for name, pair in report.perplexity.items()},
+        "perplexity_float": {name: pair.before for name, pair in report.perplexity.items()},
     }
 
 
@@ -128,14 +165,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"agreement: {json.dumps(result['agreement'])}", flush=True)
         if not args.agreement_only:
             result["scale"] = scale(work, args.hidden, args.layers, args.windows, args.seq_len)
-            row = result["scale"]
-            size = f"{row['parameters'] / 1e9:.2f}B, {row['windows']} x {row['seq_len']} tokens"
-            print(
-                f"| {size} | {row['median_block_s']:.1f} s a block | {row['s_per_billion_params_per_block_pass']:.1f} s"
-                f" per 1e9 params | {row['peak_device_mib']:.0f} MiB"
-                f" | packed {row['packed_bytes'] / row['bf16_bytes']:.0%} |",
-                flush=True,
-            )
+            print(f"{args.hidden} hidden, {args.layers} layers, {args.windows} x {args.seq_len} tokens")
+            print("| row | wall (s) | median block (s) | s per 1e9 params | peak device (MiB) | perplexity |")
+            print("| --- | --- | --- | --- | --- | --- |")
+            for row in result["scale"]:
+                print(
+                    f"| {row['row']} | {row['wall_s']:.0f} | {row.get('median_block_s', float('nan')):.1f} | "
+                    f"{row.get('s_per_billion_params_per_block_pass', float('nan')):.1f} | "
+                    f"{row.get('peak_device_mib') or float('nan'):.0f} | {json.dumps(row['perplexity'])} |",
+                    flush=True,
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 

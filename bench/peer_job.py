@@ -16,23 +16,21 @@ import json
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from bench.quality import PEER_SCRIPT, peer_python
 from quant_core.cli import add_job_arguments, settings_from_args
+from quant_core.job import JobSpec
 from quant_core.perplexity import perplexity
 from quant_core.pipeline import JobHooks, load
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(parser)
-    parser.add_argument("--result", type=Path, required=True, help="the JSON to write")
-    args = parser.parse_args(argv)
-    settings, _ = settings_from_args(args)
-    spec = settings.to_job_spec()
+def peer_gptq(spec: JobSpec) -> dict[str, Any]:
+    """llm-compressor's GPTQ on ``spec``'s calibration windows at its bits and group size: its own
+    report (versions, wall time, peak memory) and its perplexity on each of the job's texts."""
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         job = load(spec, spec.build_method(), work, JobHooks(), None)
@@ -42,9 +40,23 @@ def main(argv: list[str] | None = None) -> None:
         command += ["--bits", str(spec.quant.bits), "--group-size", str(group), "--scheme", "gptq"]
         subprocess.run([*command, "--out", str(work / "peer")], check=True, stdout=subprocess.DEVNULL)
         peer = AutoModelForCausalLM.from_pretrained(work / "peer", dtype=torch.float32).eval()
-        scores = {name: perplexity(peer, text.ids, scored=text.scored) for name, text in job.eval_sets.items()}
+        scores = {
+            name: perplexity(peer, text.ids, spec.eval.batch_size, spec.device, scored=text.scored)
+            for name, text in job.eval_sets.items()
+        }
         details = json.loads((work / "peer" / "peer.json").read_text())
-    result = {"spec": spec.to_dict(), "peer": details, "perplexity": scores}
+    return {"spec": spec.to_dict(), "peer": details, "perplexity": scores}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(parser)
+    parser.add_argument("--result", type=Path, required=True, help="the JSON to write")
+    args = parser.parse_args(argv)
+    settings, _ = settings_from_args(args)
+    spec = settings.to_job_spec()
+    result = peer_gptq(spec)
+    scores = result["perplexity"]
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2))
     for name, value in scores.items():

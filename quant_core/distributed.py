@@ -15,6 +15,7 @@ died ends the others' wait with an error instead of a hang.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+GRADIENT_BUCKET = 2**24  # elements summed per collective: 64 MiB of float32
 
 
 @dataclass(frozen=True)
@@ -94,15 +96,24 @@ class Ranks:
         gathered: Tensor = _GatherRows.apply(local, counts, self)  # type: ignore[no-untyped-call]
         return gathered
 
-    def sum_gradients(self, params: list[Tensor]) -> None:
-        """Sum every parameter's gradient over ranks in one collective (a parameter with no gradient on
-        this rank, one that held no window of the step, counts as zeros)."""
+    def sum_gradients(self, params: Sequence[Tensor]) -> None:
+        """Sum every parameter's gradient over ranks, a collective per bucket of about
+        :data:`GRADIENT_BUCKET` elements (a parameter with no gradient on this rank, one that held no
+        window of the step, counts as zeros). Buckets bound the flat copy a whole model's gradients
+        would otherwise need at once (DiscQuant's), as DDP's do."""
         if not self.distributed or not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
-        for param, part in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-            param.grad = part.view_as(param).clone()
+        bucket: list[Tensor] = []
+        filled = 0
+        for index, param in enumerate(params):
+            bucket.append(param)
+            filled += param.numel()
+            if filled >= GRADIENT_BUCKET or index == len(params) - 1:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+                flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
+                for owner, part in zip(bucket, flat.split([g.numel() for g in grads]), strict=True):
+                    owner.grad = part.view_as(owner).clone()
+                bucket, filled = [], 0
 
     def objects(self, value: object) -> list[object]:
         """Every rank's ``value`` (picklable), in rank order; also a point every rank must reach."""
@@ -142,7 +153,9 @@ class Ranks:
             "backend": dist.get_backend() if self.distributed else None,
             "calibration_windows_by_rank": [end - start for start, end in self.bounds(windows)],
             "split": "calibration and evaluation windows in contiguous shares; sums over windows (Hessians, "
-            "Gram matrices, NLL) all-reduced; GPTQ's column walk by weight rows, gathered",
+            "Gram matrices, activation means, NLL) and gradients all-reduced; GPTQ's column walk by weight rows, "
+            "gathered; outputs a loss compares gathered; DiscQuant (the whole model on every rank) shares out "
+            "each step's forwards",
         }
 
     @property
@@ -178,6 +191,10 @@ class HeldBatch:
             # gathered rows come rank by rank: where each one sits in the batch
             self._order = torch.argsort(torch.cat([h.nonzero().flatten() for h in held]))
 
+    def gather(self, rows: Tensor) -> Tensor:
+        """The batch's rows, in its order, on every rank, from the ``rows`` this rank computed for ``mine``."""
+        return self.ranks.gather(rows, self.counts)[self._order] if self.ranks.distributed else rows
+
     def whole(self, local: Tensor | None, anchor: Tensor | None = None) -> Tensor:
         """The batch's rows, in its order, on every rank. ``local``: without ``anchor``, this rank's
         whole share (the rows of ``mine`` are taken from it); with ``anchor`` (a trained parameter),
@@ -188,8 +205,7 @@ class HeldBatch:
         """
         if anchor is None:
             assert local is not None
-            local = local[self.mine]
-            return self.ranks.gather(local, self.counts)[self._order] if self.ranks.distributed else local
+            return self.gather(local[self.mine])
         if local is None:
             local = anchor.reshape(-1)[:0].to(self._row.dtype).reshape(self._row.shape)
         if not self.ranks.distributed:

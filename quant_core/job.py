@@ -183,30 +183,24 @@ class JobSpec:
                 f"end-to-end tuning needs blockwise calibration: {self.method} already trains the whole model",
                 "finetune.epochs",
             )
-        self._check_world_size(method)
+        self._check_world_size()
 
-    def _check_world_size(self, method: QuantMethod) -> None:
+    def _check_world_size(self) -> None:
         """Refuse up front what several ranks cannot run yet, naming the setting that asks for it."""
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ConfigError("world_size must be a positive integer", "world_size")
         if self.world_size == 1:
             return
         ranks = f"world_size {self.world_size}"
-        if not method.splits_over_ranks:
-            raise ConfigError(
-                f"{ranks}: {self.method} with these options runs in one process (awq and discquant do, and starts "
-                "from awq's search); use world_size 1",
-                "world_size",
-            )
         if self.calib.n_samples < self.world_size:
             raise ConfigError(f"{ranks} needs at least one calibration window per rank", "calib.n_samples")
-        refused = {
-            "lazy_load": self.lazy_load and "lazy_load",
-            "eval.lm_eval": self.eval.lm_eval is not None and "lm-eval",
-        }
-        for name, what in refused.items():
-            if what:
-                raise ConfigError(f"{ranks}: {what} runs in one process; use world_size 1", name)
+        if self.eval.lm_eval is not None:
+            raise ConfigError(f"{ranks}: lm-eval runs in one process; use world_size 1", "eval.lm_eval")
+        if self.lazy_load and self.build_finetune().enabled:
+            raise ConfigError(
+                f"{ranks}: end-to-end tuning of a streamed (lazy_load) model runs in one process; use world_size 1",
+                "finetune.epochs",
+            )
 
     @property
     def resumable(self) -> bool:

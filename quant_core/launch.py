@@ -86,7 +86,7 @@ def _follow(spec: JobSpec, out_dir: Path, checkpoint_dir: Path | None, rank: int
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -99,7 +99,7 @@ def run_ranked(
     if spec.world_size == 1:
         return run_job(spec, out_dir, hooks, checkpoint_dir)
     threads = max(1, torch.get_num_threads() // spec.world_size)
-    port = _free_port()
+    port = free_port()
     context = mp.get_context("spawn")
     followers = [
         context.Process(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,12 +24,13 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from quant_core.distributed import SOLO, Ranks
 from quant_core.engine import capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
 from quant_core.export import packed_layer, unpacked_weight, write_quantization_config
 from quant_core.methods.base import KEPT_BUFFERS, layer_grid
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
-from quant_core.perplexity import scored_batches, scored_nll, scored_tokens
+from quant_core.perplexity import ranked_perplexity, scored_batches, scored_nll, shared_windows
 from quant_core.quantizer import QuantSpec
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -296,24 +296,29 @@ def blockwise_perplexity(
     device: str = "cpu",
     on_block: Callable[[int], None] | None = None,
     scored: Tensor | None = None,
+    ranks: Ranks = SOLO,
 ) -> float:
     """Perplexity of the model whose blocks are in ``weights``, streaming one block at a time (over the
     ``scored`` predictions, as :func:`quant_core.perplexity.perplexity` counts them).
 
     The blocks' hidden states for all windows are carried from block to block; at the end the real
     model runs with every block replaced by a stand-in that hands over those final hidden states, so
-    the final norm and head are the model's own whatever the architecture.
+    the final norm and head are the model's own whatever the architecture. On several ``ranks`` each
+    streams its share of the windows; a rank with none has nothing to run.
     """
-    captured = capture_block_inputs(lazy.model, windows, device)
-    hidden = captured.hidden
-    for index, block in enumerate(lazy.blocks):
-        lazy.load_block(index, weights).to(device)
-        hidden = run_block_batched(block, hidden, captured.kwargs, batch_size)
-        lazy.release_block(index)
-        if on_block is not None:
-            on_block(index)
+    windows, scored = shared_windows(windows, scored, ranks)
     total_nll = 0.0
-    for (ids, mask), final in zip(scored_batches(windows, scored, batch_size), hidden.split(batch_size), strict=True):
-        with replaced_blocks(lazy, final):
-            total_nll += scored_nll(lazy.model, ids.to(device), mask).item()
-    return math.exp(total_nll / scored_tokens(windows, scored))
+    if windows.shape[0]:
+        captured = capture_block_inputs(lazy.model, windows, device)
+        hidden = captured.hidden
+        for index, block in enumerate(lazy.blocks):
+            lazy.load_block(index, weights).to(device)
+            hidden = run_block_batched(block, hidden, captured.kwargs, batch_size)
+            lazy.release_block(index)
+            if on_block is not None:
+                on_block(index)
+        batches = zip(scored_batches(windows, scored, batch_size), hidden.split(batch_size), strict=True)
+        for (ids, mask), final in batches:
+            with replaced_blocks(lazy, final):
+                total_nll += scored_nll(lazy.model, ids.to(device), mask).item()
+    return ranked_perplexity(total_nll, windows, scored, ranks)

@@ -66,8 +66,7 @@ def perplexity(
     ``on_progress`` receives the number of windows done after every batch. On several ``ranks`` each
     scores its share of the windows and the summed NLL and token counts are summed over ranks.
     """
-    if ranks.distributed:
-        windows, scored = ranks.share(windows), None if scored is None else ranks.share(scored)
+    windows, scored = shared_windows(windows, scored, ranks)
     total_nll, done = 0.0, 0
     for batch, mask in scored_batches(windows, scored, batch_size):
         batch = batch.to(device)
@@ -75,4 +74,14 @@ def perplexity(
         done += batch.shape[0]
         if on_progress is not None:
             on_progress(done)
+    return ranked_perplexity(total_nll, windows, scored, ranks)
+
+
+def shared_windows(windows: Tensor, scored: Tensor | None, ranks: Ranks) -> tuple[Tensor, Tensor | None]:
+    """This rank's share of the evaluation windows and of their scored positions."""
+    return ranks.share(windows), None if scored is None else ranks.share(scored)
+
+
+def ranked_perplexity(total_nll: float, windows: Tensor, scored: Tensor | None, ranks: Ranks) -> float:
+    """Perplexity from this rank's summed NLL over its share: NLL and scored tokens summed over ranks."""
     return math.exp(ranks.total(total_nll) / ranks.total(scored_tokens(windows, scored)))

@@ -5,6 +5,7 @@ This is the plain function the CLI calls and the service's worker wraps; it know
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -73,6 +74,7 @@ from quant_core.streamed_tuning import StreamedTuning, record_streamed_teacher
 
 REPORT_NAME = "report.json"
 SPILL_DIR = ".activations"  # under the job's output folder: its disk, not /tmp (often memory)
+RANKS_DIR = ".ranks"  # where a streamed job's other ranks write the blocks they score, one folder each
 BLOCKS_DIR = ".blocks"  # a streamed tuning's block checkpoint when the job names none
 
 
@@ -281,7 +283,7 @@ def evaluate(
             by_block = PhaseProgress(label, len(streamed.blocks), "blocks", hooks.stage)
             on_block = partial(_advance_past, by_block)
             scores[name] = blockwise_perplexity(
-                streamed, text.ids, weights, spec.eval.batch_size, spec.device, on_block, text.scored
+                streamed, text.ids, weights, spec.eval.batch_size, spec.device, on_block, text.scored, ranks
             )
         else:
             by_window = PhaseProgress(label, ranks.share(text.ids).shape[0], "windows", hooks.stage)
@@ -333,6 +335,7 @@ def calibrate(
                 seed=spec.seed,
                 on_stage=hooks.on_stage,
                 should_cancel=hooks.should_cancel,
+                ranks=ranks,
             )
         method_stats = {**job.resources, **trained}
     else:
@@ -500,8 +503,10 @@ def measure(
     method, record_loss = spec.build_method(), spec.build_loss()  # the loss the block records measure
     torch.manual_seed(spec.seed)
     peaks = StagePeaks(spec.device)
+    # a streamed job writes its blocks as they finish and scores what it wrote: each rank its own copy
+    written_dir = out_dir if ranks.leader else out_dir / RANKS_DIR / f"rank{ranks.rank}"
     with peaks.stage("load"):
-        job = load(spec, method, out_dir, hooks, checkpoint_dir)
+        job = load(spec, method, written_dir, hooks, checkpoint_dir)
     with peaks.stage("evaluate_full_precision"):
         before = evaluate(spec, job, hooks, False, job.lazy.weights if job.lazy is not None else None, ranks)
     if spec.rotation != "none":  # after the float model is scored: the baseline is the user's own model
@@ -524,6 +529,10 @@ def measure(
         if not written:  # scored as it will be stored
             round_to_export_dtype(job.model, job.export_dtype, spec.quant)
         after = evaluate(spec, job, hooks, True, _streamed_weights(spec, job, written) if written else None, ranks)
+    if not ranks.leader:
+        shutil.rmtree(written_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last rank out removes the folder of them all
+            written_dir.parent.rmdir()
     return Measured(job, before, calibration, after, peaks)
 
 

@@ -19,10 +19,16 @@ which must leave the block's output unchanged; an unknown architecture gets a cl
 that multiplies by ``1 + weight`` (Gemma's) takes the fold as ``weight <- (1 + weight) / s - 1``. A
 fused projection (Phi-3's qkv and gate_up, GPT-2's c_attn) is scaled as a whole from its norm; the
 mapping into the projection after it is left out, since only part of its outputs feed that one.
+
+On several ranks each runs the sampled windows it holds: the activation means and the clipping's
+Gram matrices are summed over ranks, and every candidate's output is gathered, so each candidate is
+scored on the whole sample's tokens (an SW term sees their distribution, as in one process) and
+every rank picks the same exponent.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from quant_core.clip_search import clip_ratios, search_clipping
+from quant_core.distributed import HeldBatch
 from quant_core.errors import ConfigError
 from quant_core.methods.base import (
     BlockData,
@@ -163,6 +170,23 @@ def _scale_columns(layer: LinearLike, scales: Tensor) -> None:
         weight_matrix(layer).mul_(scales.to(layer.weight.dtype))
 
 
+class _Sample:
+    """The windows AWQ's searches measure on, of which this rank holds ``held`` (``hidden``'s first rows).
+
+    Each rank runs the sampled windows it holds and :meth:`gather` brings every rank's rows back in
+    the sample's order, so each candidate is scored on the whole sample, as in one process. A block
+    cannot run on no window, so a rank that holds none of the sample runs one window of its own to
+    keep in step with the others' collectives and contributes none of it (``held`` is 0).
+    """
+
+    def __init__(self, batch: HeldBatch, inputs: Tensor) -> None:
+        self.batch, self.held = batch, batch.mine.numel()
+        self.hidden = inputs[batch.mine] if self.held else inputs[:1]
+
+    def gather(self, rows: Tensor) -> Tensor:
+        return self.batch.gather(rows[: self.held])
+
+
 @register_method
 class Awq(QuantMethod):
     name = "awq"
@@ -181,24 +205,28 @@ class Awq(QuantMethod):
         """Fold the searched scales into the block (still full precision) and choose clipping ratios."""
         layout = find_layout(block)
         self._check_layout(block, data, layout)
-        count = min(data.inputs.shape[0], self.options.search_samples)
-        sample = data.inputs[torch.randperm(data.inputs.shape[0], generator=data.generator)[:count].sort().values]
+        count = min(data.windows, self.options.search_samples)
+        chosen = torch.randperm(data.windows, generator=data.generator)[:count].sort().values
+        batch = HeldBatch(data.ranks, data.windows, chosen, data.inputs[:0])
         seed = int(torch.randint(2**31 - 1, (1,), generator=data.generator))
-        reference = data.forward(sample, None).detach()
+        sample = _Sample(batch, data.inputs)
+        reference = data.forward(sample.hidden, None).detach()
         alphas: dict[str, float] = {}
         for mapping in layout:
             alpha = self._search_scales(block, data, sample, mapping, seed)
             if alpha is not None:
                 alphas["+".join(mapping.layers)] = alpha
-        folded = data.forward(sample, None).detach()
-        drift = float((folded - reference).float().norm() / reference.float().norm().clamp(min=1e-12))
+        folded = data.forward(sample.hidden, None).detach()
+        change = (folded - reference)[: sample.held].float().square().sum()
+        size = reference[: sample.held].float().square().sum()
+        drift = math.sqrt(data.ranks.total(float(change))) / max(math.sqrt(data.ranks.total(float(size))), 1e-12)
         if drift > max(FOLD_TOLERANCE, FOLD_TOLERANCE_EPS * torch.finfo(reference.dtype).eps):
             raise ConfigError(
                 f"AWQ scale folding changed the output of {type(block).__name__} by {drift:.2e} (relative); "
                 "this architecture's normalization cannot absorb the scales",
                 "method",
             )
-        clip = self._search_clipping(block, data, sample) if self.options.clip else {}
+        clip = self._search_clipping(block, data, sample.hidden[: sample.held]) if self.options.clip else {}
         return {"alpha": alphas, "clip_ratio": mean_ratio(clip), "clip_factors": clip}
 
     def _check_layout(self, block: nn.Module, data: BlockData, layout: tuple[ScaleMapping, ...]) -> None:
@@ -231,7 +259,7 @@ class Awq(QuantMethod):
 
     @torch.no_grad()
     def _search_scales(
-        self, block: nn.Module, data: BlockData, sample: Tensor, mapping: ScaleMapping, seed: int
+        self, block: nn.Module, data: BlockData, sample: _Sample, mapping: ScaleMapping, seed: int
     ) -> float | None:
         """Best exponent for one mapping, folded into the block; None when the shapes cannot be folded."""
         previous = block.get_submodule(mapping.previous)
@@ -241,12 +269,13 @@ class Awq(QuantMethod):
             return None  # grouped-query attention: v has fewer output channels than o has inputs
         inspect_name = _inspected(mapping.layers)
         inspect = block.get_submodule(inspect_name)
-        args, kwargs = capture_call(block, data, sample, inspect)
+        args, kwargs = capture_call(block, data, sample.hidden, inspect)
         prefix = f"{inspect_name}." if inspect_name not in mapping.layers else ""
         # A single linear is its own inspected module: its input is already in hand.
-        x = (layer_input(block, data, sample, mapping.layers[0]) if prefix else first_argument(args, kwargs)).float()
-        x_mean = x.abs().reshape(-1, width).mean(0)
-        target = _first(inspect(*args, **kwargs)).float()
+        x = layer_input(block, data, sample.hidden, mapping.layers[0]) if prefix else first_argument(args, kwargs)
+        x = x[: sample.held].float().abs().reshape(-1, width)
+        x_mean = data.ranks.sum(x.sum(0)) / data.ranks.total(x.shape[0])
+        target = sample.gather(_first(inspect(*args, **kwargs)).float())
         best: tuple[float, float, Tensor] | None = None
         for step in range(self.options.n_grid):
             alpha = step / self.options.n_grid
@@ -258,7 +287,7 @@ class Awq(QuantMethod):
                 candidate = fake_quantize(weight * scales, self.spec) / scales
                 key = f"{name.removeprefix(prefix)}.weight" if prefix else "weight"
                 overrides[key] = stored_layout(layer, candidate.to(layer.weight.dtype))
-            output = _first(functional_call(inspect, overrides, args, kwargs)).float()
+            output = sample.gather(_first(functional_call(inspect, overrides, args, kwargs)).float())
             score = self._score(output, target, seed)
             if best is None or score < best[0]:
                 best = (score, alpha, scales)
@@ -277,7 +306,7 @@ class Awq(QuantMethod):
         ratios = clip_ratios(self.options.n_grid, self.options.max_shrink)
         if len(ratios) < 2:
             return {}
-        grams = input_grams(block, data, sample, len(sample))
+        grams = input_grams(block, data, sample, max(1, len(sample)))
         return {
             name: search_clipping(weight_matrix(layer), grams[name], self.spec, ratios)[0]
             for name, layer in quantizable_linears(block).items()

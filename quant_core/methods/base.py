@@ -111,11 +111,6 @@ class QuantMethod:
     needs_targets: ClassVar[bool] = False  # whether calibrate reads BlockData.targets
 
     @property
-    def splits_over_ranks(self) -> bool:
-        """Whether calibrate sums what it gathers over ``BlockData.ranks``, so a job may split its windows."""
-        return False
-
-    @property
     def needs_float_inputs(self) -> bool:
         """Whether calibrate reads ``BlockData.float_linear_inputs`` (the engine records them only then)."""
         return False
@@ -160,8 +155,10 @@ class QuantMethod:
         seed: int = 0,
         on_stage: Callable[[str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        ranks: Ranks = SOLO,
     ) -> dict[str, Any]:
-        """Quantize every block of ``model`` at once on ``windows``; return statistics for the report."""
+        """Quantize every block of ``model`` at once on ``windows`` (on several ``ranks``, each with the
+        whole model and all the windows, sharing out the work); return statistics for the report."""
         raise NotImplementedError(f"{self.name} is blockwise: the engine calls calibrate per block")
 
 

@@ -27,7 +27,9 @@ grid and ``x`` live in QuIP's rotated basis (:mod:`quant_core.incoherence`), and
 
 Unlike the blockwise methods this trains the whole model against itself at full precision, so it
 needs the whole model, ``x`` and its AdamW state, and a whole-model backward pass in memory at once;
-:meth:`DiscQuant.check_resources` estimates that and refuses a job the worker cannot hold.
+:meth:`DiscQuant.check_resources` estimates that and refuses a job the worker cannot hold. On several
+ranks every rank holds all of that (data parallelism, as DDP) and runs its share of each step's
+forwards; the gradients are summed before the clamp.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from pydantic import Field, StrictBool
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.losses import ModelOutputs
@@ -416,12 +419,12 @@ class DiscQuant(QuantMethod):
         seed: int = 0,
         on_stage: Callable[[str], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        ranks: Ranks = SOLO,
     ) -> dict[str, Any]:
         """Train ``x`` for every quantized linear of ``model`` on ``windows`` and write the rounded weights."""
         options = self.options
         stats: dict[str, Any] = self.check_resources(model, windows.shape[1], device)
         generator = torch.Generator().manual_seed(seed)
-        self.loss.reseed(seed)
         model.to(device).eval().requires_grad_(False)
         wrapped = wrap_linears(model, self.spec, options.init, generator, self.rotates)
         wrappers = [wrapper for _, _, wrapper in wrapped]
@@ -430,7 +433,11 @@ class DiscQuant(QuantMethod):
                 final_x = [wrapper.fraction for wrapper in wrappers]  # rounding y itself: round-to-nearest
                 stats.update(steps=0, early_save="greedy")
             else:
-                stats.update(self.train(wrappers, model, windows, device, generator, on_stage, should_cancel))
+                stats.update(
+                    self.train(
+                        wrappers, model, windows, device, generator, on_stage, should_cancel, seed=seed, ranks=ranks
+                    )
+                )
                 final_x = [wrapper.x.detach() for wrapper in wrappers]
         finally:
             unwrap_linears(wrapped)
@@ -461,10 +468,19 @@ class DiscQuant(QuantMethod):
         windows: Tensor,
         device: str,
         generator: torch.Generator,
-        on_stage: Callable[[str], None] | None,
-        should_cancel: Callable[[], bool] | None,
+        on_stage: Callable[[str], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        *,
+        seed: int = 0,
+        ranks: Ranks = SOLO,
     ) -> dict[str, Any]:
-        """Minimize the objective over every wrapper's ``x`` (Sec. 4); ``x`` stays in ``[0, 1]`` throughout."""
+        """Minimize the objective over every wrapper's ``x`` (Sec. 4); ``x`` stays in ``[0, 1]`` throughout.
+
+        On several ``ranks`` (each with the whole model) a step's forwards are shared out, a
+        contiguous share to each rank, and the gradients summed before the clamp, as DDP would: each
+        forward's loss is a term of its own, so this is the one-process step. A loss with random
+        directions draws them from the seed and the forward's number, whichever rank runs it.
+        """
         options = self.options
         per_step = options.batch_size * options.grad_accum
         n_samples = options.n_samples or windows.shape[0]
@@ -494,14 +510,18 @@ class DiscQuant(QuantMethod):
                         group["lr"] = options.lr * cosine_with_warmup(step, warmup, steps)
                     optimizer.zero_grad(set_to_none=True)
                     step_loss = 0.0
-                    for micro in range(options.grad_accum):
-                        start = (step * options.grad_accum + micro) * options.batch_size
+                    for micro in range(*ranks.bounds(options.grad_accum)[ranks.rank]):
+                        forward = step * options.grad_accum + micro
+                        self.loss.reseed(seed + forward)
+                        start = forward * options.batch_size
                         ids = windows[order[start : start + options.batch_size]].to(device)
                         teacher = self._outputs(model, wrappers, ids, needs_hidden, teacher=True)
                         student = self._outputs(model, wrappers, ids, needs_hidden, teacher=False)
                         loss = self.loss.model_objective(student, teacher)
                         (loss / (options.grad_accum * delta2)).backward()
                         step_loss += loss.item() / options.grad_accum
+                    step_loss = ranks.total(step_loss)
+                    ranks.sum_gradients(parameters)
                     with torch.no_grad():
                         for wrapper in wrappers:
                             grad = wrapper.x.grad if wrapper.x.grad is not None else torch.zeros_like(wrapper.x)

@@ -298,10 +298,6 @@ class Gptq(QuantMethod):
     options: GptqOptions
 
     @property
-    def splits_over_ranks(self) -> bool:
-        return True
-
-    @property
     def clips(self) -> bool:
         """Whether static group grids start from the searched clipping (the default whenever groups are static).
 

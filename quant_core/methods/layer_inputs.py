@@ -161,11 +161,13 @@ def input_grams(block: nn.Module, data: BlockData, hidden: Tensor, batch_size: i
     Linears that read the very same tensor (q/k/v, gate/up) get one product per batch, computed once.
     The block runs with its current weights, so this is what a method that quantizes every linear at
     once (not stage by stage) needs. On several ranks each runs its share of the windows and the
-    products are summed over ranks.
+    products are summed over ranks; a rank whose share is empty (a sample it holds none of) runs one
+    window of its own so that it knows the products' shapes, and adds zeros.
     """
     grams: dict[str, Tensor] = {}
+    held = hidden.shape[0] > 0
     with recorded_linear_inputs(block) as calls:
-        for batch in hidden.split(batch_size):
+        for batch in (hidden if held else data.inputs[:1]).split(batch_size):
             calls.clear()
             data.forward(batch, None)
             products: dict[int, Tensor] = {}
@@ -174,4 +176,4 @@ def input_grams(block: nn.Module, data: BlockData, hidden: Tensor, batch_size: i
                     flat = x.detach().reshape(-1, x.shape[-1]).float()
                     products[id(x)] = flat.T @ flat
                 grams[name] = grams[name] + products[id(x)] if name in grams else products[id(x)]
-    return {name: data.ranks.sum(gram) for name, gram in grams.items()}
+    return {name: data.ranks.sum(gram if held else torch.zeros_like(gram)) for name, gram in grams.items()}

@@ -84,11 +84,6 @@ class NormTweak(QuantMethod):
 
     rotation_option = "base_options.incoherence"
 
-    @property
-    def splits_over_ranks(self) -> bool:
-        """The norms' training splits; the base method decides for the rest."""
-        return self.base_method().splits_over_ranks
-
     def check(self, blocks: nn.ModuleList) -> None:
         """The base method's checks, the refusal pointing into ``base_options``."""
         try:

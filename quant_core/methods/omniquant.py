@@ -75,10 +75,6 @@ class OmniQuant(QuantMethod):
     options: OmniQuantOptions
 
     @property
-    def splits_over_ranks(self) -> bool:
-        return True
-
-    @property
     def paper(self) -> bool:
         return self.options.schedule == "paper"
 

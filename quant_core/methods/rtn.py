@@ -40,10 +40,6 @@ class RTN(QuantMethod):
     options_type = RtnOptions
     options: RtnOptions
 
-    @property
-    def splits_over_ranks(self) -> bool:
-        return True
-
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         if self.rotates:
             write_dequantized(block, rotated_rtn_weights(block, self.spec, data.generator))

@@ -149,11 +149,6 @@ class TesseraQ(QuantMethod):
     needs_targets = True
     options: TesseraQOptions
 
-    @property
-    def splits_over_ranks(self) -> bool:
-        """From GPTQ's or the clipping's start; AWQ's start searches on one process's windows."""
-        return self.options.init != "awq"
-
     def check(self, blocks: nn.ModuleList) -> None:
         if self.options.init == "awq":
             find_layout(blocks[0])
