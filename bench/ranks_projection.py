@@ -9,20 +9,24 @@ this machine (measured here, 64 MiB tensors). The model of a block's time at N r
     T(N) = R + P / N + C(N)
 
 P is the work that splits with the windows (the block's forwards, the Hessians, GPTQ's column walk by
-rows), R what every rank repeats (each linear's Cholesky factorisation and inverse, the clipping
-choice), C(N) the traffic: a ring all-reduce of every Hessian (2 (N-1)/N of its bytes through each
-rank's link) and an all-gather of the walked rows (weights and the compensated copy, (N-1)/N).
-From the two SmolLM2 points and C measured here, P and R of SmolLM2; scaled to the 70B block, P by
-its multiply-adds per token times the tokens, R by the sum of d_in^3 over its linears. C scales with
-the bytes. Three sets of rates: this machine's (CPU ranks, Gloo, all measured), and GPUs in one node
-and across machines, whose rates are assumptions stated in the output, not measurements: compute
+rows), R what every rank repeats, C(N) the traffic: a ring all-reduce of every Hessian (2 (N-1)/N of
+its bytes through each rank's link) and an all-gather of the walked rows (weights and the compensated
+copy, (N-1)/N). From the two SmolLM2 points and C measured here, P and R of SmolLM2. R holds each
+linear's Cholesky factorisation and inverse, about (4/3) d_in^3 multiply-adds per walk, two walks per
+linear (the full-range and the clipped grid), counted at this machine's measured rate; the rest of R
+(the rotation of the weights, the diagnostics, the gathered results) is taken to grow with the
+block's weights. Scaled to the 70B block: P by its weights times its tokens, R's cubic part by the
+sum of d_in^3, the rest by its weights; C by the bytes. Three sets of rates: this machine's (CPU
+ranks, Gloo, all measured), and GPUs in one node and across machines, whose rates are assumptions
+stated in the output, not measurements: compute
 ``--gpu-tflops`` (achieved float32/TF32 rate) against this machine's measured matmul rate, links
 ``--nvlink-gbs`` and ``--network-gbs`` per rank.
 
 Memory per rank: the block being calibrated (float32 while it is calibrated), the Hessians of its
 linears (replicated on every rank), and the rank's share of both chains' activations (float32) and of
-the tuning's teacher states. Every rank also holds the whole model in host memory today (``lazy_load``
-does not run on several ranks yet): listed apart.
+the tuning's teacher states. A job that loads the model holds all of it on every rank, in host
+memory: listed apart. With ``lazy_load`` each rank streams one block at a time instead (over ranks,
+without end-to-end tuning for now).
 
     python -m bench.ranks_projection [--ranks-result bench/results/ranks.json] \
         [--result bench/results/ranks_projection.json]
@@ -31,6 +35,7 @@ does not run on several ranks yet): listed apart.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -47,6 +52,9 @@ from quant_core.launch import free_port
 GIB = 2**30
 PROBE_ELEMENTS = 2**24  # 64 MiB of float32 per collective
 MATMUL = 2048  # side of the matrices whose product measures this machine's float32 rate
+CUBIC = 4 / 3  # multiply-adds of a Cholesky factorisation and an inverse, in units of d^3
+WALKS = 2  # GPTQ walks each linear from the full-range grid and from the clipped one
+RANKS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,9 @@ class BlockShape:
         return [self.hidden, self.hidden, self.hidden, self.intermediate]
 
     @property
-    def replicated_work(self) -> float:
-        return float(sum(a**3 for a in self.hessian_inputs))
+    def factorisation_flops(self) -> float:
+        """Every linear's Cholesky factorisation and inverse, for each of GPTQ's two walks."""
+        return WALKS * 2 * CUBIC * float(sum(a**3 for a, _ in self.linears))
 
 
 SMOLLM2 = BlockShape(hidden=576, intermediate=1536, kv_width=192, layers=30, params_total=134.5e6)
@@ -147,19 +156,20 @@ def memory_gib(shape: BlockShape, ranks: int, windows: int, seq_len: int) -> dic
         "hessians": sum(4 * a * a for a in shape.hessian_inputs) / GIB,
         "activations (both chains)": 2 * 4 * tokens * shape.hidden / ranks / GIB,
         "tuning teacher states": 4 * tokens * shape.hidden / ranks / GIB,
-        "whole model, bfloat16 (host, every rank)": 2 * shape.params_total / GIB,
+        "whole model, bfloat16 (host, every rank, unless lazy_load)": 2 * shape.params_total / GIB,
     }
 
 
 def project(
     measured: dict[Any, float], link: dict[str, float], assumed: dict[str, float], windows: int, seq_len: int
 ) -> dict[str, Any]:
-    """P and R of SmolLM2 from its two points, scaled to the 70B block; T(N) at 1, 2, 4, 8 ranks."""
+    """P and R of SmolLM2 from its two points, scaled to the 70B block; T(N) for every N of RANKS."""
     c2 = traffic_seconds(SMOLLM2, 2, link)
     split = 2 * (measured[1] - measured[2] + c2)
     repeated = max(measured[1] - split, 0.0)
+    cubic = SMOLLM2.factorisation_flops / (measured["cpu_tflops"] * 1e12)
     work_ratio = LLAMA_70B.params / SMOLLM2.params * (windows * seq_len) / measured["tokens"]
-    repeated_ratio = LLAMA_70B.replicated_work / SMOLLM2.replicated_work
+    rest_ratio = LLAMA_70B.params / SMOLLM2.params
     speedup = assumed["gpu_tflops"] / measured["cpu_tflops"]
     settings = {
         "this machine (CPU ranks, Gloo, measured rates)": (1.0, link),
@@ -174,7 +184,8 @@ def project(
     }
     rows: dict[str, list[dict[str, float]]] = {}
     for label, (faster, rates) in settings.items():
-        p, r = split * work_ratio / faster, repeated * repeated_ratio / faster
+        p = split * work_ratio / faster
+        r = (LLAMA_70B.factorisation_flops / (measured["cpu_tflops"] * 1e12) + (repeated - cubic) * rest_ratio) / faster
         rows[label] = [
             {
                 "ranks": n,
@@ -183,17 +194,27 @@ def project(
                 "traffic_s": traffic_seconds(LLAMA_70B, n, rates),
                 "model_h": LLAMA_70B.layers * (r + p / n + traffic_seconds(LLAMA_70B, n, rates)) / 3600,
             }
-            for n in (1, 2, 4, 8, 16, 32)
+            for n in RANKS
         ]
     return {
         "smollm2_split_s": split,
         "smollm2_repeated_s": repeated,
+        "smollm2_factorisation_s": cubic,
         "smollm2_traffic_2_ranks_s": c2,
         "work_ratio": work_ratio,
-        "repeated_ratio": repeated_ratio,
+        "rest_ratio": rest_ratio,
+        "break_even": {label: break_even(table) for label, table in rows.items()},
         "rows": rows,
         "memory_gib": {n: memory_gib(LLAMA_70B, n, windows, seq_len) for n in (1, 2, 4, 8)},
     }
+
+
+def break_even(table: list[dict[str, float]]) -> int | None:
+    """The first rank count at which doubling from half of it adds more traffic than it saves compute."""
+    for smaller, larger in itertools.pairwise(table):
+        if larger["traffic_s"] - smaller["traffic_s"] > smaller["compute_s"] - larger["compute_s"]:
+            return int(larger["ranks"])
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-tflops", type=float, default=200.0, help="assumed: a GPU's achieved float32/TF32 rate")
     parser.add_argument("--nvlink-gbs", type=float, default=300.0, help="assumed: GB/s per GPU's link in one node")
     parser.add_argument("--network-gbs", type=float, default=12.5, help="assumed: GB/s per machine's link (100 Gb/s)")
+    parser.add_argument(
+        "--measure", action="store_true", help="measure the link and matmul rates again (default: keep --result's)"
+    )
     args = parser.parse_args(argv)
     rows = json.loads(args.ranks_result.read_text())
     measured: dict[Any, float] = {}
@@ -214,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{args.ranks_result} has no row {label!r}: run python -m bench.ranks first")
         measured[n] = sum(blocks) / len(blocks)
     measured["tokens"] = rows[0]["calibration_tokens"]
-    link = measured_link()
-    measured["cpu_tflops"] = matmul_tflops()
+    kept = json.loads(args.result.read_text()) if args.result.exists() and not args.measure else None
+    if kept is not None:  # rates measured once on free cores: a rerun under load would understate them
+        link, measured["cpu_tflops"] = kept["link_bytes_per_s"], kept["measured_block_s"]["cpu_tflops"]
+    else:
+        link, measured["cpu_tflops"] = measured_link(), matmul_tflops()
     assumed = {"gpu_tflops": args.gpu_tflops, "nvlink_gbs": args.nvlink_gbs, "network_gbs": args.network_gbs}
     result = {"assumed": assumed, "measured_block_s": measured, "link_bytes_per_s": link}
     result |= {"windows": args.windows, "seq_len": args.seq_len}
@@ -225,7 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"this machine: float32 matmul {measured['cpu_tflops']:.3f} TFLOP/s")
     print(f"link (2 local Gloo ranks): all-reduce {link['all_reduce'] / 1e9:.2f} GB/s, ", end="")
     print(f"all-gather {link['all_gather'] / 1e9:.2f} GB/s")
-    print(f"SmolLM2 block: {result['smollm2_split_s']:.2f} s splits, {result['smollm2_repeated_s']:.2f} s repeated")
+    print(
+        f"SmolLM2 block: {result['smollm2_split_s']:.2f} s splits, {result['smollm2_repeated_s']:.2f} s repeated ",
+        end="",
+    )
+    print(f"({result['smollm2_factorisation_s']:.2f} s of it the factorisations)")
     for label, table in result["rows"].items():
         print(f"\n70B block, {label}")
         print(f"| ranks | block (s) | compute (s) | traffic (s) | 80 blocks (h) |\n{'| --- ' * 5}|")
@@ -234,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {row['ranks']} | {row['block_s']:.1f} | {row['compute_s']:.1f} | {row['traffic_s']:.1f} | "
                 f"{row['model_h']:.2f} |"
             )
+        even = result["break_even"][label]
+        print(
+            f"traffic outweighs the saving from {even} ranks" if even else f"traffic never outweighs up to {RANKS[-1]}"
+        )
     print(f"\n70B, {args.windows} x {args.seq_len} tokens, GiB per rank")
     for n, parts in result["memory_gib"].items():
         print(f"{n} ranks: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
