@@ -194,7 +194,7 @@ class JobSettings(_Section):
         le=MAX_WORLD_SIZE,
         title="Ranks",
         description="processes the calibration windows are split over (one per device, or per share of the CPU "
-        "cores), on torch.distributed: gptq and rtn; 1: one process",
+        "cores), on torch.distributed, for every method; 1: one process",
     )
 
     def to_job_spec(self, resolve: Callable[[str], str] = lambda s: s, device: str = "cpu") -> JobSpec:

@@ -75,8 +75,8 @@ def _join(spec: JobSpec, rank: int, address: str, port: int) -> Ranks:
 
 
 def _follow(spec: JobSpec, out_dir: Path, checkpoint_dir: Path | None, rank: int, port: int, threads: int) -> None:
-    """A spawned rank: its share of the job, nothing written but its spilled activations and its share of
-    the chains in the block checkpoint."""
+    """A spawned rank: its share of the job, nothing kept but its share of the chains in the block
+    checkpoint (its spilled activations, and a streamed job's blocks it scores, are removed)."""
     die_with_parent()
     torch.set_num_threads(threads)
     ranks = _join(spec, rank, "127.0.0.1", port)

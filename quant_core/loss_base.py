@@ -104,5 +104,6 @@ class Loss:
         """:meth:`model_objective` as its weighted terms, which sum to it: one term by default."""
         return {self.name: self.model_objective(student, teacher)}
 
-    def reseed(self, seed: int) -> None:
-        """Deterministic losses have nothing to reseed."""
+    def reseed(self, seed: int, keep_learned: bool = False) -> None:
+        """Restart the random draws from ``seed`` and, unless ``keep_learned``, forget what the loss learned
+        from call to call (learned SW directions). Deterministic losses have nothing to reseed."""

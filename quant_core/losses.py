@@ -235,10 +235,10 @@ class HybridLoss(Loss):
             "sw": self.sw_weight * self.sw.model_objective(student, teacher),
         }
 
-    def reseed(self, seed: int) -> None:
-        self.sw.reseed(seed)
+    def reseed(self, seed: int, keep_learned: bool = False) -> None:
+        self.sw.reseed(seed, keep_learned)
         for i, loss in enumerate(self.site_sw.values(), start=1):
-            loss.reseed(seed + SITE_SEED_STRIDE * i)
+            loss.reseed(seed + SITE_SEED_STRIDE * i, keep_learned)
 
 
 # --- registry --------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import json
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -225,7 +225,7 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
             raise ConfigError(
                 f"{spec.method} trains the whole model at once and cannot resume from blocks", "checkpoint"
             )
-        resources = method.check_resources(model, spec.calib.seq_len, spec.device)
+        resources = method.check_resources(model, spec.calib.seq_len, spec.device, spec.world_size)
     formats = export_formats_for(spec, method, model, blocks)
     residency = None if lazy is None else StreamingBlocks(lazy, _streamed_writers(lazy, formats, spec, out_dir))
     drawn = spec.build_finetune().windows_to_draw(spec.calib.n_samples)
@@ -495,16 +495,38 @@ def _agreed_cancel(hooks: JobHooks, ranks: Ranks) -> JobHooks:
     return replace(hooks, should_cancel=lambda: ranks.decide(ranks.leader and asked is not None and asked()))
 
 
+@contextlib.contextmanager
+def _written_dir(out_dir: Path, ranks: Ranks) -> Iterator[Path]:
+    """Where this rank writes a streamed job's blocks, which it scores afterwards: the output folder for
+    the leader, a copy of its own for every other rank, removed when the rank is done whatever happened
+    (the last rank out removes the folder of them all)."""
+    if ranks.leader:
+        yield out_dir
+        return
+    own = out_dir / RANKS_DIR / f"rank{ranks.rank}"
+    try:
+        yield own
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            own.parent.rmdir()
+
+
 def measure(
     spec: JobSpec, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None, ranks: Ranks = SOLO
 ) -> Measured:
     """Load, evaluate, calibrate and evaluate again: a job up to its export, this rank's part of it."""
+    with _written_dir(out_dir, ranks) as written_dir:
+        return _measure(spec, out_dir, written_dir, hooks, checkpoint_dir, ranks)
+
+
+def _measure(
+    spec: JobSpec, out_dir: Path, written_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None, ranks: Ranks
+) -> Measured:
     hooks = _agreed_cancel(hooks, ranks)
     method, record_loss = spec.build_method(), spec.build_loss()  # the loss the block records measure
     torch.manual_seed(spec.seed)
     peaks = StagePeaks(spec.device)
-    # a streamed job writes its blocks as they finish and scores what it wrote: each rank its own copy
-    written_dir = out_dir if ranks.leader else out_dir / RANKS_DIR / f"rank{ranks.rank}"
     with peaks.stage("load"):
         job = load(spec, method, written_dir, hooks, checkpoint_dir)
     with peaks.stage("evaluate_full_precision"):
@@ -529,10 +551,6 @@ def measure(
         if not written:  # scored as it will be stored
             round_to_export_dtype(job.model, job.export_dtype, spec.quant)
         after = evaluate(spec, job, hooks, True, _streamed_weights(spec, job, written) if written else None, ranks)
-    if not ranks.leader:
-        shutil.rmtree(written_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the last rank out removes the folder of them all
-            written_dir.parent.rmdir()
     return Measured(job, before, calibration, after, peaks)
 
 

@@ -117,7 +117,7 @@ class SlicedWassersteinLoss(Loss):
         self.block_sizes = () if block_size is None else (block_size,)
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int, keep_learned: bool = False) -> None:
         self.seed = seed
         self._generators.clear()
 
@@ -180,9 +180,10 @@ class LearnedProjectionLoss(SlicedWassersteinLoss):
         self.step_size = step_size
         self._directions: dict[torch.device, Tensor] = {}
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int, keep_learned: bool = False) -> None:
         super().reseed(seed)
-        self._directions.clear()
+        if not keep_learned:
+            self._directions.clear()
 
     def directions(self, x: Tensor, y: Tensor) -> Tensor:
         current = self._directions.get(x.device)
@@ -224,6 +225,6 @@ class MultiScaleLoss(Loss):
             self.parts[0].model_objective(student, teacher),
         )
 
-    def reseed(self, seed: int) -> None:
+    def reseed(self, seed: int, keep_learned: bool = False) -> None:
         for i, part in enumerate(self.parts):
-            part.reseed(seed + i)
+            part.reseed(seed + i, keep_learned)

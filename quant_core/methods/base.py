@@ -142,7 +142,7 @@ class QuantMethod:
 
     # --- the whole-model contract (``whole_model = True``), called by the pipeline instead of the engine
 
-    def check_resources(self, model: nn.Module, seq_len: int, device: str) -> dict[str, Any]:
+    def check_resources(self, model: nn.Module, seq_len: int, device: str, sharing: int = 1) -> dict[str, Any]:
         """Refuse, before any work, a run that cannot fit; return the estimate for the report."""
         raise NotImplementedError(f"{self.name} is blockwise: the engine calls calibrate per block")
 

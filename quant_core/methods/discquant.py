@@ -369,11 +369,12 @@ class DiscQuant(QuantMethod):
         blocks = find_decoder_blocks(model)
         return sum(weight_matrix(m).numel() for block in blocks for m in quantizable_linears(block).values())
 
-    def check_resources(self, model: nn.Module, seq_len: int, device: str) -> dict[str, Any]:
+    def check_resources(self, model: nn.Module, seq_len: int, device: str, sharing: int = 1) -> dict[str, Any]:
         """Estimate the memory training needs and refuse the job up front if the worker lacks it.
 
         Compared with ``memory_budget_gib`` when set, else with the free GPU memory on CUDA, else with
-        the host's available memory plus the model already loaded (it is part of the estimate).
+        the host's available memory plus the model already loaded (it is part of the estimate), divided
+        among the ``sharing`` ranks that each hold a copy in that memory (a job's CPU ranks).
         """
         if self.options.early_save == "greedy":
             return {"memory_estimate_gib": None}
@@ -394,8 +395,8 @@ class DiscQuant(QuantMethod):
             available, source = torch.cuda.mem_get_info(torch.device(device))[0], f"free memory of {device}"
         else:
             free = host_available_bytes()
-            available = None if free is None else free + estimate.teacher_weights
-            source = "host MemAvailable plus the loaded model"
+            available = None if free is None else free / sharing + estimate.teacher_weights
+            source = "host MemAvailable plus the loaded model" + (f", shared by {sharing} ranks" if sharing > 1 else "")
         parts = ", ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in estimate.to_dict().items() if k != "total")
         if available is not None and estimate.total > available:
             raise ConfigError(
@@ -423,7 +424,7 @@ class DiscQuant(QuantMethod):
     ) -> dict[str, Any]:
         """Train ``x`` for every quantized linear of ``model`` on ``windows`` and write the rounded weights."""
         options = self.options
-        stats: dict[str, Any] = self.check_resources(model, windows.shape[1], device)
+        stats: dict[str, Any] = self.check_resources(model, windows.shape[1], device, ranks.world_size)
         generator = torch.Generator().manual_seed(seed)
         model.to(device).eval().requires_grad_(False)
         wrapped = wrap_linears(model, self.spec, options.init, generator, self.rotates)
@@ -479,7 +480,8 @@ class DiscQuant(QuantMethod):
         On several ``ranks`` (each with the whole model) a step's forwards are shared out, a
         contiguous share to each rank, and the gradients summed before the clamp, as DDP would: each
         forward's loss is a term of its own, so this is the one-process step. A loss with random
-        directions draws them from the seed and the forward's number, whichever rank runs it.
+        directions draws them from the seed and the forward's number, whichever rank runs it; learned
+        SW directions keep climbing from forward to forward (on each rank, over the forwards it runs).
         """
         options = self.options
         per_step = options.batch_size * options.grad_accum
@@ -512,7 +514,7 @@ class DiscQuant(QuantMethod):
                     step_loss = 0.0
                     for micro in range(*ranks.bounds(options.grad_accum)[ranks.rank]):
                         forward = step * options.grad_accum + micro
-                        self.loss.reseed(seed + forward)
+                        self.loss.reseed(seed + forward, keep_learned=forward > 0)
                         start = forward * options.batch_size
                         ids = windows[order[start : start + options.batch_size]].to(device)
                         teacher = self._outputs(model, wrappers, ids, needs_hidden, teacher=True)
