@@ -25,7 +25,8 @@ import torch
 from bench.assets import prepare_smollm2
 from bench.quality import GROUP_SIZE, ROWS, SEED, Settings, _data
 from quant_core.engine import calibrate_blocks
-from quant_core.finetune import FinetuneOptions, record_teacher, tune_end_to_end
+from quant_core.finetune import record_teacher, tune_end_to_end
+from quant_core.finetune_options import FinetuneOptions
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.model_io import load_model

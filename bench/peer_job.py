@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", type=Path, required=True, help="the JSON to write")
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args)
-    spec = settings.to_job_spec()
+    spec = JobSpec.from_settings(settings)
     result = peer_gptq(spec)
     scores = result["perplexity"]
     args.result.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.corpus import calibration_windows, tokenize_file
 from quant_core.engine import calibrate_blocks
 from quant_core.eval_windows import evaluation_windows, window_start
-from quant_core.finetune import FinetuneOptions, calibrate_then_tune
+from quant_core.finetune import calibrate_then_tune
+from quant_core.finetune_options import FinetuneOptions
 from quant_core.losses import build_loss
 from quant_core.memory import host_peak_mb
 from quant_core.methods import build_method

@@ -23,10 +23,11 @@ from transformers import AutoConfig
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
-from quant_core.model_io import FAKE_QUANT_DIR
+from quant_core.job_settings import RUNTIMES
+from quant_core.output_names import FAKE_QUANT_DIR
 from quant_core.pipeline import run_job
 from quant_core.quantizer import QuantSpec
-from quant_core.runtimes import RUNTIMES, score_checkpoint, target_blockers
+from quant_core.runtimes import score_checkpoint, target_blockers
 
 RESULTS = Path(__file__).with_name("results") / "runtimes.json"
 # (bits, symmetric, group size, GPTQ options, rotation): group 128 does not divide SmolLM2's 576-wide

@@ -30,7 +30,7 @@ the rotation there; QuaRot's online Hadamard before ``down_proj`` needs a runtim
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,6 @@ from torch import Tensor, nn
 from quant_core.errors import ConfigError
 from quant_core.incoherence import RandomizedHadamard, has_hadamard
 from quant_core.model_structure import find_decoder_blocks, text_config
-
-RotationName = Literal["none", "hadamard"]
-ROTATIONS: tuple[str, ...] = get_args(RotationName)
 
 # Families whose RMSNorm computes ``weight * x / rms(x)`` (Gemma's ``(1 + weight)`` and its norms
 # after each sublayer do not commute with a rotation of the stream) and whose blocks are exactly

@@ -28,7 +28,6 @@ from transformers import PreTrainedTokenizerBase
 from quant_core.errors import ConfigError
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
-MAX_TASKS = 16
 
 
 @dataclass(frozen=True)
@@ -41,25 +40,6 @@ class LmEvalSpec:
     batch_size: int = 8
     baseline: bool = True  # also score the float model (cached), so the gap can be reported
 
-    def __post_init__(self) -> None:
-        tasks = self.tasks
-        if isinstance(tasks, str) or not isinstance(tasks, list | tuple) or not 1 <= len(tasks) <= MAX_TASKS:
-            raise ConfigError(
-                f"tasks must be a list of 1 to {MAX_TASKS} task names or task files", "eval.lm_eval.tasks"
-            )
-        if not all(isinstance(t, str) and t.strip() for t in tasks):
-            raise ConfigError("tasks must be non-empty strings", "eval.lm_eval.tasks")
-        object.__setattr__(self, "tasks", tuple(tasks))
-        for name in ("limit", "num_fewshot", "batch_size"):
-            value = getattr(self, name)
-            low = 0 if name == "num_fewshot" else 1
-            if (value is not None or name == "batch_size") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < low
-            ):
-                raise ConfigError(f"{name} must be an integer of at least {low}", f"eval.lm_eval.{name}")
-        if not isinstance(self.baseline, bool):
-            raise ConfigError("baseline must be true or false", "eval.lm_eval.baseline")
-
     def resolved_tasks(self) -> tuple[list[str], list[str]]:
         """Task names to run and the folders of task files to add to lm-eval's registry."""
         names, folders = [], []
@@ -67,10 +47,10 @@ class LmEvalSpec:
             if task.endswith((".yaml", ".yml")):
                 path = Path(task)
                 if not path.is_file():
-                    raise ConfigError(f"task file not found: {task}", "eval.lm_eval.tasks")
+                    raise ConfigError(f"task file not found: {task}", "evaluation.lm_eval.tasks")
                 declared = (yaml.safe_load(path.read_text()) or {}).get("task")
                 if not isinstance(declared, str):
-                    raise ConfigError(f"task file {task} declares no 'task:' name", "eval.lm_eval.tasks")
+                    raise ConfigError(f"task file {task} declares no 'task:' name", "evaluation.lm_eval.tasks")
                 names.append(declared)
                 folders.append(str(path.parent.resolve()))
             else:
@@ -91,7 +71,7 @@ def lm_eval_version() -> str:
         return version("lm_eval")
     except PackageNotFoundError as error:
         raise ConfigError(
-            "evaluation.lm_eval needs the lm-eval package: pip install 'swquant[eval]'", "eval.lm_eval"
+            "evaluation.lm_eval needs the lm-eval package: pip install 'swquant[eval]'", "evaluation.lm_eval"
         ) from error
 
 

@@ -1,23 +1,18 @@
 """What a job can ask for: every registered method and loss with its options and their defaults.
 
-Read from the registries and the option models themselves (quant_core.options), so the list a user sees
-(``swquant methods``, ``GET /v1/methods``) is always the list the code accepts.
+Read from the declarations the requests are checked against (quant_core.method_options,
+quant_core.loss_options, quant_core.finetune_options), which the method and loss registries are built
+on, so the list a user sees (``swquant methods``, ``GET /v1/methods``) is the list the code accepts; the
+API serves it without loading torch.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from quant_core.finetune import FinetuneOptions
-from quant_core.losses import LOSSES, LossOptions
-from quant_core.methods import METHODS
-
-
-def _summary(cls: type) -> str:
-    """The first line of the method's module docstring (where its paper and idea are stated)."""
-    doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+from quant_core.finetune_options import FinetuneOptions
+from quant_core.loss_options import LOSS_NAMES, LossOptions
+from quant_core.method_options import METHOD_OPTIONS
 
 
 def catalog() -> dict[str, Any]:
@@ -25,16 +20,16 @@ def catalog() -> dict[str, Any]:
     options) and the end-to-end tuning stage's options."""
     methods = {
         name: {
-            "summary": _summary(cls),
-            "default_loss": cls.default_loss,
-            "whole_model": cls.whole_model,
-            "options": cls.options_type.described(),
+            "summary": options.summary,
+            "default_loss": options.default_loss,
+            "whole_model": options.whole_model,
+            "options": options.described(),
         }
-        for name, cls in METHODS.items()
+        for name, options in METHOD_OPTIONS.items()
     }
     return {
         "methods": methods,
-        "losses": {"names": list(LOSSES), "options": LossOptions.described()},
+        "losses": {"names": list(LOSS_NAMES), "options": LossOptions.described()},
         "finetune": {"options": FinetuneOptions.described()},
     }
 

@@ -13,9 +13,10 @@ import yaml
 from pydantic_core import PydanticUndefined
 from tqdm import tqdm
 
+from quant_core.block_record import BlockRecord
 from quant_core.catalog import catalog, format_catalog
-from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
+from quant_core.job import JobSpec
 from quant_core.job_settings import JobSettings, Setting, leaf_settings, set_path, validated
 from quant_core.launch import run_torchrun
 from quant_core.lightcompress_config import read_lightcompress
@@ -153,7 +154,7 @@ def quantize(args: argparse.Namespace) -> int:
     out_dir = args.out if args.out is not None else save_path and Path(save_path)
     if not out_dir:
         raise ConfigError("--out is required", "save_path")
-    spec = settings.to_job_spec(device=args.device or "cpu")
+    spec = JobSpec.from_settings(settings, device=args.device or "cpu")
     bars: list[tqdm] = []
 
     def on_block(record: BlockRecord) -> None:

@@ -16,20 +16,10 @@ from transformers import PreTrainedTokenizerBase
 from quant_core.errors import ConfigError
 
 CORPORA_DIR = Path(__file__).with_name("corpora")
-MAX_SAMPLES = 4096  # calibration windows a job may ask for (its blocks' or its tuning's)
 BUNDLED_TEXTS = {
     "austen": CORPORA_DIR / "austen_northanger.txt",
     "persuasion": CORPORA_DIR / "austen_persuasion.txt",
 }
-
-
-def calibrated_on_evaluation(name: str) -> ConfigError:
-    """The refusal of a job whose calibration text is one of its evaluation texts."""
-    return ConfigError(
-        f"calib.text is also the evaluation text {name!r}: the report would score the model on the text it was "
-        "fitted to; calibrate or evaluate on another text",
-        "calib.text",
-    )
 
 
 def resolve_text(source: str, field: str) -> Path:
@@ -53,7 +43,7 @@ def calibration_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, st
     ``start``, each is that token followed by ``seq_len - 1`` tokens of the text."""
     if ids.numel() < seq_len + 1:
         raise ConfigError(
-            f"calibration text has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}", "calib.seq_len"
+            f"calibration text has {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}", "calibration.seq_len"
         )
     taken = seq_len if start is None else seq_len - 1
     generator = torch.Generator().manual_seed(seed)

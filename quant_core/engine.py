@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from pydantic import BaseModel, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from quant_core.block_record import BlockRecord
 from quant_core.checkpoint import BlockCheckpoint, ResumePoint
 from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import CancelledError
@@ -42,32 +42,6 @@ class BlockResidency(Protocol):
     def enter(self, index: int) -> None: ...
 
     def leave(self, index: int) -> None: ...
-
-
-class BlockRecord(BaseModel):
-    """What happened to one block: losses with round-to-nearest (before) and after calibration.
-
-    A pydantic model because the service stores it as the block's event (swq_shared.events.BlockEvent
-    extends it) and reads it back from JSON."""
-
-    index: int
-    num_blocks: int
-    loss_before: float
-    loss_after: float
-    mse_before: float
-    mse_after: float
-    seconds: float
-    peak_host_mb: float
-    peak_device_mb: float | None
-    # every rank's host peak, in rank order, when the job runs on several (quant_core.distributed)
-    peak_host_mb_by_rank: list[float] = Field(default_factory=list)
-    method_stats: dict[str, Any] = Field(default_factory=dict)
-    # quant_core.output_stats.distribution_errors of the block output, before and after calibration.
-    distribution_before: dict[str, float] = Field(default_factory=dict)
-    distribution_after: dict[str, float] = Field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
 
 
 @dataclass

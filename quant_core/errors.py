@@ -7,6 +7,7 @@ turn it into an HTTP 422 whose message points at the offending field.
 import itertools
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,15 @@ def config_error(exc: ValidationError) -> ConfigError:
     where = ".".join(str(part) for part in error["loc"])
     named = ".".join(str(part) for part in itertools.takewhile(lambda part: isinstance(part, str), error["loc"]))
     return ConfigError(f"{where}: {str(error['msg']).removeprefix('Value error, ')}", named or None)
+
+
+def placed(error: ErrorDetails) -> tuple[tuple[str | int, ...], str]:
+    """Where one of pydantic's errors belongs and what it says: a ConfigError raised by a check across
+    fields (a model validator, whose own location is the whole model) names its field itself."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return (tuple(cause.field.split(".")) if cause.field else ()), str(cause)
+    return tuple(error["loc"]), str(error["msg"])
 
 
 class CancelledError(RuntimeError):

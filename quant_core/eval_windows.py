@@ -92,7 +92,9 @@ def cut_windows(
     total, predicted = ids.numel(), seq_len - 1
     needed = seq_len if start.token is None else predicted  # one window's worth of text
     if total < needed:
-        raise ConfigError(f"evaluation text has {total} tokens, fewer than the {needed} a window needs", "eval.seq_len")
+        raise ConfigError(
+            f"evaluation text has {total} tokens, fewer than the {needed} a window needs", "evaluation.seq_len"
+        )
     prefix = None if start.token is None else torch.tensor([start.token], dtype=ids.dtype)
     first = 0 if prefix is not None else 1
     windows: list[Tensor] = []

@@ -10,34 +10,20 @@ computed in float32.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 from torch import nn
 
+from quant_core.dtype_names import holds_grid as grid_fits
 from quant_core.methods.base import GRID_BUFFERS, layer_grid
 from quant_core.model_structure import LinearLike, stored_layout, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, ungroup_columns
 
-# ``auto``: float16 for a model declared float16 (its values may need float16's finer steps), bfloat16
-# for every other (a bfloat16 model stays exact; a float32 one is halved).
-ExportDtypeName = Literal["auto", "bfloat16", "float16", "float32"]
-EXPORT_DTYPES: tuple[str, ...] = get_args(ExportDtypeName)
 _NAMED = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def holds_grid(dtype: torch.dtype, spec: QuantSpec) -> bool:
-    """Whether a weight ``(code - zero) * scale`` stored in ``dtype`` still tells its code.
-
-    Rounding to a dtype of ``p`` significant bits moves a value by up to ``2^-p`` of itself, so the code
-    read back from the stored weight is the right one while ``|code - zero| * 2^-p < 1/2``. The offsets
-    are at most ``2^b - 1`` on an asymmetric grid and ``2^(b-1) - 1`` on a symmetric one (its far end
-    ``-2^(b-1)`` is a power of two, exact in any dtype). bfloat16 (8 bits) holds every grid up to
-    7 bits and symmetric 8-bit, not asymmetric 8-bit: one weight in a hundred of a one-sided group
-    would come back a code away, some past the grid's end.
-    """
-    largest_offset = 2 ** (spec.bits - 1) - 1 if spec.symmetric else 2**spec.bits - 1
-    return largest_offset < 1 / torch.finfo(dtype).eps  # eps = 2^(1 - p)
+    """Whether ``dtype`` stores ``spec``'s grid so that each weight tells its code (quant_core.dtype_names)."""
+    return grid_fits(str(dtype).removeprefix("torch."), spec.bits, spec.symmetric)
 
 
 def resolve_export_dtype(name: str, declared: torch.dtype | None, spec: QuantSpec) -> torch.dtype:

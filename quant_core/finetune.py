@@ -22,26 +22,30 @@ The teacher is the full-precision model itself, run once over the windows before
 last hidden states (small: windows x tokens x hidden) are kept, and its logits are recomputed from
 them through the output layer, which no method quantizes, and the model's logit soft-capping
 (Gemma 2's ``cap * tanh(logits / cap)``). A model whose logits are anything else is refused.
+
+Memory follows one block, not the model: each block runs under activation checkpointing and each grid
+linear makes its weight from its step sizes inside its own forward (:func:`recomputed_blocks`), and
+logits are made a chunk of positions at a time (quant_core.loss_base).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from quant_core.corpus import MAX_SAMPLES
 from quant_core.distributed import SOLO, HeldBatch, Ranks
 from quant_core.errors import CancelledError, ConfigError
+from quant_core.finetune_options import FinetuneOptions
 from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.loss_base import ModelOutputs
-from quant_core.losses import Loss, build_loss
+from quant_core.losses import build_loss
 from quant_core.methods.base import layer_grid, rotated_grid, write_quantized, write_rotated
 from quant_core.methods.normtweaking import norm_parameters
 from quant_core.methods.training import cosine_with_warmup, take_step
@@ -54,81 +58,26 @@ from quant_core.model_structure import (
     stored_layout,
     weight_matrix,
 )
-from quant_core.options import Count, Options, PositiveCount, PositiveNumber, one_of
 from quant_core.progress import PhaseProgress
 from quant_core.quantizer import group_columns, ungroup_columns
 from quant_core.spill import Spill
 
-MODEL_LOSSES = ("kd", "kd_sw")  # losses whose model_objective compares next-token distributions
-PRECISIONS = ("auto", "bfloat16", "float32")
 
+def tuning_dtype(options: FinetuneOptions, device: str) -> torch.dtype:
+    """What ``precision`` means on ``device``.
 
-class FinetuneOptions(Options):
-    """The stage's settings; ``epochs: 0`` (the default) skips it.
-
-    The learning rates were chosen on held-out windows of the calibration text, never on an
-    evaluation text (``python -m bench.finetune_lr``; the sweep is in bench/HISTORY.md, "End-to-end
-    tuning after the blocks").
+    ``auto`` takes bfloat16 on a CUDA device that supports it and on a CPU with bfloat16 matmul
+    instructions (AVX512-BF16 or AMX), where a SmolLM2-135M step took 7.0 s against 9.0 s in
+    float32 with the same perplexity (bench/HISTORY.md); elsewhere bfloat16 would be emulated, and
+    slower than float32, so it keeps float32.
     """
-
-    what = "finetune option"
-
-    epochs: Count = Field(0, description="passes over the calibration windows; 0 skips end-to-end tuning")
-    lr: PositiveNumber = Field(3e-3, description="learning rate of the log step sizes (relative change per step)")
-    norm_lr: PositiveNumber = Field(3e-4, description="learning rate of the normalization weights")
-    batch_size: PositiveCount = Field(1, description="windows per optimizer step")
-    n_samples: int = Field(
-        0,
-        ge=0,
-        le=MAX_SAMPLES,
-        strict=True,
-        description="calibration windows the tuning sees; 0: the blocks' windows (calib.n_samples); more: "
-        "those and further ones drawn the same way, while the blocks still see calib.n_samples",
-    )
-    loss: Annotated[str, one_of(*MODEL_LOSSES)] = Field(
-        "kd", description="kd: KL divergence of the next-token distributions; kd_sw adds SW on the last hidden states"
-    )
-    precision: Annotated[str, one_of(*PRECISIONS)] = Field(
-        "auto",
-        description="the forward and backward matmuls' type (step sizes, optimizer and loss stay float32); "
-        "auto: bfloat16 where the device computes it natively, else float32",
-    )
-
-    @property
-    def enabled(self) -> bool:
-        return self.epochs > 0
-
-    def windows_to_draw(self, calibration: int) -> int:
-        """How many calibration windows a job draws when its blocks see ``calibration`` of them."""
-        return max(calibration, self.n_samples) if self.enabled else calibration
-
-    def split(self, drawn: Tensor, calibration: int) -> tuple[Tensor, Tensor]:
-        """The blocks' windows (the first ``calibration`` of ``drawn``, :meth:`windows_to_draw`) and the tuning's.
-
-        Tuning on more windows than the blocks see buys the gains of more data where they are
-        cheapest: a window costs the tuning one step, and the blockwise method a pass through every
-        block (GPTQ's Hessians) besides (bench/HISTORY.md, "Tuning on more windows than the blocks see").
-        """
-        return drawn[:calibration], drawn[: self.n_samples or calibration]
-
-    def build_loss(self, seed: int) -> Loss:
-        return build_loss(self.loss, seed=seed)
-
-    def compute_dtype(self, device: str) -> torch.dtype:
-        """What ``precision`` means on ``device``.
-
-        ``auto`` takes bfloat16 on a CUDA device that supports it and on a CPU with bfloat16 matmul
-        instructions (AVX512-BF16 or AMX), where a SmolLM2-135M step took 7.0 s against 9.0 s in
-        float32 with the same perplexity (bench/HISTORY.md); elsewhere bfloat16 would be emulated, and
-        slower than float32, so it keeps float32.
-        """
-        if self.precision != "auto":
-            return getattr(torch, self.precision)
-        if device.startswith("cuda"):
-            native = torch.cuda.is_bf16_supported()
-        else:
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else torch.float32
+    if options.precision != "auto":
+        return getattr(torch, options.precision)
+    if device.startswith("cuda"):
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
 
 
 CHECKED_POSITIONS = 64
@@ -212,6 +161,12 @@ class GridScales:
         del layer.weight  # a plain tensor attribute now: the weight is recomputed from theta every step
         # the stored values are not needed again (restore writes the tuned weight whole): free them
         self.stored.data = self.stored.data.new_empty(0)
+        self.detach()
+
+    def detach(self) -> None:
+        """Hold no weight between forwards: a storage-less stand-in keeps the shape and dtype that code
+        around the layer may read, and any computation on it fails loudly."""
+        self.layer.weight = torch.empty(self.shape, dtype=self.stored.dtype, device="meta")
 
     @classmethod
     def of(cls, layer: LinearLike, group_size: int | None) -> GridScales | None:
@@ -231,6 +186,14 @@ class GridScales:
 
     def attach(self) -> None:
         self.layer.weight = stored_layout(self.layer, self.matrix()).to(self.stored.dtype)
+
+    def attach_in_forward(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Make the weight at the start of each of the layer's forwards and drop it after, so that under
+        :func:`recomputed_blocks` only the block being run holds its weights."""
+        return [
+            self.layer.register_forward_pre_hook(lambda *_: self.attach()),
+            self.layer.register_forward_hook(lambda *_: self.detach()),
+        ]
 
     def restore(self, block: nn.Module, name: str) -> None:
         """Put the weight parameter back and write the tuned weight and grid into it (before any step
@@ -310,6 +273,27 @@ def _restore(grids: list[tuple[nn.Module, str, GridScales]], norms: list[FloatMa
         grid.restore(block, name)
     for norm in norms:
         norm.restore()
+
+
+@contextmanager
+def recomputed_blocks(model: nn.Module, grids: list[tuple[nn.Module, str, GridScales]]) -> Iterator[None]:
+    """Each decoder block run under activation checkpointing, each grid linear making its weight inside
+    its own forward: a tuning step then holds one block's weights and activations at a time, not the
+    whole model's (a float32 copy of every block weight and every block's activations, 18 GB of a
+    Qwen2.5-1.5B step), for a second forward of each block in the backward pass."""
+    hooks = [hook for _, _, grid in grids for hook in grid.attach_in_forward()]
+    blocks = find_decoder_blocks(model)
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        # the recomputation runs each block to its end, so every layer's hook drops the weight it made
+        with set_checkpoint_early_stop(False):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for block in blocks:
+            vars(block).pop("forward", None)
 
 
 T = TypeVar("T")
@@ -443,8 +427,8 @@ def tune_end_to_end(
     Returns the report's statistics: what was trained, the loss before the first and after the last
     step (mean per epoch), and the time per step. ``on_step(done, steps, loss)`` follows every step.
     """
-    loss_fn = options.build_loss(seed)
-    compute_dtype, device_type = options.compute_dtype(device), torch.device(device).type
+    loss_fn = build_loss(options.loss, seed=seed)
+    compute_dtype, device_type = tuning_dtype(options, device), torch.device(device).type
     generator = torch.Generator().manual_seed(seed)
     model.eval().requires_grad_(False)
     nn.Module.to(model, device)
@@ -455,7 +439,6 @@ def tune_end_to_end(
         nn.Module.to(model, "cpu")
         return {"skipped": "nothing to tune: no grid linear and no normalization weight"}
     autocast = partial(torch.autocast, device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    attached: list[GridScales | FloatMaster] = [*(grid for _, _, grid in grids), *norms]  # rebuilt every step
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     per_epoch = math.ceil(windows.shape[0] / options.batch_size)
     steps = options.epochs * per_epoch
@@ -464,31 +447,32 @@ def tune_end_to_end(
     shares: dict[str, dict[str, float]] = {}  # each loss term's share of the gradient, first and last step
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     try:
-        for epoch in range(options.epochs):
-            total = 0.0
-            order = torch.randperm(windows.shape[0], generator=generator)
-            for batch, idx in enumerate(order.split(options.batch_size)):
-                step = epoch * per_epoch + batch
-                if should_cancel is not None and should_cancel():
-                    raise CancelledError(f"cancelled at end-to-end tuning step {step} of {steps}")
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * cosine_with_warmup(step, 0, steps)
-                for tuned in attached:
-                    tuned.attach()
-                student, taught = batch_outputs(
-                    model, windows, teacher, idx, head, autocast, device, ranks, anchor=trained[0]
+        with recomputed_blocks(model, grids):
+            for epoch in range(options.epochs):
+                total = 0.0
+                order = torch.randperm(windows.shape[0], generator=generator)
+                for batch, idx in enumerate(order.split(options.batch_size)):
+                    step = epoch * per_epoch + batch
+                    if should_cancel is not None and should_cancel():
+                        raise CancelledError(f"cancelled at end-to-end tuning step {step} of {steps}")
+                    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                        group["lr"] = base * cosine_with_warmup(step, 0, steps)
+                    for norm in norms:
+                        norm.attach()
+                    student, taught = batch_outputs(
+                        model, windows, teacher, idx, head, autocast, device, ranks, anchor=trained[0]
+                    )
+                    terms = loss_fn.model_terms(student, taught)
+                    where = f"end-to-end tuning step {step}"
+                    loss = take_step(terms, optimizer, trained, (step, steps), shares, where, ranks)
+                    total += loss
+                    progress.advance(step + 1)
+                    if on_step is not None:
+                        on_step(step + 1, steps, loss)
+                epoch_losses.append(total / per_epoch)
+                progress.report(
+                    f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {total / per_epoch:.4g}"
                 )
-                terms = loss_fn.model_terms(student, taught)
-                where = f"end-to-end tuning step {step}"
-                loss = take_step(terms, optimizer, trained, (step, steps), shares, where, ranks)
-                total += loss
-                progress.advance(step + 1)
-                if on_step is not None:
-                    on_step(step + 1, steps, loss)
-            epoch_losses.append(total / per_epoch)
-            progress.report(
-                f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {total / per_epoch:.4g}"
-            )
     finally:
         _restore(grids, norms)
         nn.Module.to(model, "cpu")

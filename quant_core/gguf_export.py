@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.export import check_on_grid
-from quant_core.incoherence import UNPACKABLE_ROTATION
+from quant_core.method_options import UNPACKABLE_ROTATION
 from quant_core.methods.base import layer_grid
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.quantizer import QuantSpec, grid_codes, group_columns

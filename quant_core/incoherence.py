@@ -34,12 +34,6 @@ from torch import Tensor
 
 from quant_core.errors import ConfigError
 
-INCOHERENCE_CHOICES = ("none", "hadamard")
-# Why a rotated basis cannot be packed, and what packs instead (quant_core.absorbed_rotation).
-UNPACKABLE_ROTATION = (
-    "incoherence: hadamard keeps each linear in its own rotated basis, which no packed format holds "
-    "(rotation: hadamard rotates the model instead, absorbed into its weights, and packs)"
-)
 MAX_SYLVESTER_FACTOR = 128  # powers of two are applied as Kronecker factors of at most this order
 
 

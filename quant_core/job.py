@@ -1,45 +1,32 @@
-"""A quantization job's settings: one validated description shared by the CLI, the report and the service."""
+"""A quantization job as the pipeline runs it: the validated settings with paths resolved and a device.
+
+Requests are checked once, as :class:`~quant_core.job_settings.JobSettings`, where they enter;
+:meth:`JobSpec.from_settings` carries the same option objects on. A spec built in code (a test, a
+bench, a report read back) may name its options as mappings; they become the same models here, with
+the same messages, and nothing else is checked again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
-from quant_core.absorbed_rotation import ROTATIONS
 from quant_core.accuracy import LmEvalSpec
-from quant_core.corpus import calibrated_on_evaluation
 from quant_core.errors import ConfigError
-from quant_core.export_dtype import EXPORT_DTYPES, holds_grid
-from quant_core.finetune import FinetuneOptions
-from quant_core.incoherence import UNPACKABLE_ROTATION
-from quant_core.losses import BLOCK_SIZE_ERROR, SCALE_ERROR, Loss, build_loss
+from quant_core.finetune_options import FinetuneOptions
+from quant_core.job_settings import JobSettings
+from quant_core.loss_options import LossOptions, known_loss
+from quant_core.losses import Loss, loss_from_options
+from quant_core.method_options import METHOD_OPTIONS, MethodOptions, method_options_type
 from quant_core.methods import QuantMethod, build_method
-from quant_core.methods.base import method_class
+from quant_core.options import Options
 from quant_core.quantizer import QuantSpec
-from quant_core.runtimes import RUNTIMES
 
-
-@contextmanager
-def registry_fields(name_field: str, options_field: str) -> Iterator[None]:
-    """Place a registry's ConfigError under the job's field names.
-
-    Registries report an unknown name as field ``method`` and a bad option by its bare name; in a job
-    those are ``loss``/``method`` and ``loss_options.<name>``/``method_options.<name>``.
-    """
-    try:
-        yield
-    except ConfigError as exc:
-        field_name = name_field if exc.field == "method" else f"{options_field}.{exc.field}"
-        raise ConfigError(str(exc), field_name) from exc
-
-
-def _positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer", name)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPTION_FIELDS = ("method_options", "loss_options", "finetune")
 
 
 @dataclass(frozen=True)
@@ -52,10 +39,6 @@ class CalibSpec:
     # mixtures of experts: fewer routed tokens than this and an expert's statistics come from every
     # token (quant_core.experts); None: the expert's input width
     expert_min_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        _positive_int(self.n_samples, "calib.n_samples")
-        _positive_int(self.seq_len, "calib.seq_len")
 
 
 @dataclass(frozen=True)
@@ -72,24 +55,23 @@ class EvalSpec:
         if isinstance(self.lm_eval, Mapping):  # from a report or a YAML file
             unknown = set(self.lm_eval) - set(LmEvalSpec.__dataclass_fields__)
             if unknown:
-                raise ConfigError(f"unknown lm_eval option(s): {', '.join(sorted(unknown))}", "eval.lm_eval")
-            object.__setattr__(self, "lm_eval", LmEvalSpec(**self.lm_eval))
-        if self.seq_len is not None:
-            _positive_int(self.seq_len, "eval.seq_len")
-        if self.max_windows is not None:
-            _positive_int(self.max_windows, "eval.max_windows")
-        _positive_int(self.batch_size, "eval.batch_size")
+                raise ConfigError(f"unknown lm_eval option(s): {', '.join(sorted(unknown))}", "evaluation.lm_eval")
+            tasks = self.lm_eval.get("tasks", ())
+            tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+            object.__setattr__(self, "lm_eval", LmEvalSpec(**{**self.lm_eval, "tasks": tasks}))
 
 
-# ``auto``: the packed checkpoint wherever compressed-tensors can hold the result, else the
-# fake-quantized one (rotated weights, streamed blocks, layers the format refuses); see
-# pipeline.export_formats_for. ``gguf``: llama.cpp's file (quant_core.gguf_export).
-ExportFormat = Literal["auto", "fake_quant", "pack_quantized", "gguf"]
-EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
-# Dtype the model is loaded and run in. Quantization parameters, Hessians and losses stay in float32
-# whatever this is; bfloat16 halves the memory of weights and activations on a GPU.
-DtypeName = Literal["float32", "bfloat16", "float16"]
-DTYPES = dict(zip(get_args(DtypeName), (torch.float32, torch.bfloat16, torch.float16), strict=True))
+def _options(kind: type[Options], value: Options | Mapping[str, Any], where: str) -> Options:
+    """Options given as a mapping (a spec built in code) as ``kind``'s model, errors under ``where``;
+    a bare :class:`MethodOptions` (the default) stands for the method's defaults."""
+    if isinstance(value, kind):
+        return value
+    if isinstance(value, Options) and type(value) is not MethodOptions:
+        raise ConfigError(f"{type(value).__name__} are not the {kind.what}s of this job", where)
+    try:
+        return kind.from_dict({} if isinstance(value, Options) else value)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), f"{where}.{exc.field}" if exc.field else where) from exc
 
 
 @dataclass(frozen=True)
@@ -99,9 +81,9 @@ class JobSpec:
     model: str
     quant: QuantSpec = field(default_factory=QuantSpec)
     method: str = "omniquant"
-    method_options: Mapping[str, Any] = field(default_factory=dict)
-    loss: str | None = None  # None: the method's own default (l2 for TesseraQ, mse otherwise)
-    loss_options: Mapping[str, Any] = field(default_factory=dict)
+    method_options: MethodOptions = field(default_factory=MethodOptions)  # bare: the method's defaults
+    loss: str = ""  # empty: the method's own default (l2 for TesseraQ, mse otherwise)
+    loss_options: LossOptions = field(default_factory=LossOptions)
     calib: CalibSpec = field(default_factory=CalibSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
@@ -113,115 +95,79 @@ class JobSpec:
     export_dtype: str = "auto"  # the checkpoint's floats (quant_core.export_dtype)
     targets: tuple[str, ...] = ()  # runtimes the checkpoint must run in, scored there after the job
     rotation: str = "none"  # a rotation absorbed into the weights before calibration (quant_core.absorbed_rotation)
-    finetune: Mapping[str, Any] = field(default_factory=dict)  # end-to-end tuning after calibration
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # end-to-end tuning after calibration
     world_size: int = 1  # processes the calibration windows are split over (quant_core.distributed)
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.export_formats if f not in EXPORT_FORMATS]
-        if unknown or not self.export_formats:
-            raise ConfigError(f"export_formats must be some of: {', '.join(EXPORT_FORMATS)}", "export_formats")
-        if "auto" in self.export_formats and len(self.export_formats) > 1:
-            raise ConfigError("export_formats: auto chooses the format itself; give it alone", "export_formats")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError("seed must be an integer", "seed")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of: {', '.join(DTYPES)}", "dtype")
-        if self.lazy_load and self.eval.lm_eval is not None:
-            raise ConfigError(
-                "lm-eval needs the whole model in memory; it is not available with lazy_load", "lazy_load"
-            )
-        if self.export_dtype not in EXPORT_DTYPES:
-            raise ConfigError(f"export_dtype must be one of: {', '.join(EXPORT_DTYPES)}", "export_dtype")
-        for name, value in (("dtype", self.dtype), ("export_dtype", self.export_dtype)):
-            if value != "auto" and not holds_grid(getattr(torch, value), self.quant):
-                raise ConfigError(
-                    f"{name} {value} cannot hold the {self.quant.label} grid: a stored weight would come back a "
-                    "code away from its own; use float16 or float32",
-                    name,
-                )
-        if self.lazy_load and self.export_dtype not in ("auto", self.dtype):
-            raise ConfigError(
-                f"streamed blocks are written as calibrated, in dtype {self.dtype}: with lazy_load, export_dtype "
-                f"must be auto or {self.dtype}",
-                "export_dtype",
-            )
-        if self.calib.text in self.eval.texts:  # the same file under another name is refused at load
-            raise calibrated_on_evaluation(self.calib.text)
-        if self.rotation not in ROTATIONS:
-            raise ConfigError(f"rotation must be one of: {', '.join(ROTATIONS)}", "rotation")
-        if self.lazy_load and self.rotation != "none":
-            raise ConfigError(
-                "rotation rewrites the whole model before calibration; it cannot stream blocks", "rotation"
-            )
-        unknown = [t for t in self.targets if t not in RUNTIMES]
-        if unknown:
-            raise ConfigError(f"targets must be some of: {', '.join(RUNTIMES)}", "targets")
-        if self.lazy_load and "gguf" in self.export_formats:
-            raise ConfigError("gguf export is not available with lazy_load yet", "export_formats")
-        if self.lazy_load and "llama.cpp" in self.targets:
-            raise ConfigError("llama.cpp runs the GGUF export, not available with lazy_load yet", "targets")
-        if self.loss is None:
-            object.__setattr__(self, "loss", method_class(self.method).default_loss)
-        block_size = self.loss_options.get("sw_block_size")
-        if isinstance(block_size, int) and block_size > 0 and self.calib.seq_len % block_size:
-            raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")
-        method = self.build_method()
-        if any(self.calib.seq_len % size for size in method.loss.block_sizes):  # a multi-scale loss's scales
-            raise ConfigError(SCALE_ERROR, "loss_options.sw_scales")
-        if method.whole_model and self.lazy_load:
-            raise ConfigError(f"{self.method} trains the whole model at once; it cannot stream blocks", "lazy_load")
-        if method.rotates and "pack_quantized" in self.export_formats:
-            raise ConfigError(
-                f"{UNPACKABLE_ROTATION}; export fake_quant only, or use incoherence: none",
-                f"method_options.{method.rotation_option}",
-            )
+        declared = method_options_type(self.method)
+        if not self.loss:
+            object.__setattr__(self, "loss", declared.default_loss)
+        known_loss(self.loss)
+        kinds: tuple[type[Options], ...] = (declared, LossOptions, FinetuneOptions)
+        for name, kind in zip(OPTION_FIELDS, kinds, strict=True):
+            object.__setattr__(self, name, _options(kind, getattr(self, name), name))
 
-        if self.build_finetune().enabled and method.whole_model:
-            raise ConfigError(
-                f"end-to-end tuning needs blockwise calibration: {self.method} already trains the whole model",
-                "finetune.epochs",
-            )
-        self._check_world_size()
-
-    def _check_world_size(self) -> None:
-        """Refuse up front what several ranks cannot run yet, naming the setting that asks for it."""
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ConfigError("world_size must be a positive integer", "world_size")
-        if self.world_size == 1:
-            return
-        ranks = f"world_size {self.world_size}"
-        if self.calib.n_samples < self.world_size:
-            raise ConfigError(f"{ranks} needs at least one calibration window per rank", "calib.n_samples")
-        if self.eval.lm_eval is not None:
-            raise ConfigError(f"{ranks}: lm-eval runs in one process; use world_size 1", "eval.lm_eval")
-        if self.lazy_load and self.build_finetune().enabled:
-            raise ConfigError(
-                f"{ranks}: end-to-end tuning of a streamed (lazy_load) model runs in one process; use world_size 1",
-                "finetune.epochs",
-            )
+    @classmethod
+    def from_settings(
+        cls, settings: JobSettings, resolve: Callable[[str], str] = lambda s: s, device: str = "cpu"
+    ) -> JobSpec:
+        """The runnable spec of validated ``settings``; ``resolve`` maps ``upload:<id>`` references to
+        local paths on a worker."""
+        calibration, evaluation = settings.calibration, settings.evaluation
+        lm_eval = evaluation.lm_eval
+        return cls(
+            model=resolve(settings.model),
+            quant=QuantSpec(bits=settings.bits, symmetric=settings.symmetric, group_size=settings.group_size),
+            method=settings.method,
+            method_options=settings.method_options,
+            loss=settings.loss or "",
+            loss_options=settings.loss_options,
+            calib=CalibSpec(
+                text=resolve(calibration.text),
+                n_samples=calibration.n_samples,
+                seq_len=calibration.seq_len,
+                expert_min_tokens=calibration.expert_min_tokens,
+            ),
+            eval=EvalSpec(
+                texts=tuple(resolve(t) for t in evaluation.texts),
+                seq_len=evaluation.seq_len,
+                max_windows=evaluation.max_windows,
+                batch_size=evaluation.batch_size,
+                lm_eval=LmEvalSpec(**{**lm_eval.model_dump(), "tasks": tuple(lm_eval.tasks)}) if lm_eval else None,
+            ),
+            seed=settings.seed,
+            device=device,
+            dtype=settings.dtype,
+            lazy_load=settings.lazy_load,
+            export_formats=tuple(dict.fromkeys(settings.export_formats)),
+            export_dtype=settings.export_dtype,
+            targets=tuple(dict.fromkeys(settings.targets)),
+            rotation=settings.rotation,
+            finetune=settings.finetune,
+            world_size=settings.world_size,
+        )
 
     @property
     def resumable(self) -> bool:
         """Whether ``run_job`` can keep per-block progress for this job: any blockwise method."""
-        return not method_class(self.method).whole_model
+        return not METHOD_OPTIONS[self.method].whole_model
 
     def build_loss(self) -> Loss:
         """The training loss; its direction draws are seeded by the job seed unless set explicitly."""
-        with registry_fields("loss", "loss_options"):
-            return build_loss(
-                self.loss or method_class(self.method).default_loss, **{"seed": self.seed, **self.loss_options}
-            )
+        options = self.loss_options
+        if "seed" not in options.model_fields_set:
+            options = options.model_copy(update={"seed": self.seed})
+        return loss_from_options(self.loss, options)
 
     def build_method(self) -> QuantMethod:
-        loss = self.build_loss()
-        with registry_fields("method", "method_options"):
-            return build_method(self.method, self.quant, loss, self.method_options)
-
-    def build_finetune(self) -> FinetuneOptions:
-        with registry_fields("finetune", "finetune"):
-            return FinetuneOptions.from_dict(self.finetune)
+        return build_method(self.method, self.quant, self.build_loss(), self.method_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (the report's ``spec``, the resume fingerprint); options as given, defaults implicit."""
+        data = asdict(self)
+        for name in OPTION_FIELDS:
+            options: Options = getattr(self, name)
+            data[name] = options.model_dump(mode="json", exclude_unset=True)
+        return data

@@ -1,39 +1,58 @@
-"""A job's settings as a user writes them, declared once.
+"""A job's settings as a user writes them, declared once and checked once, without torch.
 
 Every way of asking for a job reads this one declaration: the ``swquant quantize`` / ``swquant
 submit`` flags (built from each field's :class:`Flag`, type, description and default by
 quant_core.cli), the REST request (swq_shared.jobspec.JobRequest adds only the service's own fields),
 the LightCompress YAML mapping (which produces this shape) and the dashboard's form (which lays out
-these fields). A new setting is one field here plus its use in :meth:`JobSettings.to_job_spec`.
+these fields). A new setting is one field here plus its use in :meth:`quant_core.job.JobSpec.from_settings`.
 
-Pydantic checks types and ranges; :class:`~quant_core.job.JobSpec`, built by ``to_job_spec``, checks
-what needs the registries (known method and loss, their options, sw_block_size against seq_len).
-Both name the offending field in this model's terms (``calibration.seq_len``).
+Validating a :class:`JobSettings` is the whole check of a request: types and ranges, the options of
+the method it names (``method_options`` are that method's options model: a union on ``method``), of
+its loss and of the tuning stage, and every check across settings (:meth:`JobSettings._combinations`).
+The API runs it and must not load torch or transformers to do it, so this module and everything it
+imports declares names and options only (quant_core.method_options, quant_core.loss_options,
+quant_core.finetune_options, quant_core.dtype_names). Errors name the field in this model's terms
+(``calibration.seq_len``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
-from quant_core.absorbed_rotation import RotationName
-from quant_core.accuracy import MAX_TASKS, LmEvalSpec
-from quant_core.corpus import MAX_SAMPLES
+from quant_core.dtype_names import DtypeName, ExportDtypeName, holds_grid
 from quant_core.errors import ConfigError, config_error
-from quant_core.export_dtype import ExportDtypeName
-from quant_core.job import CalibSpec, DtypeName, EvalSpec, ExportFormat, JobSpec
-from quant_core.losses import LOSSES
-from quant_core.methods import METHODS
-from quant_core.quantizer import MAX_BITS, MIN_BITS, QuantSpec
-from quant_core.runtimes import RuntimeName
+from quant_core.finetune_options import FinetuneOptions
+from quant_core.loss_options import BLOCK_SIZE_ERROR, LOSS_NAMES, SCALE_ERROR, LossOptions, known_loss, token_blocks
+from quant_core.method_options import METHOD_OPTIONS, UNPACKABLE_ROTATION, AnyMethodOptions, method_options_type
+from quant_core.options import MAX_BITS, MAX_SAMPLES, MIN_BITS, Options, options_of, typed_by
 
 MAX_SEQ_LEN = 32768
 MAX_WORLD_SIZE = 64
+MAX_TASKS = 16  # lm-eval tasks a job may run
+# ``auto``: the packed checkpoint wherever compressed-tensors can hold the result, else the
+# fake-quantized one (rotated weights, streamed blocks, layers the format refuses); see
+# pipeline.export_formats_for. ``gguf``: llama.cpp's file (quant_core.gguf_export).
+ExportFormat = Literal["auto", "fake_quant", "pack_quantized", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 AUTO_EXPORT: ExportFormat = "auto"
+RuntimeName = Literal["transformers", "vllm", "llama.cpp"]
+RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
+# absorbed into the weights before calibration (quant_core.absorbed_rotation)
+RotationName = Literal["none", "hadamard"]
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
@@ -79,7 +98,10 @@ class CalibrationSettings(_Section):
 
 
 class LmEvalSettings(_Section):
-    tasks: Annotated[list[str], Flag("--lm-eval-task", "repeat", "TASK")] = Field(
+    tasks: Annotated[
+        list[Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]],
+        Flag("--lm-eval-task", "repeat", "TASK"),
+    ] = Field(
         ...,
         min_length=1,
         max_length=MAX_TASKS,
@@ -122,6 +144,10 @@ class EvaluationSettings(_Section):
 class JobSettings(_Section):
     """What determines a quantization run (with the seed, its result)."""
 
+    # the schema a request is written to, also where FastAPI meets this model as a response: the options'
+    # models, not the plain mappings they are serialized as
+    model_config = ConfigDict(extra="forbid", json_schema_mode_override="validation")
+
     model: Annotated[str, Flag("--model")] = Field(
         ..., min_length=1, max_length=500, description="Hugging Face directory, hub id, or upload:<model id>"
     )
@@ -135,17 +161,23 @@ class JobSettings(_Section):
         description="columns per scale; unset (0 or -1 on the command line): one per output channel",
     )
     symmetric: Annotated[bool, Flag("--symmetric")] = Field(False, title="Symmetric grid", description="no zero point")
-    method: Annotated[str, Flag("--method"), Choices(lambda: sorted(METHODS))] = Field(
+    method: Annotated[str, Flag("--method"), Choices(lambda: sorted(METHOD_OPTIONS))] = Field(
         "omniquant", max_length=64, description="calibration method (swquant methods)"
     )
-    method_options: Annotated[dict[str, Any], Flag("--method-opt", "key_value")] = Field(
-        default_factory=dict, description='the method\'s options (swquant methods), e.g. {"epochs": 20}'
+    method_options: Annotated[
+        AnyMethodOptions, Flag("--method-opt", "key_value"), typed_by("method", METHOD_OPTIONS.get)
+    ] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description='the method\'s options (swquant methods), e.g. {"epochs": 20}',
     )
-    loss: Annotated[str | None, Flag("--loss"), Choices(lambda: list(LOSSES))] = Field(
+    loss: Annotated[str | None, Flag("--loss"), Choices(lambda: list(LOSS_NAMES))] = Field(
         None, max_length=64, description="training loss; unset: the method's own (swquant methods)"
     )
-    loss_options: Annotated[dict[str, Any], Flag("--loss-opt", "key_value")] = Field(
-        default_factory=dict, description='the loss\'s options (swquant methods), e.g. {"sw_num_projections": 16}'
+    loss_options: Annotated[LossOptions, Flag("--loss-opt", "key_value"), options_of(LossOptions)] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description='the loss\'s options (swquant methods), e.g. {"sw_num_projections": 16}',
     )
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
@@ -175,8 +207,9 @@ class JobSettings(_Section):
         description="the checkpoint's floats (weights of fake_quant, scales, norms, embeddings); auto: float16 "
         "for a float16 model, else bfloat16; the quantized model is scored as stored",
     )
-    finetune: Annotated[dict[str, Any], Flag("--finetune", "key_value")] = Field(
+    finetune: Annotated[FinetuneOptions, Flag("--finetune", "key_value"), options_of(FinetuneOptions)] = Field(
         default_factory=dict,
+        validate_default=True,
         title="End-to-end tuning",
         description="after calibration, tune step sizes and norms on the whole model's next-token "
         'distributions (swquant methods), e.g. {"epochs": 2}; empty: none',
@@ -197,56 +230,122 @@ class JobSettings(_Section):
         "cores), on torch.distributed, for every method; 1: one process",
     )
 
-    def to_job_spec(self, resolve: Callable[[str], str] = lambda s: s, device: str = "cpu") -> JobSpec:
-        """The runnable spec; ``resolve`` maps ``upload:<id>`` references to local paths on a worker.
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        method_options_type(name)
+        return name
 
-        Raises ConfigError whose field uses this model's names (``calibration.seq_len``...).
-        """
-        calibration, evaluation = self.calibration, self.evaluation
-        lm_eval = evaluation.lm_eval
-        try:
-            return JobSpec(
-                model=resolve(self.model),
-                quant=QuantSpec(bits=self.bits, symmetric=self.symmetric, group_size=self.group_size),
-                method=self.method,
-                method_options=self.method_options,
-                loss=self.loss,
-                loss_options=self.loss_options,
-                calib=CalibSpec(
-                    text=resolve(calibration.text),
-                    n_samples=calibration.n_samples,
-                    seq_len=calibration.seq_len,
-                    expert_min_tokens=calibration.expert_min_tokens,
-                ),
-                eval=EvalSpec(
-                    texts=tuple(resolve(t) for t in evaluation.texts),
-                    seq_len=evaluation.seq_len,
-                    max_windows=evaluation.max_windows,
-                    batch_size=evaluation.batch_size,
-                    lm_eval=LmEvalSpec(**lm_eval.model_dump()) if lm_eval else None,
-                ),
-                seed=self.seed,
-                device=device,
-                dtype=self.dtype,
-                lazy_load=self.lazy_load,
-                export_formats=tuple(dict.fromkeys(self.export_formats)),
-                export_dtype=self.export_dtype,
-                targets=tuple(dict.fromkeys(self.targets)),
-                rotation=self.rotation,
-                finetune=self.finetune,
-                world_size=self.world_size,
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str | None) -> str | None:
+        return name if name is None else known_loss(name)
+
+    @field_serializer("method_options", "loss_options", "finetune")
+    def _as_given(self, options: Options) -> dict[str, Any]:
+        """Options as the user gave them: defaults stay implicit, as in the request."""
+        return options.model_dump(mode="json", exclude_unset=True)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> JobSettings:
+        """What no single field can check: settings that cannot run together, each refusal naming the
+        setting to change; an unset loss becomes the method's own."""
+        method = METHOD_OPTIONS[self.method]
+        if self.loss is None:
+            self.loss = method.default_loss
+        self._check_exports()
+        self._check_streaming(method.whole_model)
+        seq_len = self.calibration.seq_len
+        block_size = self.loss_options.sw_block_size
+        if block_size is not None and seq_len % block_size:
+            raise ConfigError(BLOCK_SIZE_ERROR, "loss_options.sw_block_size")
+        if any(seq_len % size for size in token_blocks(self.loss, self.loss_options)):
+            raise ConfigError(SCALE_ERROR, "loss_options.sw_scales")
+        if self.method_options.rotates and "pack_quantized" in self.export_formats:
+            raise ConfigError(
+                f"{UNPACKABLE_ROTATION}; export fake_quant only, or use incoherence: none",
+                f"method_options.{method.rotation_option}",
             )
-        except ConfigError as exc:
-            raise ConfigError(str(exc), settings_field(exc.field)) from exc
+        if self.finetune.enabled and method.whole_model:
+            raise ConfigError(
+                f"end-to-end tuning needs blockwise calibration: {self.method} already trains the whole model",
+                "finetune.epochs",
+            )
+        if self.calibration.text in self.evaluation.texts:  # the same file under another name is refused at load
+            raise calibrated_on_evaluation(self.calibration.text)
+        self._check_world_size()
+        return self
+
+    def _check_exports(self) -> None:
+        if AUTO_EXPORT in self.export_formats and len(set(self.export_formats)) > 1:
+            raise ConfigError("export_formats: auto chooses the format itself; give it alone", "export_formats")
+        for name, value in (("dtype", self.dtype), ("export_dtype", self.export_dtype)):
+            if value != "auto" and not holds_grid(value, self.bits, self.symmetric):
+                grid = f"W{self.bits}{' symmetric' if self.symmetric else ''}"
+                raise ConfigError(
+                    f"{name} {value} cannot hold the {grid} grid: a stored weight would come back a code away "
+                    "from its own; use float16 or float32",
+                    name,
+                )
+
+    def _check_streaming(self, whole_model: bool) -> None:
+        """Streamed blocks (``lazy_load``) never hold the whole model: refuse what needs it."""
+        if not self.lazy_load:
+            return
+        if self.evaluation.lm_eval is not None:
+            raise ConfigError(
+                "lm-eval needs the whole model in memory; it is not available with lazy_load", "lazy_load"
+            )
+        if self.export_dtype not in ("auto", self.dtype):
+            raise ConfigError(
+                f"streamed blocks are written as calibrated, in dtype {self.dtype}: with lazy_load, export_dtype "
+                f"must be auto or {self.dtype}",
+                "export_dtype",
+            )
+        if self.rotation != "none":
+            raise ConfigError(
+                "rotation rewrites the whole model before calibration; it cannot stream blocks", "rotation"
+            )
+        if "gguf" in self.export_formats:
+            raise ConfigError("gguf export is not available with lazy_load yet", "export_formats")
+        if "llama.cpp" in self.targets:
+            raise ConfigError("llama.cpp runs the GGUF export, not available with lazy_load yet", "targets")
+        if whole_model:
+            raise ConfigError(f"{self.method} trains the whole model at once; it cannot stream blocks", "lazy_load")
+
+    def _check_world_size(self) -> None:
+        check_ranks(
+            self.world_size,
+            self.calibration.n_samples,
+            lm_eval=self.evaluation.lm_eval is not None,
+            streamed_tuning=self.lazy_load and self.finetune.enabled,
+        )
 
 
-def settings_field(core_field: str | None) -> str | None:
-    """A JobSpec field path in this model's names (``calib.n_samples`` -> ``calibration.n_samples``)."""
-    if core_field is None:
-        return None
-    head, _, rest = core_field.partition(".")
-    renamed = {"calib": "calibration", "eval": "evaluation"}.get(head, head)
-    return f"{renamed}.{rest}" if rest else renamed
+def check_ranks(world_size: int, n_samples: int, *, lm_eval: bool, streamed_tuning: bool) -> None:
+    """Refuse up front what several ranks cannot run yet, naming the setting that asks for it; also where
+    torchrun, not the settings, gives the world size (quant_core.launch)."""
+    if world_size == 1:
+        return
+    ranks = f"world_size {world_size}"
+    if n_samples < world_size:
+        raise ConfigError(f"{ranks} needs at least one calibration window per rank", "calibration.n_samples")
+    if lm_eval:
+        raise ConfigError(f"{ranks}: lm-eval runs in one process; use world_size 1", "evaluation.lm_eval")
+    if streamed_tuning:
+        raise ConfigError(
+            f"{ranks}: end-to-end tuning of a streamed (lazy_load) model runs in one process; use world_size 1",
+            "finetune.epochs",
+        )
+
+
+def calibrated_on_evaluation(name: str) -> ConfigError:
+    """The refusal of a job whose calibration text is one of its evaluation texts."""
+    return ConfigError(
+        f"calibration.text is also the evaluation text {name!r}: the report would score the model on the text it "
+        "was fitted to; calibrate or evaluate on another text",
+        "calibration.text",
+    )
 
 
 def set_path(body: dict[str, Any], path: str, value: Any) -> None:
@@ -288,9 +387,10 @@ def leaf_settings(model: type[BaseModel] = JobSettings, prefix: str = "", option
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
-    """The settings model a field holds (``LmEvalSettings | None`` counts), else None."""
+    """The section a field holds (``LmEvalSettings | None`` counts), else None: options models
+    (``method_options``) are one setting each, a mapping on the command line and in the form."""
     for candidate in (annotation, *getattr(annotation, "__args__", ())):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+        if isinstance(candidate, type) and issubclass(candidate, _Section):
             return candidate
     return None
 

@@ -11,25 +11,30 @@ instead: ``kd`` is knowledge distillation, the KL of next-token distributions av
 and ``kd_sw`` adds SW between the two models' final hidden states (SW on logits would project
 vocabulary-sized vectors). On a block's output ``kd`` is the same as ``kl``.
 
-A new loss is one function plus one ``@register_loss`` line.
+A new loss is its name among quant_core.loss_options' declarations (which requests are checked against
+without torch) and its factory here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar
+from typing import Any
 
 import torch.nn.functional as F
-from pydantic import AfterValidator, Field, StrictInt
 from torch import Tensor
 
-from quant_core.errors import ConfigError
 from quant_core.loss_base import Loss, ModelOutputs, compute_dtype, per_token_over_logits, tokens
-from quant_core.options import NonNegativeNumber, Number, Options, PositiveCount, one_of
-from quant_core.sliced import (
+from quant_core.loss_options import (
     BLOCK_SIZE_ERROR,
+    HYBRIDS,
+    POINTWISE_LOSSES,
     SCALE_ERROR,
+    SW_ALIASES,
+    SW_TERMS,
+    LossOptions,
+    known_loss,
+)
+from quant_core.sliced import (
     LearnedProjectionLoss,
     MaxSlicedLoss,
     MultiScaleLoss,
@@ -52,63 +57,6 @@ __all__ = [
     "sliced_wasserstein",
     "sw_samples",
 ]
-
-REDUCTIONS = ("mean", "sum")
-HYBRID_WEIGHT_DEFAULTS = {"base": 1.0, "sw": 0.1}
-# Projections beyond this cost memory and time without a measurable gain in the estimate.
-MAX_PROJECTIONS = 65536
-MAX_ASCENT_STEPS = 100
-
-
-def _hybrid_weights(value: dict[str, float]) -> dict[str, float]:
-    unknown = set(value) - set(HYBRID_WEIGHT_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}; valid keys: base, sw")
-    return {**HYBRID_WEIGHT_DEFAULTS, **value}
-
-
-def _distinct(value: tuple[Any, ...]) -> tuple[Any, ...]:
-    if len(set(value)) != len(value):
-        raise ValueError("must hold distinct values")
-    return value
-
-
-def _sw_p(value: int) -> int:
-    if value not in (1, 2):
-        raise ValueError("must be 1 (sliced W1) or 2 (squared sliced W2)")
-    return value
-
-
-class LossOptions(Options):
-    """The keyword options every loss accepts; each loss reads the ones that concern it."""
-
-    what: ClassVar[str] = "loss option"
-
-    sw_num_projections: Annotated[StrictInt, Field(ge=1, le=MAX_PROJECTIONS)] = Field(
-        16, description="random directions per SW estimate"
-    )
-    sw_block_size: PositiveCount | None = Field(
-        None, description="SW over blocks of this many tokens (it must divide seq_len); unset: token level"
-    )
-    hybrid_weights: Annotated[dict[str, NonNegativeNumber], AfterValidator(_hybrid_weights)] = Field(
-        default_factory=lambda: dict(HYBRID_WEIGHT_DEFAULTS),
-        description="weights of the point-wise (base) and SW (sw) terms of a hybrid loss",
-    )
-    reduction: Annotated[str, one_of(*REDUCTIONS)] = Field("mean", description="mean or sum over items")
-    sw_p: Annotated[StrictInt, AfterValidator(_sw_p)] = Field(1, description="1: sliced W1; 2: squared sliced W2")
-    seed: StrictInt = Field(0, description="seed of the SW directions (default: the job's)")
-    sw_ascent_steps: Annotated[StrictInt, Field(ge=0, le=MAX_ASCENT_STEPS)] = Field(
-        4, description="max-sliced: ascent steps per call"
-    )
-    sw_step_size: Annotated[Number, Field(gt=0, le=math.pi)] = Field(
-        0.2, description="max-sliced and learned projections: first ascent step, in radians"
-    )
-    sw_scales: Annotated[
-        tuple[Annotated[StrictInt, Field(ge=1)], ...], Field(min_length=1), AfterValidator(_distinct)
-    ] = Field((1, 4, 16), description="multi-scale: 1 is the token level, b > 1 blocks of b tokens")
-    sw_sites: Annotated[
-        tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1), AfterValidator(_distinct)
-    ] = Field(("self_attn", "mlp"), description="site SW: the block's submodules whose outputs align")
 
 
 def _reduce(per_item: Tensor, reduction: str) -> Tensor:
@@ -265,8 +213,7 @@ def _sw_from(options: LossOptions, seed: int | None = None) -> SlicedWasserstein
     return SlicedWassersteinLoss(options.sw_num_projections, options.sw_block_size, options.sw_p, seed)
 
 
-# The SW family by the suffix its losses carry: alone (``max_sw``) and after a base (``mse_max_sw``).
-SW_TERMS: dict[str, LossFactory] = {
+SW_FACTORIES: dict[str, LossFactory] = {
     "sw": _sw_from,
     "max_sw": lambda o: MaxSlicedLoss(
         o.sw_num_projections, o.sw_block_size, o.sw_p, o.seed, o.sw_ascent_steps, o.sw_step_size
@@ -276,10 +223,17 @@ SW_TERMS: dict[str, LossFactory] = {
     ),
     "ms_sw": lambda o: MultiScaleLoss(o.sw_num_projections, o.sw_scales, o.sw_p, o.seed),
 }
+POINTWISE_FACTORIES: dict[str, LossFactory] = {
+    "mse": lambda o: PointwiseLoss("mse", mse, o.reduction),
+    "l2": lambda o: PointwiseLoss("l2", l2, o.reduction),
+    "dist": lambda o: PointwiseLoss("dist", dist, o.reduction),
+    "kl": lambda o: PointwiseLoss("kl", kl, o.reduction),
+    "kd": lambda o: PointwiseLoss("kd", kl, o.reduction, per_token=True),
+}
 
 
-def _hybrid(base: str, term: str, sites: bool = False) -> LossFactory:
-    name = f"{base}_{term}" if not sites else f"{base}_site_sw"
+def _hybrid(base: str, term: str) -> LossFactory:
+    name, sites = f"{base}_{term}", term == "site_sw"
 
     def build(o: LossOptions) -> HybridLoss:
         site_sw = (
@@ -288,29 +242,28 @@ def _hybrid(base: str, term: str, sites: bool = False) -> LossFactory:
             else None
         )
         per_width = base == "l2" and o.reduction == "mean"
-        return HybridLoss(name, LOSSES[base](o), SW_TERMS[term](o), o.hybrid_weights, per_width, site_sw)
+        sw = SW_FACTORIES["sw" if sites else term](o)
+        return HybridLoss(name, LOSSES[base](o), sw, o.hybrid_weights, per_width, site_sw)
 
     return build
 
 
-register_loss("mse")(lambda o: PointwiseLoss("mse", mse, o.reduction))
-register_loss("l2")(lambda o: PointwiseLoss("l2", l2, o.reduction))
-register_loss("dist")(lambda o: PointwiseLoss("dist", dist, o.reduction))
-register_loss("kl")(lambda o: PointwiseLoss("kl", kl, o.reduction))
-register_loss("kd")(lambda o: PointwiseLoss("kd", kl, o.reduction, per_token=True))
-register_loss("sliced_wasserstein", "sw")(_sw_from)
-for _term in ("max_sw", "learned_sw", "ms_sw"):
-    register_loss(_term)(SW_TERMS[_term])
-for _base in ("mse", "l2", "kd"):
-    register_loss(f"{_base}_sw")(_hybrid(_base, "sw"))
-for _base in ("mse", "l2"):
-    for _term in ("max_sw", "learned_sw", "ms_sw"):
-        register_loss(f"{_base}_{_term}")(_hybrid(_base, _term))
-    register_loss(f"{_base}_site_sw")(_hybrid(_base, "sw", sites=True))
+# every name quant_core.loss_options declares, in its order
+for _name in POINTWISE_LOSSES:
+    register_loss(_name)(POINTWISE_FACTORIES[_name])
+for _alias, _term in SW_ALIASES.items():
+    register_loss(_alias)(SW_FACTORIES[_term])
+for _term in SW_TERMS:
+    register_loss(_term)(SW_FACTORIES[_term])
+for _base, _term in HYBRIDS:
+    register_loss(f"{_base}_{_term}")(_hybrid(_base, _term))
 
 
 def build_loss(method: str, **kwargs: Any) -> Loss:
     """The loss registered as ``method``, configured by LightCompress-style keyword options."""
-    if method not in LOSSES:
-        raise ConfigError(f"Unknown loss method: {method}. Valid methods: {', '.join(LOSSES)}", "method")
-    return LOSSES[method](LossOptions.from_dict(kwargs))
+    return loss_from_options(method, LossOptions.from_dict(kwargs))
+
+
+def loss_from_options(method: str, options: LossOptions) -> Loss:
+    """The loss registered as ``method`` with validated ``options``."""
+    return LOSSES[known_loss(method, "method")](options)

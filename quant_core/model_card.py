@@ -10,11 +10,11 @@ it. The card uses the Hugging Face model-card layout: YAML front matter that the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quant_core.eval_windows import per_unit
+from quant_core.options import Options
 
 if TYPE_CHECKING:
     from quant_core.report import Export, JobReport, PairedScores
@@ -49,8 +49,10 @@ def _front_matter(report: JobReport, export_format: str) -> str:
     return "\n".join([*lines, "---"])
 
 
-def _options(options: Mapping[str, Any]) -> str:
-    return ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in options.items()) or "defaults"
+def _options(options: Options) -> str:
+    """The options the job set (the rest are the defaults of this version)."""
+    given = options.model_dump(mode="json", exclude_unset=True)
+    return ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in given.items()) or "defaults"
 
 
 def _loading(export_format: str, export: Export) -> str:
@@ -134,7 +136,7 @@ A {quant.bits}-bit ({group}, {"symmetric" if quant.symmetric else "asymmetric"})
 | --- | --- |
 | method | `{spec.method}` with {_options(spec.method_options)} |
 | loss | `{spec.loss}` with {_options(spec.loss_options)} |
-| end-to-end tuning | {_options(spec.finetune) if spec.build_finetune().enabled else "none"} |
+| end-to-end tuning | {_options(spec.finetune) if spec.finetune.enabled else "none"} |
 | calibration | `{calib.text}`: {calib.n_samples} windows of {calib.seq_len} tokens \
 ({report.calibration_tokens} tokens), seed {spec.seed} |
 | calibration time | {report.seconds.calibration / 60:.1f} min on `{spec.device}` |

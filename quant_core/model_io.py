@@ -13,10 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from quant_core.errors import ConfigError
 from quant_core.experts import unfuse_experts
-
-FAKE_QUANT_DIR = "model"
-PACKED_DIR = "packed"
-GGUF_DIR = "gguf"
+from quant_core.output_names import FAKE_QUANT_DIR
 
 
 def load_model(

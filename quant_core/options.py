@@ -8,16 +8,29 @@ and infinities never a setting, and counts have a ceiling (a typo or an attack, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from quant_core.errors import ConfigError, config_error
 
 # Counts (epochs, steps, batch sizes, grid points) above this are refused up front rather than
 # holding a worker for years or exhausting its memory.
 MAX_COUNT = 1_000_000
+MIN_BITS, MAX_BITS = 2, 8  # the grid widths a job may ask for
+MAX_SAMPLES = 4096  # calibration windows a job may ask for (its blocks' or its tuning's)
 
 
 def _finite(value: Any) -> Any:
@@ -75,3 +88,40 @@ class Options(BaseModel):
                 "description": info.description or "",
             }
         return listed
+
+
+def _as_options(kind: type[Options], value: Any, field: str) -> Options:
+    """``value`` as ``kind``'s options; a bad option named by its path under ``field``."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping of {kind.what}s to values")
+    try:
+        return kind.from_dict(value)
+    except ConfigError as exc:
+        raise ConfigError(str(exc), f"{field}.{exc.field}" if exc.field else field) from exc
+
+
+def options_of(kind: type[Options]) -> WrapValidator:
+    """Validate a field as ``kind``'s options, with :meth:`Options.from_dict`'s messages."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        return _as_options(kind, value, str(info.field_name))
+
+    return WrapValidator(validate)
+
+
+def typed_by(name_field: str, types: Callable[[str], type[Options] | None]) -> WrapValidator:
+    """Validate an options field as the options model that a sibling field's name selects.
+
+    ``method_options`` are GPTQ's options when ``method`` is ``gptq``: declared as the union of every
+    method's model (which OpenAPI and the form show), they are validated once, as the one model the
+    name picks, where a request enters. A name that failed its own check leaves the options as given:
+    its error is the one reported.
+    """
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        kind = types(info.data[name_field]) if name_field in info.data else None
+        return value if kind is None else _as_options(kind, value, str(info.field_name))
+
+    return WrapValidator(validate)

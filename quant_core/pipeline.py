@@ -25,15 +25,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import quant_core
 from quant_core.absorbed_rotation import absorb_rotation, check_rotation
 from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
+from quant_core.block_record import BlockRecord
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import (
-    calibrated_on_evaluation,
     calibration_windows,
     resolve_text,
     tokenize_file,
 )
 from quant_core.distributed import SOLO, Ranks
-from quant_core.engine import BlockRecord, calibrate_blocks
+from quant_core.engine import calibrate_blocks
 from quant_core.errors import ConfigError
 from quant_core.eval_windows import WindowedText, evaluation_windows, protocol, window_start
 from quant_core.experts import is_fused_experts
@@ -42,6 +42,7 @@ from quant_core.export_dtype import resolve_export_dtype, round_to_export_dtype
 from quant_core.finetune import calibrate_then_tune
 from quant_core.gguf_export import gguf_blockers, write_gguf
 from quant_core.job import DTYPES, JobSpec
+from quant_core.job_settings import calibrated_on_evaluation
 from quant_core.lazy_model import (
     LazyModel,
     PackedShardWriter,
@@ -55,16 +56,9 @@ from quant_core.losses import Loss
 from quant_core.memory import StagePeaks
 from quant_core.methods.base import QuantMethod
 from quant_core.model_card import write_model_cards
-from quant_core.model_io import (
-    FAKE_QUANT_DIR,
-    GGUF_DIR,
-    PACKED_DIR,
-    declared_dtype,
-    load_model,
-    load_tokenizer,
-    save_fake_quant,
-)
+from quant_core.model_io import declared_dtype, load_model, load_tokenizer, save_fake_quant
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
+from quant_core.output_names import FAKE_QUANT_DIR, GGUF_DIR, PACKED_DIR
 from quant_core.perplexity import perplexity
 from quant_core.progress import PhaseProgress
 from quant_core.report import Export, JobReport, PerplexityPair, Seconds
@@ -199,8 +193,8 @@ class Calibration:
 
 def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None) -> LoadedJob:
     """Load the model and the texts, and refuse before any work what cannot run to the end."""
-    calib_path = resolve_text(spec.calib.text, "calib.text")
-    eval_paths = {name: resolve_text(name, "eval.texts") for name in spec.eval.texts}
+    calib_path = resolve_text(spec.calib.text, "calibration.text")
+    eval_paths = {name: resolve_text(name, "evaluation.texts") for name in spec.eval.texts}
     for name, path in eval_paths.items():
         if path.resolve() == calib_path.resolve():
             raise calibrated_on_evaluation(name)
@@ -228,7 +222,7 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
         resources = method.check_resources(model, spec.calib.seq_len, spec.device, spec.world_size)
     formats = export_formats_for(spec, method, model, blocks)
     residency = None if lazy is None else StreamingBlocks(lazy, _streamed_writers(lazy, formats, spec, out_dir))
-    drawn = spec.build_finetune().windows_to_draw(spec.calib.n_samples)
+    drawn = spec.finetune.windows_to_draw(spec.calib.n_samples)
     start = window_start(tokenizer).calibration_token
     windows = calibration_windows(tokenize_file(tokenizer, calib_path), drawn, spec.calib.seq_len, spec.seed, start)
     eval_seq_len = spec.eval.seq_len or spec.calib.seq_len
@@ -340,7 +334,7 @@ def calibrate(
         method_stats = {**job.resources, **trained}
     else:
         checkpoint = None if checkpoint_dir is None else BlockCheckpoint(checkpoint_dir, job_fingerprint(spec), ranks)
-        finetune = spec.build_finetune()
+        finetune = spec.finetune
         blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
         blockwise = partial(
             calibrate_blocks,
@@ -407,8 +401,8 @@ def _calibrate_then_tune_streamed(
         teacher = record_streamed_teacher(lazy, windows, spec.device, spill=spill)
     with peaks.stage("blocks"):
         records = blockwise()
-    tuning = StreamedTuning(lazy, checkpoint.restore, spec.build_finetune(), spec.quant.group_size, spec.device)
-    hooks.stage(f"end-to-end tuning, streamed: {spec.build_finetune().epochs} epoch(s)")
+    tuning = StreamedTuning(lazy, checkpoint.restore, spec.finetune, spec.quant.group_size, spec.device)
+    hooks.stage(f"end-to-end tuning, streamed: {spec.finetune.epochs} epoch(s)")
     with peaks.stage("tuning"):
         stats, tunables = tuning.tune(
             windows,
@@ -538,7 +532,7 @@ def _measure(
     spill = Spill(out_dir / SPILL_DIR / (f"rank{ranks.rank}" if ranks.distributed else ""))
     # a streamed tuning rebuilds calibrated blocks from a block checkpoint: the job's own, or one of its
     # output folder's, removed when the job is done (and resumed from if the job runs again first)
-    internal = spec.lazy_load and spec.build_finetune().enabled and checkpoint_dir is None
+    internal = spec.lazy_load and spec.finetune.enabled and checkpoint_dir is None
     blocks_dir = out_dir / BLOCKS_DIR if internal else checkpoint_dir
     try:
         calibration = calibrate(spec, method, record_loss, job, hooks, blocks_dir, peaks, spill, ranks)

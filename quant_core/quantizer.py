@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from quant_core.errors import ConfigError
+from quant_core.options import MAX_BITS, MIN_BITS
 
-MIN_BITS, MAX_BITS = 2, 8
 _MIN_SCALE = 1e-8
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from quant_core.engine import BlockRecord
+from quant_core.block_record import BlockRecord
 from quant_core.eval_windows import per_unit
 from quant_core.job import JobSpec
 from quant_core.runtimes import RuntimeScore

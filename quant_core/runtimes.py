@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +27,9 @@ import torch.nn.functional as F
 from quant_core.eval_windows import WindowedText
 from quant_core.export import vllm_serving_blockers
 from quant_core.gguf_export import gguf_blockers
-from quant_core.incoherence import UNPACKABLE_ROTATION
+from quant_core.method_options import UNPACKABLE_ROTATION
 from quant_core.quantizer import QuantSpec
 
-RuntimeName = Literal["transformers", "vllm", "llama.cpp"]
-RUNTIMES: tuple[str, ...] = get_args(RuntimeName)
 FORMAT_FOR = {"transformers": "pack_quantized", "vllm": "pack_quantized", "llama.cpp": "gguf"}
 # A runtime's perplexity may differ from the report's by this much and still count as the same model:
 # llama.cpp quantizes activations to 8 bits for its integer dot products and vLLM's CPU path computes

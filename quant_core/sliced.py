@@ -25,9 +25,8 @@ from torch import Tensor
 
 from quant_core.errors import ConfigError
 from quant_core.loss_base import Loss, ModelOutputs, compute_dtype, tokens
+from quant_core.loss_options import BLOCK_SIZE_ERROR, SCALE_ERROR
 
-BLOCK_SIZE_ERROR = "seq_len must be divisible by sw_block_size"
-SCALE_ERROR = "seq_len must be divisible by every entry of sw_scales"
 # Random candidates drawn per kept direction before max-sliced ascent starts from the best of them.
 CANDIDATES_PER_DIRECTION = 4
 

@@ -30,9 +30,11 @@ from torch import Tensor, nn
 
 from quant_core.engine import capture_block_inputs, run_block, run_block_batched
 from quant_core.errors import CancelledError
-from quant_core.finetune import FinetuneOptions, FloatMaster, GridScales, student_outputs
+from quant_core.finetune import FloatMaster, GridScales, student_outputs, tuning_dtype
+from quant_core.finetune_options import FinetuneOptions
 from quant_core.lazy_model import LazyModel, ShardWriter, replaced_blocks
 from quant_core.loss_base import ModelOutputs
+from quant_core.losses import build_loss
 from quant_core.methods.normtweaking import norm_parameters
 from quant_core.methods.training import cosine_with_warmup
 from quant_core.model_structure import last_hidden_state, output_layer, quantizable_linears
@@ -192,8 +194,8 @@ class StreamedTuning:
         """Train; the report's statistics (as quant_core.finetune's ``tune_end_to_end`` gives them, without
         the gradient shares) and the tuned tensors for :meth:`write`."""
         options = self.options
-        loss_fn = options.build_loss(seed)
-        compute_dtype, device_type = options.compute_dtype(self.device), torch.device(self.device).type
+        loss_fn = build_loss(options.loss, seed=seed)
+        compute_dtype, device_type = tuning_dtype(options, self.device), torch.device(self.device).type
         autocast = partial(torch.autocast, device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
         generator = torch.Generator().manual_seed(seed)
         tunables = _Tunables(outside=_outside_norms(self.lazy))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quant_core.model_io import FAKE_QUANT_DIR, GGUF_DIR, PACKED_DIR
+from quant_core.output_names import FAKE_QUANT_DIR, GGUF_DIR, PACKED_DIR
 from swq_shared.settings import Settings
 from swq_shared.storage import Storage, open_storage
 

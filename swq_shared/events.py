@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from quant_core.engine import BlockRecord
+from quant_core.block_record import BlockRecord
 from swq_shared.models import ErrorCode, JobStatus
 
 

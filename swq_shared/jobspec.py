@@ -1,9 +1,9 @@
 """The job request on the wire: quant_core's JobSettings plus what only the service has (queue, labels).
 
-The API validates a request in two steps: pydantic checks types and ranges, then the same JobSpec the
-worker will run checks the semantics (known method and loss, their options, sw_block_size against
-seq_len). Both report the offending field, so a bad spec is refused at submission, not found later
-by a worker.
+Validating a JobRequest is the whole check (quant_core.job_settings): types and ranges, the named
+method's and loss's options, and every check across settings (sw_block_size against seq_len, lazy
+loading with a rotation...), each naming the offending field, so a bad spec is refused at submission,
+not found later by a worker; and none of it loads torch.
 """
 
 from __future__ import annotations

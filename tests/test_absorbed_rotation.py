@@ -20,7 +20,7 @@ from quant_core.absorbed_rotation import absorb_rotation, rotation_blockers
 from quant_core.cli import main
 from quant_core.errors import ConfigError
 from quant_core.incoherence import RandomizedHadamard, hadamard_matrix
-from quant_core.job import JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.perplexity import perplexity
 from tests.test_cli import SMALL
 from tests.tiny_models import VOCAB, build_model
@@ -135,10 +135,10 @@ def test_families_without_an_absorbable_stream_are_named(arch: str) -> None:
 
 def test_rotation_and_lazy_load_are_refused_together() -> None:
     with pytest.raises(ConfigError) as err:
-        JobSpec(model="m", rotation="hadamard", lazy_load=True)
+        validated(JobSettings, {"model": "m", "rotation": "hadamard", "lazy_load": True})
     assert err.value.field == "rotation"
     with pytest.raises(ConfigError) as err:
-        JobSpec(model="m", rotation="givens")
+        validated(JobSettings, {"model": "m", "rotation": "givens"})
     assert err.value.field == "rotation"
 
 

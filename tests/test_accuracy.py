@@ -14,6 +14,8 @@ from api.commands.cli import build_parser
 from quant_core.accuracy import LmEvalSpec, task_scores
 from quant_core.cli import main, settings_from_args
 from quant_core.errors import ConfigError
+from quant_core.job import JobSpec
+from quant_core.job_settings import JobSettings, validated
 from swq_shared.jobspec import JobRequest
 from tests.lm_eval_task import QUESTIONS, write_task
 from tests.tiny_models import build_model, build_tokenizer
@@ -70,35 +72,37 @@ def test_a_job_reports_accuracy_before_and_after_and_caches_the_float_scores(
 @pytest.mark.parametrize(
     ("options", "field"),
     [
-        ({"tasks": []}, "eval.lm_eval.tasks"),
-        ({"tasks": "hellaswag"}, "eval.lm_eval.tasks"),
-        ({"tasks": ["x"], "limit": 0}, "eval.lm_eval.limit"),
-        ({"tasks": ["x"], "num_fewshot": -1}, "eval.lm_eval.num_fewshot"),
+        ({"tasks": []}, "evaluation.lm_eval.tasks"),
+        ({"tasks": "hellaswag"}, "evaluation.lm_eval.tasks"),
+        ({"tasks": ["x"], "limit": 0}, "evaluation.lm_eval.limit"),
+        ({"tasks": ["x"], "num_fewshot": -1}, "evaluation.lm_eval.num_fewshot"),
     ],
 )
 def test_bad_lm_eval_settings_name_the_field(options: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        LmEvalSpec(**options)
+        validated(JobSettings, {"model": "m", "evaluation": {"lm_eval": options}})
     assert info.value.field == field
 
 
 def test_a_task_file_that_does_not_exist_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="task file not found") as info:
         LmEvalSpec(tasks=(str(tmp_path / "missing.yaml"),)).resolved_tasks()
-    assert info.value.field == "eval.lm_eval.tasks"
+    assert info.value.field == "evaluation.lm_eval.tasks"
 
 
 def test_the_request_carries_lm_eval_into_the_job_spec() -> None:
     request = JobRequest.model_validate(
         {"model": "m", "group_size": 32, "evaluation": {"lm_eval": {"tasks": ["arc_easy"], "limit": 50}}}
     )
-    spec = request.to_job_spec().eval.lm_eval
+    spec = JobSpec.from_settings(request).eval.lm_eval
     assert spec == LmEvalSpec(tasks=("arc_easy",), limit=50)
     with pytest.raises(ConfigError) as info:
-        JobRequest.model_validate(
-            {"model": "m", "group_size": 32, "lazy_load": True, "evaluation": {"lm_eval": {"tasks": ["arc_easy"]}}}
-        ).to_job_spec()
+        body = {"model": "m", "group_size": 32, "lazy_load": True}
+        validated(JobRequest, {**body, "evaluation": {"lm_eval": {"tasks": ["arc_easy"]}}})
     assert info.value.field == "lazy_load"
+    with pytest.raises(ConfigError) as info:
+        validated(JobRequest, {"model": "m", "evaluation": {"lm_eval": {"tasks": ["  "]}}})
+    assert info.value.field == "evaluation.lm_eval.tasks"
 
 
 def test_submit_flags_carry_lm_eval_into_the_request() -> None:

@@ -14,12 +14,14 @@ from transformers import AutoModelForCausalLM
 
 from quant_core.cli import main
 from quant_core.errors import ConfigError
-from quant_core.finetune import FinetuneOptions
+from quant_core.finetune_options import FinetuneOptions
 from quant_core.job import CalibSpec, JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.lightcompress_config import read_lightcompress
 from quant_core.losses import LOSSES, LossOptions
 from quant_core.methods import METHODS
 from quant_core.model_io import load_model
+from quant_core.options import Options
 
 SMALL = ["--n-samples", "4", "--seq-len", "32", "--eval-max-windows", "3", "--bits", "3", "--group-size", "32"]
 
@@ -229,24 +231,28 @@ def test_lightcompress_let_is_refused_rather_than_ignored(tmp_path: Path) -> Non
         ({"loss": "mse_ms_sw", "loss_options": {"sw_scales": [1, 48]}}, "loss_options.sw_scales"),
         ({"method_options": {"epochs": -1}}, "method_options.epochs"),
         ({"method_options": {"lr_typo": 1}}, "method_options.lr_typo"),
-        ({"device": "tpu"}, "device"),
+        ({"calibration": {"n_samples": 0}}, "calibration.n_samples"),
     ],
 )
 def test_bad_job_settings_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        JobSpec(model="m", **kwargs)
+        validated(JobSettings, {"model": "m", **kwargs})
     assert info.value.field == field
 
 
-def test_non_positive_sample_count_names_the_calibration_field() -> None:
+def test_a_spec_built_in_code_checks_its_device_and_options() -> None:
     with pytest.raises(ConfigError) as info:
-        CalibSpec(n_samples=0)
-    assert info.value.field == "calib.n_samples"
+        JobSpec(model="m", device="tpu")
+    assert info.value.field == "device"
+    with pytest.raises(ConfigError) as info:
+        JobSpec(model="m", method="rtn", method_options={"lr_typo": 1})
+    assert info.value.field == "method_options.lr_typo"
 
 
 def test_block_size_that_does_not_divide_seq_len_fails_up_front_with_the_contract_message() -> None:
     with pytest.raises(ConfigError, match=r"^seq_len must be divisible by sw_block_size$"):
-        JobSpec(model="m", loss="mse_sw", loss_options={"sw_block_size": 100}, calib=CalibSpec(seq_len=512))
+        body = {"model": "m", "loss": "mse_sw", "loss_options": {"sw_block_size": 100}}
+        validated(JobSettings, {**body, "calibration": {"seq_len": 512}})
 
 
 def test_pickled_weights_are_refused(tmp_path: Path) -> None:
@@ -308,7 +314,9 @@ def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_co
     for name, method in listed["methods"].items():
         built = METHODS[name].options_type.from_dict({})
         defaults = {k: option["default"] for k, option in method["options"].items()}
-        assert defaults == {k: list(v) if isinstance(v, tuple) else v for k, v in vars(built).items()}
+        # nested options (NormTweaking's base_options) are listed as given: none set, the base's defaults
+        applied = built.model_dump(mode="json", exclude={k for k, v in vars(built).items() if isinstance(v, Options)})
+        assert defaults == {**applied, **{k: {} for k, v in vars(built).items() if isinstance(v, Options)}}
         assert all(option["description"] for option in method["options"].values()), name
     assert listed["methods"]["tesseraq"]["default_loss"] == "l2"
     assert listed["losses"]["options"]["sw_num_projections"]["default"] == LossOptions().sw_num_projections

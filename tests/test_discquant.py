@@ -20,6 +20,7 @@ from quant_core.cli import main
 from quant_core.errors import ConfigError
 from quant_core.incoherence import LinearRotation
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.losses import ModelOutputs, build_loss
 from quant_core.methods import build_method
 from quant_core.methods.base import layer_grid
@@ -333,14 +334,14 @@ def test_memory_refusal_is_a_clear_cli_error(tiny_llama_dir: Path, tmp_path: Pat
 )
 def test_bad_options_name_the_option(options: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        JobSpec(model="m", method="discquant", method_options=options)
+        validated(JobSettings, {"model": "m", "method": "discquant", "method_options": options})
     assert info.value.field == field
 
 
 def test_discquant_defaults_to_the_kd_loss_and_refuses_lazy_loading() -> None:
     assert JobSpec(model="m", method="discquant").loss == "kd"
     with pytest.raises(ConfigError) as info:
-        JobSpec(model="m", method="discquant", lazy_load=True)
+        validated(JobSettings, {"model": "m", "method": "discquant", "lazy_load": True})
     assert info.value.field == "lazy_load"
 
 

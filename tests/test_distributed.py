@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from quant_core.distributed import Ranks
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
-from quant_core.launch import TIMEOUT_VARIABLE, run_ranked
+from quant_core.job_settings import JobSettings, validated
+from quant_core.launch import TIMEOUT_VARIABLE, run_ranked, torchrun_ranks
 from quant_core.pipeline import JobHooks
 from quant_core.quantizer import QuantSpec
 from tests.s3_server import free_ports
@@ -138,8 +139,18 @@ def test_two_and_three_ranks_give_what_one_process_gives(case: str, tiny_llama_d
 
 def test_fewer_windows_than_ranks_is_refused_naming_the_setting(tiny_llama_dir: Path) -> None:
     with pytest.raises(ConfigError) as refused:
-        JobSpec(model=str(tiny_llama_dir), method="gptq", calib=CalibSpec(n_samples=2), world_size=3)
-    assert refused.value.field == "calib.n_samples"
+        body = {"model": str(tiny_llama_dir), "method": "gptq", "world_size": 3}
+        validated(JobSettings, {**body, "calibration": {"n_samples": 2}})
+    assert refused.value.field == "calibration.n_samples"
+
+
+def test_a_world_size_from_torchrun_is_checked_as_the_setting_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun, not the settings, gives the world size there: the same refusal, before joining any group."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError) as refused:
+        torchrun_ranks(JobSpec(model="m", method="gptq", calib=CalibSpec(n_samples=2)))
+    assert refused.value.field == "calibration.n_samples"
 
 
 def test_shares_cover_every_window_once_with_the_first_ranks_taking_the_remainder() -> None:

@@ -59,7 +59,7 @@ def test_max_windows_scores_a_prefix_and_a_short_text_is_refused() -> None:
     assert windows.shape == (3, 10) and (first, end) == (0, 27) and first_scored.tolist() == [0, 0, 0]
     with pytest.raises(ConfigError, match="fewer than the 9 a window needs") as info:
         cut_windows(torch.arange(8), 10, WindowStart(BOS, True))
-    assert info.value.field == "eval.seq_len"
+    assert info.value.field == "evaluation.seq_len"
 
 
 def test_window_start_follows_whether_the_tokenizer_adds_bos() -> None:

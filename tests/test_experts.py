@@ -227,8 +227,8 @@ def test_a_packed_mixture_of_experts_needs_symmetric_grids(moe_dirs: dict[str, P
 
 def test_the_expert_threshold_flows_from_flag_and_rest_into_the_job() -> None:
     args = build_parser().parse_args(["quantize", "--model", "m", "--expert-min-tokens", "0"])
-    assert settings_from_args(args)[0].to_job_spec().calib.expert_min_tokens == 0
+    assert JobSpec.from_settings(settings_from_args(args)[0]).calib.expert_min_tokens == 0
     rest = JobSettings.model_validate({"model": "m", "calibration": {"expert_min_tokens": 64}})
-    assert rest.to_job_spec().calib.expert_min_tokens == 64
+    assert JobSpec.from_settings(rest).calib.expert_min_tokens == 64
     with pytest.raises(ValueError, match="expert_min_tokens"):
         JobSettings.model_validate({"model": "m", "calibration": {"expert_min_tokens": -1}})

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from quant_core.errors import ConfigError
 from quant_core.export import export_pack_quantized, vllm_serving_blockers
 from quant_core.job import JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, stored_layout, weight_matrix
 from quant_core.pipeline import export_formats_for
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, scale_and_zero, ungroup_columns
@@ -264,5 +265,5 @@ def test_explicit_export_is_kept_or_refused_and_auto_goes_alone():
         export_formats_for(ragged, ragged.build_method(), model, find_decoder_blocks(model))
     assert caught.value.field == "group_size"
     with pytest.raises(ConfigError, match="auto chooses the format itself") as caught:
-        JobSpec(model="-", method="rtn", export_formats=("auto", "fake_quant"))
+        validated(JobSettings, {"model": "-", "method": "rtn", "export_formats": ["auto", "fake_quant"]})
     assert caught.value.field == "export_formats"

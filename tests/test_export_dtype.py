@@ -16,6 +16,7 @@ from quant_core.corpus import BUNDLED_TEXTS
 from quant_core.errors import ConfigError
 from quant_core.export_dtype import holds_grid, resolve_export_dtype, round_to_export_dtype
 from quant_core.job import CalibSpec, JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.methods.base import layer_grid, write_quantized
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
 from quant_core.pipeline import run_job
@@ -122,10 +123,11 @@ def test_a_bfloat16_model_is_never_written_back_larger(tmp_path: Path, tokenizer
 
 def test_a_streamed_job_cannot_change_the_dtype_it_calibrated_in() -> None:
     with pytest.raises(ConfigError) as caught:
-        JobSpec(model="m", method="rtn", lazy_load=True, dtype="bfloat16", export_dtype="float32")
+        body = {"model": "m", "method": "rtn", "lazy_load": True, "dtype": "bfloat16", "export_dtype": "float32"}
+        validated(JobSettings, body)
     assert caught.value.field == "export_dtype"
     with pytest.raises(ConfigError) as caught:
-        JobSpec(model="m", method="rtn", export_dtype="float64")
+        validated(JobSettings, {"model": "m", "method": "rtn", "export_dtype": "float64"})
     assert caught.value.field == "export_dtype"
 
 
@@ -155,17 +157,17 @@ def test_an_asymmetric_8_bit_grid_is_never_stored_in_bfloat16() -> None:
     assert resolve_export_dtype("auto", torch.bfloat16, w8) == torch.float16
     for field in ("dtype", "export_dtype"):
         with pytest.raises(ConfigError, match="cannot hold the W8") as err:
-            JobSpec(model="m", quant=w8, **{field: "bfloat16"})
+            validated(JobSettings, {"model": "m", "bits": 8, "symmetric": False, "group_size": 32, field: "bfloat16"})
         assert err.value.field == field
 
 
 def test_calibrating_on_the_evaluation_text_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """By name when the spec is made (before a job is queued), and by file when the job loads its texts."""
     with pytest.raises(ConfigError, match="also the evaluation text 'persuasion'") as err:
-        JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text="persuasion", n_samples=2, seq_len=16))
-    assert err.value.field == "calib.text"
+        validated(JobSettings, {"model": str(tiny_llama_dir), "calibration": {"text": "persuasion"}})
+    assert err.value.field == "calibration.text"
     same_file = str(BUNDLED_TEXTS["persuasion"])
     spec = JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text=same_file, n_samples=2, seq_len=16))
     with pytest.raises(ConfigError, match="also the evaluation text 'persuasion'") as err:
         run_job(spec, tmp_path)
-    assert err.value.field == "calib.text" and not (tmp_path / "report.json").exists()
+    assert err.value.field == "calibration.text" and not (tmp_path / "report.json").exists()

@@ -12,8 +12,17 @@ from transformers import AutoModelForCausalLM
 
 from quant_core.engine import calibrate_blocks
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.finetune import FinetuneOptions, GridScales, output_layer, record_teacher, tune_end_to_end
+from quant_core.finetune import (
+    GridScales,
+    output_layer,
+    recomputed_blocks,
+    record_teacher,
+    tune_end_to_end,
+    tuning_dtype,
+)
+from quant_core.finetune_options import FinetuneOptions
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.methods.base import layer_grid, rotated_grid
@@ -158,13 +167,13 @@ def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively(m
     ):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
-        assert options.compute_dtype("cpu") is expected
-    assert FinetuneOptions(precision="float32").compute_dtype("cpu") is torch.float32
+        assert tuning_dtype(options, "cpu") is expected
+    assert tuning_dtype(FinetuneOptions(precision="float32"), "cpu") is torch.float32
 
 
 def test_zero_epochs_is_the_default_and_the_job_refuses_what_it_cannot_tune() -> None:
     assert not FinetuneOptions().enabled
-    base = {"model": "unused", "quant": SPEC, "calib": CalibSpec(n_samples=2, seq_len=16)}
+    base = {"model": "unused", "calibration": {"n_samples": 2, "seq_len": 16}}
     cases = [
         ({"method": "discquant", "finetune": {"epochs": 1}}, "finetune.epochs", "whole model"),
         ({"method": "rtn", "finetune": {"epoch": 1}}, "finetune.epoch", "Unknown finetune option"),
@@ -176,7 +185,7 @@ def test_zero_epochs_is_the_default_and_the_job_refuses_what_it_cannot_tune() ->
     ]
     for extra, field, words in cases:
         with pytest.raises(ConfigError, match=words) as caught:
-            JobSpec(**base, **extra)
+            validated(JobSettings, {**base, **extra})
         assert caught.value.field == field, extra
 
 
@@ -291,3 +300,36 @@ def test_norms_train_in_either_model_dtype(dtype: torch.dtype) -> None:
     total = sum(v.numel() for v in norms_before.values())
     assert moved >= 0.3 * total, f"{moved} of {total} norm entries moved"
     assert all(after[k].dtype == dtype and isinstance(after[k], nn.Parameter) for k in norms_before)
+
+
+def test_recomputed_blocks_give_the_same_gradients_and_hold_no_block_weight_between_forwards() -> None:
+    """Under activation checkpointing each grid linear makes its weight in its own forward: the loss and
+    every step size's gradient equal those of the weights made up front (1e-6), and no layer keeps one."""
+    windows = _windows()
+    _, model, _ = _quantized(windows, "rtn")
+    grids = [
+        GridScales.of(layer, 32)
+        for block in find_decoder_blocks(model)
+        for layer in quantizable_linears(block).values()
+    ]
+    assert all(grid is not None for grid in grids)
+    thetas = [grid.theta for grid in grids if grid is not None]
+    for theta in thetas:
+        theta.data.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(1))
+    model.eval().requires_grad_(False)
+
+    def loss_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = model(windows).logits.float().pow(2).mean()
+        return loss.detach(), list(torch.autograd.grad(loss, thetas))
+
+    for grid in grids:
+        grid.attach()
+    expected_loss, expected = loss_and_gradients()
+    tuned: list[tuple[nn.Module, str, GridScales]] = [(model, "", grid) for grid in grids]
+    with recomputed_blocks(model, tuned):
+        loss, gradients = loss_and_gradients()
+        assert all(grid.layer.weight.is_meta for grid in grids)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=0)
+    for got, want in zip(gradients, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert all("forward" not in vars(block) for block in find_decoder_blocks(model))

@@ -27,7 +27,7 @@ from quant_core.incoherence import (
     paley_ii,
     rotate_hessian,
 )
-from quant_core.job import JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.methods.base import layer_grid, rotated_rtn_weights
@@ -195,22 +195,26 @@ def test_a_model_width_without_a_construction_is_refused_before_calibration() ->
     assert info.value.field == "method_options.incoherence"
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "discquant"])
-def test_packed_export_with_incoherence_is_refused_up_front(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "options", "field"),
+    [
+        ("rtn", {"incoherence": "hadamard"}, "method_options.incoherence"),
+        ("gptq", {"incoherence": "hadamard"}, "method_options.incoherence"),
+        ("discquant", {"incoherence": "hadamard"}, "method_options.incoherence"),
+        ("normtweaking", {"base_options": {"incoherence": "hadamard"}}, "method_options.base_options.incoherence"),
+    ],
+)
+def test_packed_export_with_incoherence_is_refused_up_front(method: str, options: dict, field: str) -> None:
+    body = {"model": "m", "method": method, "method_options": options}
     with pytest.raises(ConfigError, match="no packed format holds") as info:
-        JobSpec(
-            model="m",
-            method=method,
-            method_options={"incoherence": "hadamard"},
-            export_formats=("fake_quant", "pack_quantized"),
-        )
-    assert info.value.field == "method_options.incoherence"
+        validated(JobSettings, {**body, "export_formats": ["fake_quant", "pack_quantized"]})
+    assert info.value.field == field
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "discquant"])
 def test_unknown_incoherence_names_the_option(method: str) -> None:
     with pytest.raises(ConfigError, match="none, hadamard") as info:
-        JobSpec(model="m", method=method, method_options={"incoherence": "random"})
+        validated(JobSettings, {"model": "m", "method": method, "method_options": {"incoherence": "random"}})
     assert info.value.field == "method_options.incoherence"
 
 
@@ -256,7 +260,8 @@ def test_normtweaking_over_a_rotated_base_is_a_rotated_method() -> None:
         method.check(nn.ModuleList([nn.Sequential(nn.Linear(52, 64))]))
     assert info.value.field == "method_options.base_options.incoherence"
     with pytest.raises(ConfigError, match="no packed format holds") as info:
-        JobSpec(model="m", method="normtweaking", method_options=options, export_formats=("pack_quantized",))
+        body = {"model": "m", "method": "normtweaking", "method_options": options}
+        validated(JobSettings, {**body, "export_formats": ["pack_quantized"]})
     assert info.value.field == "method_options.base_options.incoherence"
     assert not build_method("normtweaking", QuantSpec(bits=3), build_loss("mse"), {}).rotates
 

@@ -7,6 +7,8 @@ it is a flag, a REST field, llmc's ``eval.bs`` and a form box without any other 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,12 @@ from api.commands.cli import build_parser as service_parser
 from api.dashboard.job_form import BY_NAME, request_from
 from quant_core.cli import build_parser, job_flags, main, settings_from_args
 from quant_core.errors import ConfigError
-from quant_core.job_settings import JobSettings, leaf_settings
+from quant_core.job import JobSpec
+from quant_core.job_settings import JobSettings, leaf_settings, validated
+from quant_core.loss_options import LOSS_NAMES
+from quant_core.losses import LOSSES
+from quant_core.method_options import METHOD_OPTIONS, GptqOptions, OmniQuantOptions
+from quant_core.methods import METHODS
 from swq_shared.jobspec import JobRequest, request_from_lightcompress
 
 
@@ -46,16 +53,16 @@ def test_every_flag_is_declared_once_and_shown_with_its_default(capsys: pytest.C
 
 def test_a_new_setting_flows_from_flag_rest_lightcompress_and_form_into_the_job(tmp_path: Path) -> None:
     from_flag = _settings("--model", "m", "--group-size", "32", "--eval-batch-size", "2")
-    assert from_flag.evaluation.batch_size == 2 and from_flag.to_job_spec().eval.batch_size == 2
+    assert from_flag.evaluation.batch_size == 2 and JobSpec.from_settings(from_flag).eval.batch_size == 2
 
     schema = JobRequest.model_json_schema()
     batch = schema["$defs"]["EvaluationSettings"]["properties"]["batch_size"]
     assert (batch["default"], batch["minimum"]) == (4, 1)
     from_rest = JobRequest.model_validate({"model": "m", "evaluation": {"batch_size": 8}})
-    assert from_rest.to_job_spec().eval.batch_size == 8
+    assert JobSpec.from_settings(from_rest).eval.batch_size == 8
 
     llmc = "model: {path: m}\neval: {path: persuasion, bs: 16}\nquant: {method: RTN, weight: {bit: 4}}\n"
-    assert request_from_lightcompress(llmc).to_job_spec().eval.batch_size == 16
+    assert JobSpec.from_settings(request_from_lightcompress(llmc)).eval.batch_size == 16
 
     assert BY_NAME["evaluation.batch_size"].kind == "int" and 'min="1"' in BY_NAME["evaluation.batch_size"].attrs
     from_form, errors = request_from({"model": "m", "evaluation.batch_size": "3", "export_formats": ["auto"]})
@@ -72,8 +79,9 @@ def test_flags_override_the_config_and_join_its_options(tmp_path: Path) -> None:
         "--config", str(config), "--n-samples", "8", "--method-opt", "epochs=5", "--finetune", "epochs=2"
     )
     assert (settings.calibration.n_samples, settings.calibration.seq_len, settings.bits) == (8, 32, 3)
-    assert settings.method_options["epochs"] == 5 and settings.method_options["lr"] == 0.01
-    assert settings.to_job_spec().build_finetune().epochs == 2
+    assert isinstance(settings.method_options, OmniQuantOptions)
+    assert settings.method_options.epochs == 5 and settings.method_options.lr == 0.01
+    assert JobSpec.from_settings(settings).finetune.epochs == 2
 
 
 @pytest.mark.parametrize(
@@ -91,7 +99,7 @@ def test_flags_override_the_config_and_join_its_options(tmp_path: Path) -> None:
 )
 def test_a_bad_setting_is_refused_naming_its_field(argv: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as info:
-        _settings("--model", "m", "--group-size", "32", *argv).to_job_spec()
+        JobSpec.from_settings(_settings("--model", "m", "--group-size", "32", *argv))
     assert info.value.field == field
 
 
@@ -104,3 +112,40 @@ def test_the_settings_travel_as_json_and_back() -> None:
     settings = _settings("--model", "m", "--lm-eval-task", "arc_easy", "--eval", "persuasion", "--eval", "brown")
     again = JobSettings.model_validate(json.loads(settings.model_dump_json()))
     assert again == settings and again.evaluation.texts == ["persuasion", "brown"]
+
+
+def test_the_api_loads_no_numerical_code() -> None:
+    """The API checks a request in full without torch or transformers: its own process, since this one has them."""
+    code = "import sys, api.app; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_method_options_are_the_methods_own_model_validated_once_and_carried_to_the_job() -> None:
+    request = JobRequest.model_validate({"model": "m", "method": "gptq", "method_options": {"damp": 0.05}})
+    assert type(request.method_options) is GptqOptions and request.method_options.damp == 0.05
+    spec = JobSpec.from_settings(request)
+    assert spec.method_options is request.method_options and spec.finetune is request.finetune
+    assert spec.build_method().options is request.method_options
+    assert request.model_dump(mode="json", exclude_unset=True)["method_options"] == {"damp": 0.05}
+    # a GPTQ option under another method is refused by that method's model, naming it
+    with pytest.raises(ConfigError, match="Unknown method option: damp") as info:
+        validated(JobSettings, {"model": "m", "method": "rtn", "method_options": {"damp": 0.05}})
+    assert info.value.field == "method_options.damp"
+
+
+def test_the_schema_describes_each_methods_options() -> None:
+    schema = JobRequest.model_json_schema()
+    union = {ref["$ref"].rsplit("/", 1)[-1] for ref in schema["properties"]["method_options"]["anyOf"]}
+    assert union == {options.__name__ for options in METHOD_OPTIONS.values()}
+    assert schema["$defs"]["GptqOptions"]["properties"]["damp"]["default"] == 0.01
+    assert schema["properties"]["finetune"]["$ref"].endswith("/FinetuneOptions")
+
+
+def test_every_declared_method_is_a_registered_class_reading_its_facts_from_its_options() -> None:
+    assert set(METHODS) == set(METHOD_OPTIONS)
+    for name, method in METHODS.items():
+        declared = METHOD_OPTIONS[name]
+        assert method.options_type is declared and method.name == name
+        assert (method.default_loss, method.whole_model) == (declared.default_loss, declared.whole_model)
+    assert tuple(LOSSES) == LOSS_NAMES

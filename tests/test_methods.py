@@ -9,6 +9,7 @@ import torch
 
 from quant_core.errors import ConfigError
 from quant_core.job import JobSpec
+from quant_core.job_settings import JobSettings, validated
 from quant_core.losses import build_loss
 from quant_core.methods import METHODS, build_method
 from quant_core.methods.omniquant import BUDGET_STEPS
@@ -102,6 +103,10 @@ def test_each_method_has_a_default_loss_for_jobs_that_name_none() -> None:
     assert JobSpec(model="m", method="tesseraq", loss="l2_sw").loss == "l2_sw"
     with pytest.raises(ConfigError) as info:
         JobSpec(model="m", method="nope")
+    assert info.value.field == "method"
+    assert validated(JobSettings, {"model": "m", "method": "tesseraq"}).loss == "l2"
+    with pytest.raises(ConfigError, match="Unknown quantization method: nope") as info:
+        validated(JobSettings, {"model": "m", "method": "nope"})
     assert info.value.field == "method"
 
 

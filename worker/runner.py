@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
+from quant_core.block_record import BlockRecord
 from quant_core.checkpoint import saved_files, stored_fingerprint
-from quant_core.engine import BlockRecord
 from quant_core.errors import CancelledError, ConfigError
+from quant_core.job import JobSpec
+from quant_core.job_settings import validated
 from quant_core.launch import run_ranked
 from quant_core.pipeline import REPORT_NAME, JobHooks, job_fingerprint
 from quant_core.report import JobReport
@@ -156,8 +158,10 @@ def execute_job(
         workdir = Path(tmp)
         mirror = CheckpointMirror(settings, storage, job_id, workdir / "checkpoint")
         try:
-            request = JobRequest.model_validate(spec)
-            core_spec = request.to_job_spec(UploadResolver(settings, storage, tenant_id, workdir), settings.device)
+            request = validated(JobRequest, spec)
+            core_spec = JobSpec.from_settings(
+                request, UploadResolver(settings, storage, tenant_id, workdir), settings.device
+            )
             checkpoint_dir = None
             if core_spec.resumable:  # a whole-model job restarts from the top
                 checkpoint_dir = mirror.directory

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticUndefined
 from starlette.datastructures import FormData
 
-from quant_core.errors import ConfigError
+from quant_core.errors import placed
 from quant_core.job_settings import Setting, leaf_settings, set_path
 from swq_shared.jobspec import JobRequest
 
@@ -57,7 +57,7 @@ def _kind(setting: Setting) -> tuple[Kind, tuple[str, ...]]:
         return "select", tuple(setting.choices.names())
     if get_origin(inner) is Literal:
         return "select", tuple(get_args(inner))
-    if get_origin(inner) is dict:
+    if get_origin(inner) is dict or (setting.flag is not None and setting.flag.kind == "key_value"):
         return "json", ()
     if get_origin(inner) is list:
         item = get_args(inner)[0]
@@ -154,8 +154,9 @@ def values_of(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def defaults() -> dict[str, Any]:
-    """The form's initial values: the request model's own defaults, so the form and the API agree."""
-    return {**values_of(JobRequest(model="-").model_dump(mode="json")), "model": ""}
+    """The form's initial values: the request model's own defaults, so the form and the API agree (the loss
+    left unset: the method chosen gives its own)."""
+    return {**values_of(JobRequest(model="-").model_dump(mode="json")), "model": "", "loss": ""}
 
 
 def values_from(form: FormData) -> dict[str, Any]:
@@ -223,13 +224,11 @@ def request_from(values: Mapping[str, Any]) -> tuple[JobRequest | None, dict[str
         return None, errors
     try:
         request = JobRequest.model_validate(body)
-        request.to_job_spec()
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            errors.setdefault(field_for(error["loc"]), error["msg"])
+            loc, message = placed(error)
+            errors.setdefault(field_for(loc), message)
         return None, errors
-    except ConfigError as exc:
-        return None, {field_for(tuple(exc.field.split(".")) if exc.field else ()): str(exc)}
     return request, {}
 
 

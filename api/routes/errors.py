@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 
 from api.front.rate_limit import RateLimitExceeded
-from quant_core.errors import ConfigError
+from quant_core.errors import ConfigError, placed
 from swq_shared.errors import InvalidFieldError, NotFoundInTenantError, QueueUnavailableError
 from swq_shared.jobs import InvalidCursorError, JobStateError, LabelFilterError
 from swq_shared.storage import NotFoundError, StorageError
@@ -36,7 +36,12 @@ def invalid_field(loc: Sequence[str], message: str) -> HTTPException:
 
 
 def validation_error(exc: ValidationError) -> HTTPException:
-    detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors(include_url=False)]
+    """A request's validation errors as a 422; a check across settings (a ConfigError inside pydantic's
+    error) is placed at the field it names, not at the model that ran it."""
+    detail = []
+    for error in exc.errors(include_url=False):
+        loc, message = placed(error)
+        detail.append({"loc": ["body", *loc], "msg": message, "type": error["type"]})
     return HTTPException(422, detail)
 
 

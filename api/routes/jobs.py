@@ -83,10 +83,16 @@ def submit_job(
     return JobOut.of(job)
 
 
-@router.post("/validate", response_model=JobRequest, dependencies=[Depends(get_tenant)], responses=error_responses(400))
-def validate_job(spec: JobRequest) -> JobRequest:
-    """Check a job spec without submitting it; returns it with every default filled in."""
-    spec.to_job_spec()
+@router.post(
+    "/validate",
+    response_model=JobRequest,
+    dependencies=[Depends(get_tenant)],
+    openapi_extra=_BODY_SCHEMA,
+    responses=error_responses(400),
+)
+def validate_job(spec: Annotated[JobRequest, Depends(_parse_request)]) -> JobRequest:
+    """Check a job spec (JSON or LightCompress YAML, as for submission) without submitting it; returns it
+    with every default filled in."""
     return spec
 
 

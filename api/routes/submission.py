@@ -55,7 +55,6 @@ def submit_job_request(
     idempotency key is safe, since re-sending a still-queued job is harmless: only one worker can
     claim it).
     """
-    spec = spec.model_copy(update={"loss": spec.to_job_spec().loss})  # store the method's default loss by name
     check_uploads(session, tenant, spec)
     job, created = jobs.create_job(session, tenant.id, spec.model_dump(mode="json"), spec.metadata, idempotency_key)
     session.commit()

@@ -33,16 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import Field, StrictBool
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from quant_core.clip_search import clip_ratios, search_clipping
 from quant_core.distributed import HeldBatch
 from quant_core.errors import ConfigError
+from quant_core.method_options import AwqOptions
 from quant_core.methods.base import (
     BlockData,
-    MethodOptions,
     QuantMethod,
     register_method,
     rtn_quantized,
@@ -51,7 +50,6 @@ from quant_core.methods.base import (
 from quant_core.methods.clipping import mean_ratio
 from quant_core.methods.layer_inputs import capture_call, first_argument, input_grams, input_groups, layer_input
 from quant_core.model_structure import LinearLike, linear_named, quantizable_linears, stored_layout, weight_matrix
-from quant_core.options import Fraction, PositiveCount
 from quant_core.quantizer import fake_quantize
 
 FOLD_TOLERANCE = 1e-3  # relative change of the block output allowed by folding scales in float32
@@ -97,17 +95,6 @@ LAYOUTS: dict[str, tuple[ScaleMapping, ...]] = {  # the first whose names all ex
     "GPT-2": _GPT2,
 }
 UNCLIPPED = ("q_proj", "k_proj")
-
-
-class AwqOptions(MethodOptions):
-    """AWQ's search grid: exponents 0, 1/20, ..., 19/20; clipping ratios 1, 0.95, ..., 0.55
-    (``1 - i / n_grid`` for ``i < max_shrink * n_grid``, as in AWQ); fewer than two ratios means no
-    clipping search."""
-
-    n_grid: PositiveCount = Field(20, description="grid points of the scale exponent and of the clipping ratio")
-    max_shrink: Fraction = Field(0.5, description="the largest share of the range the clipping may cut")
-    search_samples: PositiveCount = Field(32, description="windows the searches measure on")
-    clip: StrictBool = Field(True, description="search the clipping after the scales")
 
 
 def find_layout(block: nn.Module) -> tuple[ScaleMapping, ...]:
@@ -189,7 +176,6 @@ class _Sample:
 
 @register_method
 class Awq(QuantMethod):
-    name = "awq"
     options_type = AwqOptions
     options: AwqOptions
 

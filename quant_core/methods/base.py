@@ -8,18 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import ConfigError
-from quant_core.incoherence import INCOHERENCE_CHOICES, LinearRotation, RandomizedHadamard, check_widths
+from quant_core.incoherence import LinearRotation, RandomizedHadamard, check_widths
 from quant_core.losses import Loss
+from quant_core.method_options import MethodOptions, method_options_type
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
-from quant_core.options import Options, one_of
 from quant_core.quantizer import QuantSpec, fake_quantize, grid_params
 
 # Runs the block on a batch of inputs, optionally with some parameters replaced (by full name).
@@ -79,24 +78,6 @@ def weights_state(block: nn.Module) -> tuple[tuple[int, int, int], ...]:
     return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
-class MethodOptions(Options):
-    """Base for a method's options (quant_core.options)."""
-
-    what: ClassVar[str] = "method option"
-
-
-class IncoherenceOptions(MethodOptions):
-    """Options of a method that can quantize in QuIP's rotated basis (:mod:`quant_core.incoherence`)."""
-
-    incoherence: Annotated[str, one_of(*INCOHERENCE_CHOICES)] = Field(
-        "none", description="hadamard: quantize in QuIP's randomized Hadamard basis (fake-quant export only)"
-    )
-
-    @property
-    def rotates(self) -> bool:
-        return self.incoherence == "hadamard"
-
-
 class QuantMethod:
     """Base class: ``calibrate`` fits the method on one block and writes quantized weights into it.
 
@@ -104,11 +85,21 @@ class QuantMethod:
     ``quantize_model`` once with the whole model and the calibration windows instead of the engine.
     """
 
-    name: ClassVar[str]
-    default_loss: ClassVar[str] = "mse"  # the loss a job gets when it names none
     options_type: ClassVar[type[MethodOptions]] = MethodOptions
-    whole_model: ClassVar[bool] = False
+    # read from ``options_type`` (quant_core.method_options), where a request's checks find them without torch
+    name: ClassVar[str]
+    default_loss: ClassVar[str]
+    whole_model: ClassVar[bool]
+    rotation_option: ClassVar[str]  # the option that turns the rotation on, under ``method_options``
     needs_targets: ClassVar[bool] = False  # whether calibrate reads BlockData.targets
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "options_type" not in vars(cls):  # an intermediate class: its subclasses declare theirs
+            return
+        declared = cls.options_type
+        cls.name, cls.default_loss = declared.method, declared.default_loss
+        cls.whole_model, cls.rotation_option = declared.whole_model, declared.rotation_option
 
     @property
     def needs_float_inputs(self) -> bool:
@@ -121,10 +112,7 @@ class QuantMethod:
     @property
     def rotates(self) -> bool:
         """Whether the method quantizes in a rotated basis, so its weights lie on no grid the export can pack."""
-        return isinstance(self.options, IncoherenceOptions) and self.options.rotates
-
-    # The option that turns the rotation on, under ``method_options`` (where a refusal points).
-    rotation_option: ClassVar[str] = "incoherence"
+        return self.options.rotates
 
     def check(self, blocks: nn.ModuleList) -> None:
         """Refuse a model this method cannot handle before any time is spent on it.
@@ -293,13 +281,17 @@ def register_method(cls: type[QuantMethod]) -> type[QuantMethod]:
 
 
 def method_class(name: str) -> type[QuantMethod]:
-    """The method registered as ``name``, or an error that lists the registered ones."""
-    if name not in METHODS:
-        raise ConfigError(f"Unknown quantization method: {name}. Valid methods: {', '.join(METHODS)}", "method")
-    return METHODS[name]
+    """The method registered as ``name``, or an error that lists the methods."""
+    return METHODS[method_options_type(name).method]
 
 
-def build_method(name: str, spec: QuantSpec, loss: Loss, options: Mapping[str, Any] | None = None) -> QuantMethod:
-    """The method registered as ``name`` with validated options."""
+def build_method(
+    name: str, spec: QuantSpec, loss: Loss, options: MethodOptions | Mapping[str, Any] | None = None
+) -> QuantMethod:
+    """The method registered as ``name`` with its options (validated here when given as a mapping)."""
     cls = method_class(name)
-    return cls(spec, loss, cls.options_type.from_dict(options or {}))
+    if not isinstance(options, MethodOptions):
+        options = cls.options_type.from_dict(options or {})
+    elif not isinstance(options, cls.options_type):
+        raise ConfigError(f"{type(options).__name__} are not {name}'s options", "method_options")
+    return cls(spec, loss, options)

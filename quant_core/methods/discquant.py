@@ -40,11 +40,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, StrictBool
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -52,48 +51,14 @@ from quant_core.distributed import SOLO, Ranks
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.incoherence import LinearRotation, restore_rotation
 from quant_core.losses import ModelOutputs
-from quant_core.methods.base import IncoherenceOptions, QuantMethod, register_method, write_dequantized, write_quantized
+from quant_core.method_options import DiscQuantOptions
+from quant_core.methods.base import QuantMethod, register_method, write_dequantized, write_quantized
 from quant_core.methods.training import cosine_with_warmup
 from quant_core.model_structure import LinearLike, find_decoder_blocks, quantizable_linears, text_config, weight_matrix
-from quant_core.options import Count, NonNegativeNumber, PositiveCount, PositiveNumber, one_of
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
-INIT_CHOICES = ("rand", "orig")
 CORNER_TOLERANCE = 1e-2  # an x this close to 0 or 1 counts as "near a corner" (the authors' count)
 GIB = 2**30
-
-
-class DiscQuantOptions(IncoherenceOptions):
-    """The authors' options under short names (their ``discq.py`` flag in brackets).
-
-    ``lr`` (learning_rate), ``clamp`` (clamp_value), ``rho`` (rho_factor): defaults from their
-    published Phi-3 script. ``n_samples`` calibration windows are consumed in all (their
-    number_of_iterations x batch x accumulation; default: each window once), ``batch_size`` per
-    forward and ``grad_accum`` forwards per optimizer step; ``warmup`` (number_of_warmup) is in
-    optimizer steps, default an eighth of them (128 of 1024 in their runs). ``init`` (init_x) starts
-    ``x`` uniformly at random (``rand``) or at ``y``, the float weights (``orig``). ``early_save:
-    greedy`` (early_save_mode) skips training and rounds greedily. ``grad_checkpoint`` (grad_ckpt),
-    ``incoherence: hadamard`` (quip). ``weight_decay`` is 0 here where their AdamW kept torch's 0.01:
-    decay pulls every ``x`` toward the round-down corner. ``memory_budget_gib`` caps the memory the
-    job may assume (default: what the device has free).
-    """
-
-    lr: PositiveNumber = Field(0.1, description="learning rate of x (learning_rate)")
-    clamp: PositiveNumber = Field(1.0, description="gradient clamp (clamp_value)")
-    rho: NonNegativeNumber = Field(200.0, description="weight of the linear term toward y (rho_factor)")
-    n_samples: PositiveCount | None = Field(None, description="windows consumed in all; unset: each once")
-    batch_size: PositiveCount = Field(1, description="windows per forward")
-    grad_accum: PositiveCount = Field(8, description="forwards per optimizer step")
-    warmup: Count | None = Field(None, description="warm-up optimizer steps; unset: an eighth of them")
-    weight_decay: NonNegativeNumber = Field(0.0, description="AdamW weight decay")
-    init: Annotated[str, one_of(*INIT_CHOICES)] = Field("rand", description="x starts at random (rand) or at y (orig)")
-    early_save: Annotated[str, one_of("greedy")] | None = Field(
-        None, description="greedy: skip training and round greedily; unset: train"
-    )
-    grad_checkpoint: StrictBool = Field(False, description="recompute activations in the backward pass")
-    memory_budget_gib: PositiveNumber | None = Field(
-        None, description="memory the job may assume; unset: what the device has free"
-    )
 
 
 @dataclass
@@ -359,11 +324,8 @@ def unwrap_linears(wrapped: list[WrappedLinear]) -> None:
 
 @register_method
 class DiscQuant(QuantMethod):
-    name = "discquant"
-    default_loss = "kd"
     options_type = DiscQuantOptions
     options: DiscQuantOptions
-    whole_model = True
 
     def _quantized_numel(self, model: nn.Module) -> int:
         blocks = find_decoder_blocks(model)
@@ -401,7 +363,7 @@ class DiscQuant(QuantMethod):
         if available is not None and estimate.total > available:
             raise ConfigError(
                 f"discquant trains the whole model at once and needs about {estimate.total / GIB:.3g} GiB "
-                f"({parts} GiB), but {available / GIB:.3g} GiB is available ({source}); lower calib.seq_len or "
+                f"({parts} GiB), but {available / GIB:.3g} GiB is available ({source}); lower calibration.seq_len or "
                 "method_options.batch_size, set method_options.grad_checkpoint: true, or use a worker with more memory",
                 field,
             )

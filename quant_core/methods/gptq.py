@@ -51,16 +51,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field, StrictBool
 from torch import Tensor, nn
 
 from quant_core.clip_search import search_clipping
 from quant_core.distributed import SOLO, Ranks
-from quant_core.errors import ConfigError
 from quant_core.incoherence import LinearRotation, RandomizedHadamard, rotate_hessian
+from quant_core.method_options import GptqOptions
 from quant_core.methods.base import (
     BlockData,
-    IncoherenceOptions,
     QuantMethod,
     register_method,
     write_quantized,
@@ -69,53 +67,9 @@ from quant_core.methods.base import (
 from quant_core.methods.layer_inputs import input_grams, input_groups, layer_input
 from quant_core.methods.staged_pass import staged_pass
 from quant_core.model_structure import quantizable_linears, weight_matrix
-from quant_core.options import PositiveCount, PositiveNumber
 from quant_core.quantizer import QuantSpec, dequantize, grid_params
 
 MAX_DAMP_RETRIES = 6
-
-
-class GptqOptions(IncoherenceOptions):
-    """1% damping, lazy batches of 128 columns, and activation order with static groups.
-
-    Act-order with static groups is what llm-compressor's GPTQModifier does by default; against the
-    natural order on SmolLM2-135M: bench/HISTORY.md (`bench.quality`, W4 rows).
-    """
-
-    block_size: PositiveCount = Field(128, description="columns per lazy batch of the column walk")
-    damp: PositiveNumber = Field(0.01, description="Hessian damping, a fraction of its mean diagonal")
-    act_order: StrictBool = Field(True, description="walk the columns by decreasing Hessian diagonal")
-    static_groups: StrictBool = Field(True, description="fix every group's grid before the walk")
-    batch_size: PositiveCount = Field(8, description="windows per forward when collecting Hessians")
-    clip_search: StrictBool | None = Field(
-        None,
-        description="also walk from the searched clipping's static grids, keeping whichever leaves the smaller "
-        "error; unset: on whenever the grids are static",
-    )
-    true_sequential: StrictBool = Field(
-        True, description="each stage's Hessian with the earlier stages already quantized"
-    )
-    staged_pass: StrictBool | None = Field(
-        None,
-        description="one suspended pass per block instead of a replay per stage; unset: on a GPU or one CPU thread",
-    )
-    match_float: StrictBool = Field(
-        False,
-        description="fit each stage to the full-precision model's outputs on its own inputs, absorbing the "
-        "earlier layers' error (asymmetric calibration)",
-    )
-    match_float_damp: PositiveNumber = Field(
-        1.0,
-        description="with match_float, the fit's pull toward the float weights, times the mean Hessian diagonal",
-    )
-
-    def model_post_init(self, context: Any) -> None:
-        if self.clip_search and not self.static_groups:
-            raise ConfigError(
-                "clip_search needs static_groups: true (scales fixed before the column walk)", "clip_search"
-            )
-        if self.match_float and not self.true_sequential:
-            raise ConfigError("match_float needs true_sequential: true (inputs paired stage by stage)", "match_float")
 
 
 @dataclass
@@ -293,7 +247,6 @@ def float_target_weight(weight: Tensor, stage: StageInputs, damp: float) -> Tens
 
 @register_method
 class Gptq(QuantMethod):
-    name = "gptq"
     options_type = GptqOptions
     options: GptqOptions
 

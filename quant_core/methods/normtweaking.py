@@ -13,43 +13,21 @@ Norms are found by type name (``LayerNorm``, ``LlamaRMSNorm``, ``Qwen2RMSNorm``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from quant_core.errors import ConfigError
+from quant_core.method_options import NormTweakOptions
 from quant_core.methods.base import (
     BlockData,
-    MethodOptions,
     QuantMethod,
     build_method,
-    method_class,
     register_method,
     write_weights,
 )
 from quant_core.methods.training import epochs_to_steps, train_parameters
-from quant_core.options import Count, NonNegativeNumber, PositiveCount, PositiveNumber, one_of
-
-BASES = ("gptq", "rtn")
-
-
-class NormTweakOptions(MethodOptions):
-    """``base_options`` configure the base method (e.g. ``{incoherence: hadamard, clip_search: true}``)."""
-
-    base: Annotated[str, one_of(*BASES)] = Field("gptq", description="the method whose weights the norms adapt to")
-    base_options: dict[str, Any] = Field(default_factory=dict, description="the base method's options")
-    epochs: Count = Field(1, description="passes over the windows per block")
-    lr: PositiveNumber = Field(1e-5, description="learning rate of the norm weights (first block; grows with depth)")
-    depth_scale: NonNegativeNumber = Field(5.0, description="how much the learning rate grows toward the last block")
-    batch_size: PositiveCount = Field(1, description="windows per step")
-
-    def model_post_init(self, context: Any) -> None:
-        try:
-            method_class(self.base).options_type.from_dict(self.base_options)
-        except ConfigError as exc:
-            raise ConfigError(f"base_options: {exc}", f"base_options.{exc.field}") from exc
 
 
 def norm_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
@@ -64,7 +42,6 @@ def norm_parameters(block: nn.Module) -> dict[str, nn.Parameter]:
 
 @register_method
 class NormTweak(QuantMethod):
-    name = "normtweaking"
     options_type = NormTweakOptions
     needs_targets = True
     options: NormTweakOptions
@@ -76,13 +53,6 @@ class NormTweak(QuantMethod):
     def base_method(self) -> QuantMethod:
         """The method whose weights the norms adapt to, configured by ``base_options``."""
         return build_method(self.options.base, self.spec, self.loss, self.options.base_options)
-
-    @property
-    def rotates(self) -> bool:
-        """The weights are the base method's, so its rotation decides what the export can hold."""
-        return self.base_method().rotates
-
-    rotation_option = "base_options.incoherence"
 
     def check(self, blocks: nn.ModuleList) -> None:
         """The base method's checks, the refusal pointing into ``base_options``."""

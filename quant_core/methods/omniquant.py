@@ -24,52 +24,26 @@ Any of ``epochs``/``steps``, ``lr`` and ``init`` given explicitly overrides the 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from quant_core.errors import ConfigError
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, register_method, write_quantized
+from quant_core.method_options import OmniQuantOptions
+from quant_core.methods.base import BlockData, QuantMethod, register_method, write_quantized
 from quant_core.methods.clipping import block_clip_factors, mean_ratio
 from quant_core.methods.training import cosine_with_warmup, epochs_to_steps, train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
-from quant_core.options import Count, NonNegativeNumber, Number, PositiveCount, PositiveNumber, one_of
 from quant_core.quantizer import fake_quantize, grid_params, num_groups
 
-SCHEDULES = ("budget", "paper")
-INITS = ("clip_search", "full")
 BUDGET_STEPS = 64
 LR_STEP_PRODUCT = 6.4  # lr x steps of the budget schedule: lr 0.1 on 64 steps (and fewer), 0.025 on 256
 WARMUP_SHARE = 0.1
 PAPER_LR = 1e-2
 
 
-class OmniQuantOptions(MethodOptions):
-    """Unset values are left to the schedule (see the module docstring)."""
-
-    schedule: Annotated[str, one_of(*SCHEDULES)] = Field(
-        "budget", description="budget: warm-up and cosine over a fixed step count; paper: constant rate, epochs"
-    )
-    epochs: Count | None = Field(None, description="passes over the windows per block (or give steps)")
-    steps: Count | None = Field(None, description="optimizer steps per block (or give epochs)")
-    lr: PositiveNumber | None = Field(None, description="learning rate of the clipping factors")
-    init: Annotated[str, one_of(*INITS)] | None = Field(
-        None, description="starting factors: clip_search (searched clipping) or full (the paper's full range)"
-    )
-    weight_decay: NonNegativeNumber = Field(0.0, description="AdamW weight decay")
-    batch_size: PositiveCount = Field(1, description="windows per step")
-    init_logit: Number = Field(4.0, description="starting logit of the factors with init: full (sigmoid 0.98)")
-
-    def model_post_init(self, context: Any) -> None:
-        if self.epochs is not None and self.steps is not None:
-            raise ConfigError("give either epochs or steps, not both", "steps")
-
-
 @register_method
 class OmniQuant(QuantMethod):
-    name = "omniquant"
     options_type = OmniQuantOptions
     needs_targets = True
     options: OmniQuantOptions

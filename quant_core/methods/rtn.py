@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, StrictBool
 from torch import nn
 
-from quant_core.errors import ConfigError
+from quant_core.method_options import RtnOptions
 from quant_core.methods.base import (
     BlockData,
-    IncoherenceOptions,
     QuantMethod,
     register_method,
     rotated_rtn_weights,
@@ -26,17 +24,8 @@ from quant_core.methods.base import (
 from quant_core.methods.clipping import block_clip_factors, mean_ratio
 
 
-class RtnOptions(IncoherenceOptions):
-    clip_search: StrictBool = Field(False, description="each group's clipping from the searched ratio")
-
-    def model_post_init(self, context: Any) -> None:
-        if self.clip_search and self.rotates:
-            raise ConfigError("clip_search is not available with incoherence for rtn", "clip_search")
-
-
 @register_method
 class RTN(QuantMethod):
-    name = "rtn"
     options_type = RtnOptions
     options: RtnOptions
 

@@ -26,23 +26,21 @@ Starting points (``init``):
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import Field, StrictBool
 from torch import Tensor, nn
 
-from quant_core.methods.awq import Awq, AwqOptions, find_layout
-from quant_core.methods.base import BlockData, MethodOptions, QuantMethod, layer_grid, register_method, write_quantized
+from quant_core.method_options import AwqOptions, GptqOptions, TesseraQOptions
+from quant_core.methods.awq import Awq, find_layout
+from quant_core.methods.base import BlockData, QuantMethod, layer_grid, register_method, write_quantized
 from quant_core.methods.clipping import block_clip_factors, mean_ratio
-from quant_core.methods.gptq import Gptq, GptqOptions
+from quant_core.methods.gptq import Gptq
 from quant_core.methods.training import train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
-from quant_core.options import Count, PositiveCount, PositiveNumber, one_of
 from quant_core.quantizer import QuantSpec, dequantize, group_columns, scale_and_zero, ungroup_columns
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
-INITS = ("awq", "rtn", "gptq")
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -127,24 +125,8 @@ class LearnedRounding:
         return self.tuned_scale().detach().squeeze(-1), self.zero.squeeze(-1)
 
 
-class TesseraQOptions(MethodOptions):
-    """The paper's schedule is 20 rounds of 250 steps on batches of 4; the paper starts from AWQ or
-    OmniQuant, here from GPTQ by default (W3 on SmolLM2, a short CPU schedule: 48.6 perplexity on
-    Persuasion, against 64.5 from plain round-to-nearest before; bench/HISTORY.md)."""
-
-    rounds: PositiveCount = Field(20, description="rounds of progressive hardening of the rounding")
-    steps_per_round: Count = Field(250, description="optimizer steps per round")
-    batch_size: PositiveCount = Field(4, description="windows per step")
-    lr: PositiveNumber = Field(1e-3, description="learning rate of the rounding variables")
-    scale_lr: PositiveNumber = Field(1e-4, description="learning rate of the dequantization scales")
-    init: Annotated[str, one_of(*INITS)] = Field("gptq", description="starting codes and scales: awq, rtn or gptq")
-    clip_search: StrictBool = Field(True, description="the starting method uses the searched clipping")
-
-
 @register_method
 class TesseraQ(QuantMethod):
-    name = "tesseraq"
-    default_loss = "l2"
     options_type = TesseraQOptions
     needs_targets = True
     options: TesseraQOptions
