@@ -254,13 +254,16 @@ class NormTweakOptions(MethodOptions):
         return self.base_options.rotates
 
 
-METHOD_OPTIONS: dict[str, type[MethodOptions]] = {  # by name, as listed to users
-    options.method: options
-    for options in sorted(
-        (RtnOptions, GptqOptions, AwqOptions, OmniQuantOptions, TesseraQOptions, DiscQuantOptions, NormTweakOptions),
-        key=lambda options: options.method,
-    )
-}
+DECLARED: tuple[type[MethodOptions], ...] = (
+    AwqOptions,
+    DiscQuantOptions,
+    GptqOptions,
+    NormTweakOptions,
+    OmniQuantOptions,
+    RtnOptions,
+    TesseraQOptions,
+)
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {options.method: options for options in DECLARED}  # listed by name
 AnyMethodOptions = (
     RtnOptions | GptqOptions | AwqOptions | OmniQuantOptions | TesseraQOptions | DiscQuantOptions | NormTweakOptions
 )
