@@ -405,6 +405,42 @@ def batch_outputs(
     return student, ModelOutputs(None, batch.whole(teacher).to(device), head)
 
 
+def run_schedule(
+    options: FinetuneOptions,
+    windows: int,
+    seed: int,
+    optimizer: torch.optim.Optimizer,
+    step: Callable[[int, Tensor], float],
+    progress: PhaseProgress,
+    loss_name: str,
+    should_cancel: Callable[[], bool] | None,
+    on_step: Callable[[int, int, float], None] | None,
+) -> list[float]:
+    """Every tuning step in order, in memory or streamed: ``options.epochs`` passes over ``windows`` windows
+    in a seeded shuffle, a batch a step; before each step a cancel check and the learning rates on the
+    cosine schedule, then ``step(index, window indices)``, which returns its loss. Each epoch's mean loss."""
+    generator = torch.Generator().manual_seed(seed)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    per_epoch, steps = math.ceil(windows / options.batch_size), options.steps(windows)
+    epoch_losses = []
+    for epoch in range(options.epochs):
+        total = 0.0
+        for batch, idx in enumerate(torch.randperm(windows, generator=generator).split(options.batch_size)):
+            index = epoch * per_epoch + batch
+            if should_cancel is not None and should_cancel():
+                raise CancelledError(f"cancelled at end-to-end tuning step {index} of {steps}")
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * cosine_with_warmup(index, 0, steps)
+            loss = step(index, idx)
+            total += loss
+            progress.advance(index + 1)
+            if on_step is not None:
+                on_step(index + 1, steps, loss)
+        epoch_losses.append(total / per_epoch)
+        progress.report(f"{progress.label}: epoch {epoch + 1}/{options.epochs}, {loss_name} {total / per_epoch:.4g}")
+    return epoch_losses
+
+
 def tune_end_to_end(
     model: nn.Module,
     windows: Tensor,
@@ -429,7 +465,6 @@ def tune_end_to_end(
     """
     loss_fn = build_loss(options.loss, seed=seed)
     compute_dtype, device_type = tuning_dtype(options, device), torch.device(device).type
-    generator = torch.Generator().manual_seed(seed)
     model.eval().requires_grad_(False)
     nn.Module.to(model, device)
     grids, norms = _tunable(model, group_size)
@@ -439,40 +474,23 @@ def tune_end_to_end(
         nn.Module.to(model, "cpu")
         return {"skipped": "nothing to tune: no grid linear and no normalization weight"}
     autocast = partial(torch.autocast, device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    per_epoch = math.ceil(windows.shape[0] / options.batch_size)
-    steps = options.epochs * per_epoch
+    steps = options.steps(windows.shape[0])
     progress = PhaseProgress("end-to-end tuning", steps, "steps", on_stage or (lambda _: None))
-    epoch_losses: list[float] = []
     shares: dict[str, dict[str, float]] = {}  # each loss term's share of the gradient, first and last step
     trained = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(index: int, idx: Tensor) -> float:
+        for norm in norms:
+            norm.attach()
+        student, taught = batch_outputs(model, windows, teacher, idx, head, autocast, device, ranks, anchor=trained[0])
+        terms = loss_fn.model_terms(student, taught)
+        return take_step(terms, optimizer, trained, (index, steps), shares, f"end-to-end tuning step {index}", ranks)
+
     try:
         with recomputed_blocks(model, grids):
-            for epoch in range(options.epochs):
-                total = 0.0
-                order = torch.randperm(windows.shape[0], generator=generator)
-                for batch, idx in enumerate(order.split(options.batch_size)):
-                    step = epoch * per_epoch + batch
-                    if should_cancel is not None and should_cancel():
-                        raise CancelledError(f"cancelled at end-to-end tuning step {step} of {steps}")
-                    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                        group["lr"] = base * cosine_with_warmup(step, 0, steps)
-                    for norm in norms:
-                        norm.attach()
-                    student, taught = batch_outputs(
-                        model, windows, teacher, idx, head, autocast, device, ranks, anchor=trained[0]
-                    )
-                    terms = loss_fn.model_terms(student, taught)
-                    where = f"end-to-end tuning step {step}"
-                    loss = take_step(terms, optimizer, trained, (step, steps), shares, where, ranks)
-                    total += loss
-                    progress.advance(step + 1)
-                    if on_step is not None:
-                        on_step(step + 1, steps, loss)
-                epoch_losses.append(total / per_epoch)
-                progress.report(
-                    f"end-to-end tuning: epoch {epoch + 1}/{options.epochs}, {loss_fn.name} {total / per_epoch:.4g}"
-                )
+            epoch_losses = run_schedule(
+                options, windows.shape[0], seed, optimizer, step, progress, loss_fn.name, should_cancel, on_step
+            )
     finally:
         _restore(grids, norms)
         nn.Module.to(model, "cpu")

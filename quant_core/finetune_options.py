@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
@@ -49,6 +50,10 @@ class FinetuneOptions(Options):
     @property
     def enabled(self) -> bool:
         return self.epochs > 0
+
+    def steps(self, windows: int) -> int:
+        """Optimizer steps over ``windows`` windows: a batch a step, every epoch."""
+        return self.epochs * math.ceil(windows / self.batch_size)
 
     def windows_to_draw(self, calibration: int) -> int:
         """How many calibration windows a job draws when its blocks see ``calibration`` of them."""

@@ -22,7 +22,7 @@ from quant_core.loss_options import LossOptions, known_loss
 from quant_core.losses import Loss, loss_from_options
 from quant_core.method_options import METHOD_OPTIONS, MethodOptions, method_options_type
 from quant_core.methods import QuantMethod, build_method
-from quant_core.options import Options
+from quant_core.options import Options, as_options
 from quant_core.quantizer import QuantSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,19 +61,6 @@ class EvalSpec:
             object.__setattr__(self, "lm_eval", LmEvalSpec(**{**self.lm_eval, "tasks": tasks}))
 
 
-def _options(kind: type[Options], value: Options | Mapping[str, Any], where: str) -> Options:
-    """Options given as a mapping (a spec built in code) as ``kind``'s model, errors under ``where``;
-    a bare :class:`MethodOptions` (the default) stands for the method's defaults."""
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, Options) and type(value) is not MethodOptions:
-        raise ConfigError(f"{type(value).__name__} are not the {kind.what}s of this job", where)
-    try:
-        return kind.from_dict({} if isinstance(value, Options) else value)
-    except ConfigError as exc:
-        raise ConfigError(str(exc), f"{where}.{exc.field}" if exc.field else where) from exc
-
-
 @dataclass(frozen=True)
 class JobSpec:
     """Everything that determines a quantization run; with the seed, it fixes the result."""
@@ -107,7 +94,8 @@ class JobSpec:
         known_loss(self.loss)
         kinds: tuple[type[Options], ...] = (declared, LossOptions, FinetuneOptions)
         for name, kind in zip(OPTION_FIELDS, kinds, strict=True):
-            object.__setattr__(self, name, _options(kind, getattr(self, name), name))
+            given = getattr(self, name)  # a bare MethodOptions (the default) stands for the method's defaults
+            object.__setattr__(self, name, as_options(kind, {} if type(given) is MethodOptions else given, name))
 
     @classmethod
     def from_settings(
@@ -116,7 +104,9 @@ class JobSpec:
         """The runnable spec of validated ``settings``; ``resolve`` maps ``upload:<id>`` references to
         local paths on a worker."""
         calibration, evaluation = settings.calibration, settings.evaluation
-        lm_eval = evaluation.lm_eval
+        lm_eval, lm_eval_spec = evaluation.lm_eval, None
+        if lm_eval is not None:
+            lm_eval_spec = LmEvalSpec(tuple(lm_eval.tasks), **lm_eval.model_dump(exclude={"tasks"}))
         return cls(
             model=resolve(settings.model),
             quant=QuantSpec(bits=settings.bits, symmetric=settings.symmetric, group_size=settings.group_size),
@@ -135,7 +125,7 @@ class JobSpec:
                 seq_len=evaluation.seq_len,
                 max_windows=evaluation.max_windows,
                 batch_size=evaluation.batch_size,
-                lm_eval=LmEvalSpec(**{**lm_eval.model_dump(), "tasks": tuple(lm_eval.tasks)}) if lm_eval else None,
+                lm_eval=lm_eval_spec,
             ),
             seed=settings.seed,
             device=device,

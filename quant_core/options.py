@@ -90,12 +90,13 @@ class Options(BaseModel):
         return listed
 
 
-def _as_options(kind: type[Options], value: Any, field: str) -> Options:
-    """``value`` as ``kind``'s options; a bad option named by its path under ``field``."""
+def as_options(kind: type[Options], value: Any, field: str) -> Options:
+    """``value`` as ``kind``'s options (its model, or a mapping validated here); a bad option named by its
+    path under ``field``."""
     if isinstance(value, kind):
         return value
     if not isinstance(value, Mapping):
-        raise ValueError(f"must be a mapping of {kind.what}s to values")
+        raise ConfigError(f"{field} must be a mapping of {kind.what}s to values", field)
     try:
         return kind.from_dict(value)
     except ConfigError as exc:
@@ -106,7 +107,7 @@ def options_of(kind: type[Options]) -> WrapValidator:
     """Validate a field as ``kind``'s options, with :meth:`Options.from_dict`'s messages."""
 
     def validate(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
-        return _as_options(kind, value, str(info.field_name))
+        return as_options(kind, value, str(info.field_name))
 
     return WrapValidator(validate)
 
@@ -122,6 +123,6 @@ def typed_by(name_field: str, types: Callable[[str], type[Options] | None]) -> W
 
     def validate(value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
         kind = types(info.data[name_field]) if name_field in info.data else None
-        return value if kind is None else _as_options(kind, value, str(info.field_name))
+        return value if kind is None else as_options(kind, value, str(info.field_name))
 
     return WrapValidator(validate)

@@ -18,7 +18,6 @@ its tuned grid and written again by the job's writers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,14 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.engine import capture_block_inputs, run_block, run_block_batched
-from quant_core.errors import CancelledError
-from quant_core.finetune import FloatMaster, GridScales, student_outputs, tuning_dtype
+from quant_core.finetune import FloatMaster, GridScales, run_schedule, student_outputs, tuning_dtype
 from quant_core.finetune_options import FinetuneOptions
 from quant_core.lazy_model import LazyModel, ShardWriter, replaced_blocks
 from quant_core.loss_base import ModelOutputs
 from quant_core.losses import build_loss
 from quant_core.methods.normtweaking import norm_parameters
-from quant_core.methods.training import cosine_with_warmup
 from quant_core.model_structure import last_hidden_state, output_layer, quantizable_linears
 from quant_core.progress import PhaseProgress
 from quant_core.spill import Spill
@@ -197,34 +194,23 @@ class StreamedTuning:
         loss_fn = build_loss(options.loss, seed=seed)
         compute_dtype, device_type = tuning_dtype(options, self.device), torch.device(self.device).type
         autocast = partial(torch.autocast, device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-        generator = torch.Generator().manual_seed(seed)
         tunables = _Tunables(outside=_outside_norms(self.lazy))
         self._attach_all(tunables)
         norms, thetas = tunables.tensors()
         optimizer = torch.optim.Adam([{"params": norms, "lr": options.norm_lr}, {"params": thetas, "lr": options.lr}])
-        base_lrs = [group["lr"] for group in optimizer.param_groups]
-        per_epoch = math.ceil(windows.shape[0] / options.batch_size)
-        steps = options.epochs * per_epoch
+        steps = options.steps(windows.shape[0])
         progress = PhaseProgress("end-to-end tuning (streamed)", steps, "steps", on_stage or (lambda _: None))
-        epoch_losses = []
+
+        def step(_: int, idx: Tensor) -> float:
+            optimizer.zero_grad(set_to_none=True)
+            loss = float(self._step(windows[idx], teacher[idx], tunables, loss_fn, autocast).item())
+            optimizer.step()
+            return loss
+
         try:
-            for epoch in range(options.epochs):
-                total = 0.0
-                order = torch.randperm(windows.shape[0], generator=generator)
-                for batch, idx in enumerate(order.split(options.batch_size)):
-                    step = epoch * per_epoch + batch
-                    if should_cancel is not None and should_cancel():
-                        raise CancelledError(f"cancelled at end-to-end tuning step {step} of {steps}")
-                    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                        group["lr"] = base * cosine_with_warmup(step, 0, steps)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = self._step(windows[idx], teacher[idx], tunables, loss_fn, autocast).item()
-                    optimizer.step()
-                    total += loss
-                    progress.advance(step + 1)
-                    if on_step is not None:
-                        on_step(step + 1, steps, loss)
-                epoch_losses.append(total / per_epoch)
+            epoch_losses = run_schedule(
+                options, windows.shape[0], seed, optimizer, step, progress, loss_fn.name, should_cancel, on_step
+            )
         finally:
             for norm in tunables.outside:
                 norm.restore()
