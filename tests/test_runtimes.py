@@ -58,3 +58,15 @@ def test_a_runtime_that_breaks_is_a_failure_with_its_cause_not_an_absence(
         not score["ran"]
         and score["reason"] == "llama.cpp failed on this checkpoint: ValueError: no kernel for this tensor"
     )
+
+
+def test_a_runtime_killed_by_a_signal_is_reported_with_that_signal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A native fault prints nothing: the reason names the signal rather than ending in an empty string."""
+    faulting = tmp_path / "faulting-python"
+    faulting.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    faulting.chmod(0o755)
+    monkeypatch.setenv("SWQUANT_LLAMACPP_PYTHON", str(faulting))
+    with pytest.raises(RuntimeFailed, match=r"^llama\.cpp failed on this checkpoint: killed by SIGSEGV$"):
+        token_nll("llama.cpp", tmp_path, torch.zeros(1, 4, dtype=torch.long))

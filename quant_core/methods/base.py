@@ -6,7 +6,7 @@ a method only sees one block and its calibration data, and leaves fake-quantized
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -256,11 +256,13 @@ def rotated_rtn_weights(block: nn.Module, spec: QuantSpec, generator: torch.Gene
     return result
 
 
-def rtn_weights(block: nn.Module, spec: QuantSpec) -> dict[str, Tensor]:
-    """Round-to-nearest weights of every linear in the block, by parameter name, in storage layout."""
+def rtn_weights(block: nn.Module, spec: QuantSpec, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Round-to-nearest weights of the block's linears (all, or those ``names``), by parameter name, in
+    storage layout: parameter overrides for ``functional_call``."""
     return {
         f"{name}.weight": stored_layout(layer, _rtn_matrix(weight_matrix(layer).detach(), spec))
         for name, layer in quantizable_linears(block).items()
+        if names is None or name in names
     }
 
 

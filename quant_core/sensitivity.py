@@ -1,0 +1,88 @@
+"""What each candidate width costs each unit of linears, measured on the calibration windows.
+
+The allocation (quant_core.allocation) needs, for every unit (linears that share an input and hence a
+scheme, :func:`~quant_core.methods.layer_inputs.input_groups`) and every candidate scheme, the loss
+that scheme causes. It is measured on the full-precision chain, one block at a time: the block's
+full-precision output on its full-precision inputs is the target, and each candidate is the same
+block with only that unit rounded to nearest at that scheme. Measuring each unit alone, on
+full-precision inputs, makes the costs of different units add up (to first order) as the knapsack
+assumes; round-to-nearest rather than the job's method keeps the pass to one forward per candidate,
+and a method that improves on round-to-nearest improves every unit's candidates alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from quant_core.allocation import Choice, Scheme, storage_bits
+from quant_core.engine import BlockResidency, batched_loss, block_forward, capture_block_inputs, run_block_batched
+from quant_core.losses import Loss
+from quant_core.methods.base import BlockData, rtn_weights
+from quant_core.methods.layer_inputs import input_groups
+from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
+from quant_core.quantizer import QuantSpec
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """One unit's candidates: its block, its linears (names inside the block) and, per scheme, the
+    storage and the measured loss."""
+
+    block: int
+    linears: tuple[str, ...]
+    choices: tuple[Choice, ...]
+
+
+def quant_spec(scheme: Scheme) -> QuantSpec:
+    return QuantSpec(bits=scheme.bits, symmetric=scheme.symmetric, group_size=scheme.group_size)
+
+
+@torch.no_grad()
+def measure_unit_costs(
+    model: nn.Module,
+    windows: Tensor,
+    schemes: Sequence[Scheme],
+    loss: Loss,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 8,
+    residency: BlockResidency | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+) -> list[UnitCosts]:
+    """Every unit's cost under every scheme, block by block along the full-precision chain (the
+    model is left unchanged). ``loss`` is reseeded with the block's seed before each candidate, so a
+    loss with random draws compares the candidates of a block on the same draws."""
+    model.eval()
+    blocks = find_decoder_blocks(model)
+    captured = capture_block_inputs(model, windows, device)
+    hidden, kwargs = captured.hidden.cpu(), captured.kwargs
+    units: list[UnitCosts] = []
+    for index, block in enumerate(blocks):
+        if residency is not None:
+            residency.enter(index)
+        block.to(device).eval()
+        inputs = hidden.to(device)
+        targets = run_block_batched(block, inputs, kwargs, batch_size)
+        data = BlockData(index, len(blocks), inputs, targets, block_forward(block, kwargs), torch.Generator())
+        linears = quantizable_linears(block)
+        for group in input_groups(block, data):
+            choices = []
+            for scheme in schemes:
+                overrides = rtn_weights(block, quant_spec(scheme), group)
+                outputs = run_block_batched(block, inputs, kwargs, batch_size, overrides)
+                size = sum(storage_bits(*weight_matrix(linears[name]).shape, scheme) for name in group)
+                choices.append(Choice(size, batched_loss(loss, outputs, targets, batch_size, seed + index)))
+            units.append(UnitCosts(index, group, tuple(choices)))
+        hidden = targets.cpu()
+        del inputs, targets
+        block.to("cpu")
+        if residency is not None:
+            residency.leave(index)
+        if on_block is not None:
+            on_block(index, len(blocks))
+    return units
