@@ -54,7 +54,7 @@ def rounded(model: torch.nn.Module, units: list[UnitCosts], choice: list[int]) -
     blocks = find_decoder_blocks(copied)
     for unit, k in zip(units, choice, strict=True):
         block = blocks[unit.block]
-        write_weights(block, rtn_weights(block, quant_spec(SCHEMES[k]), unit.linears))
+        write_weights(block, rtn_weights(block, dict.fromkeys(unit.linears, quant_spec(SCHEMES[k]))))
     return copied
 
 

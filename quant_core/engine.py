@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_we
 from quant_core.methods.layer_inputs import gathered_linear_inputs, recorded_outputs
 from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
 from quant_core.output_stats import distribution_errors
+from quant_core.quantizer import QuantSpec
 from quant_core.spill import Spill
 
 
@@ -164,6 +165,7 @@ def calibrate_blocks(
     expert_min_tokens: int | None = None,
     spill: Spill | None = None,
     ranks: Ranks = SOLO,
+    schemes: Sequence[Mapping[str, QuantSpec]] | None = None,
 ) -> list[BlockRecord]:
     """Quantize every decoder block of ``model`` in place and return one record per block.
 
@@ -186,6 +188,9 @@ def calibrate_blocks(
     On several ``ranks`` each holds its contiguous share of ``windows`` and both chains' activations
     for them; the method sums what it gathers over ranks, and the diagnostic windows' outputs are
     gathered so that every record is measured on the same windows as in one process.
+
+    ``schemes`` (one mapping per block, linear name to scheme: a size budget's allocation,
+    quant_core.allocation) gives linears their own widths; a linear it leaves out takes the method's spec.
     """
     model.eval()
     blocks = find_decoder_blocks(model)
@@ -224,6 +229,7 @@ def calibrate_blocks(
             expert_min_tokens,
             ranks,
             windows.shape[0],
+            schemes[index] if schemes is not None else {},
         )
         record, fp_outputs, q_outputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
         del fp_inputs, q_inputs  # a spilled chain's file space returns here
@@ -273,6 +279,7 @@ class _BlockStep:
     expert_min_tokens: int | None  # quant_core.experts.expert_calibration's threshold
     ranks: Ranks
     total_windows: int  # over all ranks
+    schemes: Mapping[str, QuantSpec]  # the block's linears' allocated schemes (BlockData.schemes)
 
     def gathered(self, local: Tensor) -> Tensor:
         """The diagnostic windows' rows of a chain, from every rank: what one process would hold."""
@@ -296,13 +303,6 @@ class _BlockStep:
             targets = run_block_batched(block, fp_in, self.kwargs, batch_size)
         site_targets = {site: torch.cat(out) for site, out in site_outputs.items()}
         del fp_in, site_outputs
-        before = run_block_batched(block, q_in[:measured], self.kwargs, batch_size, rtn_weights(block, method.spec))
-        before, measured_targets = self.gathered(before), self.gathered(targets)
-        loss_before = batched_loss(self.eval_loss, before, measured_targets, batch_size, self.seed)
-        mse_before = _mse(before, measured_targets)
-        distribution_before = distribution_errors(before, measured_targets, self.seed)
-        del before
-        method.loss.reseed(self.seed)
         data = BlockData(
             index=self.index,
             num_blocks=self.num_blocks,
@@ -312,9 +312,18 @@ class _BlockStep:
             generator=torch.Generator().manual_seed(self.seed),
             site_targets=site_targets,
             float_linear_inputs=float_linear_inputs,
+            schemes=self.schemes,
             ranks=self.ranks,
             total_windows=self.total_windows,
         )
+        rounded = rtn_weights(block, method.block_schemes(block, data))
+        before = run_block_batched(block, q_in[:measured], self.kwargs, batch_size, rounded)
+        before, measured_targets = self.gathered(before), self.gathered(targets)
+        loss_before = batched_loss(self.eval_loss, before, measured_targets, batch_size, self.seed)
+        mse_before = _mse(before, measured_targets)
+        distribution_before = distribution_errors(before, measured_targets, self.seed)
+        del before, rounded
+        method.loss.reseed(self.seed)
         with expert_calibration(
             block, lambda h: data.forward(h, None), q_in, batch_size, self.expert_min_tokens
         ) as experts:

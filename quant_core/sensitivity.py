@@ -23,7 +23,7 @@ from quant_core.engine import BlockResidency, batched_loss, block_forward, captu
 from quant_core.losses import Loss
 from quant_core.methods.base import BlockData, rtn_weights
 from quant_core.methods.layer_inputs import input_groups
-from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
+from quant_core.model_structure import LinearLike, find_decoder_blocks, quantizable_linears, weight_matrix
 from quant_core.quantizer import QuantSpec
 
 
@@ -73,9 +73,9 @@ def measure_unit_costs(
         for group in input_groups(block, data):
             choices = []
             for scheme in schemes:
-                overrides = rtn_weights(block, quant_spec(scheme), group)
+                overrides = rtn_weights(block, dict.fromkeys(group, quant_spec(scheme)))
                 outputs = run_block_batched(block, inputs, kwargs, batch_size, overrides)
-                size = sum(storage_bits(*weight_matrix(linears[name]).shape, scheme) for name in group)
+                size = sum(_storage(linears[name], scheme) for name in group)
                 choices.append(Choice(size, batched_loss(loss, outputs, targets, batch_size, seed + index)))
             units.append(UnitCosts(index, group, tuple(choices)))
         hidden = targets.cpu()
@@ -86,3 +86,8 @@ def measure_unit_costs(
         if on_block is not None:
             on_block(index, len(blocks))
     return units
+
+
+def _storage(layer: LinearLike, scheme: Scheme) -> int:
+    out_features, in_features = weight_matrix(layer).shape
+    return storage_bits(out_features, in_features, scheme)

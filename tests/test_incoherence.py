@@ -174,7 +174,7 @@ def test_rotated_rtn_is_rounding_in_the_rotated_basis_undone() -> None:
     torch.manual_seed(0)
     block = nn.Sequential(nn.Linear(48, 24, bias=False), nn.Linear(24, 48, bias=False))
     spec = QuantSpec(bits=3, group_size=16)
-    ours = rotated_rtn_weights(block, spec, torch.Generator().manual_seed(11))
+    ours = rotated_rtn_weights(block, {"0": spec, "1": spec}, torch.Generator().manual_seed(11))
     generator = torch.Generator().manual_seed(11)
     for name, layer in (("0", block[0]), ("1", block[1])):
         rotation = LinearRotation.draw(*layer.weight.shape, generator)

@@ -101,6 +101,66 @@ def test_every_linear_keeps_the_grid_its_weights_lie_on(method: str, windows) ->
         assert torch.allclose(dequantize(codes, scale.unsqueeze(-1), zero.unsqueeze(-1)), grouped, atol=1e-6), name
 
 
+# A size budget's allocation: each unit (linears that read one input) at its own width and group size.
+MIXED = (
+    {
+        **dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), QuantSpec(2, False, 16)),
+        "self_attn.o_proj": QuantSpec(8, False, 32),
+        **dict.fromkeys(("mlp.gate_proj", "mlp.up_proj"), QuantSpec(4, True, 16)),
+    },  # block 0's down_proj is left out: it takes the method's spec
+    {
+        **dict.fromkeys(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), QuantSpec(4, False, None)),
+        "self_attn.o_proj": QuantSpec(3, False, 16),
+        **dict.fromkeys(("mlp.gate_proj", "mlp.up_proj"), QuantSpec(2, False, 32)),
+        "mlp.down_proj": QuantSpec(8, True, 16),
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("rtn", {}),
+        ("rtn", {"clip_search": True}),
+        ("gptq", {}),
+        ("awq", {}),
+        ("omniquant", {"epochs": 1}),
+        ("tesseraq", FAST_OPTIONS["tesseraq"]),
+        ("tesseraq", {**FAST_OPTIONS["tesseraq"], "init": "gptq"}),
+        ("normtweaking", FAST_OPTIONS["normtweaking"]),
+    ],
+)
+def test_each_linear_is_calibrated_on_the_grid_of_its_allocated_scheme(method: str, options: dict, windows) -> None:
+    """Naive check per linear: the kept grid has one column per group of the linear's own group size, and
+    ``round(w / scale) + zero`` lands within its own width's codes and gives ``w`` back."""
+    model = build_model("llama")
+    spec = QuantSpec(bits=3, group_size=GROUP)
+    quant = build_method(method, spec, build_loss("mse"), options)
+    calibrate_blocks(model, windows, quant, build_loss("mse"), schemes=MIXED)
+    for index, block in enumerate(find_decoder_blocks(model)):
+        for name, layer in quantizable_linears(block).items():
+            own = MIXED[index].get(name, spec)
+            scale, zero = layer_grid(layer)
+            weight = layer.weight.detach()
+            groups = 1 if own.group_size is None else -(-weight.shape[1] // own.group_size)
+            assert scale.shape == (weight.shape[0], groups), (index, name)
+            grouped = group_columns(weight, own.group_size)
+            codes = torch.round(grouped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+            low, high = -(2 ** (own.bits - 1)), 2 ** (own.bits - 1) - 1
+            assert codes.min() >= low and codes.max() <= high, (index, name)
+            restored = dequantize(codes, scale.unsqueeze(-1), zero.unsqueeze(-1))
+            assert torch.allclose(restored, grouped, atol=1e-6), (index, name)
+            if own.symmetric:
+                assert torch.all(zero == 0), (index, name)
+
+
+def test_linears_that_read_one_input_are_refused_different_schemes(windows) -> None:
+    split = ({**MIXED[0], "self_attn.k_proj": QuantSpec(4, False, 16)}, MIXED[1])
+    quant = build_method("gptq", QuantSpec(bits=3, group_size=GROUP), build_loss("mse"))
+    with pytest.raises(ConfigError, match="must share a scheme"):
+        calibrate_blocks(build_model("llama"), windows, quant, build_loss("mse"), schemes=split)
+
+
 @pytest.mark.parametrize("method", [*FAST_OPTIONS, "rtn"])
 def test_bfloat16_blocks_calibrate_with_float32_grids_and_losses(method: str, windows) -> None:
     """The block forward runs in bfloat16; methods still improve on RTN, and every weight is its grid's

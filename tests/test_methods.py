@@ -19,9 +19,12 @@ from quant_core.quantizer import QuantSpec
 @pytest.mark.parametrize(("bits", "epochs"), [(2, 40), (3, 20), (4, 20), (8, 20)])
 def test_omniquant_paper_schedule_is_20_epochs_40_at_2_bits_at_lr_1e_2(bits: int, epochs: int) -> None:
     method = build_method("omniquant", QuantSpec(bits=bits), build_loss("mse"), {"schedule": "paper"})
-    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8), windows=16)
+    data = SimpleNamespace(inputs=torch.zeros(16, 4, 8), windows=16, schemes={})
     assert method.steps(data) == epochs * 16
     assert method.learning_rate(method.steps(data)) == 1e-2 and method.options.batch_size == 1
+    # a block whose allocation puts one linear at 2 bits trains as a 2-bit block
+    mixed = SimpleNamespace(inputs=data.inputs, windows=16, schemes={"mlp.down_proj": QuantSpec(bits=2)})
+    assert method.steps(mixed) == 40 * 16
 
 
 def test_omniquant_budget_schedule_scales_the_learning_rate_with_the_steps() -> None:

@@ -45,6 +45,7 @@ from quant_core.methods.base import (
     QuantMethod,
     register_method,
     rtn_quantized,
+    stage_scheme,
     write_quantized,
 )
 from quant_core.methods.clipping import mean_ratio
@@ -184,7 +185,7 @@ class Awq(QuantMethod):
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         stats = self.prepare(block, data)
-        write_quantized(block, rtn_quantized(block, self.spec, stats.pop("clip_factors")))
+        write_quantized(block, rtn_quantized(block, self.block_schemes(block, data), stats.pop("clip_factors")))
         return stats
 
     def prepare(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
@@ -253,6 +254,7 @@ class Awq(QuantMethod):
         width = weight_matrix(next(iter(layers.values()))).shape[1]
         if isinstance(previous, LinearLike) and weight_matrix(previous).shape[0] != width:
             return None  # grouped-query attention: v has fewer output channels than o has inputs
+        spec = stage_scheme(self.block_schemes(block, data), mapping.layers)
         inspect_name = _inspected(mapping.layers)
         inspect = block.get_submodule(inspect_name)
         args, kwargs = capture_call(block, data, sample.hidden, inspect)
@@ -270,7 +272,7 @@ class Awq(QuantMethod):
             overrides = {}
             for name, layer in layers.items():
                 weight = weight_matrix(layer).float()
-                candidate = fake_quantize(weight * scales, self.spec) / scales
+                candidate = fake_quantize(weight * scales, spec) / scales
                 key = f"{name.removeprefix(prefix)}.weight" if prefix else "weight"
                 overrides[key] = stored_layout(layer, candidate.to(layer.weight.dtype))
             output = sample.gather(_first(functional_call(inspect, overrides, args, kwargs)).float())
@@ -293,8 +295,9 @@ class Awq(QuantMethod):
         if len(ratios) < 2:
             return {}
         grams = input_grams(block, data, sample, max(1, len(sample)))
+        schemes = self.block_schemes(block, data)
         return {
-            name: search_clipping(weight_matrix(layer), grams[name], self.spec, ratios)[0]
+            name: search_clipping(weight_matrix(layer), grams[name], schemes[name], ratios)[0]
             for name, layer in quantizable_linears(block).items()
             if name.rsplit(".", 1)[-1] not in UNCLIPPED
         }

@@ -6,7 +6,7 @@ a method only sees one block and its calibration data, and leaves fake-quantized
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,6 +42,9 @@ class BlockData:
     # What each linear received in the full-precision block on the full-precision inputs, one CPU
     # tensor per forward batch, in window order; only for a method with ``needs_float_inputs``.
     float_linear_inputs: Mapping[str, list[Tensor]] = field(default_factory=dict)
+    # Each linear's scheme where a size budget gave the block's linears different widths (by name in
+    # the block, quant_core.allocation); a linear not named here takes the method's own spec.
+    schemes: Mapping[str, QuantSpec] = field(default_factory=dict)
     # The ranks the job's windows are split over: ``inputs`` are this rank's share of ``total_windows``
     # (None: they are all), and what a method sums over windows it sums over ranks too
     # (quant_core.distributed).
@@ -113,6 +116,11 @@ class QuantMethod:
     def rotates(self) -> bool:
         """Whether the method quantizes in a rotated basis, so its weights lie on no grid the export can pack."""
         return self.options.rotates
+
+    def block_schemes(self, block: nn.Module, data: BlockData) -> dict[str, QuantSpec]:
+        """Every quantizable linear of ``block`` with the scheme it is calibrated at: the allocation's
+        (``data.schemes``) where it gave one, the method's spec elsewhere."""
+        return {name: data.schemes.get(name, self.spec) for name in quantizable_linears(block)}
 
     def check(self, blocks: nn.ModuleList) -> None:
         """Refuse a model this method cannot handle before any time is spent on it.
@@ -227,23 +235,38 @@ def _rtn_matrix(weight: Tensor, spec: QuantSpec, clip: Tensor | None = None) -> 
     return fake_quantize(weight.float(), spec, clip, clip).to(weight.dtype)
 
 
+def stage_scheme(schemes: Mapping[str, QuantSpec], stage: tuple[str, ...]) -> QuantSpec:
+    """The one scheme of linears that read the same input (a GPTQ stage, an AWQ scale group): they are
+    walked as one matrix and a runtime fuses them, so an allocation gives them one scheme."""
+    specs = {schemes[name] for name in stage}
+    if len(specs) > 1:
+        raise ConfigError(f"linears that read one input must share a scheme: {', '.join(stage)}", "budget")
+    return specs.pop()
+
+
 def rtn_quantized(
-    block: nn.Module, spec: QuantSpec, clip: Mapping[str, Tensor] | None = None
+    block: nn.Module, schemes: Mapping[str, QuantSpec], clip: Mapping[str, Tensor] | None = None
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """Round-to-nearest weight and grid of every linear in the block, ranges shrunk by ``clip`` where given.
+    """Round-to-nearest weight and grid of every linear in ``schemes`` (by name in the block) at its
+    scheme, ranges shrunk by ``clip`` where given.
 
     ``clip`` maps a linear's name to its ratios per row and group (``[out, groups, 1]``).
     """
     result = {}
     for name, layer in quantizable_linears(block).items():
-        weight = weight_matrix(layer).detach()
+        if name not in schemes:
+            continue
+        spec, weight = schemes[name], weight_matrix(layer).detach()
         factor = None if clip is None else clip.get(name)
         result[name] = (_rtn_matrix(weight, spec, factor), *grid_params(weight, spec, factor, factor))
     return result
 
 
-def rotated_rtn_weights(block: nn.Module, spec: QuantSpec, generator: torch.Generator) -> dict[str, Tensor]:
-    """Round-to-nearest in QuIP's rotated basis, ``U^T rtn(U W V^T) V``, per linear (``[out, in]``).
+def rotated_rtn_weights(
+    block: nn.Module, schemes: Mapping[str, QuantSpec], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Round-to-nearest in QuIP's rotated basis, ``U^T rtn(U W V^T) V``, per linear (``[out, in]``) at
+    its scheme.
 
     Signs are drawn from ``generator`` linear by linear in the block's order, ``U`` before ``V``.
     """
@@ -252,17 +275,17 @@ def rotated_rtn_weights(block: nn.Module, spec: QuantSpec, generator: torch.Gene
         weight = weight_matrix(layer).detach()
         rotation = LinearRotation.draw(weight.shape[0], weight.shape[1], generator)
         rotated = rotation.rotate(weight.float())
-        result[name] = rotation.restore(fake_quantize(rotated, spec)).to(weight.dtype)
+        result[name] = rotation.restore(fake_quantize(rotated, schemes[name])).to(weight.dtype)
     return result
 
 
-def rtn_weights(block: nn.Module, spec: QuantSpec, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Round-to-nearest weights of the block's linears (all, or those ``names``), by parameter name, in
-    storage layout: parameter overrides for ``functional_call``."""
+def rtn_weights(block: nn.Module, schemes: Mapping[str, QuantSpec]) -> dict[str, Tensor]:
+    """Round-to-nearest weights of the linears in ``schemes`` (by name in the block), each at its
+    scheme, by parameter name and in storage layout: parameter overrides for ``functional_call``."""
     return {
-        f"{name}.weight": stored_layout(layer, _rtn_matrix(weight_matrix(layer).detach(), spec))
+        f"{name}.weight": stored_layout(layer, _rtn_matrix(weight_matrix(layer).detach(), schemes[name]))
         for name, layer in quantizable_linears(block).items()
-        if names is None or name in names
+        if name in schemes
     }
 
 

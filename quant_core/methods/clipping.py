@@ -6,6 +6,8 @@ weights on the quantized chain's inputs, which is what each linear will see when
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 from quant_core.clip_search import search_clipping
@@ -17,11 +19,11 @@ from quant_core.quantizer import QuantSpec
 GRAM_BATCH = 8  # windows per forward while collecting Gram matrices
 
 
-def block_clip_factors(block: nn.Module, data: BlockData, spec: QuantSpec) -> dict[str, Tensor]:
-    """Each linear's best clipping ratio per row and group, ``[out, groups, 1]``, by name."""
+def block_clip_factors(block: nn.Module, data: BlockData, schemes: Mapping[str, QuantSpec]) -> dict[str, Tensor]:
+    """Each linear's best clipping ratio per row and group at its scheme, ``[out, groups, 1]``, by name."""
     grams = input_grams(block, data, data.inputs, GRAM_BATCH)
     return {
-        name: search_clipping(weight_matrix(layer), grams[name], spec)[0]
+        name: search_clipping(weight_matrix(layer), grams[name], schemes[name])[0]
         for name, layer in quantizable_linears(block).items()
     }
 

@@ -61,6 +61,7 @@ from quant_core.methods.base import (
     BlockData,
     QuantMethod,
     register_method,
+    stage_scheme,
     write_quantized,
     write_rotated,
 )
@@ -309,14 +310,14 @@ class Gptq(QuantMethod):
             self._quantize_stage(block, data, stage, self._stage_inputs(data, stage, inputs), result)
         return result
 
-    def _walk(self, weight: Tensor, hessian: Tensor, clip: Tensor | None) -> GptqResult:
+    def _walk(self, weight: Tensor, hessian: Tensor, spec: QuantSpec, clip: Tensor | None) -> GptqResult:
         """GPTQ's column walk over ``weight`` with this method's options, from ``clip``'s grid (None: full range)."""
         options = self.options
         return gptq_quantize(
-            weight, hessian, self.spec, options.block_size, options.damp, options.act_order, options.static_groups, clip
+            weight, hessian, spec, options.block_size, options.damp, options.act_order, options.static_groups, clip
         )
 
-    def _walk_rows(self, weight: Tensor, hessian: Tensor, clipped: bool, ranks: Ranks) -> GptqResult:
+    def _walk_rows(self, weight: Tensor, hessian: Tensor, spec: QuantSpec, clipped: bool, ranks: Ranks) -> GptqResult:
         """The column walk of ``weight`` from the full range or the searched clipping, its rows split over ranks.
 
         Rows are independent in GPTQ (each row's corrections depend only on its own errors and the
@@ -324,8 +325,8 @@ class Gptq(QuantMethod):
         as one walk, in a world-size-th of the time.
         """
         rows = ranks.share(weight)
-        clip = search_clipping(rows, hessian, self.spec)[0] if clipped else None
-        walked = self._walk(rows, hessian, clip)
+        clip = search_clipping(rows, hessian, spec)[0] if clipped else None
+        walked = self._walk(rows, hessian, spec, clip)
         if not ranks.distributed:
             return walked
         total = weight.shape[0]
@@ -350,6 +351,7 @@ class Gptq(QuantMethod):
         layers = quantizable_linears(block)
         hessian = inputs.hessian
         damp = self.options.match_float_damp
+        spec = stage_scheme(self.block_schemes(block, data), stage)
         matrices = [float_target_weight(weight_matrix(layers[name]).detach(), inputs, damp) for name in stage]
         if self.rotates:
             in_rotation = RandomizedHadamard(hessian.shape[0], data.generator)  # the stage's shared V
@@ -357,9 +359,9 @@ class Gptq(QuantMethod):
             hessian = rotate_hessian(hessian, in_rotation)
             matrices = [r.rotate(m.float()) for r, m in zip(rotations, matrices, strict=True)]
         weight = torch.cat(matrices)  # one Hessian for all linears that read this input
-        quantized = self._walk_rows(weight, hessian, False, data.ranks)
+        quantized = self._walk_rows(weight, hessian, spec, False, data.ranks)
         if self.clips:
-            clipped = self._walk_rows(weight, hessian, True, data.ranks)
+            clipped = self._walk_rows(weight, hessian, spec, True, data.ranks)
             result.clipped["+".join(stage)] = clipped.error < quantized.error
             quantized = min(quantized, clipped, key=lambda walked: walked.error)
         rows = [m.shape[0] for m in matrices]

@@ -34,7 +34,7 @@ from quant_core.methods.base import BlockData, QuantMethod, register_method, wri
 from quant_core.methods.clipping import block_clip_factors, mean_ratio
 from quant_core.methods.training import cosine_with_warmup, epochs_to_steps, train_parameters
 from quant_core.model_structure import quantizable_linears, stored_layout, weight_matrix
-from quant_core.quantizer import fake_quantize, grid_params, num_groups
+from quant_core.quantizer import QuantSpec, fake_quantize, grid_params, num_groups
 
 BUDGET_STEPS = 64
 LR_STEP_PRODUCT = 6.4  # lr x steps of the budget schedule: lr 0.1 on 64 steps (and fewer), 0.025 on 256
@@ -58,7 +58,8 @@ class OmniQuant(QuantMethod):
             return self.options.steps
         epochs = self.options.epochs
         if epochs is None and self.paper:
-            epochs = 40 if self.spec.bits <= 2 else 20
+            narrowest = min((spec.bits for spec in data.schemes.values()), default=self.spec.bits)
+            epochs = 40 if narrowest <= 2 else 20
         if epochs is not None:
             return epochs_to_steps(epochs, data, self.options.batch_size)
         return BUDGET_STEPS
@@ -71,9 +72,10 @@ class OmniQuant(QuantMethod):
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
         layers = quantizable_linears(block)
         weights = {name: weight_matrix(layer).detach() for name, layer in layers.items()}
+        schemes = self.block_schemes(block, data)
         init = self.options.init or ("full" if self.paper else "clip_search")
-        start = block_clip_factors(block, data, self.spec) if init == "clip_search" else {}
-        logits = {name: self._initial_logits(w, start.get(name)) for name, w in weights.items()}
+        start = block_clip_factors(block, data, schemes) if init == "clip_search" else {}
+        logits = {name: self._initial_logits(w, schemes[name], start.get(name)) for name, w in weights.items()}
         steps = self.steps(data)
         lr = self.learning_rate(steps)
         optimizer = torch.optim.AdamW(
@@ -85,7 +87,9 @@ class OmniQuant(QuantMethod):
             block,
             data,
             lambda: {
-                f"{name}.weight": stored_layout(layers[name], self._clipped(weights[name], *logits[name], ste=True))
+                f"{name}.weight": stored_layout(
+                    layers[name], self._clipped(weights[name], schemes[name], *logits[name], ste=True)
+                )
                 for name in layers
             },
             optimizer,
@@ -97,8 +101,8 @@ class OmniQuant(QuantMethod):
         with torch.no_grad():
             final = {
                 name: (
-                    self._clipped(weights[name], *logits[name], ste=False),
-                    *grid_params(weights[name], self.spec, *self._factors(*logits[name])),
+                    self._clipped(weights[name], schemes[name], *logits[name], ste=False),
+                    *grid_params(weights[name], schemes[name], *self._factors(*logits[name])),
                 )
                 for name in layers
             }
@@ -110,9 +114,9 @@ class OmniQuant(QuantMethod):
             stats["gradient_share"] = log.gradient_share
         return stats
 
-    def _initial_logits(self, weight: Tensor, ratio: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _initial_logits(self, weight: Tensor, spec: QuantSpec, ratio: Tensor | None) -> tuple[Tensor, Tensor]:
         """Logits whose factors are ``ratio`` (per row and group), or 1 (the full range) without one."""
-        shape = (weight.shape[0], num_groups(weight.shape[1], self.spec.group_size), 1)
+        shape = (weight.shape[0], num_groups(weight.shape[1], spec.group_size), 1)
         init = torch.full(shape, float(self.options.init_logit), device=weight.device, dtype=torch.float32)
         if ratio is not None:
             target = (ratio.to(init) * self._reference()).clamp(1e-6, 1 - 1e-6)
@@ -127,6 +131,6 @@ class OmniQuant(QuantMethod):
         reference = self._reference()
         return torch.sigmoid(low_logit) / reference, torch.sigmoid(high_logit) / reference
 
-    def _clipped(self, weight: Tensor, low_logit: Tensor, high_logit: Tensor, ste: bool) -> Tensor:
+    def _clipped(self, weight: Tensor, spec: QuantSpec, low_logit: Tensor, high_logit: Tensor, ste: bool) -> Tensor:
         low, high = self._factors(low_logit, high_logit)
-        return fake_quantize(weight.float(), self.spec, low, high, ste=ste).to(weight.dtype)
+        return fake_quantize(weight.float(), spec, low, high, ste=ste).to(weight.dtype)

@@ -30,9 +30,10 @@ class RTN(QuantMethod):
     options: RtnOptions
 
     def calibrate(self, block: nn.Module, data: BlockData) -> dict[str, Any]:
+        schemes = self.block_schemes(block, data)
         if self.rotates:
-            write_dequantized(block, rotated_rtn_weights(block, self.spec, data.generator))
+            write_dequantized(block, rotated_rtn_weights(block, schemes, data.generator))
             return {}
-        clip = block_clip_factors(block, data, self.spec) if self.options.clip_search else None
-        write_quantized(block, rtn_quantized(block, self.spec, clip))
+        clip = block_clip_factors(block, data, schemes) if self.options.clip_search else None
+        write_quantized(block, rtn_quantized(block, schemes, clip))
         return {"clip_ratio": mean_ratio(clip)} if clip else {}

@@ -138,12 +138,15 @@ class TesseraQ(QuantMethod):
     def _start(self, block: nn.Module, data: BlockData) -> tuple[dict[str, LearnedRounding], dict[str, Any]]:
         """Each linear's rounding variables at the chosen starting point, and what that start reported."""
         layers = quantizable_linears(block)
+        schemes = self.block_schemes(block, data)
         if self.options.init == "gptq":
             start = Gptq(self.spec, self.loss, GptqOptions(clip_search=self.options.clip_search)).quantize_block(
                 block, data
             )
             rounding = {
-                name: LearnedRounding(start.compensated[name], self.spec, grid=layer_grid(layer), start_rounded=True)
+                name: LearnedRounding(
+                    start.compensated[name], schemes[name], grid=layer_grid(layer), start_rounded=True
+                )
                 for name, layer in layers.items()
             }
             return rounding, {"gptq_error": start.errors}
@@ -151,10 +154,10 @@ class TesseraQ(QuantMethod):
             stats = Awq(self.spec, self.loss, AwqOptions(clip=self.options.clip_search)).prepare(block, data)
             clip = stats.pop("clip_factors")
         else:
-            clip = block_clip_factors(block, data, self.spec) if self.options.clip_search else {}
+            clip = block_clip_factors(block, data, schemes) if self.options.clip_search else {}
             stats = {"clip_ratio": mean_ratio(clip)} if clip else {}
         rounding = {
-            name: LearnedRounding(weight_matrix(layer), self.spec, clip.get(name, 1.0))
+            name: LearnedRounding(weight_matrix(layer), schemes[name], clip.get(name, 1.0))
             for name, layer in layers.items()
         }
         return rounding, stats
