@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -175,41 +175,39 @@ def calibrate_blocks(
     the next block; spared when the method computed it on the way), the full-precision targets (on
     every window only for a method that trains against them, ``needs_targets``, or that reads the
     full-precision linears' inputs recorded on the way, ``needs_float_inputs``; otherwise on the
-    diagnostic windows alone), round-to-nearest on the
-    diagnostic windows, and whatever the method itself runs. ``should_cancel`` is checked between
-    blocks, so a cancelled run never leaves a half-quantized block behind. With a ``checkpoint``,
-    progress is stored after every block and a run continues where a previous run of the same job
-    stopped. Both chains' activations wait on the CPU; only the block in work and its inputs are on
-    ``device``, and with ``spill`` a chain too large for memory waits on disk (quant_core.spill). A
-    mixture-of-experts block is calibrated with every expert seeing its routed tokens,
-    or every token below ``expert_min_tokens`` (quant_core.experts); its record's method statistics
-    say how many each expert received.
+    diagnostic windows alone), round-to-nearest on the diagnostic windows, and whatever the method
+    itself runs. ``should_cancel`` is checked between blocks, so a cancelled run never leaves a
+    half-quantized block behind. With a ``checkpoint``, progress is stored after every block and a run
+    continues where a previous run of the same job stopped. Both chains' activations wait on the CPU;
+    only the block in work and its inputs are on ``device``, and with ``spill`` a chain too large for
+    memory waits on disk (quant_core.spill). A mixture-of-experts block is calibrated with every expert
+    seeing its routed tokens, or every token below ``expert_min_tokens`` (quant_core.experts); its
+    record's method statistics say how many each expert received. ``schemes`` (one mapping per block,
+    linear name to scheme: a size budget's allocation, quant_core.allocation) gives linears their own
+    widths; a linear it leaves out takes the method's spec.
 
     On several ``ranks`` each holds its contiguous share of ``windows`` and both chains' activations
     for them; the method sums what it gathers over ranks, and the diagnostic windows' outputs are
     gathered so that every record is measured on the same windows as in one process.
-
-    ``schemes`` (one mapping per block, linear name to scheme: a size budget's allocation,
-    quant_core.allocation) gives linears their own widths; a linear it leaves out takes the method's spec.
     """
-    model.eval()
-    blocks = find_decoder_blocks(model)
+    blocks = find_decoder_blocks(model.eval())
     method.check(blocks)
     captured = capture_block_inputs(model, ranks.share(windows), device)
-    kwargs = captured.kwargs
     measured = max(1, min(-(-diagnostic_tokens // windows.shape[1]), windows.shape[0]))
     # diagnostic windows per rank: the first ``measured`` windows of the job, wherever they are held
     counts = [max(0, min(end, measured) - start) for start, end in ranks.bounds(windows.shape[0])]
     q_inputs = captured.hidden.cpu()
     full_chain = method.needs_targets or method.needs_float_inputs
     fp_inputs = q_inputs.clone() if full_chain else q_inputs[: counts[ranks.rank]].clone()
-    records: list[BlockRecord] = []
     start, end = ranks.bounds(windows.shape[0])[ranks.rank]
     share = (start, end, end if full_chain else start + counts[ranks.rank]) if ranks.distributed else None
     resume = _resume(checkpoint, blocks, residency, share) if checkpoint is not None else None
     if resume is not None:
         fp_inputs, q_inputs = resume.fp_inputs, resume.q_inputs
-        records = [BlockRecord(**r) for r in resume.records]
+    records = [BlockRecord(**r) for r in resume.records] if resume is not None else []
+    # what every block's step shares; index, seed and schemes are the block's own
+    common = _BlockStep(0, len(blocks), captured.kwargs, method, eval_loss, counts, device, seed, expert_min_tokens)
+    common = replace(common, ranks=ranks, total_windows=windows.shape[0])
     keep = spill.keep if spill is not None else (lambda tensor: tensor)
     fp_inputs, q_inputs = keep(fp_inputs), keep(q_inputs)
     for index in range(len(records), len(blocks)):
@@ -217,20 +215,7 @@ def calibrate_blocks(
             raise CancelledError(f"cancelled before block {index}")
         if residency is not None:
             residency.enter(index)
-        step = _BlockStep(
-            index,
-            len(blocks),
-            kwargs,
-            method,
-            eval_loss,
-            counts,
-            device,
-            seed + index,
-            expert_min_tokens,
-            ranks,
-            windows.shape[0],
-            schemes[index] if schemes is not None else {},
-        )
+        step = replace(common, index=index, seed=seed + index, schemes=schemes[index] if schemes is not None else {})
         record, fp_outputs, q_outputs = step.run(blocks[index], fp_inputs, q_inputs, forward_batch_size)
         del fp_inputs, q_inputs  # a spilled chain's file space returns here
         fp_inputs, q_inputs = keep(fp_outputs), keep(q_outputs)
@@ -277,9 +262,9 @@ class _BlockStep:
     device: str
     seed: int  # the block's seed: the job seed plus its index
     expert_min_tokens: int | None  # quant_core.experts.expert_calibration's threshold
-    ranks: Ranks
-    total_windows: int  # over all ranks
-    schemes: Mapping[str, QuantSpec]  # the block's linears' allocated schemes (BlockData.schemes)
+    ranks: Ranks = SOLO
+    total_windows: int = 0  # over all ranks
+    schemes: Mapping[str, QuantSpec] = field(default_factory=dict)  # the block's allocation (BlockData.schemes)
 
     def gathered(self, local: Tensor) -> Tensor:
         """The diagnostic windows' rows of a chain, from every rank: what one process would hold."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -501,19 +501,8 @@ class DiscQuant(QuantMethod):
             if options.grad_checkpoint:
                 _set_checkpointing(model, False)
             model.eval()
-        x_all = torch.cat([x.detach().flatten() for x in parameters])
-        return {
-            "steps": steps,
-            "warmup": warmup,
-            "samples": steps * per_step,
-            "delta2": delta2,
-            "loss_first": curve[0],
-            "loss_final": curve[-1],
-            "loss_curve": curve,
-            "fraction_at_corners": float(((x_all == 0) | (x_all == 1)).float().mean()),
-            "fraction_near_corners": float(((x_all - x_all.round()).abs() <= CORNER_TOLERANCE).float().mean()),
-            "seconds_per_step": (time.perf_counter() - started) / steps,
-        }
+        schedule = {"steps": steps, "warmup": warmup, "samples": steps * per_step, "delta2": delta2}
+        return {**schedule, **_training_summary(curve, parameters, (time.perf_counter() - started) / steps)}
 
     @staticmethod
     def _outputs(
@@ -525,3 +514,17 @@ class DiscQuant(QuantMethod):
         with torch.no_grad() if teacher else torch.enable_grad():
             out = model(input_ids=ids, use_cache=False, output_hidden_states=needs_hidden)
         return ModelOutputs(out.logits, out.hidden_states[-1] if needs_hidden else None)
+
+
+def _training_summary(curve: list[float], parameters: Sequence[Tensor], seconds_per_step: float) -> dict[str, Any]:
+    """The loss curve and how far the relaxed roundings went to the grid's corners (Sec. 4: the
+    rounding is read off at the end, so the share already at or near a corner says how much it decides)."""
+    x_all = torch.cat([x.detach().flatten() for x in parameters])
+    return {
+        "loss_first": curve[0],
+        "loss_final": curve[-1],
+        "loss_curve": curve,
+        "fraction_at_corners": float(((x_all == 0) | (x_all == 1)).float().mean()),
+        "fraction_near_corners": float(((x_all - x_all.round()).abs() <= CORNER_TOLERANCE).float().mean()),
+        "seconds_per_step": seconds_per_step,
+    }
