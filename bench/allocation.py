@@ -41,20 +41,22 @@ from quant_core.model_structure import find_decoder_blocks
 from quant_core.perplexity import perplexity
 from quant_core.sensitivity import UnitCosts, measure_unit_costs, quant_spec
 
-SCHEMES = tuple(Scheme(bits, group) for bits in (2, 3, 4, 8) for group in (32, 64, 128))
-UNIFORM = (Scheme(2, 64), Scheme(3, 64), Scheme(4, 64), Scheme(4, 128))
+# 32 and 64 divide the widths of the common families (SmolLM2's 576 among them), so the packed export
+# can hold every candidate; 128 leaves a ragged last group there.
+SCHEMES = tuple(Scheme(bits, group) for bits in (2, 3, 4, 8) for group in (32, 64))
+UNIFORM = (Scheme(2, 64), Scheme(3, 64), Scheme(4, 64))
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 PROXY_SCHEME = Scheme(3, 64)
-KL_WINDOWS = 4
+KL_WINDOWS = 2
 
 
-def rounded(model: torch.nn.Module, units: list[UnitCosts], choice: list[int]) -> torch.nn.Module:
-    """A copy of ``model`` with every unit rounded to nearest at its chosen scheme."""
+def rounded(model: torch.nn.Module, chosen: list[tuple[UnitCosts, Scheme]]) -> torch.nn.Module:
+    """A copy of ``model`` with the units named rounded to nearest at their schemes, the rest as they are."""
     copied = copy.deepcopy(model)
     blocks = find_decoder_blocks(copied)
-    for unit, k in zip(units, choice, strict=True):
+    for unit, scheme in chosen:
         block = blocks[unit.block]
-        write_weights(block, rtn_weights(block, dict.fromkeys(unit.linears, quant_spec(SCHEMES[k]))))
+        write_weights(block, rtn_weights(block, dict.fromkeys(unit.linears, quant_spec(scheme))))
     return copied
 
 
@@ -65,14 +67,13 @@ def _log_probs(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def proxy_ranking(model: torch.nn.Module, units: list[UnitCosts], windows: torch.Tensor) -> dict[str, Any]:
-    """Each unit alone at PROXY_SCHEME: its block-output cost and the whole model's KL to full precision."""
+    """Each unit alone at PROXY_SCHEME (the rest in full precision): its block-output cost and the whole
+    model's KL to full precision on the next token."""
     k = SCHEMES.index(PROXY_SCHEME)
     reference = _log_probs(model, windows)
     kls = []
-    for index in range(len(units)):
-        choice = [SCHEMES.index(Scheme(8, 128))] * len(units)  # 8 bits elsewhere: near full precision
-        choice[index] = k
-        altered = _log_probs(rounded(model, units, choice), windows)
+    for unit in units:
+        altered = _log_probs(rounded(model, [(unit, PROXY_SCHEME)]), windows)
         kls.append(torch.sum(reference.exp() * (reference - altered), -1).mean().item())
     block_costs = [unit.choices[k].cost for unit in units]
     rho = spearmanr(block_costs, kls).statistic
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: SmolLM2-135M)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--n-samples", type=int, default=8, help="calibration windows the costs are measured on")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=10)
     parser.add_argument("--texts", nargs="+", default=["persuasion", "brown"])
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def scored(label: str, choice: list[int]) -> dict[str, Any]:
         size = sum(unit.choices[k].size_bits for unit, k in zip(units, choice, strict=True))
-        quantized = rounded(model, units, choice)
+        quantized = rounded(model, [(unit, SCHEMES[k]) for unit, k in zip(units, choice, strict=True)])
         ppl = {name: perplexity(quantized, t.ids, scored=t.scored) for name, t in texts.items()}
         row = {"label": label, "bits_per_weight": size / weights, "linears_mib": size / 8 / 2**20, "perplexity": ppl}
         print(
