@@ -322,20 +322,49 @@ def calibrate(
         torch.cuda.reset_peak_memory_stats(spec.device)
     if method.whole_model:
         with peaks.stage("blocks"):
-            trained = method.quantize_model(
+            method_stats = _quantize_whole_model(spec, method, job, hooks, ranks)
+    else:
+        checkpoint = None if checkpoint_dir is None else BlockCheckpoint(checkpoint_dir, job_fingerprint(spec), ranks)
+        finetune = spec.finetune
+        blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
+        blockwise = partial(
+            calibrate_blocks,
+            job.model,
+            blocks_windows,
+            method,
+            record_loss,
+            device=spec.device,
+            seed=spec.seed,
+            on_block=hooks.on_block,
+            should_cancel=hooks.should_cancel,
+            checkpoint=checkpoint,
+            residency=job.residency,
+            expert_min_tokens=spec.calib.expert_min_tokens,
+            spill=spill,
+            ranks=ranks,
+        )
+        if job.lazy is not None and job.residency is not None and finetune.enabled and checkpoint is not None:
+            records, tuned = _calibrate_then_tune_streamed(
+                spec, job.lazy, job.residency, blockwise, checkpoint, tuning_windows, hooks, peaks, spill
+            )
+        else:
+            records, tuned = calibrate_then_tune(
                 job.model,
-                job.windows,
+                tuning_windows,
+                finetune,
+                spec.quant.group_size,
+                blockwise,
                 device=spec.device,
                 seed=spec.seed,
                 on_stage=hooks.on_stage,
                 should_cancel=hooks.should_cancel,
+                on_step=hooks.on_tuning_step,
+                phase=peaks.stage,
+                spill=spill,
                 ranks=ranks,
             )
-        method_stats = {**job.resources, **trained}
-    else:
-        records, method_stats = _calibrate_blockwise(
-            spec, method, record_loss, job, hooks, checkpoint_dir, peaks, spill, ranks
-        )
+        if tuned is not None:
+            method_stats["finetune"] = tuned
     # Blocks restored from a checkpoint bring their own peaks; what ran here is measured since the reset.
     device_peaks = [r.peak_device_mb or 0.0 for r in records]
     device_peaks += [torch.cuda.max_memory_allocated(spec.device) / 2**20] if cuda else []
@@ -344,59 +373,21 @@ def calibrate(
     return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
 
 
-def _calibrate_blockwise(
-    spec: JobSpec,
-    method: QuantMethod,
-    record_loss: Loss,
-    job: LoadedJob,
-    hooks: JobHooks,
-    checkpoint_dir: Path | None,
-    peaks: StagePeaks,
-    spill: Spill,
-    ranks: Ranks,
-) -> tuple[list[BlockRecord], dict[str, Any]]:
-    """The engine's block pass, then the end-to-end tuning when the job asks for it (streamed block by
-    block when the model is); the blocks' records and the tuning's statistics."""
-    checkpoint = None if checkpoint_dir is None else BlockCheckpoint(checkpoint_dir, job_fingerprint(spec), ranks)
-    finetune = spec.finetune
-    blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
-    blockwise = partial(
-        calibrate_blocks,
+def _quantize_whole_model(
+    spec: JobSpec, method: QuantMethod, job: LoadedJob, hooks: JobHooks, ranks: Ranks
+) -> dict[str, Any]:
+    """A whole-model method (DiscQuant) on all the windows at once; its statistics beside the resources
+    it was checked to fit in."""
+    trained = method.quantize_model(
         job.model,
-        blocks_windows,
-        method,
-        record_loss,
+        job.windows,
         device=spec.device,
         seed=spec.seed,
-        on_block=hooks.on_block,
+        on_stage=hooks.on_stage,
         should_cancel=hooks.should_cancel,
-        checkpoint=checkpoint,
-        residency=job.residency,
-        expert_min_tokens=spec.calib.expert_min_tokens,
-        spill=spill,
         ranks=ranks,
     )
-    if job.lazy is not None and job.residency is not None and finetune.enabled and checkpoint is not None:
-        records, tuned = _calibrate_then_tune_streamed(
-            spec, job.lazy, job.residency, blockwise, checkpoint, tuning_windows, hooks, peaks, spill
-        )
-    else:
-        records, tuned = calibrate_then_tune(
-            job.model,
-            tuning_windows,
-            finetune,
-            spec.quant.group_size,
-            blockwise,
-            device=spec.device,
-            seed=spec.seed,
-            on_stage=hooks.on_stage,
-            should_cancel=hooks.should_cancel,
-            on_step=hooks.on_tuning_step,
-            phase=peaks.stage,
-            spill=spill,
-            ranks=ranks,
-        )
-    return records, {} if tuned is None else {"finetune": tuned}
+    return {**job.resources, **trained}
 
 
 def _calibrate_then_tune_streamed(
