@@ -6,8 +6,9 @@ Round-to-nearest keeps the job short; what is checked is the checkpoint, not the
 not installed, or vLLM's packed kernel on a processor without AVX-512, skips with the reason; a runtime
 that breaks on the checkpoint fails. On a processor with AMX tiles both runtimes take other CPU kernels:
 vLLM 0.32's int4 kernel scores these checkpoints 2.2% to 3.4% above the report (its AVX-512 kernel agrees
-within 0.1%), and llama-cpp-python 0.3.36 dies loading them (a general protection fault in
-libggml-cpu; the tiny models of tests/test_runtimes.py load and agree). On such a processor vLLM must
+within 0.1%), and llama-cpp-python 0.3.36 built for that processor (``-march=native``) died loading
+them (a general protection fault in libggml-cpu). bench/install_runtimes.sh now builds llama.cpp for
+AVX2 whatever the processor, which has not met an AMX processor since. On such a processor vLLM must
 still run, and the job must report each runtime's outcome (``agrees: false`` or the failure) instead
 of failing.
 """
