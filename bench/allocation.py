@@ -31,7 +31,7 @@ import torch
 from scipy.stats import spearmanr
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
-from quant_core.allocation import Scheme, allocate
+from quant_core.allocation import allocate
 from quant_core.corpus import calibration_windows, tokenize_file
 from quant_core.eval_windows import evaluation_windows, window_start
 from quant_core.losses import build_loss
@@ -39,24 +39,25 @@ from quant_core.methods.base import rtn_weights, write_weights
 from quant_core.model_io import load_model
 from quant_core.model_structure import find_decoder_blocks
 from quant_core.perplexity import perplexity
-from quant_core.sensitivity import UnitCosts, measure_unit_costs, quant_spec
+from quant_core.quantizer import QuantSpec
+from quant_core.sensitivity import UnitCosts, measure_unit_costs
 
 # 32 and 64 divide the widths of the common families (SmolLM2's 576 among them), so the packed export
 # can hold every candidate; 128 leaves a ragged last group there.
-SCHEMES = tuple(Scheme(bits, group) for bits in (2, 3, 4, 8) for group in (32, 64))
-UNIFORM = (Scheme(2, 64), Scheme(3, 64), Scheme(4, 64))
+SCHEMES = tuple(QuantSpec(bits=bits, group_size=group) for bits in (2, 3, 4, 8) for group in (32, 64))
+UNIFORM = (QuantSpec(bits=2, group_size=64), QuantSpec(bits=3, group_size=64), QuantSpec(bits=4, group_size=64))
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
-PROXY_SCHEME = Scheme(3, 64)
+PROXY_SCHEME = QuantSpec(bits=3, group_size=64)
 KL_WINDOWS = 2
 
 
-def rounded(model: torch.nn.Module, chosen: list[tuple[UnitCosts, Scheme]]) -> torch.nn.Module:
+def rounded(model: torch.nn.Module, chosen: list[tuple[UnitCosts, QuantSpec]]) -> torch.nn.Module:
     """A copy of ``model`` with the units named rounded to nearest at their schemes, the rest as they are."""
     copied = copy.deepcopy(model)
     blocks = find_decoder_blocks(copied)
     for unit, scheme in chosen:
         block = blocks[unit.block]
-        write_weights(block, rtn_weights(block, dict.fromkeys(unit.linears, quant_spec(scheme))))
+        write_weights(block, rtn_weights(block, dict.fromkeys(unit.linears, scheme)))
     return copied
 
 
@@ -69,13 +70,12 @@ def _log_probs(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
 def proxy_ranking(model: torch.nn.Module, units: list[UnitCosts], windows: torch.Tensor) -> dict[str, Any]:
     """Each unit alone at PROXY_SCHEME (the rest in full precision): its block-output cost and the whole
     model's KL to full precision on the next token."""
-    k = SCHEMES.index(PROXY_SCHEME)
     reference = _log_probs(model, windows)
     kls = []
     for unit in units:
         altered = _log_probs(rounded(model, [(unit, PROXY_SCHEME)]), windows)
         kls.append(torch.sum(reference.exp() * (reference - altered), -1).mean().item())
-    block_costs = [unit.choices[k].cost for unit in units]
+    block_costs = [unit.choices[unit.schemes.index(PROXY_SCHEME)].cost for unit in units]
     rho = spearmanr(block_costs, kls).statistic
     return {"scheme": PROXY_SCHEME.label, "spearman": float(rho), "block_costs": block_costs, "kl": kls}
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def scored(label: str, choice: list[int]) -> dict[str, Any]:
         size = sum(unit.choices[k].size_bits for unit, k in zip(units, choice, strict=True))
-        quantized = rounded(model, [(unit, SCHEMES[k]) for unit, k in zip(units, choice, strict=True)])
+        quantized = rounded(model, [(unit, unit.schemes[k]) for unit, k in zip(units, choice, strict=True)])
         ppl = {name: perplexity(quantized, t.ids, scored=t.scored) for name, t in texts.items()}
         row = {"label": label, "bits_per_weight": size / weights, "linears_mib": size / 8 / 2**20, "perplexity": ppl}
         print(
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     float_ppl = {name: perplexity(model, t.ids, scored=t.scored) for name, t in texts.items()}
     print(f"{'float':<22} {'':6} {'':8}  " + "  ".join(f"{n} {v:9.2f}" for n, v in float_ppl.items()))
-    rows = [scored(f"uniform {s.label}", [SCHEMES.index(s)] * len(units)) for s in UNIFORM]
+    rows = [scored(f"uniform {s.label}", [unit.schemes.index(s) for unit in units]) for s in UNIFORM]
     allocations = {}
     for budget in BUDGETS:
         started = time.perf_counter()
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         allocate_s = time.perf_counter() - started
         rows.append({**scored(f"budget {budget}", choice), "allocate_s": allocate_s})
         allocations[str(budget)] = [
-            {"block": unit.block, "linears": list(unit.linears), "scheme": SCHEMES[k].label}
+            {"block": unit.block, "linears": list(unit.linears), "scheme": unit.schemes[k].label}
             for unit, k in zip(units, choice, strict=True)
         ]
     ranking = proxy_ranking(model, units, windows[:KL_WINDOWS])

@@ -27,6 +27,7 @@ from bench.quality import GROUP_SIZE, ROWS, SEED, Settings, _data
 from quant_core.engine import calibrate_blocks
 from quant_core.finetune import record_teacher, tune_end_to_end
 from quant_core.finetune_options import FinetuneOptions
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.model_io import load_model
@@ -54,14 +55,15 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = [{"label": "fp32", "perplexity": measure(model)}]
     teacher = record_teacher(model, windows, "cpu")
     row = ROWS[BASE_ROW]
-    method = build_method(row.method, QuantSpec(bits=args.bits, group_size=GROUP_SIZE), build_loss(row.loss), row.quick)
+    spec = QuantSpec(bits=args.bits, group_size=GROUP_SIZE)
+    method = build_method(row.method, spec, build_loss(row.loss), row.quick)
     calibrate_blocks(model, windows, method, build_loss(row.loss, seed=SEED), seed=SEED)
     rows.append({"label": BASE_ROW, "perplexity": measure(model)})
     for lr in args.lrs:
         tuned = copy.deepcopy(model)
         options = FinetuneOptions(epochs=args.epochs, lr=lr, norm_lr=lr / 10)
         started = time.perf_counter()
-        stats = tune_end_to_end(tuned, windows, teacher, options, GROUP_SIZE, seed=SEED)
+        stats = tune_end_to_end(tuned, windows, teacher, options, LayerSchemes(spec), seed=SEED)
         rows.append(
             {
                 "label": f"+e2e lr {lr:g}",

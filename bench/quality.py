@@ -51,6 +51,7 @@ from quant_core.engine import calibrate_blocks
 from quant_core.eval_windows import evaluation_windows, window_start
 from quant_core.finetune import calibrate_then_tune
 from quant_core.finetune_options import FinetuneOptions
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.losses import build_loss
 from quant_core.memory import host_peak_mb
 from quant_core.methods import build_method
@@ -393,7 +394,7 @@ def run_row(label: str, bits: int | None, full: bool, settings: Settings) -> dic
                 model,
                 tuning_windows,
                 finetune,
-                GROUP_SIZE,
+                LayerSchemes(spec),
                 lambda: calibrate_blocks(model, windows, method, build_loss(row.loss, seed=seed), seed=seed),
                 seed=seed,
             )

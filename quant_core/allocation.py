@@ -25,25 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
+from .quantizer import QuantSpec
 
 SCALE_BITS = 16
 """Each group's scale is stored in 16 bits (float16 or bfloat16) in every export."""
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """A candidate width for a unit: bits per weight, group size (None for per output channel) and symmetry."""
-
-    bits: int
-    group_size: int | None
-    symmetric: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"W{self.bits} {'g' + str(self.group_size) if self.group_size else 'per-channel'}"
-
-
-def storage_bits(out_features: int, in_features: int, scheme: Scheme) -> int:
+def storage_bits(out_features: int, in_features: int, scheme: QuantSpec) -> int:
     """The bits a ``[out_features, in_features]`` weight takes under ``scheme``: the codes, one 16-bit
     scale per group and, when asymmetric, one ``bits``-wide zero point per group (packed beside the codes
     in compressed-tensors, a byte or less in GGUF's block formats)."""

@@ -28,6 +28,10 @@ class BlockRecord(BaseModel):
     # quant_core.output_stats.distribution_errors of the block output, before and after calibration.
     distribution_before: dict[str, float] = Field(default_factory=dict)
     distribution_after: dict[str, float] = Field(default_factory=dict)
+    # what the block's linears store per weight (codes, scales, zero points) at the schemes they were
+    # calibrated at; the schemes by linear when a size budget allocated them (quant_core.bit_budget)
+    bits_per_weight: float | None = None
+    schemes: dict[str, str] = Field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()

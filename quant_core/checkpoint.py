@@ -37,6 +37,7 @@ from quant_core.methods.base import KEPT_BUFFERS
 from quant_core.model_structure import quantizable_linears
 
 STATE_FILE = "state.safetensors"
+ALLOCATION_FILE = "allocation.json"  # a size budget's schemes (quant_core.bit_budget)
 CHAINS = "chains{slot}_{start:06d}_{end:06d}.safetensors"  # one rank's windows [start, end) of both chains
 
 
@@ -74,14 +75,16 @@ def _load_block(block: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 def saved_files(directory: Path, index: int) -> list[Path]:
-    """The files ``BlockCheckpoint.save`` wrote for block ``index``, in the order they must be copied.
+    """The files ``BlockCheckpoint.save`` wrote for block ``index``, in the order they must be copied,
+    and a size budget's allocation where the job has one.
 
     A copy elsewhere (object storage) stays usable at every point only if, like the local writes,
     the block's weights and the ranks' chains land before the state file that points past them.
     """
     directory = Path(directory)
     chains = sorted(directory.glob(CHAINS.split("{")[0] + f"{index % 2}_*.safetensors"))
-    return [directory / f"block_{index:05d}.safetensors", *chains, directory / STATE_FILE]
+    allocation = [directory / ALLOCATION_FILE] if (directory / ALLOCATION_FILE).is_file() else []
+    return [directory / f"block_{index:05d}.safetensors", *chains, *allocation, directory / STATE_FILE]
 
 
 def stored_fingerprint(directory: Path) -> str | None:
@@ -162,6 +165,26 @@ class BlockCheckpoint:
         return ResumePoint(
             _rows(files, "fp_inputs", share[0], share[2]), _rows(files, "q_inputs", share[0], share[1]), records
         )
+
+    def save_allocation(self, allocation: dict[str, Any]) -> None:
+        """Keep a size budget's allocation: the blocks stored after it were calibrated at its schemes,
+        so a resumed run must take it rather than measure again (on other hardware, or other float
+        round-off, the choice could differ)."""
+        if not self.ranks.leader:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / ALLOCATION_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "allocation": allocation}), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def load_allocation(self) -> dict[str, Any] | None:
+        """This job's stored allocation; None when there is none (or it is another job's)."""
+        path = self.directory / ALLOCATION_FILE
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        return stored["allocation"] if stored.get("fingerprint") == self.fingerprint else None
 
     def restore(self, index: int, block: nn.Module) -> None:
         """Put finished block ``index``'s stored weights and grids into ``block`` (in memory)."""

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from quant_core.allocation import storage_bits
 from quant_core.block_record import BlockRecord
 from quant_core.checkpoint import BlockCheckpoint, ResumePoint
 from quant_core.distributed import SOLO, Ranks
@@ -27,7 +28,7 @@ from quant_core.losses import Loss, mse
 from quant_core.memory import host_peak_mb
 from quant_core.methods.base import BlockData, BlockForward, QuantMethod, rtn_weights
 from quant_core.methods.layer_inputs import gathered_linear_inputs, recorded_outputs
-from quant_core.model_structure import find_decoder_blocks, move_outside_blocks
+from quant_core.model_structure import find_decoder_blocks, move_outside_blocks, quantizable_linears, weight_matrix
 from quant_core.output_stats import distribution_errors
 from quant_core.quantizer import QuantSpec
 from quant_core.spill import Spill
@@ -135,6 +136,14 @@ def batched_loss(loss: Loss, outputs: Tensor, targets: Tensor, batch_size: int, 
     pairs = zip(outputs.split(batch_size), targets.split(batch_size), strict=True)
     total = sum(loss(o, t).item() * o.shape[0] for o, t in pairs)
     return total / outputs.shape[0]
+
+
+def _bits_per_weight(block: nn.Module, schemes: Mapping[str, QuantSpec]) -> float:
+    """What the block's linears store per weight at their schemes: codes, scales and zero points."""
+    linears = quantizable_linears(block)
+    shapes = {name: tuple(weight_matrix(linears[name]).shape) for name in schemes}
+    stored = sum(storage_bits(shapes[name][0], shapes[name][1], spec) for name, spec in schemes.items())
+    return stored / sum(rows * columns for rows, columns in shapes.values())
 
 
 def _mse(outputs: Tensor, targets: Tensor) -> float:
@@ -301,7 +310,8 @@ class _BlockStep:
             ranks=self.ranks,
             total_windows=self.total_windows,
         )
-        rounded = rtn_weights(block, method.block_schemes(block, data))
+        schemes = method.block_schemes(block, data)
+        rounded = rtn_weights(block, schemes)
         before = run_block_batched(block, q_in[:measured], self.kwargs, batch_size, rounded)
         before, measured_targets = self.gathered(before), self.gathered(targets)
         loss_before = batched_loss(self.eval_loss, before, measured_targets, batch_size, self.seed)
@@ -334,6 +344,8 @@ class _BlockStep:
             peak_device_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None,
             peak_host_mb_by_rank=self.ranks.peaks(peak_host) if self.ranks.distributed else [],
             method_stats=stats,
+            bits_per_weight=_bits_per_weight(block, schemes),
+            schemes={name: spec.label for name, spec in schemes.items()} if self.schemes else {},
         )
         block.to("cpu")
         return record, targets.cpu(), q_outputs.cpu()

@@ -45,6 +45,7 @@ from transformers.utils import CONFIG_NAME
 
 from quant_core.errors import ConfigError
 from quant_core.experts import checkpoint_module_names, expert_lists, routing_modules
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.methods.base import layer_grid
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, num_groups
 
@@ -60,11 +61,12 @@ _MARLIN_GROUP_SIZES = (None, 32, 64, 128)
 def export_pack_quantized(
     model: PreTrainedModel,
     qparams: Mapping[str, tuple[Tensor, Tensor]],
-    spec: QuantSpec,
+    schemes: LayerSchemes,
     out_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """Write ``model`` as a ``pack-quantized`` checkpoint; the layers named in ``qparams`` are packed.
+    """Write ``model`` as a ``pack-quantized`` checkpoint; the layers named in ``qparams`` are packed,
+    each at its scheme in ``schemes``.
 
     ``qparams`` maps a linear's full module name to the ``(scale, zero)`` of its grid, each
     ``[out, groups]``; that layer must already hold its fake-quantized weight. Each layer's codes are
@@ -74,19 +76,22 @@ def export_pack_quantized(
     and so is a group size that leaves a ragged last group (compressed-tensors' group strategy needs
     the input width to be a multiple of the group size).
 
-    The quantization config also sets transformers' ``dequantize`` load option: with compressed-tensors
-    0.20 its default path expects unpacked asymmetric zero points and refuses these checkpoints, while
-    ``dequantize`` unpacks every layer through the same compressor. vLLM ignores the option.
+    The quantization config also sets transformers' ``dequantize`` load option for a checkpoint of one
+    scheme: with compressed-tensors 0.20 its default path expects unpacked asymmetric zero points and
+    refuses these checkpoints, while ``dequantize`` unpacks every layer through the same compressor.
+    A checkpoint of several schemes leaves it off: transformers 5.x's ``dequantize`` load takes one
+    scheme for every dense layer, its default path builds each layer's own (symmetric grids only, so a
+    job targeting transformers with a size budget is refused asymmetric). vLLM ignores the option.
     """
-    layers = _packed_linears(model, qparams, spec)
+    layers = _packed_linears(model, qparams, schemes)
     state = model.state_dict()
     for name, layer in layers.items():
         del state[f"{name}.weight"]
-        state.update(packed_layer(name, layer.weight, qparams[name], spec))
+        state.update(packed_layer(name, layer.weight, qparams[name], schemes.of(name)))
 
     out = Path(out_dir)
     model.save_pretrained(out, state_dict=state)
-    write_quantization_config(model, set(layers), spec, out)
+    write_quantization_config(model, set(layers), schemes, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -98,15 +103,25 @@ def packed_layer(name: str, weight: Tensor, grid: tuple[Tensor, Tensor], spec: Q
     return {f"{name}.{key}": value for key, value in packed.items()}
 
 
-def write_quantization_config(model: PreTrainedModel, packed: set[str], spec: QuantSpec, out: Path) -> None:
+def write_quantization_config(model: PreTrainedModel, packed: set[str], schemes: LayerSchemes, out: Path) -> None:
     """Add the ``pack-quantized`` quantization config to the ``config.json`` in ``out``: the layers named
     in ``packed`` are packed, every other linear and router is listed as ignored (by the checkpoint's
-    names, which a runtime matches)."""
+    names, which a runtime matches). Layers of one scheme are one config group targeting every
+    ``Linear``; layers of several (a size budget's allocation) make one group per scheme, each
+    targeting its layers by name, the way vLLM builds a scheme per layer."""
     dense = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in packed]
     # a runtime matches the checkpoint's names, and builds a router as a linear layer of its own
     ignore = checkpoint_module_names(model, sorted({*dense, *routing_modules(model)}))
+    grouped = schemes.grouped(sorted(packed))
+    if len(grouped) <= 1:
+        groups = {"group_0": _scheme(next(iter(grouped), schemes.default))}
+    else:
+        groups = {
+            f"group_{index}": _scheme(spec, checkpoint_module_names(model, names))
+            for index, (spec, names) in enumerate(grouped.items())
+        }
     config = QuantizationConfig(
-        config_groups={"group_0": _scheme(spec)},
+        config_groups=groups,
         format=CompressionFormat.pack_quantized.value,
         quantization_status=QuantizationStatus.COMPRESSED,
         ignore=ignore,
@@ -114,7 +129,8 @@ def write_quantization_config(model: PreTrainedModel, packed: set[str], spec: Qu
     ModelCompressor(quantization_config=config).update_config(str(out))
     config_path = out / CONFIG_NAME
     written = json.loads(config_path.read_text(encoding="utf-8"))
-    written["quantization_config"]["dequantize"] = True
+    # transformers' ``dequantize`` load decompresses every dense layer with one config group's scheme
+    written["quantization_config"]["dequantize"] = len(groups) == 1
     config_path.write_text(json.dumps(written, indent=2, sort_keys=True), encoding="utf-8")
 
 
@@ -128,40 +144,42 @@ def unpacked_weight(tensors: Mapping[str, Tensor], spec: QuantSpec, dtype: torch
 
 
 def write_packed(
-    model: PreTrainedModel, spec: QuantSpec, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+    model: PreTrainedModel, schemes: LayerSchemes, out_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Pack every layer that holds a grid from calibration; return the folder and what the report
     says of the export besides."""
     qparams = {name: grid for name, module in model.named_modules() if (grid := layer_grid(module)) is not None}
-    path = export_pack_quantized(model, qparams, spec, out_dir, tokenizer)
-    return path, packed_details(model, spec, path)
+    path = export_pack_quantized(model, qparams, schemes, out_dir, tokenizer)
+    return path, packed_details(model, [schemes.of(name) for name in qparams], path)
 
 
-def packed_details(model: nn.Module, spec: QuantSpec, path: Path) -> dict[str, Any]:
-    """What the report says of a packed export in ``path`` besides its folder."""
+def packed_details(model: nn.Module, specs: Iterable[QuantSpec], path: Path) -> dict[str, Any]:
+    """What the report says of a packed export in ``path`` besides its folder; ``specs``: its layers'
+    schemes."""
     unique = {id(p): p for p in model.parameters()}.values()
+    blockers = [blocker for spec in dict.fromkeys(specs) for blocker in vllm_serving_blockers(spec)]
     return {
         "format": CompressionFormat.pack_quantized.value,
         "compressed_tensors": version("compressed-tensors"),
         "bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
         "fp16_bytes": sum(p.numel() * 2 for p in unique),
-        "vllm_blockers": vllm_serving_blockers(spec),
+        "vllm_blockers": list(dict.fromkeys(blockers)),
     }
 
 
-def check_packable(model: nn.Module, names: list[str], spec: QuantSpec) -> None:
+def check_packable(model: nn.Module, names: list[str], schemes: LayerSchemes) -> None:
     """Refuse up front, before any calibration, a model whose linears ``names`` cannot be packed.
 
     A mixture of experts needs symmetric grids: vLLM's compressed-tensors MoE kernels assert it, and
     transformers' loader (5.x) rebuilds fused experts from packed ones without their zero points.
     """
-    if expert_lists(model) and not spec.symmetric:
+    if expert_lists(model) and not schemes.default.symmetric:
         raise ConfigError(
             "a mixture of experts is packed only with symmetric grids (vLLM's MoE kernels and transformers' "
             "expert loader take no zero points): set symmetric: true",
             "symmetric",
         )
-    _packed_linears(model, names, spec)
+    _packed_linears(model, names, schemes)
 
 
 def vllm_serving_blockers(spec: QuantSpec) -> list[str]:
@@ -191,7 +209,7 @@ def vllm_serving_blockers(spec: QuantSpec) -> list[str]:
     return blockers
 
 
-def _packed_linears(model: nn.Module, names: Iterable[str], spec: QuantSpec) -> dict[str, nn.Linear]:
+def _packed_linears(model: nn.Module, names: Iterable[str], schemes: LayerSchemes) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers named, refusing layers the format cannot hold."""
     modules = dict(model.named_modules())
     layers: dict[str, nn.Linear] = {}
@@ -205,7 +223,7 @@ def _packed_linears(model: nn.Module, names: Iterable[str], spec: QuantSpec) -> 
             )
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{name}: the model has no nn.Linear of that name")
-        in_features = module.weight.shape[1]
+        in_features, spec = module.weight.shape[1], schemes.of(name)
         if spec.group_size is not None and in_features % spec.group_size:
             raise ConfigError(
                 f"group_size {spec.group_size} leaves a ragged last group in {name} (in_features {in_features}): "
@@ -216,12 +234,15 @@ def _packed_linears(model: nn.Module, names: Iterable[str], spec: QuantSpec) -> 
     return layers
 
 
-def _scheme(spec: QuantSpec) -> QuantizationScheme:
+def _scheme(spec: QuantSpec, targets: list[str] | None = None) -> QuantizationScheme:
+    """The config group of ``spec``: for ``targets`` (module names), else every ``Linear``."""
     strategy = QuantizationStrategy.CHANNEL if spec.group_size is None else QuantizationStrategy.GROUP
     weights = QuantizationArgs(
         num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy=strategy, group_size=spec.group_size
     )
-    return QuantizationScheme(targets=["Linear"], weights=weights, format=CompressionFormat.pack_quantized.value)
+    return QuantizationScheme(
+        targets=targets or ["Linear"], weights=weights, format=CompressionFormat.pack_quantized.value
+    )
 
 
 def _packed_layer(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from quant_core.dtype_names import holds_grid as grid_fits
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.methods.base import GRID_BUFFERS, layer_grid
 from quant_core.model_structure import LinearLike, stored_layout, weight_matrix
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, ungroup_columns
@@ -34,7 +35,7 @@ def resolve_export_dtype(name: str, declared: torch.dtype | None, spec: QuantSpe
     return torch.float16 if declared == torch.float16 or not holds_grid(torch.bfloat16, spec) else torch.bfloat16
 
 
-def round_to_export_dtype(model: nn.Module, dtype: torch.dtype, spec: QuantSpec) -> None:
+def round_to_export_dtype(model: nn.Module, dtype: torch.dtype, schemes: LayerSchemes) -> None:
     """Make every parameter of ``model`` hold the value it will have in a checkpoint stored in ``dtype``.
 
     A linear with a grid keeps its codes: its scale is rounded to ``dtype`` and its weight rebuilt as
@@ -43,10 +44,11 @@ def round_to_export_dtype(model: nn.Module, dtype: torch.dtype, spec: QuantSpec)
     ``dtype``. The tensors keep their own dtype, so the model still computes as before.
     """
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             grid = layer_grid(module)
             if grid is None or not isinstance(module, LinearLike):
                 continue
+            spec = schemes.of(name)
             scale, zero = (t.unsqueeze(-1).float() for t in grid)
             matrix = weight_matrix(module).float()
             codes = grid_codes(group_columns(matrix, spec.group_size), scale, zero, spec)

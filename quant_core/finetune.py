@@ -44,6 +44,7 @@ from quant_core.distributed import SOLO, HeldBatch, Ranks
 from quant_core.errors import CancelledError, ConfigError
 from quant_core.finetune_options import FinetuneOptions
 from quant_core.incoherence import LinearRotation, restore_rotation
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.loss_base import ModelOutputs
 from quant_core.losses import build_loss
 from quant_core.methods.base import layer_grid, rotated_grid, write_quantized, write_rotated
@@ -51,6 +52,7 @@ from quant_core.methods.normtweaking import norm_parameters
 from quant_core.methods.training import cosine_with_warmup, take_step
 from quant_core.model_structure import (
     LinearLike,
+    block_names,
     find_decoder_blocks,
     last_hidden_state,
     output_layer,
@@ -247,17 +249,18 @@ def _norm_masters(model: nn.Module) -> list[FloatMaster]:
 
 
 def _tunable(
-    model: nn.Module, group_size: int | None
+    model: nn.Module, schemes: LayerSchemes
 ) -> tuple[list[tuple[nn.Module, str, GridScales]], list[FloatMaster]]:
-    """Every linear with a grid (by block and name) and every normalization weight of the model.
+    """Every linear with a grid (by block and name) and every normalization weight of the model;
+    ``schemes`` gives each linear's group size (by full module name).
 
     Making a grid trainable takes the layer's weight parameter away; if one fails, those already
     made give theirs back before the error goes on, so no layer is left without its weight."""
     grids: list[tuple[nn.Module, str, GridScales]] = []
     try:
-        for block in find_decoder_blocks(model):
+        for prefix, block in zip(block_names(model), find_decoder_blocks(model), strict=True):
             for name, layer in quantizable_linears(block).items():
-                grid = GridScales.of(layer, group_size)
+                grid = GridScales.of(layer, schemes.of(f"{prefix}.{name}").group_size)
                 if grid is not None:
                     grids.append((block, name, grid))
         norms = _norm_masters(model)
@@ -303,7 +306,7 @@ def calibrate_then_tune(
     model: nn.Module,
     windows: Tensor,
     options: FinetuneOptions,
-    group_size: int | None,
+    schemes: LayerSchemes,
     calibrate: Callable[[], T],
     *,
     device: str = "cpu",
@@ -340,7 +343,7 @@ def calibrate_then_tune(
             windows,
             teacher,
             options,
-            group_size,
+            schemes,
             device=device,
             seed=seed,
             on_stage=on_stage,
@@ -446,7 +449,7 @@ def tune_end_to_end(
     windows: Tensor,
     teacher: Tensor,
     options: FinetuneOptions,
-    group_size: int | None,
+    schemes: LayerSchemes,
     *,
     device: str = "cpu",
     seed: int = 0,
@@ -467,7 +470,7 @@ def tune_end_to_end(
     compute_dtype, device_type = tuning_dtype(options, device), torch.device(device).type
     model.eval().requires_grad_(False)
     nn.Module.to(model, device)
-    grids, norms = _tunable(model, group_size)
+    grids, norms = _tunable(model, schemes)
     head = output_layer(model, "finetune.epochs")
     optimizer = _optimizer(grids, norms, options)
     if optimizer is None:

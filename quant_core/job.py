@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from quant_core.accuracy import LmEvalSpec
+from quant_core.bit_budget import BudgetSpec
 from quant_core.errors import ConfigError
 from quant_core.finetune_options import FinetuneOptions
 from quant_core.job_settings import JobSettings
@@ -84,8 +85,14 @@ class JobSpec:
     rotation: str = "none"  # a rotation absorbed into the weights before calibration (quant_core.absorbed_rotation)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # end-to-end tuning after calibration
     world_size: int = 1  # processes the calibration windows are split over (quant_core.distributed)
+    budget: BudgetSpec | None = (
+        None  # a size budget allocated over schemes instead of ``quant`` (quant_core.bit_budget)
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.budget, Mapping):  # from a report
+            fields = {key: tuple(value) if isinstance(value, list) else value for key, value in self.budget.items()}
+            object.__setattr__(self, "budget", BudgetSpec(**fields))
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError("device must be 'cpu', 'cuda' or 'cuda:N'", "device")
         declared = method_options_type(self.method)
@@ -103,7 +110,7 @@ class JobSpec:
     ) -> JobSpec:
         """The runnable spec of validated ``settings``; ``resolve`` maps ``upload:<id>`` references to
         local paths on a worker."""
-        calibration, evaluation = settings.calibration, settings.evaluation
+        calibration, evaluation, budget = settings.calibration, settings.evaluation, settings.budget
         lm_eval, lm_eval_spec = evaluation.lm_eval, None
         if lm_eval is not None:
             lm_eval_spec = LmEvalSpec(tuple(lm_eval.tasks), **lm_eval.model_dump(exclude={"tasks"}))
@@ -137,7 +144,22 @@ class JobSpec:
             rotation=settings.rotation,
             finetune=settings.finetune,
             world_size=settings.world_size,
+            budget=None
+            if budget is None
+            else BudgetSpec(
+                **{**budget.model_dump(), "widths": tuple(budget.widths), "group_sizes": tuple(budget.group_sizes)}
+            ),
         )
+
+    @property
+    def schemes(self) -> list[QuantSpec]:
+        """Every scheme a linear of this job may get: ``quant``, or the budget's candidates."""
+        return [self.quant] if self.budget is None else self.budget.candidates(self.quant.symmetric)
+
+    @property
+    def widest(self) -> QuantSpec:
+        """The scheme with the most bits, the one a dtype must hold."""
+        return max(self.schemes, key=lambda spec: spec.bits)
 
     @property
     def resumable(self) -> bool:

@@ -141,6 +141,68 @@ class EvaluationSettings(_Section):
     lm_eval: LmEvalSettings | None = None
 
 
+class BudgetSettings(_Section):
+    """A size budget in place of one width for all (quant_core.bit_budget): each unit of linears gets
+    the scheme that costs least on the calibration windows within the budget."""
+
+    bits_per_weight: Annotated[float | None, Flag("--budget-bits", metavar="BITS")] = Field(
+        None,
+        ge=1,
+        le=16,
+        title="Budget: bits per weight",
+        description="average storage bits per weight of the block linears, scales and zero points included "
+        "(uniform W4 in groups of 64: 4.31, or 4.25 symmetric)",
+    )
+    size_mb: Annotated[float | None, Flag("--budget-mb", metavar="MB")] = Field(
+        None,
+        gt=0,
+        title="Budget: checkpoint size (MB)",
+        description="the whole checkpoint in megabytes (10^6 bytes): the block linears take what the tensors "
+        "stored in floats (embeddings, head, norms) leave",
+    )
+    widths: Annotated[list[int], Flag("--budget-widths", "repeat", "BITS")] = Field(
+        default_factory=lambda: [2, 3, 4, 8],
+        min_length=1,
+        max_length=MAX_BITS,
+        title="Budget: widths",
+        description="the bit widths a unit may take",
+    )
+    group_sizes: Annotated[list[int], Flag("--budget-group-sizes", "repeat", "N")] = Field(
+        default_factory=lambda: [32, 64, 128],
+        min_length=1,
+        max_length=8,
+        title="Budget: group sizes",
+        description="the group sizes a unit may take (each with every width)",
+    )
+    samples: Annotated[int, Flag("--budget-samples")] = Field(
+        8,
+        ge=1,
+        le=MAX_SAMPLES,
+        title="Budget: sensitivity windows",
+        description="calibration windows the sensitivity pass measures each candidate on",
+    )
+
+    @field_validator("widths")
+    @classmethod
+    def _widths_in_range(cls, widths: list[int]) -> list[int]:
+        if any(not MIN_BITS <= bits <= MAX_BITS for bits in widths):
+            raise ValueError(f"every width must be from {MIN_BITS} to {MAX_BITS} bits")
+        return widths
+
+    @field_validator("group_sizes")
+    @classmethod
+    def _positive_groups(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError("every group size must be a positive number of columns")
+        return sizes
+
+    @model_validator(mode="after")
+    def _one_measure(self) -> BudgetSettings:
+        if (self.bits_per_weight is None) == (self.size_mb is None):
+            raise ConfigError("a budget is bits_per_weight or size_mb: give exactly one", "budget.bits_per_weight")
+        return self
+
+
 class JobSettings(_Section):
     """What determines a quantization run (with the seed, its result)."""
 
@@ -221,6 +283,7 @@ class JobSettings(_Section):
     lazy_load: Annotated[bool, Flag("--lazy-load")] = Field(
         False, title="Lazy load", description="stream blocks from the checkpoint: for models larger than memory"
     )
+    budget: BudgetSettings | None = None
     world_size: Annotated[int, Flag("--world-size")] = Field(
         1,
         ge=1,
@@ -274,7 +337,56 @@ class JobSettings(_Section):
         if self.calibration.text in self.evaluation.texts:  # the same file under another name is refused at load
             raise calibrated_on_evaluation(self.calibration.text)
         self._check_world_size()
+        self._check_budget(method.whole_model)
         return self
+
+    def _check_budget(self, whole_model: bool) -> None:
+        """What an allocation cannot run with yet, or cannot hold: each refusal names its setting."""
+        if self.budget is None:
+            return
+        refusals = (
+            (
+                whole_model,
+                "method",
+                f"{self.method} trains the whole model at once: a size budget needs blockwise calibration",
+            ),
+            (
+                self.lazy_load,
+                "lazy_load",
+                "a size budget measures every block at every width: not available with lazy_load yet",
+            ),
+            (
+                self.world_size > 1,
+                "world_size",
+                "a size budget runs its sensitivity pass in one process: use world_size 1",
+            ),
+            (
+                "gguf" in self.export_formats,
+                "export_formats",
+                "gguf export of a size budget's mixed widths is not available yet",
+            ),
+            (
+                "llama.cpp" in self.targets,
+                "targets",
+                "llama.cpp runs the GGUF export, not available for a size budget yet",
+            ),
+            (
+                "transformers" in self.targets and not self.symmetric,
+                "symmetric",
+                "transformers loads a checkpoint of several schemes with symmetric grids only: set symmetric: true",
+            ),
+        )
+        for refused, field, message in refusals:
+            if refused:
+                raise ConfigError(message, field)
+        for name, value in (("dtype", self.dtype), ("export_dtype", self.export_dtype)):
+            widest = max(self.budget.widths)
+            if value != "auto" and not holds_grid(value, widest, self.symmetric):
+                raise ConfigError(
+                    f"{name} {value} cannot hold the budget's W{widest} grid: drop {widest} from budget.widths or use "
+                    "float16 or float32",
+                    name,
+                )
 
     def _check_exports(self) -> None:
         if AUTO_EXPORT in self.export_formats and len(set(self.export_formats)) > 1:

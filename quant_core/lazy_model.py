@@ -28,6 +28,7 @@ from quant_core.distributed import SOLO, Ranks
 from quant_core.engine import capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
 from quant_core.export import packed_layer, unpacked_weight, write_quantization_config
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.methods.base import KEPT_BUFFERS, layer_grid
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
 from quant_core.perplexity import ranked_perplexity, scored_batches, scored_nll, shared_windows
@@ -216,7 +217,7 @@ class PackedShardWriter(ShardWriter):
 
     def finish(self, tokenizer: PreTrainedTokenizerBase | None) -> Path:
         out = super().finish(tokenizer)
-        write_quantization_config(self.lazy.model, self.packed, self.spec, out)
+        write_quantization_config(self.lazy.model, self.packed, LayerSchemes(self.spec), out)
         return out
 
 

@@ -74,6 +74,13 @@ def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
+def block_names(model: nn.Module) -> list[str]:
+    """Each decoder block's full module name (``model.layers.3``): what a block's own linear names are
+    prefixed with in the model and its checkpoint."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(block)] for block in find_decoder_blocks(model)]
+
+
 def _has_linears(module: nn.Module) -> bool:
     return any(isinstance(m, LinearLike) for m in module.modules())
 

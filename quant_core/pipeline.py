@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import quant_core
 from quant_core.absorbed_rotation import absorb_rotation, check_rotation
 from quant_core.accuracy import Scores, cached_baseline, paired, task_scores
+from quant_core.bit_budget import Allocation, BudgetSpec, describe, plan_allocation
 from quant_core.block_record import BlockRecord
 from quant_core.checkpoint import BlockCheckpoint
 from quant_core.corpus import (
@@ -43,6 +44,7 @@ from quant_core.finetune import calibrate_then_tune
 from quant_core.gguf_export import gguf_blockers, write_gguf
 from quant_core.job import DTYPES, JobSpec
 from quant_core.job_settings import calibrated_on_evaluation
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.lazy_model import (
     LazyModel,
     PackedShardWriter,
@@ -119,8 +121,11 @@ def export_formats_for(
     so is a runtime target (or an explicit ``gguf``) whose constraints the grid breaks.
     """
     for runtime in spec.targets:
-        blockers = target_blockers(runtime, model.config, spec.quant, method.rotates)
+        blockers = [
+            b for scheme in spec.schemes for b in target_blockers(runtime, model.config, scheme, method.rotates)
+        ]
         if blockers:
+            blockers = list(dict.fromkeys(blockers))
             raise ConfigError(f"targets: {runtime} cannot run this job's checkpoint: {'; '.join(blockers)}", "targets")
     if "gguf" in spec.export_formats:
         blockers = gguf_blockers(model.config, spec.quant, method.rotates)
@@ -133,8 +138,10 @@ def export_formats_for(
     formats = [] if auto else list(spec.export_formats)
     if auto or "pack_quantized" in formats or "pack_quantized" in wanted:
         block_linears = {id(m) for m in quantizable_linears(blocks).values()}
+        # a budget offers a unit only the group sizes that divide its input widths (quant_core.sensitivity)
+        scheme = spec.quant if spec.budget is None else replace(spec.quant, group_size=None)
         try:
-            check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], spec.quant)
+            check_packable(model, [n for n, m in model.named_modules() if id(m) in block_linears], LayerSchemes(scheme))
             formats.append("pack_quantized")
         except ConfigError:
             if not auto or "pack_quantized" in wanted:
@@ -189,6 +196,8 @@ class Calibration:
     peak_device_mb: float | None
     seconds: float
     written: dict[str, Path]  # a streamed model's checkpoints by format, already on disk; empty otherwise
+    schemes: LayerSchemes  # each linear's scheme: the job's, or its allocation's
+    allocation: Allocation | None = None  # a size budget's
 
 
 def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None) -> LoadedJob:
@@ -233,7 +242,7 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
     export_dtype = (
         DTYPES[spec.dtype]
         if spec.lazy_load
-        else resolve_export_dtype(spec.export_dtype, declared_dtype(spec.model, spec.trust_remote_code), spec.quant)
+        else resolve_export_dtype(spec.export_dtype, declared_dtype(spec.model, spec.trust_remote_code), spec.widest)
     )
     return LoadedJob(
         model,
@@ -320,6 +329,7 @@ def calibrate(
     cuda = spec.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(spec.device)
+    schemes, allocation = LayerSchemes(spec.quant), None
     if method.whole_model:
         with peaks.stage("blocks"):
             method_stats = _quantize_whole_model(spec, method, job, hooks, ranks)
@@ -327,6 +337,9 @@ def calibrate(
         checkpoint = None if checkpoint_dir is None else BlockCheckpoint(checkpoint_dir, job_fingerprint(spec), ranks)
         finetune = spec.finetune
         blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
+        if spec.budget is not None:
+            allocation = _allocation(spec, spec.budget, job, blocks_windows, record_loss, hooks, checkpoint, peaks)
+            schemes = allocation.layer_schemes(job.model, spec.quant)
         blockwise = partial(
             calibrate_blocks,
             job.model,
@@ -342,6 +355,7 @@ def calibrate(
             expert_min_tokens=spec.calib.expert_min_tokens,
             spill=spill,
             ranks=ranks,
+            schemes=None if allocation is None else allocation.block_schemes(len(job.blocks)),
         )
         if job.lazy is not None and job.residency is not None and finetune.enabled and checkpoint is not None:
             records, tuned = _calibrate_then_tune_streamed(
@@ -352,7 +366,7 @@ def calibrate(
                 job.model,
                 tuning_windows,
                 finetune,
-                spec.quant.group_size,
+                schemes,
                 blockwise,
                 device=spec.device,
                 seed=spec.seed,
@@ -370,7 +384,45 @@ def calibrate(
     device_peaks += [torch.cuda.max_memory_allocated(spec.device) / 2**20] if cuda else []
     peak_device_mb = max(device_peaks, default=0.0) or None
     written = {} if job.residency is None else _finish_streamed(job.residency, job.formats, job.tokenizer)
-    return Calibration(records, method_stats, peak_device_mb, time.perf_counter() - started, written)
+    seconds = time.perf_counter() - started
+    return Calibration(records, method_stats, peak_device_mb, seconds, written, schemes, allocation)
+
+
+def _allocation(
+    spec: JobSpec,
+    budget: BudgetSpec,
+    job: LoadedJob,
+    windows: torch.Tensor,
+    loss: Loss,
+    hooks: JobHooks,
+    checkpoint: BlockCheckpoint | None,
+    peaks: StagePeaks,
+) -> Allocation:
+    """A size budget's schemes: measured on ``windows`` and chosen, or those a stored run of this job
+    chose (its stored blocks were calibrated at them)."""
+    stored = None if checkpoint is None else checkpoint.load_allocation()
+    if stored is not None:
+        hooks.stage("size budget: the allocation of the stored run")
+        return Allocation.from_dict(stored)
+    hooks.stage(
+        f"size budget: measuring {len(spec.schemes)} schemes on every unit of linears "
+        f"({min(budget.samples, windows.shape[0])} windows)"
+    )
+    with peaks.stage("allocate"):
+        allocation = plan_allocation(
+            job.model,
+            windows,
+            budget,
+            spec.quant.symmetric,
+            loss,
+            torch.finfo(job.export_dtype).bits,
+            device=spec.device,
+            seed=spec.seed,
+        )
+    hooks.stage(f"size budget: {allocation.bits_per_weight:.3f} bits per weight ({describe(allocation.units)})")
+    if checkpoint is not None:
+        checkpoint.save_allocation(allocation.to_dict())
+    return allocation
 
 
 def _quantize_whole_model(
@@ -440,7 +492,9 @@ def _streamed_weights(spec: JobSpec, job: LoadedJob, written: dict[str, Path]) -
     return PackedWeights(written["pack_quantized"], spec.quant, job.export_dtype)
 
 
-def export(spec: JobSpec, job: LoadedJob, written: dict[str, Path], out_dir: Path) -> dict[str, Export]:
+def export(
+    spec: JobSpec, job: LoadedJob, written: dict[str, Path], schemes: LayerSchemes, out_dir: Path
+) -> dict[str, Export]:
     """Write the checkpoint in each format the job takes (a streamed job's are written already); paths
     relative to ``out_dir``, since the report travels with the folders, not with the worker's disk."""
     exports: dict[str, Export] = {}
@@ -452,9 +506,12 @@ def export(spec: JobSpec, job: LoadedJob, written: dict[str, Path], out_dir: Pat
         exports["fake_quant"] = Export(str(path.relative_to(out_dir)), dtype)
     if "pack_quantized" in job.formats:
         if "pack_quantized" in written:
-            path, details = written["pack_quantized"], packed_details(job.model, spec.quant, written["pack_quantized"])
+            path, details = (
+                written["pack_quantized"],
+                packed_details(job.model, [spec.quant], written["pack_quantized"]),
+            )
         else:
-            path, details = write_packed(job.model, spec.quant, out_dir / PACKED_DIR, job.tokenizer)
+            path, details = write_packed(job.model, schemes, out_dir / PACKED_DIR, job.tokenizer)
         exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), {**details, **dtype})
     if "gguf" in job.formats:
         path, details = write_gguf(job.model, spec.quant, job.tokenizer, out_dir / GGUF_DIR)
@@ -551,7 +608,7 @@ def _measure(
     written = calibration.written
     with peaks.stage("evaluate_quantized"):
         if not written:  # scored as it will be stored
-            round_to_export_dtype(job.model, job.export_dtype, spec.quant)
+            round_to_export_dtype(job.model, job.export_dtype, calibration.schemes)
         after = evaluate(spec, job, hooks, True, _streamed_weights(spec, job, written) if written else None, ranks)
     return Measured(job, before, calibration, after, peaks)
 
@@ -578,7 +635,7 @@ def run_job(
     hooks.stage("saving the quantized model and report")
     out_dir.mkdir(parents=True, exist_ok=True)
     with peaks.stage("export"):
-        exports = export(spec, job, calibration.written, out_dir)
+        exports = export(spec, job, calibration.written, calibration.schemes, out_dir)
     report = JobReport(
         spec=spec,
         calibration_tokens=int(job.windows.numel()),
@@ -596,6 +653,7 @@ def run_job(
         versions=library_versions(),
         exports=exports,
         runtimes=score_in_runtimes(spec, job, exports, after, out_dir, hooks),
+        allocation=calibration.allocation,
         parallel=ranks.layout(spec.calib.n_samples),
     )
     (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from quant_core.bit_budget import Allocation
 from quant_core.block_record import BlockRecord
 from quant_core.eval_windows import per_unit
 from quant_core.job import JobSpec
@@ -63,6 +64,7 @@ class JobReport:
     exports: dict[str, Export]  # by format: fake_quant, pack_quantized, gguf
     runtimes: dict[str, RuntimeScore] = field(default_factory=dict)  # by target runtime
     parallel: dict[str, Any] = field(default_factory=dict)  # how the ranks split the job (Ranks.layout)
+    allocation: Allocation | None = None  # a size budget's scheme per unit of linears, with its costs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,4 +96,5 @@ class JobReport:
             "versions": self.versions,
             "exports": {name: {"path": e.path, **e.details} for name, e in self.exports.items()},
             "runtimes": {name: score.to_dict() for name, score in self.runtimes.items()},
+            "allocation": None if self.allocation is None else self.allocation.to_dict(),
         }

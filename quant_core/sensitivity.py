@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from quant_core.allocation import Choice, Scheme, storage_bits
+from quant_core.allocation import Choice, storage_bits
 from quant_core.engine import BlockResidency, batched_loss, block_forward, capture_block_inputs, run_block_batched
+from quant_core.errors import ConfigError
 from quant_core.losses import Loss
 from quant_core.methods.base import BlockData, rtn_weights
 from quant_core.methods.layer_inputs import input_groups
@@ -29,23 +30,20 @@ from quant_core.quantizer import QuantSpec
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """One unit's candidates: its block, its linears (names inside the block) and, per scheme, the
-    storage and the measured loss."""
+    """One unit's candidates: its block, its linears (names inside the block) and, per scheme it was
+    offered, the storage and the measured loss."""
 
     block: int
     linears: tuple[str, ...]
+    schemes: tuple[QuantSpec, ...]
     choices: tuple[Choice, ...]
-
-
-def quant_spec(scheme: Scheme) -> QuantSpec:
-    return QuantSpec(bits=scheme.bits, symmetric=scheme.symmetric, group_size=scheme.group_size)
 
 
 @torch.no_grad()
 def measure_unit_costs(
     model: nn.Module,
     windows: Tensor,
-    schemes: Sequence[Scheme],
+    schemes: Sequence[QuantSpec],
     loss: Loss,
     *,
     device: str = "cpu",
@@ -55,7 +53,8 @@ def measure_unit_costs(
     on_block: Callable[[int, int], None] | None = None,
 ) -> list[UnitCosts]:
     """Every unit's cost under every scheme, block by block along the full-precision chain (the
-    model is left unchanged). ``loss`` is reseeded with the block's seed before each candidate, so a
+    model is left unchanged); a scheme whose groups would leave a ragged last group in a unit is not
+    offered to it. ``loss`` is reseeded with the block's seed before each candidate, so a
     loss with random draws compares the candidates of a block on the same draws."""
     model.eval()
     blocks = find_decoder_blocks(model)
@@ -71,13 +70,14 @@ def measure_unit_costs(
         data = BlockData(index, len(blocks), inputs, targets, block_forward(block, kwargs), torch.Generator())
         linears = quantizable_linears(block)
         for group in input_groups(block, data):
+            offered = _whole_groups(schemes, [linears[name] for name in group], group)
             choices = []
-            for scheme in schemes:
-                overrides = rtn_weights(block, dict.fromkeys(group, quant_spec(scheme)))
+            for scheme in offered:
+                overrides = rtn_weights(block, dict.fromkeys(group, scheme))
                 outputs = run_block_batched(block, inputs, kwargs, batch_size, overrides)
                 size = sum(_storage(linears[name], scheme) for name in group)
                 choices.append(Choice(size, batched_loss(loss, outputs, targets, batch_size, seed + index)))
-            units.append(UnitCosts(index, group, tuple(choices)))
+            units.append(UnitCosts(index, group, offered, tuple(choices)))
         hidden = targets.cpu()
         del inputs, targets
         block.to("cpu")
@@ -88,6 +88,22 @@ def measure_unit_costs(
     return units
 
 
-def _storage(layer: LinearLike, scheme: Scheme) -> int:
+def _whole_groups(
+    schemes: Sequence[QuantSpec], layers: Sequence[LinearLike], names: tuple[str, ...]
+) -> tuple[QuantSpec, ...]:
+    """The schemes whose groups divide every input width of the unit: a ragged last group is not held
+    by the packed export (compressed-tensors), so such a scheme is not offered to that unit."""
+    widths = {weight_matrix(layer).shape[1] for layer in layers}
+    offered = tuple(s for s in schemes if s.group_size is None or all(w % s.group_size == 0 for w in widths))
+    if not offered:
+        raise ConfigError(
+            f"no candidate group size divides the input widths {sorted(widths)} of {', '.join(names)}: "
+            "add one that does",
+            "budget.group_sizes",
+        )
+    return offered
+
+
+def _storage(layer: LinearLike, scheme: QuantSpec) -> int:
     out_features, in_features = weight_matrix(layer).shape
     return storage_bits(out_features, in_features, scheme)

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from quant_core.allocation import Choice, Scheme, allocate, storage_bits
+from quant_core.allocation import Choice, allocate, storage_bits
 from quant_core.errors import ConfigError
+from quant_core.quantizer import QuantSpec
 
 
 def _instance(seed: int, units: int, candidates: int) -> list[list[Choice]]:
@@ -64,7 +65,12 @@ def test_a_budget_below_the_narrowest_allocation_is_refused_naming_the_budget() 
 
 def test_storage_counts_codes_scales_and_zero_points_as_a_naive_count_does() -> None:
     out_features, in_features = 6, 100
-    for scheme in (Scheme(3, 32), Scheme(4, 32, symmetric=True), Scheme(2, None), Scheme(8, 128)):
+    for scheme in (
+        QuantSpec(bits=3, group_size=32),
+        QuantSpec(bits=4, group_size=32, symmetric=True),
+        QuantSpec(bits=2, group_size=None),
+        QuantSpec(bits=8, group_size=128),
+    ):
         naive = 0
         for _row in range(out_features):
             for _group_start in range(0, in_features, scheme.group_size or in_features):

@@ -325,3 +325,28 @@ def test_the_job_page_draws_the_tuning_loss_by_step(page: sync_api.Page, stack: 
     assert points == len(steps) == steps[-1]["data"]["steps"] > 0
     sync_api.expect(chart.locator(".u-legend")).to_contain_text("tuning loss")
     assert errors == []
+
+
+@pytest.fixture(scope="module")
+def budget_job(stack: Stack, tiny_llama_dir: Path, sw_job: str) -> str:
+    """A size budget's run (GPTQ over 2, 3 and 4 bits), queued behind the others."""
+    budget = {"bits_per_weight": 3.2, "widths": [2, 3, 4], "group_sizes": [16, 32], "samples": 2}
+    spec = {**RUN, "model": str(tiny_llama_dir), "method": "gptq", "method_options": {}, "budget": budget}
+    return SWQuantClient(stack.url, stack.api_key).submit(spec)["id"]
+
+
+def test_the_job_page_draws_a_size_budgets_bits_by_block(page: sync_api.Page, stack: Stack, budget_job: str) -> None:
+    """One bar per block at the bits per weight its allocation stores, the schemes in the blocks table."""
+    errors = _console_errors(page)
+    _wait_succeeded(page, stack, budget_job)
+    assert page.locator("#job-recipe").inner_text().startswith("budget 3.2 bits per weight over W2/3/4 · gptq")
+    chart = page.locator("#chart-bits")
+    sync_api.expect(chart.locator("canvas")).to_be_visible()
+    drawn = page.evaluate("window.swqPlots.get('chart-bits').data[1]")
+    events = SWQuantClient(stack.url, stack.api_key).events(budget_job, limit=1000)["items"]
+    blocks = sorted((e["data"] for e in events if e["kind"] == "block"), key=lambda block: block["index"])
+    assert drawn == pytest.approx([block["bits_per_weight"] for block in blocks])
+    assert all(block["schemes"] for block in blocks)
+    sync_api.expect(page.locator("#blocks-table")).to_contain_text("self_attn.q_proj W")
+    _screenshot(page, "job-budget")
+    assert errors == []

@@ -14,6 +14,7 @@ from quant_core.errors import ConfigError
 from quant_core.export import export_pack_quantized, vllm_serving_blockers
 from quant_core.job import JobSpec
 from quant_core.job_settings import JobSettings, validated
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, stored_layout, weight_matrix
 from quant_core.pipeline import export_formats_for
 from quant_core.quantizer import QuantSpec, dequantize, grid_codes, group_columns, scale_and_zero, ungroup_columns
@@ -62,7 +63,7 @@ def test_loaded_checkpoint_reproduces_fake_quant_logits(tmp_path, bits, symmetri
     spec = QuantSpec(bits, symmetric, group_size)
     qparams = fake_quantize_blocks(model, spec)
 
-    export_pack_quantized(model, qparams, spec, tmp_path)
+    export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path)
 
     assert_same_logits(logits(model), logits(AutoModelForCausalLM.from_pretrained(tmp_path)))
 
@@ -75,7 +76,7 @@ def test_bfloat16_model_reloads_with_the_same_logits(tmp_path, bits):
     model.to(torch.bfloat16)
     model.save_pretrained(tmp_path / "dense")
 
-    export_pack_quantized(model, qparams, spec, tmp_path / "packed")
+    export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path / "packed")
 
     # Reference: the dense fake-quant checkpoint reloaded (a cast model keeps bf16 rotary tables, a loaded one fp32).
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
@@ -92,7 +93,7 @@ def test_every_loading_path_reads_the_packed_zero_points(tmp_path, symmetric, lo
     mismatch. With it, the device-map paths load the same model as the plain one."""
     model = build_model("llama")
     spec = QuantSpec(4, symmetric, 32)
-    export_pack_quantized(model, fake_quantize_blocks(model, spec), spec, tmp_path)
+    export_pack_quantized(model, fake_quantize_blocks(model, spec), LayerSchemes(spec), tmp_path)
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **load)
 
@@ -105,7 +106,7 @@ def test_biases_and_tied_embeddings_survive_export(tmp_path, arch):
     spec = QuantSpec(4, False, 32)
     qparams = fake_quantize_blocks(model, spec)
 
-    export_pack_quantized(model, qparams, spec, tmp_path)
+    export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path)
 
     assert_same_logits(logits(model), logits(AutoModelForCausalLM.from_pretrained(tmp_path)))
 
@@ -113,7 +114,7 @@ def test_biases_and_tied_embeddings_survive_export(tmp_path, arch):
 def test_config_declares_pack_quantized_targets_and_library_version(tmp_path):
     model = build_model("llama")
     spec = QuantSpec(3, False, 32)
-    export_pack_quantized(model, fake_quantize_blocks(model, spec), spec, tmp_path)
+    export_pack_quantized(model, fake_quantize_blocks(model, spec), LayerSchemes(spec), tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
@@ -139,7 +140,7 @@ def test_config_declares_pack_quantized_targets_and_library_version(tmp_path):
 def test_layer_tensors_have_the_layout_vllm_reads(tmp_path, symmetric):
     model = build_model("llama")
     spec = QuantSpec(3, symmetric, 32)
-    export_pack_quantized(model, fake_quantize_blocks(model, spec), spec, tmp_path)
+    export_pack_quantized(model, fake_quantize_blocks(model, spec), LayerSchemes(spec), tmp_path)
 
     tensors = load_file(tmp_path / "model.safetensors")
     layer = {key.rsplit(".", 1)[1]: value for key, value in tensors.items() if ".0.self_attn.k_proj." in key}
@@ -162,7 +163,7 @@ def test_packed_weights_take_bits_over_16_of_fp16(tmp_path, bits):
     qparams = fake_quantize_blocks(model, spec, torch.float16)
     model.half()
 
-    export_pack_quantized(model, qparams, spec, tmp_path)
+    export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path)
 
     tensors = load_file(tmp_path / "model.safetensors")
     packed = sum(v.nbytes for k, v in tensors.items() if k.endswith(".weight_packed"))
@@ -179,7 +180,7 @@ def test_ragged_last_group_is_refused(tmp_path):
     qparams = fake_quantize_blocks(model, spec)
 
     with pytest.raises(ConfigError, match=r"ragged last group in model\.layers\.0\.self_attn\.q_proj") as caught:
-        export_pack_quantized(model, qparams, spec, tmp_path)
+        export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path)
     assert caught.value.field == "group_size"
     assert not (tmp_path / "config.json").exists()
 
@@ -198,7 +199,7 @@ def test_weight_off_its_grid_is_refused_naming_the_layer(tmp_path, perturbation)
             layer.weight[3, 5] = (spec.qmax + 1 - zero[3, 0]) * scale[3, 0]
 
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: the weight is not on the W4A16 g32 asym"):
-        export_pack_quantized(model, qparams, spec, tmp_path)
+        export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path)
 
 
 def test_gpt2_conv1d_layers_are_refused(tmp_path):
@@ -207,13 +208,13 @@ def test_gpt2_conv1d_layers_are_refused(tmp_path):
     qparams = fake_quantize_blocks(model, spec)
 
     with pytest.raises(ConfigError, match=r"transformer\.h\.0\.attn\.c_attn is a GPT-2 Conv1D layer"):
-        export_pack_quantized(model, qparams, spec, tmp_path)
+        export_pack_quantized(model, qparams, LayerSchemes(spec), tmp_path)
 
 
 def test_export_copies_the_tokenizer(tmp_path, tokenizer):
     model = build_model("llama")
     spec = QuantSpec(4, True, None)
-    export_pack_quantized(model, fake_quantize_blocks(model, spec), spec, tmp_path, tokenizer=tokenizer)
+    export_pack_quantized(model, fake_quantize_blocks(model, spec), LayerSchemes(spec), tmp_path, tokenizer=tokenizer)
 
     text = "It is a truth universally acknowledged"
     assert AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"] == tokenizer(text)["input_ids"]

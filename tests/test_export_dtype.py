@@ -17,6 +17,7 @@ from quant_core.errors import ConfigError
 from quant_core.export_dtype import holds_grid, resolve_export_dtype, round_to_export_dtype
 from quant_core.job import CalibSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.methods.base import layer_grid, write_quantized
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
 from quant_core.pipeline import run_job
@@ -46,7 +47,7 @@ def test_rounding_keeps_every_code_and_rebuilds_weights_from_the_stored_scale(dt
         if (grid := layer_grid(module)) is not None
     }
 
-    round_to_export_dtype(model, dtype, spec)
+    round_to_export_dtype(model, dtype, LayerSchemes(spec))
 
     for name, (old_weight, old_scale, zero) in before.items():
         module = model.get_submodule(name)

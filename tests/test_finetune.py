@@ -23,6 +23,7 @@ from quant_core.finetune import (
 from quant_core.finetune_options import FinetuneOptions
 from quant_core.job import CalibSpec, EvalSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.losses import build_loss
 from quant_core.methods import build_method
 from quant_core.methods.base import layer_grid, rotated_grid
@@ -32,6 +33,7 @@ from quant_core.quantizer import QuantSpec, group_columns
 from tests.tiny_models import VOCAB, build_model
 
 SPEC = QuantSpec(3, False, 32)
+GROUPS_32 = LayerSchemes(SPEC)  # the tuning reads only each linear's group size
 
 
 def _windows(count: int = 4, seq: int = 16) -> torch.Tensor:
@@ -106,7 +108,7 @@ def test_tuning_keeps_every_code_and_brings_the_model_closer_to_full_precision(p
     kl_before = _naive_kl(reference, model, windows)
 
     options = FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2, precision=precision)
-    stats = tune_end_to_end(model, windows, teacher, options, 32)
+    stats = tune_end_to_end(model, windows, teacher, options, GROUPS_32)
 
     assert stats["steps"] == 8 and len(stats["epoch_losses"]) == 4 and stats["grid_linears"] == 14
     assert stats["compute_dtype"] == precision
@@ -145,7 +147,7 @@ def test_rotated_layers_keep_their_rotated_codes_and_move_their_step_sizes() -> 
 
     before, scales_before = rotated_codes(), [rotated_grid(layer)[0].clone() for layer in linears]
     kl_before = _naive_kl(reference, model, windows)
-    tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2), 32)
+    tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=4, lr=1e-2, norm_lr=1e-2, batch_size=2), GROUPS_32)
 
     assert all(torch.equal(a, b) for a, b in zip(rotated_codes(), before, strict=True))
     assert any(not torch.equal(rotated_grid(layer)[0], s) for layer, s in zip(linears, scales_before, strict=True))
@@ -256,7 +258,7 @@ def test_a_cancel_before_the_first_step_is_a_cancel_and_leaves_every_weight_in_p
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     options = FinetuneOptions(epochs=1, batch_size=2)
     with pytest.raises(CancelledError, match="step 0 of 2"):
-        tune_end_to_end(model, windows, teacher, options, 32, should_cancel=lambda: True)
+        tune_end_to_end(model, windows, teacher, options, GROUPS_32, should_cancel=lambda: True)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys()
     for name, value in before.items():
@@ -279,7 +281,7 @@ def test_a_grid_that_fails_half_way_gives_every_weight_back(monkeypatch: pytest.
 
     monkeypatch.setattr(GridScales, "of", staticmethod(fail_on_the_third))
     with pytest.raises(RuntimeError, match="out of memory"):
-        tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=1, batch_size=2), 32)
+        tune_end_to_end(model, windows, teacher, FinetuneOptions(epochs=1, batch_size=2), GROUPS_32)
     assert all(isinstance(layer.weight, nn.Parameter) for layer in made)
 
 
@@ -293,7 +295,7 @@ def test_norms_train_in_either_model_dtype(dtype: torch.dtype) -> None:
     model = model.to(dtype)
     norms_before = {k: p.detach().clone() for k, p in model.named_parameters() if "norm" in k}
     options = FinetuneOptions(epochs=1, batch_size=1, norm_lr=1e-3, precision="float32")
-    stats = tune_end_to_end(model, windows, teacher.to(dtype), options, 32)
+    stats = tune_end_to_end(model, windows, teacher.to(dtype), options, GROUPS_32)
     assert stats["steps"] == 16
     after = dict(model.named_parameters())
     moved = sum(int((after[k] != v).sum()) for k, v in norms_before.items())

@@ -7,14 +7,18 @@ import copy
 import pytest
 import torch
 
-from quant_core.allocation import Scheme, storage_bits
+from quant_core.allocation import storage_bits
 from quant_core.losses import build_loss
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears, weight_matrix
 from quant_core.quantizer import QuantSpec, fake_quantize
 from quant_core.sensitivity import measure_unit_costs
 from tests.tiny_models import build_model
 
-SCHEMES = (Scheme(2, 32), Scheme(4, 32), Scheme(4, None, symmetric=True))
+SCHEMES = (
+    QuantSpec(bits=2, group_size=32),
+    QuantSpec(bits=4, group_size=32),
+    QuantSpec(bits=4, group_size=None, symmetric=True),
+)
 
 
 def _block_outputs(model: torch.nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -54,13 +58,12 @@ def test_a_units_cost_is_the_block_output_loss_with_only_that_unit_rounded(arch:
         linears = quantizable_linears(blocks[unit.block])
         assert set().union(*(u.linears for u in units if u.block == unit.block)) == set(linears)
         for scheme, choice in zip(SCHEMES, unit.choices, strict=True):
-            spec = QuantSpec(bits=scheme.bits, symmetric=scheme.symmetric, group_size=scheme.group_size)
             altered = copy.deepcopy(model)
             altered_linears = quantizable_linears(find_decoder_blocks(altered)[unit.block])
             with torch.no_grad():
                 for name in unit.linears:
                     layer = altered_linears[name]
-                    quantized = fake_quantize(weight_matrix(layer).float(), spec)
+                    quantized = fake_quantize(weight_matrix(layer).float(), scheme)
                     layer.weight.copy_(quantized if isinstance(layer, torch.nn.Linear) else quantized.T)
             reference = torch.mean((_block_outputs(altered, windows)[unit.block] - float_outputs[unit.block]) ** 2)
             assert choice.cost == pytest.approx(reference.item(), rel=1e-5)
@@ -84,7 +87,12 @@ def test_linears_that_read_one_input_form_one_unit() -> None:
 def test_wider_schemes_cost_less_on_every_unit() -> None:
     model = build_model("llama", layers=2)
     windows = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(2))
-    units = measure_unit_costs(model, windows, (Scheme(2, 32), Scheme(3, 32), Scheme(8, 32)), build_loss("mse"))
+    units = measure_unit_costs(
+        model,
+        windows,
+        (QuantSpec(bits=2, group_size=32), QuantSpec(bits=3, group_size=32), QuantSpec(bits=8, group_size=32)),
+        build_loss("mse"),
+    )
     for unit in units:
         costs = [choice.cost for choice in unit.choices]
         sizes = [choice.size_bits for choice in unit.choices]

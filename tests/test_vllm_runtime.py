@@ -91,3 +91,25 @@ def test_vllm_serves_the_packed_checkpoint_with_the_reports_perplexity_and_our_l
         pytest.skip(score["reason"])
     assert score["ran"] and score["agrees"], score
     _assert_vllm_follows_our_nll(tmp_path / "packed", _windows(tokenizer))
+
+
+def test_vllm_serves_a_size_budgets_checkpoint_of_several_group_sizes(
+    vllm_llama_dir: Path, tmp_path: Path, tokenizer
+) -> None:
+    """vLLM's CPU build takes 4-bit weights only, so a budget for it mixes group sizes (symmetric, so that
+    transformers loads the same checkpoint for the per-token comparison)."""
+    groups = [arg for size in ("32", "64", "128") for arg in ("--budget-group-sizes", size)]
+    budget = ["--symmetric", "--budget-bits", "4.3", "--budget-widths", "4", *groups]
+    argv = ["quantize", "--model", str(vllm_llama_dir), *SETTINGS, *budget, "--targets", "vllm", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len({unit["group_size"] for unit in report["allocation"]["units"]}) > 1, report["allocation"]
+    assert report["allocation"]["bits_per_weight"] <= 4.3
+    assert (
+        len(json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]["config_groups"]) > 1
+    )
+    score = report["runtimes"]["vllm"]
+    if not score["ran"] and "AVX-512" in score["reason"]:
+        pytest.skip(score["reason"])
+    assert score["ran"] and score["agrees"], score
+    _assert_vllm_follows_our_nll(tmp_path / "packed", _windows(tokenizer))

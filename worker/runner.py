@@ -318,6 +318,9 @@ def _metrics(request: JobRequest, report: JobReport) -> dict[str, float]:
     for task, values in report.lm_eval.items():
         for metric, pair in values.items():
             metrics.update({f"lm_eval.{phase}.{task}.{metric}": v for phase, v in pair.items() if v is not None})
+    if report.allocation is not None:
+        metrics["allocation.bits_per_weight"] = report.allocation.bits_per_weight
+        metrics["allocation.seconds"] = report.allocation.seconds
     for runtime, score in report.runtimes.items():  # what each target runtime computed of the checkpoint
         scored = score.perplexity or {}
         for name, text in zip(request.evaluation.texts, report.perplexity, strict=True):

@@ -28,6 +28,7 @@ Kind = Literal["text", "select", "int", "optional_int", "json", "checkbox", "che
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Model", ("model",)),
     ("Weight quantization", ("bits", "group_size", "symmetric")),
+    ("Size budget (instead of one width)", ("budget.",)),
     ("Calibration method and loss", ("method", "loss")),
     ("Calibration data", ("calibration.",)),
     ("Evaluation", ("evaluation.",)),
@@ -137,7 +138,7 @@ def _shown(form_field: FormField, value: Any) -> Any:
     if form_field.kind == "json":
         return json.dumps(value) if value else ""
     if form_field.kind == "list":
-        return ", ".join(value)
+        return ", ".join(str(item) for item in value)
     return str(value)
 
 
@@ -195,7 +196,8 @@ def request_from(values: Mapping[str, Any]) -> tuple[JobRequest | None, dict[str
     """A JobRequest from the form's values, or the errors keyed by form field ("" for the whole form).
 
     Numbers go to pydantic as typed, so its own messages and ``loc`` apply. A section that may be
-    left out (lm-eval) is sent only when one of its boxes other than a checkbox is filled in.
+    left out (lm-eval, the size budget) is sent only when one of its boxes without a default (its tasks,
+    its bits per weight) is filled in: the boxes that show a default would otherwise send it always.
     """
     body: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -211,7 +213,7 @@ def request_from(values: Mapping[str, Any]) -> tuple[JobRequest | None, dict[str
             continue
         if send:
             set_path(body, form_field.name, value)
-            if form_field.setting.in_optional_section and form_field.kind != "checkbox":
+            if form_field.setting.in_optional_section and form_field.setting.default in (None, PydanticUndefined):
                 sections_given.add(form_field.name.rsplit(".", 1)[0])
     for form_field in FIELDS:
         section = form_field.name.rsplit(".", 1)[0]

@@ -107,7 +107,16 @@ def recipe(spec: dict[str, Any]) -> list[str]:
     end-to-end tuning (with its loss) and the runtimes it targets; what gives a run its quality is
     rarely the method alone."""
     stages = [f"rotation {spec['rotation']}"] if spec.get("rotation", "none") != "none" else []
-    grid = f"W{spec.get('bits', '?')} " + (f"g{spec['group_size']}" if spec.get("group_size") else "per channel")
+    budget = spec.get("budget")
+    if isinstance(budget, dict):
+        size = (
+            f"{budget['bits_per_weight']} bits per weight"
+            if budget.get("bits_per_weight")
+            else f"{budget.get('size_mb')} MB"
+        )
+        grid = f"budget {size} over W{'/'.join(map(str, budget.get('widths', [])))}"
+    else:
+        grid = f"W{spec.get('bits', '?')} " + (f"g{spec['group_size']}" if spec.get("group_size") else "per channel")
     stages.append(grid + (" sym" if spec.get("symmetric") else ""))
     method, options = str(spec.get("method", "")), _options(spec.get("method_options"))
     stages.append(f"{method} ({options})" if options else method)
@@ -266,7 +275,16 @@ def job_charts(blocks: list[BlockEvent]) -> dict[str, dict[str, Any]]:
             ],
             "MSE",
         ),
+        **_allocation_chart(blocks, x),
     }
+
+
+def _allocation_chart(blocks: list[BlockEvent], x: list[int]) -> dict[str, dict[str, Any]]:
+    """A size budget's bits per weight by block, as bars; nothing for a job of one width."""
+    if not any(b.schemes for b in blocks):
+        return {}
+    series = [{"label": "bits per weight", "values": [b.bits_per_weight for b in blocks], "color": 2, "bars": True}]
+    return {"bits": chart(x, series, "bits per weight", log_scale=False)}
 
 
 # --- comparing runs --------------------------------------------------------------------------------

@@ -25,7 +25,11 @@
     return {
       width: width,
       height: HEIGHT,
-      scales: { x: { time: false }, y: { distr: spec.log ? 3 : 1 } },
+      scales: {
+        x: { time: false },
+        // bars stand on zero, so their heights compare
+        y: spec.series.some((s) => s.bars) ? { range: (u, min, max) => [0, max * 1.05] } : { distr: spec.log ? 3 : 1 },
+      },
       cursor: { drag: { x: true, y: false } },
       axes: [
         {
@@ -50,7 +54,9 @@
           stroke: PALETTE[(s.color || 0) % PALETTE.length],
           width: 2,
           dash: s.dash ? [6, 4] : undefined,
-          points: { show: true, size: 6 },
+          paths: s.bars ? uPlot.paths.bars({ size: [0.6, 40] }) : undefined,
+          fill: s.bars ? PALETTE[(s.color || 0) % PALETTE.length] : undefined,
+          points: { show: !s.bars, size: 6 },
           value: (u, v) => formatNumber(v),
         })),
       ],
