@@ -18,7 +18,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from quant_core.allocation import allocate
-from quant_core.engine import BlockResidency
 from quant_core.errors import ConfigError
 from quant_core.layer_schemes import LayerSchemes
 from quant_core.losses import Loss
@@ -153,7 +152,6 @@ def plan_allocation(
     *,
     device: str = "cpu",
     seed: int = 0,
-    residency: BlockResidency | None = None,
     on_block: Callable[[int, int], None] | None = None,
 ) -> Allocation:
     """Measure every unit's cost under every candidate on the first ``budget.samples`` of ``windows``
@@ -162,9 +160,7 @@ def plan_allocation(
     started = time.perf_counter()
     candidates = budget.candidates(symmetric)
     sample = windows[: budget.samples]
-    measured = measure_unit_costs(
-        model, sample, candidates, loss, device=device, seed=seed, residency=residency, on_block=on_block
-    )
+    measured = measure_unit_costs(model, sample, candidates, loss, device=device, seed=seed, on_block=on_block)
     linear_weights = sum(
         weight_matrix(layer).numel()
         for block in find_decoder_blocks(model)

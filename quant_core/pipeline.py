@@ -408,6 +408,7 @@ def _allocation(
         f"size budget: measuring {len(spec.schemes)} schemes on every unit of linears "
         f"({min(budget.samples, windows.shape[0])} windows)"
     )
+    progress = PhaseProgress("size budget, sensitivity", len(job.blocks), "blocks", hooks.stage)
     with peaks.stage("allocate"):
         allocation = plan_allocation(
             job.model,
@@ -418,6 +419,7 @@ def _allocation(
             torch.finfo(job.export_dtype).bits,
             device=spec.device,
             seed=spec.seed,
+            on_block=lambda index, _: _advance_past(progress, index),
         )
     hooks.stage(f"size budget: {allocation.bits_per_weight:.3f} bits per weight ({describe(allocation.units)})")
     if checkpoint is not None:

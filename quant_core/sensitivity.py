@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from quant_core.allocation import Choice, storage_bits
-from quant_core.engine import BlockResidency, batched_loss, block_forward, capture_block_inputs, run_block_batched
+from quant_core.engine import batched_loss, block_forward, capture_block_inputs, run_block_batched
 from quant_core.errors import ConfigError
 from quant_core.losses import Loss
 from quant_core.methods.base import BlockData, rtn_weights
@@ -49,7 +49,6 @@ def measure_unit_costs(
     device: str = "cpu",
     seed: int = 0,
     batch_size: int = 8,
-    residency: BlockResidency | None = None,
     on_block: Callable[[int, int], None] | None = None,
 ) -> list[UnitCosts]:
     """Every unit's cost under every scheme, block by block along the full-precision chain (the
@@ -62,8 +61,6 @@ def measure_unit_costs(
     hidden, kwargs = captured.hidden.cpu(), captured.kwargs
     units: list[UnitCosts] = []
     for index, block in enumerate(blocks):
-        if residency is not None:
-            residency.enter(index)
         block.to(device).eval()
         inputs = hidden.to(device)
         targets = run_block_batched(block, inputs, kwargs, batch_size)
@@ -81,8 +78,6 @@ def measure_unit_costs(
         hidden = targets.cpu()
         del inputs, targets
         block.to("cpu")
-        if residency is not None:
-            residency.leave(index)
         if on_block is not None:
             on_block(index, len(blocks))
     return units
