@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quant_core.export import check_on_grid
+from quant_core.layer_schemes import LayerSchemes
 from quant_core.method_options import UNPACKABLE_ROTATION
 from quant_core.methods.base import layer_grid
-from quant_core.model_structure import find_decoder_blocks, quantizable_linears
+from quant_core.model_structure import block_names, find_decoder_blocks, quantizable_linears
 from quant_core.quantizer import QuantSpec, grid_codes, group_columns
 
 GGUF_NAME = "model.gguf"
@@ -75,27 +76,43 @@ def gguf_blockers(config: Any, spec: QuantSpec, rotates: bool) -> list[str]:
 
 
 def write_gguf(
-    model: PreTrainedModel, spec: QuantSpec, tokenizer: PreTrainedTokenizerBase, out_dir: Path
+    model: PreTrainedModel, schemes: LayerSchemes, tokenizer: PreTrainedTokenizerBase, out_dir: Path
 ) -> tuple[Path, dict[str, Any]]:
-    """Write ``out_dir/model.gguf``; return its path and what the report says of it."""
+    """Write ``out_dir/model.gguf``, each linear in the block type of its scheme (GGUF types every tensor
+    on its own, so a size budget's mixed widths are written as they are); return its path and what the
+    report says of it: the file's type (the most common block type) and how many tensors each type holds."""
     import gguf
 
-    blockers = gguf_blockers(model.config, spec, rotates=False)
+    linears = _block_linears(model)
+    specs = schemes.grouped(linears)
+    blockers = [b for spec in specs for b in gguf_blockers(model.config, spec, rotates=False)]
     if blockers:
-        raise ValueError("; ".join(blockers))
-    block_type = _BLOCK_TYPES[(spec.bits, spec.symmetric)]
+        raise ValueError("; ".join(dict.fromkeys(blockers)))
+    types = {name: _BLOCK_TYPES[(spec.bits, spec.symmetric)] for spec, names in specs.items() for name in names}
+    counts = {kind: list(types.values()).count(kind) for kind in dict.fromkeys(types.values())}
+    block_type = max(counts, key=lambda kind: counts[kind])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / GGUF_NAME
     writer = gguf.GGUFWriter(str(path), "llama")
     _write_metadata(writer, model.config, block_type)
     pre = _write_tokenizer(writer, tokenizer)
-    for name, tensor, raw_type in _tensors(model, spec, block_type):
+    for name, tensor, raw_type in _tensors(model, schemes, types):
         writer.add_tensor(name, tensor, raw_dtype=getattr(gguf.GGMLQuantizationType, raw_type))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path, {"format": "gguf", "block_type": block_type, "tokenizer_pre": pre, "gguf": version("gguf")}
+    details = {"format": "gguf", "block_type": block_type, "tokenizer_pre": pre, "gguf": version("gguf")}
+    return path, details if len(counts) == 1 else {**details, "block_types": counts}
+
+
+def _block_linears(model: nn.Module) -> list[str]:
+    """The full module names of every decoder block's linears, in file order."""
+    return [
+        f"{prefix}.{name}"
+        for prefix, block in zip(block_names(model), find_decoder_blocks(model), strict=True)
+        for name in quantizable_linears(block)
+    ]
 
 
 def gguf_blocks(codes: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> np.ndarray:
@@ -128,20 +145,24 @@ def _bytes(values: Tensor) -> Tensor:
     return values.contiguous().view(torch.uint8)
 
 
-def _tensors(model: PreTrainedModel, spec: QuantSpec, block_type: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    """Every tensor of the file: its GGUF name, its data and its GGML type's name."""
+def _tensors(
+    model: PreTrainedModel, schemes: LayerSchemes, types: dict[str, str]
+) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Every tensor of the file: its GGUF name, its data and its GGML type's name (``types``: each block
+    linear's, by full module name)."""
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     embedding = _weight(model.get_input_embeddings())
     yield ("token_embd.weight", *_dense(embedding))
-    for index, block in enumerate(find_decoder_blocks(model)):
+    for index, (prefix, block) in enumerate(zip(block_names(model), find_decoder_blocks(model), strict=True)):
         for name, layer in quantizable_linears(block).items():
-            codes, scale, zero = _layer_codes(f"blk.{index}.{name}", layer, spec)
+            full, spec = f"{prefix}.{name}", schemes.of(f"{prefix}.{name}")
+            codes, scale, zero = _layer_codes(full, layer, spec)
             if name == "self_attn.q_proj":
                 codes, scale, zero = (_rope_rows(t, heads) for t in (codes, scale, zero))
             elif name == "self_attn.k_proj":
                 codes, scale, zero = (_rope_rows(t, kv_heads) for t in (codes, scale, zero))
-            yield f"blk.{index}.{_LINEAR_NAMES[name]}.weight", gguf_blocks(codes, scale, zero, spec), block_type
+            yield f"blk.{index}.{_LINEAR_NAMES[name]}.weight", gguf_blocks(codes, scale, zero, spec), types[full]
         for norm, gguf_name in _NORM_NAMES.items():
             yield f"blk.{index}.{gguf_name}.weight", _norm(_weight(block.get_submodule(norm))), "F32"
     yield "output_norm.weight", _norm(_weight(model.get_submodule("model.norm"))), "F32"

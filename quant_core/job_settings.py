@@ -361,16 +361,6 @@ class JobSettings(_Section):
                 "a size budget runs its sensitivity pass in one process: use world_size 1",
             ),
             (
-                "gguf" in self.export_formats,
-                "export_formats",
-                "gguf export of a size budget's mixed widths is not available yet",
-            ),
-            (
-                "llama.cpp" in self.targets,
-                "targets",
-                "llama.cpp runs the GGUF export, not available for a size budget yet",
-            ),
-            (
                 "transformers" in self.targets and not self.symmetric,
                 "symmetric",
                 "transformers loads a checkpoint of several schemes with symmetric grids only: set symmetric: true",

@@ -128,7 +128,8 @@ def export_formats_for(
             blockers = list(dict.fromkeys(blockers))
             raise ConfigError(f"targets: {runtime} cannot run this job's checkpoint: {'; '.join(blockers)}", "targets")
     if "gguf" in spec.export_formats:
-        blockers = gguf_blockers(model.config, spec.quant, method.rotates)
+        blockers = [b for scheme in spec.schemes for b in gguf_blockers(model.config, scheme, method.rotates)]
+        blockers = list(dict.fromkeys(blockers))
         if blockers:
             raise ConfigError(f"gguf export: {'; '.join(blockers)}", "export_formats")
     auto = spec.export_formats == ("auto",)
@@ -516,7 +517,7 @@ def export(
             path, details = write_packed(job.model, schemes, out_dir / PACKED_DIR, job.tokenizer)
         exports["pack_quantized"] = Export(str(path.relative_to(out_dir)), {**details, **dtype})
     if "gguf" in job.formats:
-        path, details = write_gguf(job.model, spec.quant, job.tokenizer, out_dir / GGUF_DIR)
+        path, details = write_gguf(job.model, schemes, job.tokenizer, out_dir / GGUF_DIR)
         details = {**details, "file": path.name, "bytes": path.stat().st_size}
         exports["gguf"] = Export(str(path.parent.relative_to(out_dir)), details)
     return exports

@@ -150,7 +150,6 @@ def test_a_size_in_megabytes_bounds_the_whole_checkpoint(tiny_llama_dir: Path, t
         ({"budget": {"bits_per_weight": 3}, "method": "discquant"}, "method"),
         ({"budget": {"bits_per_weight": 3}, "lazy_load": True}, "lazy_load"),
         ({"budget": {"bits_per_weight": 3}, "world_size": 2, "calibration": {"n_samples": 4}}, "world_size"),
-        ({"budget": {"bits_per_weight": 3}, "export_formats": ["gguf"]}, "export_formats"),
         ({"budget": {"bits_per_weight": 3}, "targets": ["transformers"]}, "symmetric"),
         ({"budget": {"bits_per_weight": 3}, "export_dtype": "bfloat16"}, "export_dtype"),
     ],

@@ -62,16 +62,42 @@ def _unpermute_rope_rows(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, per_head // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
+BUDGET_4_5_8 = ["--budget-bits", "5.4", *(f"--budget-widths={b}" for b in (4, 5, 8)), "--budget-group-sizes", "32"]
+
+
+def _block_types(report: dict) -> dict[str, str]:
+    """The GGUF type each block linear must have: its scheme's (a budget's allocation), else the file's."""
+    block_type = report["exports"]["gguf"]["block_type"]
+    names = [f"{i}.{name}" for i in range(2) for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")]
+    if report["allocation"] is None:
+        return dict.fromkeys(names, block_type)
+    kinds = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0"}
+    return {
+        f"{unit['block']}.{name}": kinds[(unit["bits"], unit["symmetric"])]
+        for unit in report["allocation"]["units"]
+        for name in unit["linears"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("symmetric", "budget"), [(False, []), (True, []), (True, BUDGET_4_5_8)], ids=["asym", "sym", "budget-4-5-8"]
+)
 def test_a_jobs_gguf_holds_the_fake_quant_weights_and_the_tokenizer(
-    symmetric: bool, tiny_llama_dir: Path, tmp_path: Path
+    symmetric: bool, budget: list[str], tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
+    """Each block linear in the block type of its scheme: one type for a uniform job, a size budget's
+    allocation tensor by tensor (GGUF types each tensor on its own)."""
     from transformers import AutoModelForCausalLM
 
-    extra = ["--export", "fake_quant", "gguf", *(["--symmetric"] if symmetric else [])]
+    extra = ["--export", "fake_quant", "gguf", *(["--symmetric"] if symmetric else []), *budget]
     report = _job(tiny_llama_dir, tmp_path, *extra)
     details = report["exports"]["gguf"]
-    assert details["block_type"] == ("Q4_0" if symmetric else "Q4_1") and details["tokenizer_pre"] == "gpt-2"
+    assert details["tokenizer_pre"] == "gpt-2"
+    if budget:
+        assert len(details["block_types"]) > 1 and details["block_type"] in details["block_types"]
+    else:
+        assert details["block_type"] == ("Q4_0" if symmetric else "Q4_1")
+    types = _block_types(report)
     reader = gguf.GGUFReader(tmp_path / details["path"] / details["file"])
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["llama.block_count"].contents() == 2
@@ -82,7 +108,7 @@ def test_a_jobs_gguf_holds_the_fake_quant_weights_and_the_tokenizer(
     for index in range(2):
         for gguf_name, hf_name in names.items():
             tensor = tensors[f"blk.{index}.{gguf_name}.weight"]
-            assert tensor.tensor_type.name == details["block_type"]
+            assert tensor.tensor_type.name == types[f"{index}.{hf_name}"]
             weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
             heads = {"attn_q": fake.config.num_attention_heads, "attn_k": fake.config.num_key_value_heads}
             if gguf_name in heads:
@@ -115,7 +141,9 @@ def _llamacpp() -> str:
         pytest.skip(str(exc))
 
 
-@pytest.mark.parametrize("extra", [["--group-size", "64"], ["--symmetric", "--group-size", "32"]])
+@pytest.mark.parametrize(
+    "extra", [["--group-size", "64"], ["--symmetric", "--group-size", "32"], ["--symmetric", *BUDGET_4_5_8]]
+)
 def test_llama_cpp_scores_the_gguf_as_the_report_does(
     extra: list[str], tiny_llama_dir: Path, tmp_path: Path, tokenizer
 ) -> None:
