@@ -36,7 +36,7 @@ import torch
 from bench.peer_job import peer_gptq
 from bench.quality import peer_python
 from bench.random_llama import save_random_llama
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.launch import run_ranked
 from quant_core.pipeline import run_job
 from quant_core.quantizer import QuantSpec
@@ -52,8 +52,8 @@ def _job(
         model=str(model),
         quant=quant,
         method="gptq",
-        calib=CalibSpec(text="austen", n_samples=windows, seq_len=seq_len),
-        eval=EvalSpec(texts=("persuasion",), max_windows=4),
+        calibration=CalibrationSpec(text="austen", n_samples=windows, seq_len=seq_len),
+        evaluation=EvaluationSpec(texts=("persuasion",), max_windows=4),
         device=device,
         dtype=dtype,
         export_formats=("pack_quantized",),
@@ -127,8 +127,8 @@ def _ours(spec: JobSpec, parameters: float, hidden: int, layers: int, out: Path)
         "parameters": parameters,
         "hidden": hidden,
         "layers": layers,
-        "windows": spec.calib.n_samples,
-        "seq_len": spec.calib.seq_len,
+        "windows": spec.calibration.n_samples,
+        "seq_len": spec.calibration.seq_len,
         "wall_s": time.perf_counter() - started,
         "calibration_s": report.seconds.calibration,
         "median_block_s": sorted(block_seconds)[len(block_seconds) // 2],

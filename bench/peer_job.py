@@ -34,14 +34,14 @@ def peer_gptq(spec: JobSpec) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         job = load(spec, spec.build_method(), work, JobHooks(), None)
-        torch.save(job.windows[: spec.calib.n_samples], work / "windows.pt")
+        torch.save(job.windows[: spec.calibration.n_samples], work / "windows.pt")
         group = spec.quant.group_size if spec.quant.group_size is not None else -1
         command = [str(peer_python()), str(PEER_SCRIPT), "--model", spec.model, "--windows", str(work / "windows.pt")]
         command += ["--bits", str(spec.quant.bits), "--group-size", str(group), "--scheme", "gptq"]
         subprocess.run([*command, "--out", str(work / "peer")], check=True, stdout=subprocess.DEVNULL)
         peer = AutoModelForCausalLM.from_pretrained(work / "peer", dtype=torch.float32).eval()
         scores = {
-            name: perplexity(peer, text.ids, spec.eval.batch_size, spec.device, scored=text.scored)
+            name: perplexity(peer, text.ids, spec.evaluation.batch_size, spec.device, scored=text.scored)
             for name, text in job.eval_sets.items()
         }
         details = json.loads((work / "peer" / "peer.json").read_text())

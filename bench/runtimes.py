@@ -22,7 +22,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from bench.assets import austen_calibration_text, prepare_smollm2, text_path
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.job_settings import RUNTIMES
 from quant_core.output_names import FAKE_QUANT_DIR
 from quant_core.pipeline import run_job
@@ -45,8 +45,8 @@ def run_grid(
     model: Path, bits: int, symmetric: bool, group: int | None, options: dict[str, Any], rotation: str
 ) -> dict[str, Any]:
     """One job with every runtime that accepts the grid as a target; what each made of it."""
-    calib = CalibSpec(text=str(austen_calibration_text()), n_samples=16, seq_len=512)
-    evaluation = EvalSpec(texts=(str(text_path("persuasion")),), max_windows=10)
+    calib = CalibrationSpec(text=str(austen_calibration_text()), n_samples=16, seq_len=512)
+    evaluation = EvaluationSpec(texts=(str(text_path("persuasion")),), max_windows=10)
     base = dict(
         model=str(model),
         quant=QuantSpec(bits, symmetric, group),
@@ -54,7 +54,7 @@ def run_grid(
         method_options=options,
         rotation=rotation,
     )
-    probe = JobSpec(**base, calib=calib, eval=evaluation)
+    probe = JobSpec(**base, calibration=calib, evaluation=evaluation)
     config, rotates = AutoConfig.from_pretrained(model), probe.build_method().rotates
     blockers = {runtime: target_blockers(runtime, config, probe.quant, rotates) for runtime in RUNTIMES}
     targets = tuple(runtime for runtime, reasons in blockers.items() if not reasons)
@@ -63,7 +63,9 @@ def run_grid(
         return {"grid": probe.quant.label, "options": options, "rotation": rotation, "refused": refused}
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch)
-        spec = JobSpec(**base, calib=calib, eval=evaluation, targets=targets, export_formats=("fake_quant",))
+        spec = JobSpec(
+            **base, calibration=calib, evaluation=evaluation, targets=targets, export_formats=("fake_quant",)
+        )
         report = run_job(spec, out)
         windows = _report_windows(spec, out)
         reported = {name: pair.after for name, pair in report.perplexity.items()}
@@ -90,9 +92,10 @@ def _report_windows(spec: JobSpec, out: Path) -> Any:
     from quant_core.model_io import load_tokenizer
 
     tokenizer = load_tokenizer(str(out / FAKE_QUANT_DIR))
-    seq_len = spec.eval.seq_len or spec.calib.seq_len
+    seq_len = spec.evaluation.seq_len or spec.calibration.seq_len
     return {  # keyed as the report keys its perplexities
-        text: evaluation_windows(tokenizer, Path(text), seq_len, spec.eval.max_windows) for text in spec.eval.texts
+        text: evaluation_windows(tokenizer, Path(text), seq_len, spec.evaluation.max_windows)
+        for text in spec.evaluation.texts
     }
 
 

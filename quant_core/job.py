@@ -31,7 +31,7 @@ OPTION_FIELDS = ("method_options", "loss_options", "finetune")
 
 
 @dataclass(frozen=True)
-class CalibSpec:
+class CalibrationSpec:
     """Calibration data: a bundled corpus name or a text file, cut into seeded random windows."""
 
     text: str = "austen"
@@ -43,7 +43,7 @@ class CalibSpec:
 
 
 @dataclass(frozen=True)
-class EvalSpec:
+class EvaluationSpec:
     """Perplexity evaluation: texts, window length (default: the calibration length), optional cap."""
 
     texts: tuple[str, ...] = ("persuasion",)
@@ -72,8 +72,8 @@ class JobSpec:
     method_options: MethodOptions = field(default_factory=MethodOptions)  # bare: the method's defaults
     loss: str = ""  # empty: the method's own default (l2 for TesseraQ, mse otherwise)
     loss_options: LossOptions = field(default_factory=LossOptions)
-    calib: CalibSpec = field(default_factory=CalibSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -121,13 +121,13 @@ class JobSpec:
             method_options=settings.method_options,
             loss=settings.loss or "",
             loss_options=settings.loss_options,
-            calib=CalibSpec(
+            calibration=CalibrationSpec(
                 text=resolve(calibration.text),
                 n_samples=calibration.n_samples,
                 seq_len=calibration.seq_len,
                 expert_min_tokens=calibration.expert_min_tokens,
             ),
-            eval=EvalSpec(
+            evaluation=EvaluationSpec(
                 texts=tuple(resolve(t) for t in evaluation.texts),
                 seq_len=evaluation.seq_len,
                 max_windows=evaluation.max_windows,

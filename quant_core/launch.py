@@ -138,8 +138,8 @@ def torchrun_ranks(spec: JobSpec) -> tuple[JobSpec, Ranks] | None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return None
-    lm_eval, streamed_tuning = spec.eval.lm_eval is not None, spec.lazy_load and spec.finetune.enabled
-    check_ranks(world_size, spec.calib.n_samples, lm_eval=lm_eval, streamed_tuning=streamed_tuning)
+    lm_eval, streamed_tuning = spec.evaluation.lm_eval is not None, spec.lazy_load and spec.finetune.enabled
+    check_ranks(world_size, spec.calibration.n_samples, lm_eval=lm_eval, streamed_tuning=streamed_tuning)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     spec = rank_spec(replace(spec, world_size=world_size), local_rank)
     dist.init_process_group(_backend(spec.device), rank=rank, world_size=world_size, timeout=collective_timeout())

@@ -113,7 +113,7 @@ def _word_perplexity(token_perplexity: float, counts: dict[str, int]) -> str:
 def model_card(report: JobReport, export_format: str) -> str:
     """The card of the ``export_format`` export described by the job ``report``."""
     spec = report.spec
-    quant, calib = spec.quant, spec.calib
+    quant, calib = spec.quant, spec.calibration
     rows = "\n".join(
         f"| {text} | {ppl.before:.2f} | {ppl.after:.2f} | {_word_perplexity(ppl.before, report.eval_counts[text])} | "
         f"{_word_perplexity(ppl.after, report.eval_counts[text])} | {report.eval_counts[text]['windows']} |"

@@ -203,8 +203,8 @@ class Calibration:
 
 def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, checkpoint_dir: Path | None) -> LoadedJob:
     """Load the model and the texts, and refuse before any work what cannot run to the end."""
-    calib_path = resolve_text(spec.calib.text, "calibration.text")
-    eval_paths = {name: resolve_text(name, "evaluation.texts") for name in spec.eval.texts}
+    calib_path = resolve_text(spec.calibration.text, "calibration.text")
+    eval_paths = {name: resolve_text(name, "evaluation.texts") for name in spec.evaluation.texts}
     for name, path in eval_paths.items():
         if path.resolve() == calib_path.resolve():
             raise calibrated_on_evaluation(name)
@@ -229,15 +229,17 @@ def load(spec: JobSpec, method: QuantMethod, out_dir: Path, hooks: JobHooks, che
             raise ConfigError(
                 f"{spec.method} trains the whole model at once and cannot resume from blocks", "checkpoint"
             )
-        resources = method.check_resources(model, spec.calib.seq_len, spec.device, spec.world_size)
+        resources = method.check_resources(model, spec.calibration.seq_len, spec.device, spec.world_size)
     formats = export_formats_for(spec, method, model, blocks)
     residency = None if lazy is None else StreamingBlocks(lazy, _streamed_writers(lazy, formats, spec, out_dir))
-    drawn = spec.finetune.windows_to_draw(spec.calib.n_samples)
+    drawn = spec.finetune.windows_to_draw(spec.calibration.n_samples)
     start = window_start(tokenizer).calibration_token
-    windows = calibration_windows(tokenize_file(tokenizer, calib_path), drawn, spec.calib.seq_len, spec.seed, start)
-    eval_seq_len = spec.eval.seq_len or spec.calib.seq_len
+    windows = calibration_windows(
+        tokenize_file(tokenizer, calib_path), drawn, spec.calibration.seq_len, spec.seed, start
+    )
+    eval_seq_len = spec.evaluation.seq_len or spec.calibration.seq_len
     eval_sets = {
-        name: evaluation_windows(tokenizer, path, eval_seq_len, spec.eval.max_windows)
+        name: evaluation_windows(tokenizer, path, eval_seq_len, spec.evaluation.max_windows)
         for name, path in eval_paths.items()
     }
     export_dtype = (
@@ -287,15 +289,15 @@ def evaluate(
             by_block = PhaseProgress(label, len(streamed.blocks), "blocks", hooks.stage)
             on_block = partial(_advance_past, by_block)
             scores[name] = blockwise_perplexity(
-                streamed, text.ids, weights, spec.eval.batch_size, spec.device, on_block, text.scored, ranks
+                streamed, text.ids, weights, spec.evaluation.batch_size, spec.device, on_block, text.scored, ranks
             )
         else:
             by_window = PhaseProgress(label, ranks.share(text.ids).shape[0], "windows", hooks.stage)
             scores[name] = perplexity(
-                job.model, text.ids, spec.eval.batch_size, spec.device, by_window.advance, text.scored, ranks
+                job.model, text.ids, spec.evaluation.batch_size, spec.device, by_window.advance, text.scored, ranks
             )
 
-    lm_eval, accuracy_scores = spec.eval.lm_eval, {}
+    lm_eval, accuracy_scores = spec.evaluation.lm_eval, {}
     if lm_eval is not None:  # refused with lazy_load, so the model is in memory
         accuracy = partial(task_scores, job.model, job.tokenizer, lm_eval, spec.device)
         if not quantized and lm_eval.baseline:
@@ -337,7 +339,7 @@ def calibrate(
     else:
         checkpoint = None if checkpoint_dir is None else BlockCheckpoint(checkpoint_dir, job_fingerprint(spec), ranks)
         finetune = spec.finetune
-        blocks_windows, tuning_windows = finetune.split(job.windows, spec.calib.n_samples)
+        blocks_windows, tuning_windows = finetune.split(job.windows, spec.calibration.n_samples)
         if spec.budget is not None:
             allocation = _allocation(spec, spec.budget, job, blocks_windows, record_loss, hooks, checkpoint, peaks)
             schemes = allocation.layer_schemes(job.model, spec.quant)
@@ -353,7 +355,7 @@ def calibrate(
             should_cancel=hooks.should_cancel,
             checkpoint=checkpoint,
             residency=job.residency,
-            expert_min_tokens=spec.calib.expert_min_tokens,
+            expert_min_tokens=spec.calibration.expert_min_tokens,
             spill=spill,
             ranks=ranks,
             schemes=None if allocation is None else allocation.block_schemes(len(job.blocks)),
@@ -657,7 +659,7 @@ def run_job(
         exports=exports,
         runtimes=score_in_runtimes(spec, job, exports, after, out_dir, hooks),
         allocation=calibration.allocation,
-        parallel=ranks.layout(spec.calib.n_samples),
+        parallel=ranks.layout(spec.calibration.n_samples),
     )
     (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
     write_model_cards(out_dir, report)

@@ -94,7 +94,7 @@ def test_the_request_carries_lm_eval_into_the_job_spec() -> None:
     request = JobRequest.model_validate(
         {"model": "m", "group_size": 32, "evaluation": {"lm_eval": {"tasks": ["arc_easy"], "limit": 50}}}
     )
-    spec = JobSpec.from_settings(request).eval.lm_eval
+    spec = JobSpec.from_settings(request).evaluation.lm_eval
     assert spec == LmEvalSpec(tasks=("arc_easy",), limit=50)
     with pytest.raises(ConfigError) as info:
         body = {"model": "m", "group_size": 32, "lazy_load": True}

@@ -17,7 +17,7 @@ from quant_core.bit_budget import MEGABYTE_BITS, BudgetSpec
 from quant_core.checkpoint import ALLOCATION_FILE, saved_files
 from quant_core.errors import ConfigError
 from quant_core.export import unpacked_weight
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
 from quant_core.pipeline import run_job
 from quant_core.quantizer import QuantSpec
@@ -30,8 +30,8 @@ def _spec(model_dir: Path, budget: BudgetSpec = BUDGET, **extra: object) -> JobS
         "model": str(model_dir),
         "quant": QuantSpec(bits=4, symmetric=True, group_size=32),
         "method": "gptq",
-        "calib": CalibSpec(n_samples=4, seq_len=32),
-        "eval": EvalSpec(max_windows=2),
+        "calibration": CalibrationSpec(n_samples=4, seq_len=32),
+        "evaluation": EvaluationSpec(max_windows=2),
         "budget": budget,
         "export_formats": ("fake_quant", "pack_quantized"),
     }

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from quant_core.cli import main
 from quant_core.errors import ConfigError
 from quant_core.finetune_options import FinetuneOptions
-from quant_core.job import CalibSpec, JobSpec
+from quant_core.job import CalibrationSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
 from quant_core.lightcompress_config import read_lightcompress
 from quant_core.losses import LOSSES, LossOptions
@@ -328,7 +328,7 @@ def test_methods_lists_every_registered_method_and_loss_with_the_defaults_the_co
 
 
 def test_run_job_returns_the_typed_report_that_report_json_holds(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from quant_core.job import EvalSpec
+    from quant_core.job import EvaluationSpec
     from quant_core.pipeline import REPORT_NAME, run_job
     from quant_core.quantizer import QuantSpec
 
@@ -336,8 +336,8 @@ def test_run_job_returns_the_typed_report_that_report_json_holds(tiny_llama_dir:
         model=str(tiny_llama_dir),
         quant=QuantSpec(3, False, 32),
         method="rtn",
-        calib=CalibSpec(n_samples=2, seq_len=32),
-        eval=EvalSpec(max_windows=2),
+        calibration=CalibrationSpec(n_samples=2, seq_len=32),
+        evaluation=EvaluationSpec(max_windows=2),
     )
     report = run_job(spec, tmp_path)
     assert json.loads((tmp_path / REPORT_NAME).read_text()) == json.loads(json.dumps(report.to_dict()))

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from quant_core.cli import main
 from quant_core.errors import ConfigError
 from quant_core.incoherence import LinearRotation
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
 from quant_core.losses import ModelOutputs, build_loss
 from quant_core.methods import build_method
@@ -296,8 +296,8 @@ def test_a_job_that_does_not_fit_is_refused_before_any_work(tiny_llama_dir: Path
         quant=SPEC,
         method="discquant",
         method_options={"memory_budget_gib": 1e-4},
-        calib=CalibSpec(n_samples=4, seq_len=32),
-        eval=EvalSpec(max_windows=2),
+        calibration=CalibrationSpec(n_samples=4, seq_len=32),
+        evaluation=EvaluationSpec(max_windows=2),
     )
 
     with pytest.raises(ConfigError, match=r"needs about .* GiB .* but 0\.0001 GiB is available") as info:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from quant_core.distributed import Ranks
 from quant_core.errors import CancelledError, ConfigError
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
 from quant_core.launch import TIMEOUT_VARIABLE, run_ranked, torchrun_ranks
 from quant_core.pipeline import JobHooks
@@ -52,8 +52,8 @@ def _spec(
         quant=QuantSpec(bits=3, group_size=32),
         method=method,
         method_options=options,
-        calib=CalibSpec(n_samples=CALIBRATION_WINDOWS, seq_len=64),
-        eval=EvalSpec(max_windows=5, seq_len=64),
+        calibration=CalibrationSpec(n_samples=CALIBRATION_WINDOWS, seq_len=64),
+        evaluation=EvaluationSpec(max_windows=5, seq_len=64),
         rotation=rotation,
         finetune=finetune or {},
         world_size=world_size,
@@ -149,7 +149,7 @@ def test_a_world_size_from_torchrun_is_checked_as_the_setting_is(monkeypatch: py
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError) as refused:
-        torchrun_ranks(JobSpec(model="m", method="gptq", calib=CalibSpec(n_samples=2)))
+        torchrun_ranks(JobSpec(model="m", method="gptq", calibration=CalibrationSpec(n_samples=2)))
     assert refused.value.field == "calibration.n_samples"
 
 

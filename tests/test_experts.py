@@ -25,7 +25,7 @@ from quant_core.experts import (
     routed_tokens,
     unfuse_experts,
 )
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.job_settings import JobSettings
 from quant_core.model_io import load_model
 from quant_core.model_structure import find_decoder_blocks, quantizable_linears
@@ -182,8 +182,8 @@ def _spec(model: Path, symmetric: bool, **settings) -> JobSpec:
         model=str(model),
         quant=QuantSpec(4, symmetric, 32),
         method="gptq",
-        calib=CalibSpec(n_samples=4, seq_len=32, expert_min_tokens=settings.pop("expert_min_tokens", None)),
-        eval=EvalSpec(max_windows=2),
+        calibration=CalibrationSpec(n_samples=4, seq_len=32, expert_min_tokens=settings.pop("expert_min_tokens", None)),
+        evaluation=EvaluationSpec(max_windows=2),
         **settings,
     )
 
@@ -227,8 +227,8 @@ def test_a_packed_mixture_of_experts_needs_symmetric_grids(moe_dirs: dict[str, P
 
 def test_the_expert_threshold_flows_from_flag_and_rest_into_the_job() -> None:
     args = build_parser().parse_args(["quantize", "--model", "m", "--expert-min-tokens", "0"])
-    assert JobSpec.from_settings(settings_from_args(args)[0]).calib.expert_min_tokens == 0
+    assert JobSpec.from_settings(settings_from_args(args)[0]).calibration.expert_min_tokens == 0
     rest = JobSettings.model_validate({"model": "m", "calibration": {"expert_min_tokens": 64}})
-    assert JobSpec.from_settings(rest).calib.expert_min_tokens == 64
+    assert JobSpec.from_settings(rest).calibration.expert_min_tokens == 64
     with pytest.raises(ValueError, match="expert_min_tokens"):
         JobSettings.model_validate({"model": "m", "calibration": {"expert_min_tokens": -1}})

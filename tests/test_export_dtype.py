@@ -15,7 +15,7 @@ from quant_core.cli import main
 from quant_core.corpus import BUNDLED_TEXTS
 from quant_core.errors import ConfigError
 from quant_core.export_dtype import holds_grid, resolve_export_dtype, round_to_export_dtype
-from quant_core.job import CalibSpec, JobSpec
+from quant_core.job import CalibrationSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
 from quant_core.layer_schemes import LayerSchemes
 from quant_core.methods.base import layer_grid, write_quantized
@@ -168,7 +168,7 @@ def test_calibrating_on_the_evaluation_text_is_refused(tiny_llama_dir: Path, tmp
         validated(JobSettings, {"model": str(tiny_llama_dir), "calibration": {"text": "persuasion"}})
     assert err.value.field == "calibration.text"
     same_file = str(BUNDLED_TEXTS["persuasion"])
-    spec = JobSpec(model=str(tiny_llama_dir), calib=CalibSpec(text=same_file, n_samples=2, seq_len=16))
+    spec = JobSpec(model=str(tiny_llama_dir), calibration=CalibrationSpec(text=same_file, n_samples=2, seq_len=16))
     with pytest.raises(ConfigError, match="also the evaluation text 'persuasion'") as err:
         run_job(spec, tmp_path)
     assert err.value.field == "calibration.text" and not (tmp_path / "report.json").exists()

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from quant_core.corpus import BUNDLED_TEXTS
 from quant_core.errors import ConfigError
 from quant_core.eval_windows import evaluation_windows
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.model_io import load_tokenizer
 from quant_core.perplexity import perplexity
 from quant_core.pipeline import run_job
@@ -67,8 +67,8 @@ def _spec(model: Path, method: str, symmetric: bool = False, **settings) -> JobS
         quant=QuantSpec(4, symmetric, 32),
         method=method,
         method_options=FAST[method],
-        calib=CalibSpec(n_samples=4, seq_len=32),
-        eval=EvalSpec(max_windows=2),
+        calibration=CalibrationSpec(n_samples=4, seq_len=32),
+        evaluation=EvaluationSpec(max_windows=2),
         **settings,
     )
 

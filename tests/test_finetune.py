@@ -21,7 +21,7 @@ from quant_core.finetune import (
     tuning_dtype,
 )
 from quant_core.finetune_options import FinetuneOptions
-from quant_core.job import CalibSpec, EvalSpec, JobSpec
+from quant_core.job import CalibrationSpec, EvaluationSpec, JobSpec
 from quant_core.job_settings import JobSettings, validated
 from quant_core.layer_schemes import LayerSchemes
 from quant_core.losses import build_loss
@@ -196,8 +196,8 @@ def test_a_tuned_job_reports_the_stage_and_packs_the_tuned_scales(tiny_llama_dir
         model=str(tiny_llama_dir),
         quant=SPEC,
         method="rtn",
-        calib=CalibSpec(n_samples=3, seq_len=32),
-        eval=EvalSpec(max_windows=2),
+        calibration=CalibrationSpec(n_samples=3, seq_len=32),
+        evaluation=EvaluationSpec(max_windows=2),
         export_formats=("fake_quant", "pack_quantized"),
         finetune={"epochs": 2, "lr": 1e-2, "loss": "kd_sw"},
     )
@@ -224,8 +224,8 @@ def test_tuning_on_more_windows_draws_them_after_the_blocks_own_and_leaves_the_b
         "model": str(tiny_llama_dir),
         "quant": SPEC,
         "method": "gptq",
-        "calib": CalibSpec(n_samples=2, seq_len=32),
-        "eval": EvalSpec(max_windows=1),
+        "calibration": CalibrationSpec(n_samples=2, seq_len=32),
+        "evaluation": EvaluationSpec(max_windows=1),
         "export_formats": ("fake_quant",),
     }
     alone = run_job(JobSpec(**base), tmp_path / "alone", JobHooks())

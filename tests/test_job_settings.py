@@ -53,16 +53,16 @@ def test_every_flag_is_declared_once_and_shown_with_its_default(capsys: pytest.C
 
 def test_a_new_setting_flows_from_flag_rest_lightcompress_and_form_into_the_job(tmp_path: Path) -> None:
     from_flag = _settings("--model", "m", "--group-size", "32", "--eval-batch-size", "2")
-    assert from_flag.evaluation.batch_size == 2 and JobSpec.from_settings(from_flag).eval.batch_size == 2
+    assert from_flag.evaluation.batch_size == 2 and JobSpec.from_settings(from_flag).evaluation.batch_size == 2
 
     schema = JobRequest.model_json_schema()
     batch = schema["$defs"]["EvaluationSettings"]["properties"]["batch_size"]
     assert (batch["default"], batch["minimum"]) == (4, 1)
     from_rest = JobRequest.model_validate({"model": "m", "evaluation": {"batch_size": 8}})
-    assert JobSpec.from_settings(from_rest).eval.batch_size == 8
+    assert JobSpec.from_settings(from_rest).evaluation.batch_size == 8
 
     llmc = "model: {path: m}\neval: {path: persuasion, bs: 16}\nquant: {method: RTN, weight: {bit: 4}}\n"
-    assert JobSpec.from_settings(request_from_lightcompress(llmc)).eval.batch_size == 16
+    assert JobSpec.from_settings(request_from_lightcompress(llmc)).evaluation.batch_size == 16
 
     assert BY_NAME["evaluation.batch_size"].kind == "int" and 'min="1"' in BY_NAME["evaluation.batch_size"].attrs
     from_form, errors = request_from({"model": "m", "evaluation.batch_size": "3", "export_formats": ["auto"]})

@@ -296,7 +296,7 @@ def test_uploaded_dataset_calibrates_a_job(production: Stack, tiny_llama_dir: Pa
     job = _wait(client, production, client.submit(spec)["id"])
     assert job["status"] == "succeeded", job["error"]
     report = client.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
-    assert report["spec"]["calib"]["text"].endswith("corpus.txt")
+    assert report["spec"]["calibration"]["text"].endswith("corpus.txt")
 
 
 def test_a_whole_model_method_runs_through_the_service(production: Stack, tiny_llama_dir: Path) -> None:
