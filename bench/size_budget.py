@@ -1,7 +1,7 @@
 """Bits where they matter: the size-quality curve of uniform widths against size budgets, each point
 one job run through the pipeline users run (``run_job`` on the settings ``swquant quantize`` takes).
 
-Every row is the same job (GPTQ, the bench's calibration and evaluation windows) at a uniform width
+Every row is the same job (GPTQ or ``--method``, the bench's calibration and evaluation windows) at a uniform width
 in groups of 64, or with a size budget over the job's default candidates (2, 3, 4 and 8 bits in groups
 of 32, 64 and 128, each unit offered the group sizes that divide its input widths). A row gives the
 block linears' storage bits per weight (codes, 16-bit scales, zero points), the packed checkpoint's
@@ -35,7 +35,7 @@ def settings(model: Path, seed: int, args: argparse.Namespace, bits: int | None,
     """The row's job: ``bits`` uniform in groups of 64, or a budget of ``budget`` bits per weight."""
     body: dict[str, Any] = {
         "model": str(model),
-        "method": "gptq",
+        "method": args.method,
         "bits": bits or 4,
         "group_size": GROUP_SIZE,
         "calibration": {"text": str(austen_calibration_text()), "n_samples": args.n_samples},
@@ -49,7 +49,7 @@ def settings(model: Path, seed: int, args: argparse.Namespace, bits: int | None,
 
 
 def run_row(model: Path, seed: int, args: argparse.Namespace, bits: int | None, budget: float | None) -> dict[str, Any]:
-    label = f"uniform W{bits} g{GROUP_SIZE}" if budget is None else f"budget {budget:g} bits"
+    label = f"{args.method} " + (f"uniform W{bits} g{GROUP_SIZE}" if budget is None else f"budget {budget:g} bits")
     with tempfile.TemporaryDirectory() as out:
         report = run_job(JobSpec.from_settings(settings(model, seed, args, bits, budget)), Path(out)).to_dict()
     packed = report["exports"]["pack_quantized"]
@@ -82,14 +82,14 @@ def _scheme_counts(allocation: dict[str, Any] | None) -> dict[str, int]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'row':<22} {'seed':>4} {'bits/w':>7} {'packed MB':>9} "
+        f"{'row':<28} {'seed':>4} {'bits/w':>7} {'packed MB':>9} "
         + " ".join(f"{name[:10]:>10}" for name in rows[0]["perplexity"])
         + f" {'calib s':>8} {'alloc s':>8}"
     ]
     for row in rows:
         ppl = " ".join(f"{value:>10.3f}" for value in row["perplexity"].values())
         lines.append(
-            f"{row['label']:<22} {row['seed']:>4} {row['bits_per_weight']:>7.3f} {row['packed_bytes'] / 1e6:>9.2f} "
+            f"{row['label']:<28} {row['seed']:>4} {row['bits_per_weight']:>7.3f} {row['packed_bytes'] / 1e6:>9.2f} "
             f"{ppl} {row['calibration_s']:>8.0f} {row['allocation_s']:>8.0f}"
         )
     return "\n".join(lines)
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, action="append", help="default: 0 and 1")
     parser.add_argument("--budget", type=float, action="append", help=f"bits per weight (default: {BUDGETS})")
     parser.add_argument("--uniform", type=int, action="append", help=f"uniform widths (default: {UNIFORM})")
+    parser.add_argument("--method", default="gptq", help="the calibration method of every row")
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=10)
     parser.add_argument("--budget-samples", type=int, default=8)

@@ -67,3 +67,17 @@ def test_a_stored_spec_from_before_a_setting_existed_shows_its_default() -> None
     assert values_of(stored)["evaluation.batch_size"] == "4"
     assert values_of(stored)["evaluation.lm_eval.baseline"] is True
     assert values_of({**stored, "group_size": None})["group_size"] == ""  # per channel, not the default
+
+
+def test_the_size_budget_is_sent_only_when_its_bits_or_size_are_given() -> None:
+    """The budget's boxes with defaults (widths, group sizes, windows) show them without sending the section."""
+    assert defaults()["budget.widths"] == "2, 3, 4, 8"
+    request, errors = request_from(_form(method="gptq"))
+    assert errors == {} and request is not None and request.budget is None
+    budget = {"budget.bits_per_weight": "3.5", "budget.widths": "3, 4", "budget.group_sizes": "64"}
+    request, errors = request_from(_form(method="gptq", **budget))
+    assert errors == {} and request is not None and request.budget is not None
+    assert (request.budget.bits_per_weight, request.budget.widths, request.budget.group_sizes) == (3.5, [3, 4], [64])
+    assert values_of(request.model_dump(mode="json"))["budget.widths"] == "3, 4"
+    request, errors = request_from(_form(method="gptq", **{"budget.size_mb": "80", "budget.bits_per_weight": "3"}))
+    assert request is None and "exactly one" in errors["budget.bits_per_weight"]
