@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2-135M (bench.assets)")
     parser.add_argument("--seed", type=int, action="append", help="default: 0 and 1")
-    parser.add_argument("--budget", type=float, action="append", help=f"bits per weight (default: {BUDGETS})")
-    parser.add_argument("--uniform", type=int, action="append", help=f"uniform widths (default: {UNIFORM})")
+    parser.add_argument("--budget", type=float, nargs="*", help=f"bits per weight (default: {BUDGETS}; none: no row)")
+    parser.add_argument("--uniform", type=int, nargs="*", help=f"uniform widths (default: {UNIFORM}; none: no row)")
     parser.add_argument("--method", default="gptq", help="the calibration method of every row")
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=10)
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or prepare_smollm2()
     rows: list[dict[str, Any]] = []
     for seed in args.seed or [0, 1]:
-        for bits in args.uniform or UNIFORM:
+        for bits in UNIFORM if args.uniform is None else args.uniform:
             rows.append(run_row(model, seed, args, bits, None))
             print(format_table(rows[-1:]), flush=True)
-        for budget in args.budget or BUDGETS:
+        for budget in BUDGETS if args.budget is None else args.budget:
             rows.append(run_row(model, seed, args, None, budget))
             print(format_table(rows[-1:]), flush=True)
         args.result.parent.mkdir(parents=True, exist_ok=True)
