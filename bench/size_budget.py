@@ -108,16 +108,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", type=Path, default=Path("bench/results/size_budget_smollm2.json"))
     args = parser.parse_args(argv)
     model = args.model or prepare_smollm2()
+    uniform = UNIFORM if args.uniform is None else tuple(args.uniform)
+    budgets = BUDGETS if args.budget is None else tuple(args.budget)
+    planned = [(bits, None) for bits in uniform] + [(None, budget) for budget in budgets]
     rows: list[dict[str, Any]] = []
+    args.result.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seed or [0, 1]:
-        for bits in UNIFORM if args.uniform is None else args.uniform:
-            rows.append(run_row(model, seed, args, bits, None))
+        for bits, budget in planned:
+            rows.append(run_row(model, seed, args, bits, budget))
             print(format_table(rows[-1:]), flush=True)
-        for budget in BUDGETS if args.budget is None else args.budget:
-            rows.append(run_row(model, seed, args, None, budget))
-            print(format_table(rows[-1:]), flush=True)
-        args.result.parent.mkdir(parents=True, exist_ok=True)
-        args.result.write_text(json.dumps({"model": str(model), "rows": rows}, indent=2))
+            # every finished row is kept: an interrupted run loses only the row it was in
+            args.result.write_text(json.dumps({"model": str(model), "rows": rows}, indent=2))
     print(format_table(rows))
 
 
