@@ -115,8 +115,8 @@ def form_job(signed_in: sync_api.BrowserContext, stack: Stack, tiny_llama_dir: P
     page = signed_in.new_page()
     page.goto(f"{stack.url}/ui/jobs/new")
     page.get_by_label("Model", exact=True).fill(str(tiny_llama_dir))
-    page.get_by_label("Bits").fill(str(RUN["bits"]))
-    page.get_by_label("Group size").fill(str(RUN["group_size"]))
+    page.get_by_label("Bits", exact=True).fill(str(RUN["bits"]))
+    page.get_by_label("Group size", exact=True).fill(str(RUN["group_size"]))
     page.get_by_label("Method", exact=True).select_option("omniquant")
     page.get_by_label("Method options (JSON)").fill(json.dumps(RUN["method_options"]))
     page.get_by_label("Loss", exact=True).select_option("mse")
@@ -206,14 +206,14 @@ def test_artifacts_download_with_the_session_cookie(page: sync_api.Page, stack: 
 def test_an_invalid_spec_is_shown_next_to_its_field(page: sync_api.Page, stack: Stack, tiny_llama_dir: Path) -> None:
     page.goto(f"{stack.url}/ui/jobs/new")
     page.get_by_label("Model", exact=True).fill(str(tiny_llama_dir))
-    page.get_by_label("Bits").fill("1")
+    page.get_by_label("Bits", exact=True).fill("1")
     page.get_by_role("button", name="Submit job").click()
     sync_api.expect(page.locator("#bits-error")).to_contain_text("greater than or equal to 2")
-    assert page.get_by_label("Bits").get_attribute("aria-invalid") == "true"
+    assert page.get_by_label("Bits", exact=True).get_attribute("aria-invalid") == "true"
     assert page.get_by_label("Model", exact=True).input_value() == str(tiny_llama_dir)  # what was typed is kept
     _screenshot(page, "submit-form-error")
 
-    page.get_by_label("Bits").fill("3")
+    page.get_by_label("Bits", exact=True).fill("3")
     page.get_by_label("Loss", exact=True).select_option("mse_sw")
     page.get_by_label("Loss options (JSON)").fill('{"sw_block_size": 5}')
     page.locator("#calibration-seq_len").fill("32")
