@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,7 @@ def run_row(model: Path, seed: int, args: argparse.Namespace, bits: int | None, 
 
 
 def _scheme_counts(allocation: dict[str, Any] | None) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for unit in (allocation or {}).get("units", []):
-        counts[unit["scheme"]] = counts.get(unit["scheme"], 0) + 1
-    return counts
+    return dict(Counter(unit["scheme"] for unit in (allocation or {}).get("units", [])))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

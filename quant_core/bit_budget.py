@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -103,10 +104,10 @@ class Allocation:
     linear_weights: int  # weights of the block linears the units cover
     seconds: float  # the sensitivity pass and the allocation
     windows: int  # calibration windows the sensitivity pass ran
-    stored_bits: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stored_bits", sum(unit.size_bits for unit in self.units))
+    @property
+    def stored_bits(self) -> int:
+        return sum(unit.size_bits for unit in self.units)
 
     @property
     def bits_per_weight(self) -> float:
@@ -186,7 +187,5 @@ def plan_allocation(
 
 def describe(units: Sequence[AllocatedUnit]) -> str:
     """How many units took each scheme, for the job's stage message."""
-    counts: dict[str, int] = {}
-    for unit in units:
-        counts[unit.scheme.label] = counts.get(unit.scheme.label, 0) + 1
+    counts = Counter(unit.scheme.label for unit in units)
     return ", ".join(f"{label} x{count}" for label, count in sorted(counts.items()))

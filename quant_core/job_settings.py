@@ -369,8 +369,8 @@ class JobSettings(_Section):
         for refused, field, message in refusals:
             if refused:
                 raise ConfigError(message, field)
+        widest = max(self.budget.widths)
         for name, value in (("dtype", self.dtype), ("export_dtype", self.export_dtype)):
-            widest = max(self.budget.widths)
             if value != "auto" and not holds_grid(value, widest, self.symmetric):
                 raise ConfigError(
                     f"{name} {value} cannot hold the budget's W{widest} grid: drop {widest} from budget.widths or use "
